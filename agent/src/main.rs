@@ -1,1 +1,173 @@
-fn main() {}
+//! gitlab-runner-vm: the lifecycle agent of a disposable GitLab CI runner VM.
+
+mod agent;
+mod backoff;
+mod cli;
+mod config;
+mod fswatch;
+mod gitlab;
+mod hold;
+mod lifecycle;
+mod logging;
+mod power;
+mod runner;
+mod secret;
+mod status;
+mod systemd;
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            logging::init();
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agent::run(args)) {
+                Ok(code) => code,
+                Err(e) => {
+                    log!(error, "{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => check(&config),
+        Command::Status { state_dir, json } => show_status(&state_dir, json),
+        Command::Release { keep_file } => release(&keep_file),
+        Command::Drain { state_dir } => drain(&state_dir),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let validated = config::validate(&text, &hostname, &|p| std::fs::read_to_string(p));
+    for problem in &validated.problems {
+        println!("{problem}");
+    }
+    match validated.config {
+        Some(c) => {
+            println!(
+                "ok: {} is valid (runner {}, {} credential {}, {} executor, {} job(s), url {})",
+                path.display(),
+                c.name,
+                c.credential.kind(),
+                c.credential.secret(),
+                c.executor.as_str(),
+                c.max_jobs,
+                c.url
+            );
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+fn show_status(state_dir: &Path, json: bool) -> ExitCode {
+    let path = status::path_in(state_dir);
+    if json {
+        return match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: cannot read {}: {e}; is gitlab-runner-vm running? (systemctl status gitlab-runner-vm)",
+                    path.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match status::read(state_dir) {
+        Ok(s) => {
+            print!("{}", status::render(&s, SystemTime::now()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot read {}: {e}; is gitlab-runner-vm running? (systemctl status gitlab-runner-vm)",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn release(keep_file: &Path) -> ExitCode {
+    match std::fs::remove_file(keep_file) {
+        Ok(()) => {
+            println!(
+                "released: removed {}; the VM powers off once the agent's teardown is done",
+                keep_file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            println!("no hold: {} does not exist", keep_file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot remove {}: {e}; run as root (sudo gitlab-runner-vm release)",
+                keep_file.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn drain(state_dir: &Path) -> ExitCode {
+    let status = match status::read(state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "error: cannot read {}: {e}; is gitlab-runner-vm running?",
+                status::path_in(state_dir).display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let pid = nix::unistd::Pid::from_raw(status.pid as i32);
+    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1) {
+        Ok(()) => {
+            println!(
+                "drain requested: gitlab-runner finishes its current job, takes no new one, then the VM is torn down"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot signal the agent (pid {}): {e}; run as root (sudo gitlab-runner-vm drain)",
+                status.pid
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

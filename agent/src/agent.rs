@@ -1,0 +1,784 @@
+//! `gitlab-runner-vm run`: drives the lifecycle. Each phase's work (waiting, HTTP, the child
+//! process, the hold, power-off) happens here; where to go next is decided by `lifecycle`, which
+//! also rejects any illegal transition.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, ExitStatus};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use nix::sys::signal::Signal;
+use tokio::process::Child;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::cli::RunArgs;
+use crate::config::{Credential, RunnerConfig};
+use crate::gitlab::{self, Client, Deletion, RetryError, RunnerInfo};
+use crate::hold::{self, HoldEnd};
+use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
+use crate::runner::{self, RunnerUser};
+use crate::secret::Secret;
+use crate::status::{self, Status};
+use crate::{log, logging, power, systemd};
+
+/// What the outside world asked for, by signal. Only ever escalates: None < Drain < Stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Interrupt {
+    None,
+    /// SIGUSR1 (`gitlab-runner-vm drain`): finish the current job, take no new one.
+    Drain,
+    /// SIGTERM/SIGINT: the VM is being shut down from outside.
+    Stop,
+}
+
+/// A failure: what went wrong and what the operator should do about it.
+struct Failure {
+    cause: String,
+    fix: String,
+}
+
+impl Failure {
+    fn new(cause: impl Into<String>, fix: impl Into<String>) -> Self {
+        Failure {
+            cause: cause.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+struct Agent {
+    args: RunArgs,
+    lc: Lifecycle,
+    boot_id: String,
+    interrupts: watch::Receiver<Interrupt>,
+    config: Option<RunnerConfig>,
+    client: Option<Client>,
+    system_id: Option<String>,
+    /// The token gitlab-runner uses: the `glrt-` token itself, or the one GitLab returned for
+    /// a runner created by this VM.
+    runner_token: Option<Secret>,
+    child: Option<Child>,
+    last_error: Option<String>,
+    hold_deadline: Option<SystemTime>,
+    poweroff_at: Option<SystemTime>,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let interrupts = listen_for_signals()?;
+    systemd::spawn_watchdog();
+    let mut agent = Agent {
+        args,
+        lc: Lifecycle::new(SystemTime::now()),
+        boot_id: boot_id(),
+        interrupts,
+        config: None,
+        client: None,
+        system_id: None,
+        runner_token: None,
+        child: None,
+        last_error: None,
+        hold_deadline: None,
+        poweroff_at: None,
+    };
+    agent.run().await
+}
+
+fn listen_for_signals() -> anyhow::Result<watch::Receiver<Interrupt>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot handle SIGUSR1")?;
+    let (tx, rx) = watch::channel(Interrupt::None);
+    tokio::spawn(async move {
+        loop {
+            let wanted = tokio::select! {
+                _ = term.recv() => Interrupt::Stop,
+                _ = int.recv() => Interrupt::Stop,
+                _ = usr1.recv() => Interrupt::Drain,
+            };
+            tx.send_if_modified(|current| {
+                let escalates = wanted > *current;
+                if escalates {
+                    *current = wanted;
+                }
+                escalates
+            });
+        }
+    });
+    Ok(rx)
+}
+
+async fn wait_for(mut rx: watch::Receiver<Interrupt>, at_least: Interrupt) {
+    if rx.wait_for(|i| *i >= at_least).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gitlab-runner-vm".into())
+}
+
+impl Agent {
+    async fn run(&mut self) -> anyhow::Result<ExitCode> {
+        std::fs::create_dir_all(&self.args.state_dir).with_context(|| {
+            format!(
+                "cannot create the state directory {}",
+                self.args.state_dir.display()
+            )
+        })?;
+        // Read before the first write: it tells whether this boot already ran an agent.
+        let previous = status::read(&self.args.state_dir).ok();
+        self.publish(&format!("waiting for {}", self.args.config.display()));
+
+        match self.prepare().await {
+            Ok(true) => {}
+            Ok(false) => return self.stop().await,
+            Err(failure) => return self.fail(failure).await,
+        }
+
+        if let Some(prev) = previous
+            && lifecycle::on_start(
+                Some(&prev.boot_id),
+                &self.boot_id,
+                prev.registered,
+                prev.runner_started,
+            ) == StartDecision::TearDown
+        {
+            return self.resume_teardown(prev).await;
+        }
+
+        match self.register().await {
+            Ok(true) => {}
+            Ok(false) => return self.stop().await,
+            Err(failure) => return self.fail(failure).await,
+        }
+        match self.run_jobs().await {
+            Ok(true) => self.teardown().await,
+            Ok(false) => self.stop().await,
+            Err(failure) => self.fail(failure).await,
+        }
+    }
+
+    /// Moves to `phase`, then publishes it: status.json, systemd STATUS=, one log line.
+    fn enter(&mut self, phase: Phase, detail: &str) -> anyhow::Result<()> {
+        self.lc.transition(phase, SystemTime::now())?;
+        logging::update_context(|c| c.phase = phase.as_str());
+        self.publish(detail);
+        Ok(())
+    }
+
+    fn publish(&mut self, detail: &str) {
+        let phase = self.lc.phase();
+        let text = format!("{phase}: {detail}");
+        systemd::status(&text);
+        log!(info, "{text}");
+        self.write_status();
+    }
+
+    fn write_status(&self) {
+        let config = self.config.as_ref();
+        let status = Status {
+            phase: self.lc.phase(),
+            since: self.lc.since(),
+            pid: std::process::id(),
+            boot_id: self.boot_id.clone(),
+            runner: config.map(|c| c.name.clone()),
+            system_id: self.system_id.clone(),
+            credential: config.map(|c| c.credential.kind().to_string()),
+            gitlab_url: config.map(|c| c.url.clone()),
+            registered: self.lc.registered,
+            deregistered: self.lc.deregistered,
+            runner_started: self.lc.runner_started,
+            timeline: self.lc.timeline.clone(),
+            last_error: self.last_error.clone(),
+            hold_deadline: self.hold_deadline,
+            poweroff_at: self.poweroff_at,
+        };
+        if let Err(e) = status::write(&self.args.state_dir, &status) {
+            log!(
+                warn,
+                "cannot write {}: {e}",
+                status::path_in(&self.args.state_dir).display()
+            );
+        }
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        *self.interrupts.borrow()
+    }
+
+    /// waiting-for-config: wait for runner.json, validate it, set up the HTTP client.
+    /// Ok(false): stopped from outside.
+    async fn prepare(&mut self) -> Result<bool, Failure> {
+        let path = self.args.config.clone();
+        let wait = Duration::from_secs(self.args.config_wait);
+        tokio::select! {
+            found = tokio::time::timeout(wait, crate::fswatch::wait_for_file(&path)) => match found {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Failure::new(format!("cannot watch for {}: {e}", path.display()), "check that the agent may read the directory")),
+                Err(_) => return Err(Failure::new(
+                    format!("{} did not appear within {} s", path.display(), self.args.config_wait),
+                    "attach the runner config disk (on KubeVirt: a Secret with the key runner.json as a disk with serial runner-info) or write the file; --config-wait sets how long to wait",
+                )),
+            },
+            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
+        }
+
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Failure::new(
+                format!("cannot read {}: {e}", path.display()),
+                "make the file readable by the agent",
+            )
+        })?;
+        let validated =
+            crate::config::validate(&text, &host_name(), &|p| std::fs::read_to_string(p));
+        for problem in &validated.problems {
+            log!(warn, "{}: {problem}", path.display());
+        }
+        let Some(config) = validated.config else {
+            let count = validated.errors().count();
+            return Err(Failure::new(
+                format!(
+                    "{} has {count} error(s): {}",
+                    path.display(),
+                    validated
+                        .errors()
+                        .map(|p| format!("{}: {}", p.path, p.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                format!(
+                    "fix runner.json as listed above (gitlab-runner-vm check --config {} prints each problem with its fix)",
+                    path.display()
+                ),
+            ));
+        };
+        let client = Client::new(&config.url, config.tls_ca_file.as_deref())
+            .map_err(|e| Failure::new(format!("{e:#}"), "fix tls_ca_file in runner.json"))?;
+        logging::update_context(|c| c.runner = config.name.clone());
+        self.client = Some(client);
+        self.config = Some(config);
+        Ok(true)
+    }
+
+    fn config(&self) -> &RunnerConfig {
+        self.config
+            .as_ref()
+            .expect("config is loaded before registration")
+    }
+
+    fn client(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("client is set up with the config")
+    }
+
+    fn runner_user(&self) -> Result<RunnerUser, Failure> {
+        RunnerUser::resolve(self.args.runner_user.as_deref()).map_err(|e| {
+            Failure::new(format!("{e:#}"), "create the user (the NixOS base module creates `runner`) or set --runner-user / GITLAB_RUNNER_VM_RUNNER_USER")
+        })
+    }
+
+    fn write_runner_files(&self, user: &RunnerUser) -> Result<(), Failure> {
+        let token = self.runner_token.as_ref().expect("runner token known");
+        let system_id = self.system_id.as_deref().expect("system id generated");
+        let toml = runner::render_config_toml(self.config(), token);
+        runner::write_state_files(&self.args.state_dir, system_id, &toml, user).map_err(|e| {
+            Failure::new(
+                format!("{e:#}"),
+                format!(
+                    "make {} writable by the agent",
+                    self.args.state_dir.display()
+                ),
+            )
+        })
+    }
+
+    /// registering: system id and config.toml first, then the GitLab call for the credential.
+    /// Ok(false): stopped from outside.
+    async fn register(&mut self) -> Result<bool, Failure> {
+        let user = self.runner_user()?;
+        let system_id = runner::generate_system_id().map_err(|e| {
+            Failure::new(
+                format!("cannot generate a system id: {e}"),
+                "check the kernel's random source",
+            )
+        })?;
+        logging::update_context(|c| c.system_id = system_id.clone());
+        self.system_id = Some(system_id.clone());
+        let config = self.config().clone();
+        if let Credential::RunnerToken(token) = &config.credential {
+            // gitlab-runner reads both files; writing them before verify means the manager
+            // GitLab creates and the one gitlab-runner reports are the same.
+            self.runner_token = Some(token.clone());
+            self.write_runner_files(&user)?;
+        } else {
+            runner::write_state_files(&self.args.state_dir, &system_id, "", &user).map_err(
+                |e| {
+                    Failure::new(
+                        format!("{e:#}"),
+                        format!(
+                            "make {} writable by the agent",
+                            self.args.state_dir.display()
+                        ),
+                    )
+                },
+            )?;
+        }
+        let detail = match &config.credential {
+            Credential::RunnerToken(t) => format!(
+                "verifying runner token {t} as manager {system_id} with {}",
+                config.url
+            ),
+            Credential::RegistrationToken(t) => {
+                format!("registering with registration token {t} at {}", config.url)
+            }
+            Credential::AccessToken { token, runner_type } => format!(
+                "creating a {} runner with access token {token} at {}",
+                runner_type.api_name(),
+                config.url
+            ),
+        };
+        self.enter(Phase::Registering, &detail).map_err(bug)?;
+
+        let info = RunnerInfo {
+            name: config.name.clone(),
+            executor: config.executor.as_str().to_string(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(self.args.register_timeout);
+        let client = self.client().clone();
+        let call = async {
+            match &config.credential {
+                Credential::RunnerToken(token) => gitlab::with_retries("verify", deadline, || {
+                    client.verify(token, &system_id, &info)
+                })
+                .await
+                .map(|()| None),
+                Credential::RegistrationToken(token) => {
+                    gitlab::with_retries("register", deadline, || {
+                        client.register(token, &info, &config.settings)
+                    })
+                    .await
+                    .map(Some)
+                }
+                Credential::AccessToken { token, runner_type } => {
+                    gitlab::with_retries("create runner", deadline, || {
+                        client.create_user_runner(token, runner_type, &info, &config.settings)
+                    })
+                    .await
+                    .map(Some)
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = call => r,
+            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
+        };
+        match result {
+            Ok(None) => {
+                self.lc.registered = true;
+                log!(
+                    info,
+                    "runner token accepted; this VM is runner manager {system_id}"
+                );
+            }
+            Ok(Some(created)) => {
+                self.lc.registered = true;
+                self.runner_token = Some(created.token.clone());
+                log!(
+                    info,
+                    "GitLab created runner {} with token {}",
+                    created
+                        .id
+                        .map(|i| i.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    created.token
+                );
+                self.write_runner_files(&user)?;
+            }
+            Err(e) => return Err(registration_failure(&e, self.args.register_timeout)),
+        }
+        self.write_status();
+        Ok(true)
+    }
+
+    /// running (and draining): gitlab-runner run-single until it exits.
+    /// Ok(true): it finished; Ok(false): stopped from outside.
+    async fn run_jobs(&mut self) -> Result<bool, Failure> {
+        let user = self.runner_user()?;
+        let config = self.config().clone();
+        let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
+        let args = runner::run_single_args(&config_file, &config);
+        let env = runner::scrubbed_environment(
+            &user,
+            std::env::var("PATH").ok(),
+            std::env::var("LANG").ok(),
+        );
+        // Recorded before the spawn: an agent restarted after this point must never start a
+        // second gitlab-runner in this boot.
+        self.lc.runner_started = true;
+        self.write_status();
+        let program = self.args.gitlab_runner.clone();
+        let mut child =
+            runner::spawn(&program, &args, &user, &env).map_err(|e| spawn_failure(&program, &e))?;
+        let pid = child.id().unwrap_or(0);
+        let secrets: Vec<Secret> = [
+            Some(config.credential.secret().clone()),
+            self.runner_token.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let forwarding = tokio::spawn(runner::forward_output(stdout, stderr, secrets));
+        self.child = Some(child);
+
+        self.enter(
+            Phase::Running,
+            &format!("gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job", config.max_jobs, user.name, config.idle_timeout),
+        )
+        .map_err(bug)?;
+        systemd::ready();
+
+        let lifetime_end = config
+            .max_lifetime
+            .map(|s| Instant::now() + Duration::from_secs(s));
+        let exit = loop {
+            let draining = self.lc.phase() == Phase::Draining;
+            let child = self.child.as_mut().expect("child is running");
+            tokio::select! {
+                exit = child.wait() => break exit,
+                _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
+                _ = wait_for(self.interrupts.clone(), Interrupt::Drain), if !draining => {
+                    self.drain(pid, "drain requested (SIGUSR1)")?;
+                }
+                _ = sleep_until_opt(lifetime_end), if !draining => {
+                    self.drain(pid, &format!("max_lifetime of {} s reached", config.max_lifetime.unwrap_or(0)))?;
+                }
+            }
+        };
+        self.child = None;
+        // Give the forwarder a moment to log gitlab-runner's last lines.
+        let _ = tokio::time::timeout(Duration::from_secs(2), forwarding).await;
+        match exit {
+            Ok(status) if status.success() => {
+                log!(info, "gitlab-runner exited: its jobs are done");
+                Ok(true)
+            }
+            Ok(status) => Err(Failure::new(
+                format!("gitlab-runner exited with {}", describe_exit(status)),
+                "read its output above (journalctl -u gitlab-runner-vm); a wrong config.toml, an unknown executor or a missing tool makes it exit at once",
+            )),
+            Err(e) => Err(Failure::new(
+                format!("cannot wait for gitlab-runner: {e}"),
+                "this is a bug in gitlab-runner-vm",
+            )),
+        }
+    }
+
+    fn drain(&mut self, pid: u32, why: &str) -> Result<(), Failure> {
+        self.enter(
+            Phase::Draining,
+            &format!("{why}; gitlab-runner finishes its current job and takes no new one"),
+        )
+        .map_err(bug)?;
+        if let Err(e) = runner::send_signal(pid, Signal::SIGQUIT) {
+            log!(
+                warn,
+                "cannot send SIGQUIT to gitlab-runner (pid {pid}): {e}"
+            );
+        }
+        Ok(())
+    }
+
+    /// A restarted agent found that this boot already registered (and maybe started
+    /// gitlab-runner): it never starts another one and tears down.
+    async fn resume_teardown(&mut self, prev: Status) -> anyhow::Result<ExitCode> {
+        log!(
+            warn,
+            "status.json shows that this boot already {} (the agent was restarted); tearing down instead of starting another gitlab-runner",
+            if prev.runner_started {
+                "started gitlab-runner"
+            } else {
+                "registered with GitLab"
+            }
+        );
+        self.system_id = runner::read_system_id(&self.args.state_dir).or(prev.system_id);
+        if let Some(id) = &self.system_id {
+            logging::update_context(|c| c.system_id = id.clone());
+        }
+        self.runner_token = match &self.config().credential {
+            Credential::RunnerToken(t) => Some(t.clone()),
+            _ => runner::read_runner_token(&self.args.state_dir),
+        };
+        self.lc.registered = true;
+        self.lc.runner_started = prev.runner_started;
+        self.teardown().await
+    }
+
+    /// A failure: record it, then the normal teardown (deregistration, hold, power-off), with the
+    /// power-off no sooner than --failure-delay after the failure.
+    async fn fail(&mut self, failure: Failure) -> anyhow::Result<ExitCode> {
+        let message = format!("{}; fix: {}", failure.cause, failure.fix);
+        log!(error, "{message}");
+        self.last_error = Some(message);
+        if self.interrupt() == Interrupt::Stop {
+            return self.stop().await;
+        }
+        self.enter(Phase::Failed, &failure.cause)?;
+        self.teardown().await
+    }
+
+    /// deregistering -> holding? -> powering-off.
+    async fn teardown(&mut self) -> anyhow::Result<ExitCode> {
+        if self.lc.needs_deregistration() {
+            self.enter(Phase::Deregistering, "removing this VM from GitLab")?;
+            // Deregistration runs to its (bounded) end even when a stop arrives meanwhile.
+            self.deregister().await;
+            if self.interrupt() == Interrupt::Stop {
+                return self.stop().await;
+            }
+        }
+        let keep_file = self.args.keep_file.clone();
+        if lifecycle::after_deregistration(hold::keep_file_exists(&keep_file)) == Phase::Holding {
+            match self.hold(&keep_file).await? {
+                Some(end) => log!(
+                    info,
+                    "hold ended: {}",
+                    if end == HoldEnd::Released {
+                        "keep file removed"
+                    } else {
+                        "hold-max reached"
+                    }
+                ),
+                None => return self.stop().await,
+            }
+        }
+        self.power_off().await
+    }
+
+    /// Some(end) when the hold ended, None when stopped from outside.
+    async fn hold(&mut self, keep_file: &Path) -> anyhow::Result<Option<HoldEnd>> {
+        self.enter(
+            Phase::Holding,
+            &format!("{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)", keep_file.display()),
+        )?;
+        // The unit is "up" while a person debugs, even if the run failed before READY.
+        systemd::ready();
+        let hold_max = Duration::from_secs(self.args.hold_max);
+        let interrupts = self.interrupts.clone();
+        let deadline_updates = &mut self.hold_deadline;
+        let mut deadlines = Vec::new();
+        let end = tokio::select! {
+            end = hold::hold(keep_file, hold_max, |d| { *deadline_updates = Some(d); deadlines.push(d); }) => end,
+            _ = wait_for(interrupts, Interrupt::Stop) => return Ok(None),
+        };
+        for d in deadlines {
+            log!(info, "hold lasts until {} at most", status::fmt_time(d));
+        }
+        self.write_status();
+        match end {
+            Ok(end) => Ok(Some(end)),
+            Err(e) => {
+                log!(
+                    error,
+                    "cannot watch {}: {e}; ending the hold",
+                    keep_file.display()
+                );
+                Ok(Some(HoldEnd::Expired))
+            }
+        }
+    }
+
+    async fn deregister(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(self.args.deregister_timeout);
+        let client = self.client().clone();
+        let token = self.runner_token.clone();
+        let system_id = self.system_id.clone().unwrap_or_default();
+        let result = match (&self.config().credential, token) {
+            (Credential::RunnerToken(t), _) => {
+                let what = format!("runner manager {system_id}");
+                (
+                    what,
+                    gitlab::with_retries("deregister", deadline, || {
+                        client.delete_manager(t, &system_id)
+                    })
+                    .await,
+                )
+            }
+            (_, Some(t)) => (
+                "runner".to_string(),
+                gitlab::with_retries("deregister", deadline, || client.delete_runner(&t)).await,
+            ),
+            (_, None) => {
+                log!(
+                    warn,
+                    "the token of the runner this boot created is lost (config.toml is missing); delete the runner in GitLab by hand"
+                );
+                return;
+            }
+        };
+        match result {
+            (what, Ok(Deletion::Deleted)) => {
+                self.lc.deregistered = true;
+                log!(info, "deregistered: {what} deleted from GitLab");
+            }
+            (what, Ok(Deletion::AlreadyGone)) => {
+                self.lc.deregistered = true;
+                log!(info, "deregistered: {what} was already gone from GitLab");
+            }
+            (what, Err(e)) => {
+                let message = format!(
+                    "could not delete {what} from GitLab ({e}); powering off anyway: GitLab removes managers it has not seen for 7 days, or delete it under Settings > CI/CD > Runners"
+                );
+                log!(warn, "{message}");
+                self.last_error = Some(message);
+            }
+        }
+        self.write_status();
+    }
+
+    async fn power_off(&mut self) -> anyhow::Result<ExitCode> {
+        let wait = lifecycle::poweroff_wait(
+            self.lc.failed_at,
+            Duration::from_secs(self.args.failure_delay),
+            SystemTime::now(),
+        );
+        self.poweroff_at = Some(SystemTime::now() + wait);
+        let detail = if wait.is_zero() {
+            format!("running `{}`", self.args.poweroff_command)
+        } else {
+            format!(
+                "running `{}` in {} s (--failure-delay after the failure)",
+                self.args.poweroff_command,
+                wait.as_secs()
+            )
+        };
+        self.enter(Phase::PoweringOff, &detail)?;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return self.stop().await,
+        }
+        systemd::stopping();
+        match power::power_off(&self.args.poweroff_command).await {
+            Ok(()) => {
+                log!(info, "power-off requested");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                log!(error, "{e:#}");
+                self.last_error = Some(format!("{e:#}"));
+                self.write_status();
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+
+    /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
+    /// powering off (the platform is already doing that).
+    async fn stop(&mut self) -> anyhow::Result<ExitCode> {
+        if self.lc.phase() != Phase::Stopping {
+            self.enter(
+                Phase::Stopping,
+                "stop requested (SIGTERM): aborting, deregistering, exiting",
+            )?;
+        }
+        systemd::stopping();
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(self.args.stop_timeout)).await;
+        }
+        if self.lc.needs_deregistration() && self.client.is_some() {
+            self.deregister().await;
+        }
+        log!(info, "stopped");
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// SIGTERM (gitlab-runner aborts the job and reports it to GitLab), then SIGKILL after
+/// `timeout`.
+async fn stop_child(child: &mut Child, timeout: Duration) {
+    let Some(pid) = child.id() else { return };
+    log!(
+        info,
+        "sending SIGTERM to gitlab-runner (pid {pid}); it aborts its job and reports it"
+    );
+    if let Err(e) = runner::send_signal(pid, Signal::SIGTERM) {
+        log!(warn, "cannot send SIGTERM to gitlab-runner: {e}");
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => log!(info, "gitlab-runner exited with {}", describe_exit(status)),
+        Ok(Err(e)) => log!(warn, "cannot wait for gitlab-runner: {e}"),
+        Err(_) => {
+            log!(
+                warn,
+                "gitlab-runner did not exit within {} s of SIGTERM; killing it",
+                timeout.as_secs()
+            );
+            let _ = child.kill().await;
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => status.to_string(),
+    }
+}
+
+fn bug(e: impl std::fmt::Display) -> Failure {
+    Failure::new(
+        e.to_string(),
+        "this is a bug in gitlab-runner-vm; please report it with the journal",
+    )
+}
+
+fn spawn_failure(program: &PathBuf, e: &std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Failure::new(
+            format!("gitlab-runner not found: {}", program.display()),
+            "install gitlab-runner in the image, or point --gitlab-runner (GITLAB_RUNNER_VM_GITLAB_RUNNER) at it",
+        )
+    } else {
+        Failure::new(
+            format!("cannot start {}: {e}", program.display()),
+            "check that it is an executable gitlab-runner",
+        )
+    }
+}
+
+fn registration_failure(e: &RetryError, timeout_s: u64) -> Failure {
+    match e {
+        RetryError::Permanent(api) => {
+            Failure::new(format!("registration failed: {api}"), api.fix())
+        }
+        RetryError::DeadlineExceeded { .. } => Failure::new(
+            format!("registration failed: {e}"),
+            format!(
+                "check that GitLab is reachable from the VM; --register-timeout ({timeout_s} s) bounds the retries"
+            ),
+        ),
+    }
+}

@@ -1,0 +1,102 @@
+//! The command line. Every `run` flag also reads `GITLAB_RUNNER_VM_<FLAG>`, which is how the
+//! NixOS module and drop-ins configure the unit without changing ExecStart.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
+pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
+pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gitlab-runner-vm",
+    version,
+    about = "Lifecycle agent of a disposable GitLab CI runner VM: register, run N jobs, deregister, power off"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole lifecycle (what the systemd unit starts)
+    Run(RunArgs),
+    /// Validate runner.json: one line per problem, exit 1 if any is an error
+    Check {
+        #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show what the agent is doing
+    Status {
+        #[arg(long, env = "GITLAB_RUNNER_VM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print status.json as it is
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a hold: remove the keep file, so the VM powers off
+    Release {
+        #[arg(long, env = "GITLAB_RUNNER_VM_KEEP_FILE", default_value = DEFAULT_KEEP_FILE)]
+        keep_file: PathBuf,
+    },
+    /// Let the current job finish, take no new one, then tear down (SIGUSR1 to the agent)
+    Drain {
+        #[arg(long, env = "GITLAB_RUNNER_VM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// runner.json
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Where status.json, config.toml and the runner system id live (one boot only)
+    #[arg(long, env = "GITLAB_RUNNER_VM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// While this file exists after the jobs, the VM is kept for debugging
+    #[arg(long, env = "GITLAB_RUNNER_VM_KEEP_FILE", default_value = DEFAULT_KEEP_FILE)]
+    pub keep_file: PathBuf,
+    /// The gitlab-runner program (a path, or a name looked up in PATH)
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_GITLAB_RUNNER",
+        default_value = "gitlab-runner"
+    )]
+    pub gitlab_runner: PathBuf,
+    /// The user gitlab-runner and its jobs run as (default: the agent's own user)
+    #[arg(long, env = "GITLAB_RUNNER_VM_RUNNER_USER")]
+    pub runner_user: Option<String>,
+    /// Run with /bin/sh -c to power the VM off; the agent exits 0 once it succeeds
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_POWEROFF_COMMAND",
+        default_value = "systemctl poweroff"
+    )]
+    pub poweroff_command: String,
+    /// Seconds between a failure and the power-off
+    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", default_value_t = 60)]
+    pub failure_delay: u64,
+    /// Seconds to wait for runner.json to appear
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", default_value_t = 300)]
+    pub config_wait: u64,
+    /// Seconds for registration, retries included
+    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", default_value_t = 300)]
+    pub register_timeout: u64,
+    /// Seconds for deregistration, retries included; an unreachable GitLab delays power-off by at most this
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT",
+        default_value_t = 30
+    )]
+    pub deregister_timeout: u64,
+    /// Seconds gitlab-runner gets to abort its job after SIGTERM before it is killed
+    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", default_value_t = 40)]
+    pub stop_timeout: u64,
+    /// Seconds a hold lasts after the keep file's last modification
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", default_value_t = 86400)]
+    pub hold_max: u64,
+}

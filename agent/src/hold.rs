@@ -1,0 +1,142 @@
+//! The operator's "keep this VM": while the keep file exists the VM stays up. The hold ends when
+//! the file is removed, or `hold_max` after its last modification (touching it extends the
+//! hold). Watched with inotify; the only timer is the deadline itself.
+
+use std::io;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::inotify::AddWatchFlags;
+
+use crate::fswatch::DirWatch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldEnd {
+    Released,
+    Expired,
+}
+
+/// The pure part: given the keep file's modification time (None: it is gone), is the hold over,
+/// and otherwise until when does it last?
+pub fn hold_state(
+    modified: Option<SystemTime>,
+    hold_max: Duration,
+    now: SystemTime,
+) -> Result<SystemTime, HoldEnd> {
+    let Some(modified) = modified else {
+        return Err(HoldEnd::Released);
+    };
+    let deadline = modified + hold_max;
+    if now >= deadline {
+        Err(HoldEnd::Expired)
+    } else {
+        Ok(deadline)
+    }
+}
+
+pub fn keep_file_exists(keep_file: &Path) -> bool {
+    keep_file.symlink_metadata().is_ok()
+}
+
+fn modified(keep_file: &Path) -> io::Result<Option<SystemTime>> {
+    match keep_file.symlink_metadata() {
+        Ok(meta) => Ok(Some(meta.modified()?)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Holds until the keep file is removed or expires. `on_deadline` is called with each new
+/// deadline (for status.json).
+pub async fn hold(
+    keep_file: &Path,
+    hold_max: Duration,
+    mut on_deadline: impl FnMut(SystemTime),
+) -> io::Result<HoldEnd> {
+    let dir = keep_file.parent().unwrap_or(Path::new("/"));
+    let mut last_deadline = None;
+    loop {
+        let watch = DirWatch::new(
+            dir,
+            AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_MOVED_FROM
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_ATTRIB
+                | AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MODIFY,
+        )?;
+        let deadline = match hold_state(modified(keep_file)?, hold_max, SystemTime::now()) {
+            Err(end) => return Ok(end),
+            Ok(deadline) => deadline,
+        };
+        if last_deadline != Some(deadline) {
+            on_deadline(deadline);
+            last_deadline = Some(deadline);
+        }
+        let remaining = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::select! {
+            r = watch.changed() => r?,
+            _ = tokio::time::sleep(remaining) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_state_decisions() {
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let max = Duration::from_secs(100);
+        assert_eq!(hold_state(None, max, t(5)), Err(HoldEnd::Released));
+        assert_eq!(hold_state(Some(t(0)), max, t(50)), Ok(t(100)));
+        assert_eq!(hold_state(Some(t(0)), max, t(100)), Err(HoldEnd::Expired));
+        // Touching the file moves the deadline.
+        assert_eq!(hold_state(Some(t(90)), max, t(100)), Ok(t(190)));
+    }
+
+    #[tokio::test]
+    async fn removal_releases_the_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("keep-runner");
+        std::fs::write(&keep, "").unwrap();
+        let remover = {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                std::fs::remove_file(keep).unwrap();
+            })
+        };
+        let mut deadlines = Vec::new();
+        let end = tokio::time::timeout(
+            Duration::from_secs(10),
+            hold(&keep, Duration::from_secs(3600), |d| deadlines.push(d)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        remover.await.unwrap();
+        assert_eq!(end, HoldEnd::Released);
+        assert_eq!(deadlines.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_old_keep_file_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("keep-runner");
+        std::fs::write(&keep, "").unwrap();
+        let end = tokio::time::timeout(
+            Duration::from_secs(10),
+            hold(&keep, Duration::from_millis(300), |_| {}),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(end, HoldEnd::Expired);
+        assert!(keep.exists(), "the hold never deletes the operator's file");
+    }
+}

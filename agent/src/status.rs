@@ -1,0 +1,229 @@
+//! `<state-dir>/status.json`: what the agent is doing, for people (`gitlab-runner-vm status`),
+//! for scripts (`status --json`), for `drain` (the agent's pid) and for a restarted agent (did
+//! this boot already register or start gitlab-runner?). Rewritten atomically on every change.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::{Phase, TimelineEntry};
+
+pub const FILE_NAME: &str = "status.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub phase: Phase,
+    #[serde(with = "rfc3339")]
+    pub since: SystemTime,
+    /// The agent's process id, for `gitlab-runner-vm drain`.
+    pub pid: u32,
+    pub boot_id: String,
+    pub runner: Option<String>,
+    pub system_id: Option<String>,
+    pub credential: Option<String>,
+    pub gitlab_url: Option<String>,
+    pub registered: bool,
+    pub deregistered: bool,
+    pub runner_started: bool,
+    pub timeline: Vec<TimelineEntry>,
+    pub last_error: Option<String>,
+    #[serde(with = "rfc3339_opt", default)]
+    pub hold_deadline: Option<SystemTime>,
+    #[serde(with = "rfc3339_opt", default)]
+    pub poweroff_at: Option<SystemTime>,
+}
+
+pub fn path_in(state_dir: &Path) -> PathBuf {
+    state_dir.join(FILE_NAME)
+}
+
+/// Writes the status next to its final place and renames it over, so readers never see half a
+/// file.
+pub fn write(state_dir: &Path, status: &Status) -> io::Result<()> {
+    let tmp = state_dir.join(".status.json.tmp");
+    let mut file = fs::File::create(&tmp)?;
+    let mut text = serde_json::to_vec_pretty(status).map_err(io::Error::other)?;
+    text.push(b'\n');
+    file.write_all(&text)?;
+    file.sync_data()?;
+    fs::rename(&tmp, path_in(state_dir))
+}
+
+pub fn read(state_dir: &Path) -> io::Result<Status> {
+    let text = fs::read_to_string(path_in(state_dir))?;
+    serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The status as a person reads it.
+pub fn render(status: &Status, now: SystemTime) -> String {
+    let mut out = String::new();
+    let ago = |t: SystemTime| match now.duration_since(t) {
+        Ok(d) => format!(
+            "{} ago",
+            humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+        ),
+        Err(_) => "just now".to_string(),
+    };
+    let line =
+        |out: &mut String, key: &str, value: &str| out.push_str(&format!("{key:<14}{value}\n"));
+    line(
+        &mut out,
+        "phase:",
+        &format!(
+            "{} (since {}, {})",
+            status.phase,
+            fmt_time(status.since),
+            ago(status.since)
+        ),
+    );
+    if let Some(runner) = &status.runner {
+        line(&mut out, "runner:", runner);
+    }
+    if let Some(id) = &status.system_id {
+        line(&mut out, "system id:", id);
+    }
+    if let Some(url) = &status.gitlab_url {
+        line(&mut out, "gitlab:", url);
+    }
+    if let Some(kind) = &status.credential {
+        line(&mut out, "credential:", kind);
+    }
+    let registration = match (status.registered, status.deregistered) {
+        (true, true) => "deregistered",
+        (true, false) => "registered",
+        _ => "not registered",
+    };
+    line(&mut out, "registration:", registration);
+    line(
+        &mut out,
+        "gitlab-runner:",
+        if status.runner_started {
+            "started"
+        } else {
+            "not started"
+        },
+    );
+    if let Some(deadline) = status.hold_deadline {
+        line(
+            &mut out,
+            "hold until:",
+            &format!(
+                "{} (remove the keep file or run `gitlab-runner-vm release` to end it now)",
+                fmt_time(deadline)
+            ),
+        );
+    }
+    if let Some(at) = status.poweroff_at {
+        line(&mut out, "power-off at:", &fmt_time(at));
+    }
+    if let Some(err) = &status.last_error {
+        line(&mut out, "last error:", err);
+    }
+    out.push_str("timeline:\n");
+    for entry in &status.timeline {
+        out.push_str(&format!("  {}  {}\n", fmt_time(entry.at), entry.phase));
+    }
+    out
+}
+
+pub fn fmt_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use std::time::SystemTime;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::fmt_time(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(D::Error::custom)
+    }
+}
+
+pub mod rfc3339_opt {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use std::time::SystemTime;
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&super::fmt_time(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => humantime::parse_rfc3339(&text)
+                .map(Some)
+                .map_err(D::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sample() -> Status {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        Status {
+            phase: Phase::Holding,
+            since: t0,
+            pid: 42,
+            boot_id: "b1".into(),
+            runner: Some("vm-1".into()),
+            system_id: Some("r_abcdefABCDEF".into()),
+            credential: Some("token".into()),
+            gitlab_url: Some("https://gitlab.example.com".into()),
+            registered: true,
+            deregistered: true,
+            runner_started: true,
+            timeline: vec![
+                TimelineEntry {
+                    phase: Phase::WaitingForConfig,
+                    at: t0,
+                },
+                TimelineEntry {
+                    phase: Phase::Holding,
+                    at: t0,
+                },
+            ],
+            last_error: None,
+            hold_deadline: Some(t0 + Duration::from_secs(3600)),
+            poweroff_at: None,
+        }
+    }
+
+    #[test]
+    fn round_trips_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &sample()).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), sample());
+        let raw: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(path_in(dir.path())).unwrap()).unwrap();
+        assert_eq!(raw["phase"], "holding");
+        assert_eq!(raw["hold_deadline"], "2027-01-15T09:00:00.000Z");
+        assert!(!dir.path().join(".status.json.tmp").exists());
+    }
+
+    #[test]
+    fn render_explains_the_hold() {
+        let s = sample();
+        let text = render(&s, s.since + Duration::from_secs(90));
+        assert!(
+            text.contains("phase:        holding (since 2027-01-15T08:00:00.000Z, 1m 30s ago)"),
+            "{text}"
+        );
+        assert!(text.contains("gitlab-runner-vm release"), "{text}");
+        assert!(text.contains("registration: deregistered"), "{text}");
+    }
+}
