@@ -1,0 +1,161 @@
+{
+  description = "gitlab-runner-vm: disposable NixOS VMs that run GitLab CI jobs, and their images";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+
+  outputs = { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [ "x86_64-linux" "aarch64-linux" ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      modules = {
+        gitlab-runner-vm = ./nixos-modules/gitlab-runner-vm.nix;
+        base = ./nixos-modules/base.nix;
+        runner = ./nixos-modules/runner.nix;
+        circleci = ./nixos-modules/circleci.nix;
+        proxmox-template = ./nixos-modules/proxmox-template.nix;
+      };
+
+      # Runner images on clouds without a config disk take runner.json from user-data.
+      cloudUserData = datasource: {
+        services.cloud-init.enable = true;
+        runnerImage.userData.datasources = [ datasource ];
+      };
+
+      # Every image: its modules, the attribute of its build, and the systems it exists for.
+      images = {
+        nixos-base = {
+          modules = [ modules.base ./images/kubevirt.nix ];
+          build = "kubevirtImage";
+        };
+        nixos-runner = {
+          modules = [ modules.runner ./images/kubevirt.nix ];
+          build = "kubevirtImage";
+        };
+        runner-amazon = {
+          modules = [ modules.runner ./images/amazon.nix (cloudUserData "Ec2") ];
+          build = "amazonImage";
+        };
+        runner-gce = {
+          modules = [ modules.runner ./images/google-compute.nix (cloudUserData "GCE") ];
+          build = "googleComputeImage";
+        };
+        circleci-amazon = {
+          modules = [ modules.circleci ./images/amazon.nix ];
+          build = "amazonImage";
+        };
+        circleci-gce = {
+          modules = [ modules.circleci ./images/google-compute.nix ];
+          build = "googleComputeImage";
+        };
+        proxmox-template = {
+          modules = [ modules.proxmox-template ./images/proxmox.nix ];
+          build = "VMA";
+          systems = [ "x86_64-linux" ];
+        };
+        digital-ocean = {
+          modules = [ modules.runner ./images/digital-ocean.nix (cloudUserData "DigitalOcean") ];
+          build = "digitalOceanImage";
+          systems = [ "x86_64-linux" ];
+        };
+      };
+
+      mkSystem = system: extraModules:
+        lib.nixosSystem {
+          modules = [ { nixpkgs.hostPlatform = system; } ] ++ extraModules;
+        };
+
+      imageSystems = lib.mapAttrs (_: image: lib.genAttrs (image.systems or systems) (system: mkSystem system image.modules)) images;
+
+      # Boots the runner qcow2 locally with a sample (or the given) runner.json on a config disk
+      # and an empty scratch disk, the way KubeVirt presents them.
+      runnerVm = pkgs:
+        let
+          image = imageSystems.nixos-runner.${pkgs.stdenv.hostPlatform.system};
+        in
+        pkgs.callPackage ./images/run-vm.nix {
+          image = image.config.system.build.kubevirtImage;
+          inherit (image.config.image) filePath;
+          inherit (image.config.kubevirtImage) partitionTableType;
+        };
+
+      # `nix fmt` with no arguments formats the whole tree.
+      formatterFor = pkgs:
+        pkgs.writeShellScriptBin "nixpkgs-fmt-tree" ''
+          if [ $# -eq 0 ]; then set -- .; fi
+          exec ${lib.getExe pkgs.nixpkgs-fmt} "$@"
+        '';
+    in
+    {
+      overlays.default = final: _prev: {
+        gitlab-runner-vm = final.callPackage ./nixos-modules/package.nix { };
+      };
+
+      nixosModules = modules // {
+        default = modules.gitlab-runner-vm;
+        kubevirt-image = ./images/kubevirt.nix;
+      };
+
+      nixosConfigurations =
+        lib.mapAttrs (_: bySystem: bySystem.x86_64-linux) imageSystems
+        // {
+          # As in seed 000: nix build .#nixosConfigurations.amazonImage.config.system.build.amazonImage
+          amazonImage = imageSystems.circleci-amazon.x86_64-linux;
+          googleComputeImage = imageSystems.circleci-gce.x86_64-linux;
+        };
+
+      packages = forAllSystems (pkgs:
+        let
+          inherit (pkgs.stdenv.hostPlatform) system;
+          imagePackages = lib.mapAttrs (name: bySystem: bySystem.${system}.config.system.build.${images.${name}.build})
+            (lib.filterAttrs (_: bySystem: bySystem ? ${system}) imageSystems);
+          runner = imageSystems.nixos-runner.${system}.config;
+        in
+        imagePackages // {
+          gitlab-runner-vm = pkgs.callPackage ./nixos-modules/package.nix { };
+          nixos-runner-containerdisk = pkgs.callPackage ./images/containerdisk.nix {
+            image = runner.system.build.kubevirtImage;
+            inherit (runner.image) filePath;
+          };
+          nix-oci = pkgs.callPackage ./images/nix-oci.nix { };
+          default = imagePackages.nixos-runner;
+        });
+
+      apps = forAllSystems (pkgs: {
+        runner-vm = {
+          type = "app";
+          program = lib.getExe (runnerVm pkgs);
+          meta.description = "Boot the runner image in QEMU with a sample runner.json";
+        };
+      });
+
+      checks = forAllSystems (pkgs:
+        let
+          tests = import ./tests/nix/vm-tests.nix { inherit pkgs modules; };
+        in
+        tests // {
+          gitlab-runner-vm = self.packages.${pkgs.stdenv.hostPlatform.system}.gitlab-runner-vm;
+        });
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          packages = with pkgs; [
+            cargo
+            rustc
+            rustfmt
+            clippy
+            gitlab-runner
+            nixpkgs-fmt
+            deadnix
+            qemu_kvm
+            xorriso
+            skopeo
+            jq
+          ];
+        };
+      });
+
+      formatter = forAllSystems formatterFor;
+    };
+}

@@ -1,0 +1,211 @@
+# The runner image: the base image plus gitlab-runner-vm, which at boot reads runner.json,
+# registers with GitLab, runs N jobs, deregisters and powers the VM off.
+#
+# Where runner.json comes from:
+# - KubeVirt: a Secret (key `runner.json`) attached as a disk with serial `runner-info`, which
+#   KubeVirt presents as an ISO 9660 image; it is mounted read-only at /runner-info (nofail: a VM
+#   without it still boots, and the agent waits for the file, then fails clearly).
+# - Clouds without such a disk (AWS, GCE, DigitalOcean): the instance's user-data, fetched by
+#   cloud-init. JSON user-data is copied to /runner-info/runner.json (mode 0600); a #cloud-config
+#   may write the file itself with write_files. User-data is data here: cloud-init runs no
+#   scripts, runcmd or bootcmd from it, and nothing rebuilds the system from it.
+#
+# An optional scratch disk (serial `scratch`, e.g. a KubeVirt emptyDisk) is formatted on first use
+# and holds Docker's data and job builds, since a containerDisk's root file system cannot grow.
+# Nothing unique is baked in: machine id and SSH host keys are made at first boot, the runner
+# system id by the agent at every boot.
+{ config, lib, pkgs, utils, ... }:
+let
+  cfg = config.runnerImage;
+  inherit (lib) mkDefault mkIf mkOption types;
+  agent = config.services.gitlab-runner-vm;
+  mountUnit = path: "${utils.escapeSystemdPath path}.mount";
+  configMount = mountUnit cfg.configDisk.mountPoint;
+  scratchMount = mountUnit cfg.scratchDisk.mountPoint;
+in
+{
+  imports = [
+    ./base.nix
+    ./gitlab-runner-vm.nix
+  ];
+
+  options.runnerImage = {
+    configDisk = {
+      serial = mkOption {
+        type = types.str;
+        default = "runner-info";
+        description = ''
+          Serial of the disk holding runner.json (the KubeVirt disk's `serial`, at most 20
+          characters); it appears as /dev/disk/by-id/virtio-<serial>.
+        '';
+      };
+      mountPoint = mkOption {
+        type = types.str;
+        default = "/runner-info";
+        description = "Where the config disk is mounted (read-only); the agent reads runner.json there.";
+      };
+    };
+
+    scratchDisk = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Whether to use a scratch disk when one is attached.";
+      };
+      serial = mkOption {
+        type = types.str;
+        default = "scratch";
+        description = ''
+          Serial of the optional scratch disk (a KubeVirt emptyDisk); formatted as ext4 on first
+          use, it appears as /dev/disk/by-id/virtio-<serial>.
+        '';
+      };
+      mountPoint = mkOption {
+        type = types.str;
+        default = "/var/lib/scratch";
+        description = ''
+          Where the scratch disk is mounted. Docker keeps its data in `docker/` there and jobs
+          can build in `builds/` (set `"builds_dir"` in runner.json). Without a scratch disk
+          both are plain directories on the root file system.
+        '';
+      };
+    };
+
+    userData = {
+      enable = mkOption {
+        type = types.bool;
+        default = config.services.cloud-init.enable;
+        defaultText = lib.literalExpression "config.services.cloud-init.enable";
+        description = ''
+          Whether JSON user-data fetched by cloud-init becomes runner.json when no config disk
+          provides one (cloud-init itself is enabled by the image format). cloud-init is then
+          restricted to applying data: no scripts.
+        '';
+      };
+      datasources = mkOption {
+        type = types.listOf types.str;
+        default = [ "NoCloud" "ConfigDrive" ];
+        example = [ "Ec2" ];
+        description = "cloud-init `datasource_list`: the platforms probed for user-data.";
+      };
+    };
+  };
+
+  config = {
+    services.gitlab-runner-vm = {
+      enable = true;
+      runnerUser = config.baseImage.user;
+      configFile = "${cfg.configDisk.mountPoint}/runner.json";
+    };
+
+    # The host name comes from DHCP or the cloud; the agent names the runner after it.
+    networking.hostName = mkDefault "";
+
+    fileSystems.${cfg.configDisk.mountPoint} = {
+      device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
+      fsType = "iso9660";
+      options = [ "ro" "nofail" "x-systemd.device-timeout=10s" ];
+    };
+
+    fileSystems.${cfg.scratchDisk.mountPoint} = mkIf cfg.scratchDisk.enable {
+      device = "/dev/disk/by-id/virtio-${cfg.scratchDisk.serial}";
+      fsType = "ext4";
+      # systemd-makefs formats the disk when it holds no file system yet.
+      autoFormat = true;
+      options = [ "nofail" "x-systemd.device-timeout=10s" ];
+    };
+
+    # The scratch mount is nofail, so it is not ordered before local-fs.target: order its users.
+    systemd.services.runner-scratch = mkIf cfg.scratchDisk.enable {
+      description = "Prepare the scratch space for Docker and builds";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ scratchMount ];
+      after = [ scratchMount ];
+      before = [ "docker.service" "gitlab-runner-vm.service" ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      script = ''
+        install -d -m 0711 ${lib.escapeShellArg cfg.scratchDisk.mountPoint}
+        install -d -m 0755 -o ${lib.escapeShellArg agent.runnerUser} -g users \
+          ${lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds"}
+      '';
+    };
+    virtualisation.docker.daemon.settings.data-root = mkIf cfg.scratchDisk.enable "${cfg.scratchDisk.mountPoint}/docker";
+    systemd.services.docker = mkIf cfg.scratchDisk.enable {
+      wants = [ "runner-scratch.service" ];
+      after = [ "runner-scratch.service" ];
+    };
+
+    systemd.services.gitlab-runner-vm = {
+      after = [ configMount ] ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
+      wants = lib.optional cfg.scratchDisk.enable "runner-scratch.service";
+    };
+
+    # ---- runner.json from cloud-init user-data ---------------------------------------------------
+    services.cloud-init.settings = mkIf cfg.userData.enable {
+      datasource_list = cfg.userData.datasources;
+        # Data only: keys, host name, files, partition growth. No bootcmd, runcmd or user
+        # scripts, no phone-home or power-state-change, no password changes.
+        cloud_init_modules = [
+          "migrator"
+          "seed_random"
+          "write-files"
+          "growpart"
+          "resizefs"
+          "update_hostname"
+          "resolv_conf"
+          "users-groups"
+        ];
+        cloud_config_modules = [ "ssh" ];
+        cloud_final_modules = [ "ssh-authkey-fingerprints" "final-message" ];
+    };
+
+    systemd.services.runner-info-user-data = mkIf cfg.userData.enable {
+      description = "Take runner.json from cloud-init user-data when no config disk provides it";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "cloud-init.service" ];
+      after = [ "cloud-init.service" configMount ];
+      before = [ "gitlab-runner-vm.service" ];
+      path = [ pkgs.jq ];
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        UMask = "0077";
+      };
+      script = ''
+        target=${lib.escapeShellArg agent.configFile}
+        userdata=/var/lib/cloud/instance/user-data.txt
+        if [ -e "$target" ]; then
+          echo "$target exists; user-data is not used"
+        elif [ ! -s "$userdata" ]; then
+          echo "no user-data; $target must come from a config disk"
+        elif jq -e 'type == "object"' "$userdata" >/dev/null 2>&1; then
+          install -D -m 0600 "$userdata" "$target"
+          echo "runner.json taken from user-data"
+        else
+          echo "user-data is not a JSON object, so not a runner.json (a #cloud-config may write $target with write_files)"
+        fi
+      '';
+    };
+
+    # ---- Nothing unique in the image ---------------------------------------------------------------
+    assertions = [
+      {
+        assertion = !(config.environment.etc ? "machine-id");
+        message = ''
+          A runner image must not contain /etc/machine-id (environment.etc."machine-id"): every
+          VM booted from the image would share it. systemd creates one at first boot.
+        '';
+      }
+      {
+        assertion = lib.all (key: !(lib.hasPrefix builtins.storeDir (toString key.path))) config.services.openssh.hostKeys;
+        message = ''
+          services.openssh.hostKeys points into the Nix store: every VM would share its SSH host
+          keys. Leave them to sshd-keygen, which makes them at first boot.
+        '';
+      }
+    ];
+  };
+}
