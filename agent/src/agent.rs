@@ -579,16 +579,15 @@ impl Agent {
         systemd::ready();
         let hold_max = Duration::from_secs(self.args.hold_max);
         let interrupts = self.interrupts.clone();
-        let deadline_updates = &mut self.hold_deadline;
-        let mut deadlines = Vec::new();
         let end = tokio::select! {
-            end = hold::hold(keep_file, hold_max, |d| { *deadline_updates = Some(d); deadlines.push(d); }) => end,
+            end = hold::hold(keep_file, hold_max, |deadline| {
+                self.hold_deadline = Some(deadline);
+                log!(info, "the hold lasts until {} at most (--hold-max after the keep file's last change)", status::fmt_time(deadline));
+                self.write_status();
+            }) => end,
             _ = wait_for(interrupts, Interrupt::Stop) => return Ok(None),
         };
-        for d in deadlines {
-            log!(info, "hold lasts until {} at most", status::fmt_time(d));
-        }
-        self.write_status();
+        self.hold_deadline = None;
         match end {
             Ok(end) => Ok(Some(end)),
             Err(e) => {

@@ -1,10 +1,13 @@
-//! Logging: to journald with structured fields (PHASE, RUNNER, SYSTEM_ID) when its socket exists,
-//! otherwise plain lines on stderr without timestamps (journald or the terminal adds them).
+//! Logging: to journald with structured fields (PHASE, RUNNER, SYSTEM_ID) when systemd connected
+//! our stderr to the journal (JOURNAL_STREAM) and its socket exists; otherwise plain lines on
+//! stderr without timestamps, so a person running the agent by hand sees them.
 
 use tracing_subscriber::prelude::*;
 
 pub fn init() {
-    let journald = if std::path::Path::new("/run/systemd/journal/socket").exists() {
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journald = if under_journal && std::path::Path::new("/run/systemd/journal/socket").exists()
+    {
         tracing_journald::layer().ok().map(|layer| {
             layer
                 .with_field_prefix(None)

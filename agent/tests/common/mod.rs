@@ -1,0 +1,300 @@
+//! Test harness: the real `gitlab-runner-vm` binary, a fake GitLab (wiremock) on loopback, a fake
+//! gitlab-runner script that records how it was started and which signals it got, and a
+//! power-off command that records that it ran.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+pub const TOKEN: &str = "glrt-SeCrEtRuNnErToKeN0123456789";
+pub const BIN: &str = env!("CARGO_BIN_EXE_gitlab-runner-vm");
+/// Generous: these tests check behaviour, never speed.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub struct Harness {
+    pub dir: TempDir,
+    pub server: MockServer,
+    pub agent: Option<Child>,
+    pub started: Instant,
+}
+
+/// How the fake gitlab-runner behaves.
+pub struct FakeRunner {
+    /// Seconds the "job" takes.
+    pub job_seconds: u32,
+    pub exit_code: i32,
+}
+
+impl Default for FakeRunner {
+    fn default() -> Self {
+        FakeRunner {
+            job_seconds: 0,
+            exit_code: 0,
+        }
+    }
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        Harness {
+            dir,
+            server: MockServer::start().await,
+            agent: None,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    pub fn keep_file(&self) -> PathBuf {
+        self.path("etc/keep-runner")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("runner-info/runner.json")
+    }
+
+    /// runner.json with the fake GitLab's URL and the given extra keys.
+    pub fn write_config(&self, extra: Value) {
+        let mut config = serde_json::json!({"name": "vm-test", "url": self.server.uri()});
+        for (k, v) in extra.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        std::fs::create_dir_all(self.config_path().parent().unwrap()).unwrap();
+        std::fs::write(
+            self.config_path(),
+            serde_json::to_string_pretty(&config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Writes the fake gitlab-runner: it appends its arguments to `runner-invocations`, copies
+    /// the system id it finds next to config.toml, prints the token of config.toml (the agent
+    /// must mask it in its log), records TERM/QUIT in `runner-signals`, and "runs a job" for
+    /// `job_seconds`.
+    pub fn write_fake_runner(&self, fake: FakeRunner) -> PathBuf {
+        let dir = self.dir.path().display();
+        let script = format!(
+            r#"#!/bin/sh
+trap 'echo TERM >> {dir}/runner-signals; kill $job 2>/dev/null; exit 0' TERM
+trap 'echo QUIT >> {dir}/runner-signals; wait $job; echo "fake gitlab-runner: drained"; exit 0' QUIT
+echo "$*" >> {dir}/runner-invocations
+env > {dir}/runner-env
+cfg_dir=$(dirname "$3")
+echo "fake gitlab-runner: using $(grep '^token' "$3")"
+echo "fake gitlab-runner: starting job" >&2
+# Written last: tests wait for it before signalling, when the traps are in place.
+cat "$cfg_dir/.runner_system_id" > {dir}/runner-system-id
+sleep {secs} &
+job=$!
+wait $job
+echo "fake gitlab-runner: job done"
+exit {code}
+"#,
+            secs = fake.job_seconds,
+            code = fake.exit_code
+        );
+        let path = self.path("gitlab-runner");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    pub fn command(&self, runner: &Path, extra_args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--keep-file")
+            .arg(self.keep_file())
+            .arg("--gitlab-runner")
+            .arg(runner)
+            .arg("--poweroff-command")
+            .arg(format!(
+                "echo poweroff >> {}",
+                self.path("poweroff").display()
+            ))
+            .args(extra_args);
+        // The harness's own environment must not configure the agent.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("GITLAB_RUNNER_VM_")
+                || key == "NOTIFY_SOCKET"
+                || key == "JOURNAL_STREAM"
+            {
+                cmd.env_remove(key);
+            }
+        }
+        // Short timeouts for tests, through the environment variables the NixOS module uses;
+        // a test's own flags override them.
+        for (key, value) in [
+            ("FAILURE_DELAY", "1"),
+            ("CONFIG_WAIT", "10"),
+            ("REGISTER_TIMEOUT", "20"),
+            ("DEREGISTER_TIMEOUT", "5"),
+            ("STOP_TIMEOUT", "5"),
+            ("HOLD_MAX", "3600"),
+        ] {
+            cmd.env(format!("GITLAB_RUNNER_VM_{key}"), value);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(self.path("agent.stdout")).unwrap())
+            .stderr(std::fs::File::create(self.path("agent.log")).unwrap())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    pub fn start(&mut self, runner: &Path, extra_args: &[&str]) {
+        self.started = Instant::now();
+        self.agent = Some(self.command(runner, extra_args).spawn().unwrap());
+    }
+
+    pub fn agent_pid(&self) -> i32 {
+        self.agent.as_ref().unwrap().id().unwrap() as i32
+    }
+
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.agent.as_mut().expect("agent started");
+        match tokio::time::timeout(PATIENCE, child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "the agent did not exit within {PATIENCE:?}; its log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// Waits until `cond` holds, or fails with the agent's log.
+    pub async fn wait_until(&self, what: &str, cond: impl Fn(&Harness) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !cond(self) {
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; agent log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    pub fn read(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(name)).ok()
+    }
+
+    pub fn powered_off(&self) -> bool {
+        self.read("poweroff")
+            .is_some_and(|s| s.contains("poweroff"))
+    }
+
+    pub fn runner_invocations(&self) -> Vec<String> {
+        self.read("runner-invocations")
+            .map(|s| s.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn runner_signals(&self) -> String {
+        self.read("runner-signals").unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Value {
+        let text = std::fs::read_to_string(self.state_dir().join("status.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn phase(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.state_dir().join("status.json")).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["phase"].as_str().map(str::to_owned)
+    }
+
+    pub fn system_id_file(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join(".runner_system_id")).unwrap()
+    }
+
+    pub async fn requests(&self, http_method: &str, url_path: &str) -> Vec<Request> {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.method.as_str() == http_method && r.url.path() == url_path)
+            .collect()
+    }
+
+    /// Mounts the glrt- happy path: verify 200, manager deletion 204.
+    pub async fn mount_glrt_happy_path(&self) {
+        mount(
+            &self.server,
+            "POST",
+            "/api/v4/runners/verify",
+            ResponseTemplate::new(200).set_body_json(
+                serde_json::json!({"id": 7, "token": TOKEN, "token_expires_at": null}),
+            ),
+        )
+        .await;
+        mount(
+            &self.server,
+            "DELETE",
+            "/api/v4/runners/managers",
+            ResponseTemplate::new(204),
+        )
+        .await;
+    }
+
+    /// Everything the agent printed and wrote, for secret checks.
+    pub fn all_output(&self) -> String {
+        let mut all = self.log();
+        all.push_str(&self.read("agent.stdout").unwrap_or_default());
+        all.push_str(
+            &std::fs::read_to_string(self.state_dir().join("status.json")).unwrap_or_default(),
+        );
+        all
+    }
+}
+
+pub async fn mount(
+    server: &MockServer,
+    http_method: &str,
+    url_path: &str,
+    response: ResponseTemplate,
+) {
+    Mock::given(method(http_method))
+        .and(path(url_path))
+        .respond_with(response)
+        .mount(server)
+        .await;
+}
+
+pub fn body(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+}
+
+pub fn send_signal(pid: i32, sig: i32) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -1,0 +1,748 @@
+//! The whole lifecycle through the real binary: fake GitLab, fake gitlab-runner, recorded
+//! power-off.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use wiremock::ResponseTemplate;
+use wiremock::matchers::{header, method, path};
+
+fn system_id_is_valid(id: &str) -> bool {
+    id.len() == 14 && id.starts_with("r_") && id[2..].chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn glrt_token_verify_run_single_deregister_power_off() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN, "max_jobs": 3, "idle_timeout": 120}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "exit {status:?}\n{}", h.log());
+
+    // One system id everywhere: the file gitlab-runner reads, verify, and the deletion.
+    let system_id = h.system_id_file();
+    assert!(system_id_is_valid(&system_id), "{system_id:?}");
+    assert_eq!(h.read("runner-system-id").unwrap(), system_id);
+    let verify = h.requests("POST", "/api/v4/runners/verify").await;
+    assert_eq!(verify.len(), 1);
+    assert_eq!(body(&verify[0])["token"], TOKEN);
+    assert_eq!(body(&verify[0])["system_id"], system_id.as_str());
+    assert_eq!(body(&verify[0])["info"]["executor"], "shell");
+    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(
+        body(&deleted[0]),
+        json!({"token": TOKEN, "system_id": system_id})
+    );
+    // A shared glrt- token must never be deleted as a whole.
+    assert!(h.requests("DELETE", "/api/v4/runners").await.is_empty());
+
+    let config_toml = h.state_dir().join("config.toml");
+    assert_eq!(
+        h.runner_invocations(),
+        vec![format!(
+            "run-single -c {} -r vm-test --max-builds 3 --wait-timeout 120",
+            config_toml.display()
+        )]
+    );
+    for f in ["config.toml", ".runner_system_id"] {
+        let mode = std::fs::metadata(h.state_dir().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let toml = std::fs::read_to_string(&config_toml).unwrap();
+    assert!(
+        toml.contains(&format!("url = \"{}\"", h.server.uri())),
+        "{toml}"
+    );
+
+    assert!(h.powered_off());
+    let st = h.status();
+    assert_eq!(st["phase"], "powering-off");
+    assert_eq!(st["registered"], true);
+    assert_eq!(st["deregistered"], true);
+    let phases: Vec<_> = st["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "waiting-for-config",
+            "registering",
+            "running",
+            "deregistering",
+            "powering-off"
+        ]
+    );
+
+    // gitlab-runner's output reaches the agent's log, with the token masked.
+    let log = h.log();
+    assert!(log.contains("fake gitlab-runner: starting job"), "{log}");
+    assert!(
+        log.contains("fake gitlab-runner: using token = \"glrt-…6789\""),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_never_appears_whole_in_any_output() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    // tags with a glrt- token only warn; an echo of the token by gitlab-runner is masked too.
+    h.write_config(json!({"token": TOKEN, "tags": ["nix"]}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let secret_part = &TOKEN[5..];
+    let all = h.all_output();
+    assert!(!all.contains(secret_part), "token leaked:\n{all}");
+    assert!(all.contains("glrt-…6789"), "{all}");
+    assert!(all.contains("$.tags"), "the tags warning is logged:\n{all}");
+
+    // status (human and JSON) and check never show it either.
+    for args in [
+        vec!["status", "--state-dir"],
+        vec!["status", "--json", "--state-dir"],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .arg(h.state_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(secret_part));
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(h.config_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("glrt-…6789") && !text.contains(secret_part),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_registration_token_creates_and_deletes_its_runner() {
+    let mut h = Harness::new().await;
+    let created = "glrt-t1_CrEaTeDbYrEgIsTrAtIoN";
+    mount(
+        &h.server,
+        "POST",
+        "/api/v4/runners",
+        ResponseTemplate::new(201)
+            .set_body_json(json!({"id": 12345, "token": created, "token_expires_at": null})),
+    )
+    .await;
+    mount(
+        &h.server,
+        "DELETE",
+        "/api/v4/runners",
+        ResponseTemplate::new(204),
+    )
+    .await;
+    h.write_config(json!({"registration_token": "GR1348941LeGaCyReGiStRaTiOn", "tags": ["nix", "vm"], "run_untagged": false, "maximum_timeout": 3600}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+
+    let register = h.requests("POST", "/api/v4/runners").await;
+    assert_eq!(register.len(), 1);
+    let b = body(&register[0]);
+    assert_eq!(b["token"], "GR1348941LeGaCyReGiStRaTiOn");
+    assert_eq!(b["description"], "vm-test");
+    assert_eq!(b["tag_list"], json!(["nix", "vm"]));
+    assert_eq!(b["run_untagged"], false);
+    assert_eq!(b["maximum_timeout"], 3600);
+    // gitlab-runner got the token GitLab returned, and that runner is deleted at the end.
+    let toml = std::fs::read_to_string(h.state_dir().join("config.toml")).unwrap();
+    assert!(toml.contains(created), "{toml}");
+    let deleted = h.requests("DELETE", "/api/v4/runners").await;
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(body(&deleted[0]), json!({"token": created}));
+    assert_eq!(h.runner_invocations().len(), 1);
+    assert!(h.powered_off());
+    assert!(!h.all_output().contains("CrEaTeDbYrEgIsTrAtIoN"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_registration_disabled_410_fails_with_the_fix() {
+    let mut h = Harness::new().await;
+    mount(
+        &h.server,
+        "POST",
+        "/api/v4/runners",
+        ResponseTemplate::new(410)
+            .set_body_json(json!({"message": "410 Gone - runner registration disallowed"})),
+    )
+    .await;
+    h.write_config(json!({"registration_token": "GR1348941LeGaCyReGiStRaTiOn"}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.runner_invocations().is_empty());
+    assert_eq!(
+        h.requests("POST", "/api/v4/runners").await.len(),
+        1,
+        "410 is permanent: no retry"
+    );
+    let error = h.status()["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("410") && error.contains("glrt-"), "{error}");
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_token_creates_a_project_runner_and_deletes_it() {
+    let mut h = Harness::new().await;
+    let created = "glrt-t3_CrEaTeDbYaCcEsStOkEn";
+    wiremock::Mock::given(method("POST"))
+        .and(path("/api/v4/user/runners"))
+        .and(header("PRIVATE-TOKEN", "glpat-AcCeSsToKeNvAlUe12345"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"id": 9171, "token": created, "token_expires_at": null})),
+        )
+        .mount(&h.server)
+        .await;
+    mount(
+        &h.server,
+        "DELETE",
+        "/api/v4/runners",
+        ResponseTemplate::new(204),
+    )
+    .await;
+    h.write_config(json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "project_type", "project_id": 42, "tags": ["vm"]}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+
+    let create = h.requests("POST", "/api/v4/user/runners").await;
+    assert_eq!(create.len(), 1);
+    let b = body(&create[0]);
+    assert_eq!(b["runner_type"], "project_type");
+    assert_eq!(b["project_id"], 42);
+    assert_eq!(b["tag_list"], json!(["vm"]));
+    assert!(
+        b.get("token").is_none(),
+        "the access token travels in the header only"
+    );
+    let deleted = h.requests("DELETE", "/api/v4/runners").await;
+    assert_eq!(body(&deleted[0]), json!({"token": created}));
+    assert_eq!(h.runner_invocations().len(), 1);
+    assert!(h.powered_off());
+    let all = h.all_output();
+    assert!(
+        !all.contains("AcCeSsToKeNvAlUe") && !all.contains("CrEaTeDbYaCcEsS"),
+        "{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_file_holds_after_deregistration_until_released() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    std::fs::write(h.keep_file(), "").unwrap();
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+
+    h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
+        .await;
+    // Deregistered before the hold: no ghost runner while a person debugs.
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(h.status()["hold_deadline"].is_string());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!h.powered_off(), "powered off during the hold");
+
+    let out = std::process::Command::new(BIN)
+        .args(["release", "--keep-file"])
+        .arg(h.keep_file())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!h.keep_file().exists());
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(
+        h.log().contains("hold ended: keep file removed"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_ends_at_hold_max_after_the_keep_file_was_last_modified() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    std::fs::write(h.keep_file(), "").unwrap();
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--hold-max", "2"]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(
+        h.keep_file().exists(),
+        "the operator's keep file is left alone"
+    );
+    assert!(
+        h.log().contains("hold ended: hold-max reached"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_token_403_starts_no_runner_and_powers_off_after_the_failure_delay() {
+    let mut h = Harness::new().await;
+    mount(
+        &h.server,
+        "POST",
+        "/api/v4/runners/verify",
+        ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})),
+    )
+    .await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--failure-delay", "2"]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(
+        h.started.elapsed() >= Duration::from_secs(2),
+        "power-off came before the failure delay"
+    );
+
+    assert!(
+        h.runner_invocations().is_empty(),
+        "gitlab-runner was started"
+    );
+    assert_eq!(
+        h.requests("POST", "/api/v4/runners/verify").await.len(),
+        1,
+        "403 is permanent: no retry"
+    );
+    assert!(
+        h.requests("DELETE", "/api/v4/runners/managers")
+            .await
+            .is_empty(),
+        "nothing was registered"
+    );
+    assert!(h.powered_off());
+    let st = h.status();
+    let phases: Vec<_> = st["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "waiting-for-config",
+            "registering",
+            "failed",
+            "powering-off"
+        ]
+    );
+    let error = st["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("403") && error.contains("glrt- token"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_and_429_with_retry_after_are_retried_until_success() {
+    let mut h = Harness::new().await;
+    // First a 503, then a 429 asking for 1 s, then success.
+    wiremock::Mock::given(method("POST"))
+        .and(path("/api/v4/runners/verify"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&h.server)
+        .await;
+    wiremock::Mock::given(method("POST"))
+        .and(path("/api/v4/runners/verify"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("Retry-After", "1")
+                .set_body_json(
+                    json!({"message": "Executing database migrations. Please retry later."}),
+                ),
+        )
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&h.server)
+        .await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+
+    let verify = h.requests("POST", "/api/v4/runners/verify").await;
+    assert_eq!(verify.len(), 3, "{}", h.log());
+    // Retry-After was honoured: the third attempt came at least 1 s after the second.
+    let log = h.log();
+    assert!(log.contains("503") && log.contains("429"), "{log}");
+    assert!(log.contains("retry 2 in 1.0 s"), "{log}");
+    assert_eq!(h.runner_invocations().len(), 1);
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_gitlab_at_deregistration_delays_power_off_by_at_most_the_timeout() {
+    let mut h = Harness::new().await;
+    mount(
+        &h.server,
+        "POST",
+        "/api/v4/runners/verify",
+        ResponseTemplate::new(200).set_body_json(json!({"id": 7, "token": TOKEN})),
+    )
+    .await;
+    // The deletion hangs far longer than --deregister-timeout.
+    mount(
+        &h.server,
+        "DELETE",
+        "/api/v4/runners/managers",
+        ResponseTemplate::new(204).set_delay(Duration::from_secs(120)),
+    )
+    .await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--deregister-timeout", "2"]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(
+        h.started.elapsed() < Duration::from_secs(25),
+        "power-off waited for the hanging GitLab"
+    );
+    let st = h.status();
+    assert_eq!(st["deregistered"], false);
+    assert!(
+        st["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("could not delete"),
+        "{st}"
+    );
+}
+
+/// A TCP forwarder to the fake GitLab that can be shut down, after which every connection to
+/// its port is refused, as when GitLab is down.
+async fn start_forwarder(target: String) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (mut inbound, _) = listener.accept().await.unwrap();
+            let target = target.clone();
+            conns.spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gitlab_refusing_connections_at_deregistration_is_retried_then_given_up() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    let (url, forwarder) = start_forwarder(h.server.address().to_string()).await;
+    h.write_config(json!({"token": TOKEN, "url": url}));
+    let runner = h.write_fake_runner(FakeRunner {
+        job_seconds: 2,
+        exit_code: 0,
+    });
+    h.start(&runner, &["--deregister-timeout", "3"]);
+    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
+        .await;
+    // GitLab goes away while the job runs: every connection is refused from now on.
+    forwarder.abort();
+    let _ = forwarder.await;
+    assert!(std::net::TcpStream::connect(url.trim_start_matches("http://")).is_err());
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(
+        h.requests("DELETE", "/api/v4/runners/managers")
+            .await
+            .is_empty()
+    );
+    let log = h.log();
+    assert!(
+        log.contains("cannot reach GitLab") && log.contains("retry 1"),
+        "{log}"
+    );
+    assert!(log.contains("could not delete runner manager"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_job_aborts_the_job_deregisters_and_exits_without_power_off() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner {
+        job_seconds: 60,
+        exit_code: 0,
+    });
+    h.start(&runner, &[]);
+    h.wait_until("the job", |h| {
+        h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
+    })
+    .await;
+    send_signal(h.agent_pid(), 15);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", h.log());
+    assert_eq!(h.runner_signals().trim(), "TERM");
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(
+        !h.powered_off(),
+        "the platform powers the VM off, not the agent"
+    );
+    assert_eq!(h.status()["phase"], "stopping");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_lets_the_job_finish_then_tears_down() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN, "max_jobs": 5}));
+    let runner = h.write_fake_runner(FakeRunner {
+        job_seconds: 2,
+        exit_code: 0,
+    });
+    h.start(&runner, &[]);
+    h.wait_until("the job", |h| {
+        h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
+    })
+    .await;
+    let out = std::process::Command::new(BIN)
+        .args(["drain", "--state-dir"])
+        .arg(h.state_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_eq!(h.runner_signals().trim(), "QUIT");
+    assert!(
+        h.log().contains("fake gitlab-runner: drained"),
+        "{}",
+        h.log()
+    );
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(h.powered_off());
+    let phases: Vec<_> = h.status()["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "waiting-for-config",
+            "registering",
+            "running",
+            "draining",
+            "deregistering",
+            "powering-off"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_lifetime_drains_at_its_deadline() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN, "max_lifetime": 1}));
+    let runner = h.write_fake_runner(FakeRunner {
+        job_seconds: 3,
+        exit_code: 0,
+    });
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_eq!(h.runner_signals().trim(), "QUIT");
+    assert!(
+        h.log().contains("max_lifetime of 1 s reached"),
+        "{}",
+        h.log()
+    );
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_never_starts_a_second_gitlab_runner() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner {
+        job_seconds: 60,
+        exit_code: 0,
+    });
+    h.start(&runner, &[]);
+    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
+        .await;
+    let system_id = h.system_id_file();
+    // The agent crashes (SIGKILL: no teardown at all), and systemd kills the rest of the unit.
+    send_signal(h.agent_pid(), 9);
+    h.wait_exit().await;
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", &runner.display().to_string()])
+        .status();
+
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_eq!(
+        h.runner_invocations().len(),
+        1,
+        "a second gitlab-runner was started"
+    );
+    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
+    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(
+        body(&deleted[0])["system_id"],
+        system_id.as_str(),
+        "the manager of the first run is the one deleted"
+    );
+    assert!(h.powered_off());
+    assert!(
+        h.log()
+            .contains("tearing down instead of starting another gitlab-runner"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_gitlab_runner_fails_deregisters_and_powers_off() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let missing = h.path("no-such-gitlab-runner");
+    h.start(&missing, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let st = h.status();
+    assert!(
+        st["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("gitlab-runner not found"),
+        "{st}"
+    );
+    // It had registered, so it deregisters before powering off.
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gitlab_runner_failing_at_once_is_a_failure() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner {
+        job_seconds: 0,
+        exit_code: 1,
+    });
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let st = h.status();
+    assert!(
+        st["last_error"].as_str().unwrap().contains("exit code 1"),
+        "{st}"
+    );
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_arriving_late_is_waited_for() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    h.wait_until("waiting-for-config", |h| {
+        h.phase().as_deref() == Some("waiting-for-config")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        h.requests("POST", "/api/v4/runners/verify")
+            .await
+            .is_empty()
+    );
+    // The config disk appears: its directory and then the file.
+    h.write_config(json!({"token": TOKEN}));
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_eq!(h.runner_invocations().len(), 1);
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_never_arriving_fails_after_config_wait() {
+    let mut h = Harness::new().await;
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--config-wait", "1"]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.runner_invocations().is_empty());
+    assert!(
+        h.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not appear within 1 s")
+    );
+    assert!(h.powered_off());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_config_fails_with_every_problem_named() {
+    let mut h = Harness::new().await;
+    h.write_config(json!({"token": TOKEN, "exector": "shell", "url": "gitlab.example.com"}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let error = h.status()["last_error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("$.exector")
+            && error.contains("$.url")
+            && error.contains("gitlab-runner-vm check"),
+        "{error}"
+    );
+    assert!(h.server.received_requests().await.unwrap().is_empty());
+    assert!(h.powered_off());
+}
