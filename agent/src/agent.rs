@@ -2,7 +2,7 @@
 //! process, the hold, power-off) happens here; where to go next is decided by `lifecycle`, which
 //! also rejects any illegal transition.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
 use std::time::{Duration, SystemTime};
 
@@ -109,8 +109,10 @@ fn listen_for_signals() -> anyhow::Result<watch::Receiver<Interrupt>> {
     Ok(rx)
 }
 
-async fn wait_for(mut rx: watch::Receiver<Interrupt>, at_least: Interrupt) {
-    if rx.wait_for(|i| *i >= at_least).await.is_err() {
+/// Resolves once the interrupt is exactly `wanted` (a drain that escalated to a stop is a stop,
+/// not a drain).
+async fn wait_for(mut rx: watch::Receiver<Interrupt>, wanted: Interrupt) {
+    if rx.wait_for(|i| *i == wanted).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
@@ -459,8 +461,10 @@ impl Agent {
             let draining = self.lc.phase() == Phase::Draining;
             let child = self.child.as_mut().expect("child is running");
             tokio::select! {
-                exit = child.wait() => break exit,
+                // A stop outranks everything else that may be ready at the same time.
+                biased;
                 _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
+                exit = child.wait() => break exit,
                 _ = wait_for(self.interrupts.clone(), Interrupt::Drain), if !draining => {
                     self.drain(pid, "drain requested (SIGUSR1)")?;
                 }
@@ -754,7 +758,7 @@ fn bug(e: impl std::fmt::Display) -> Failure {
     )
 }
 
-fn spawn_failure(program: &PathBuf, e: &std::io::Error) -> Failure {
+fn spawn_failure(program: &Path, e: &std::io::Error) -> Failure {
     if e.kind() == std::io::ErrorKind::NotFound {
         Failure::new(
             format!("gitlab-runner not found: {}", program.display()),

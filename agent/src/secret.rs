@@ -39,7 +39,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// `glrt-abcdefghijklmnopqrst` -> `glrt-…qrst`. Short values show no tail at all, because four
+/// `glrt-abcd.efgh.ijkl.mnopqrst` -> `glrt-…qrst`. Short values show no tail at all, because four
 /// characters of a short secret are too large a share of it.
 pub fn mask(value: &str) -> String {
     let prefix = KNOWN_PREFIXES
@@ -75,13 +75,13 @@ mod tests {
 
     #[test]
     fn runner_token_keeps_prefix_and_last_four() {
-        assert_eq!(mask("glrt-abcdefghijklmnopqrst"), "glrt-…qrst");
-        assert_eq!(mask("glrt-t1_abcdefghijklmnopq"), "glrt-…nopq");
+        assert_eq!(mask("glrt-abcd.efgh.ijkl.mnopqrst"), "glrt-…qrst");
+        assert_eq!(mask("glrt-t1_abcd.efgh.ijkl.mnopq"), "glrt-…nopq");
     }
 
     #[test]
     fn instance_prefixed_token_keeps_the_whole_prefix() {
-        assert_eq!(mask("acmeglrt-abcdefghijklmnopqrst"), "acmeglrt-…qrst");
+        assert_eq!(mask("acmeglrt-abcd.efgh.ijkl.mnopqrst"), "acmeglrt-…qrst");
     }
 
     #[test]
@@ -94,15 +94,15 @@ mod tests {
 
     #[test]
     fn display_and_debug_never_show_the_value() {
-        let s = Secret::new("glrt-abcdefghijklmnopqrst");
-        assert!(!format!("{s}").contains("abcdefghij"));
-        assert!(!format!("{s:?}").contains("abcdefghij"));
+        let s = Secret::new("glrt-abcd.efgh.ijkl.mnopqrst");
+        assert!(!format!("{s}").contains("efgh.ijkl"));
+        assert!(!format!("{s:?}").contains("efgh.ijkl"));
     }
 
     #[test]
     fn redact_masks_every_occurrence() {
-        let s = Secret::new("glrt-abcdefghijklmnopqrst");
-        let line = "token=glrt-abcdefghijklmnopqrst again glrt-abcdefghijklmnopqrst";
+        let s = Secret::new("glrt-abcd.efgh.ijkl.mnopqrst");
+        let line = "token=glrt-abcd.efgh.ijkl.mnopqrst again glrt-abcd.efgh.ijkl.mnopqrst";
         assert_eq!(redact(line, &[&s]), "token=glrt-…qrst again glrt-…qrst");
     }
 }

@@ -139,7 +139,7 @@ async fn the_token_never_appears_whole_in_any_output() {
 #[tokio::test(flavor = "multi_thread")]
 async fn legacy_registration_token_creates_and_deletes_its_runner() {
     let mut h = Harness::new().await;
-    let created = "glrt-t1_CrEaTeDbYrEgIsTrAtIoN";
+    let created = "glrt-t1_created.by.registration";
     mount(
         &h.server,
         "POST",
@@ -176,7 +176,7 @@ async fn legacy_registration_token_creates_and_deletes_its_runner() {
     assert_eq!(body(&deleted[0]), json!({"token": created}));
     assert_eq!(h.runner_invocations().len(), 1);
     assert!(h.powered_off());
-    assert!(!h.all_output().contains("CrEaTeDbYrEgIsTrAtIoN"));
+    assert!(!h.all_output().contains("created.by.registration"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -208,7 +208,7 @@ async fn legacy_registration_disabled_410_fails_with_the_fix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn access_token_creates_a_project_runner_and_deletes_it() {
     let mut h = Harness::new().await;
-    let created = "glrt-t3_CrEaTeDbYaCcEsStOkEn";
+    let created = "glrt-t3_created.by.access.token";
     wiremock::Mock::given(method("POST"))
         .and(path("/api/v4/user/runners"))
         .and(header("PRIVATE-TOKEN", "glpat-AcCeSsToKeNvAlUe12345"))
@@ -246,7 +246,7 @@ async fn access_token_creates_a_project_runner_and_deletes_it() {
     assert!(h.powered_off());
     let all = h.all_output();
     assert!(
-        !all.contains("AcCeSsToKeNvAlUe") && !all.contains("CrEaTeDbYaCcEsS"),
+        !all.contains("AcCeSsToKeNvAlUe") && !all.contains("created.by.access"),
         "{all}"
     );
 }

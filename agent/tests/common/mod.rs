@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
-pub const TOKEN: &str = "glrt-SeCrEtRuNnErToKeN0123456789";
+pub const TOKEN: &str = "glrt-fake.runner.token.0123456789";
 pub const BIN: &str = env!("CARGO_BIN_EXE_gitlab-runner-vm");
 /// Generous: these tests check behaviour, never speed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -28,19 +28,11 @@ pub struct Harness {
 }
 
 /// How the fake gitlab-runner behaves.
+#[derive(Default)]
 pub struct FakeRunner {
     /// Seconds the "job" takes.
     pub job_seconds: u32,
     pub exit_code: i32,
-}
-
-impl Default for FakeRunner {
-    fn default() -> Self {
-        FakeRunner {
-            job_seconds: 0,
-            exit_code: 0,
-        }
-    }
 }
 
 impl Harness {
