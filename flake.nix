@@ -63,7 +63,7 @@
 
       mkSystem = system: extraModules:
         lib.nixosSystem {
-          modules = [ { nixpkgs.hostPlatform = system; } ] ++ extraModules;
+          modules = [{ nixpkgs.hostPlatform = system; }] ++ extraModules;
         };
 
       imageSystems = lib.mapAttrs (_: image: lib.genAttrs (image.systems or systems) (system: mkSystem system image.modules)) images;

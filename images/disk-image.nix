@@ -10,5 +10,5 @@ import (modulesPath + "/../lib/make-disk-image.nix") (
     inherit (config.virtualisation) diskSize;
     copyChannel = false;
   }
-  // args
+    // args
 )

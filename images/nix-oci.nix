@@ -2,8 +2,26 @@
 # coreutils, git, curl and CA certificates; a Nix database that knows the image's own store
 # paths; build users; flakes enabled; the sandbox off (containers rarely allow its namespaces).
 # Load it with `docker load < result` or `podman load -i result`.
-{ lib, dockerTools, buildEnv, writeTextDir, runCommand, nix, bashInteractive, coreutils, gnugrep
-, gnused, gnutar, gzip, xz, findutils, which, less, git, curl, cacert, tag ? "latest" }:
+{ lib
+, dockerTools
+, buildEnv
+, runCommand
+, nix
+, bashInteractive
+, coreutils
+, gnugrep
+, gnused
+, gnutar
+, gzip
+, xz
+, findutils
+, which
+, less
+, git
+, curl
+, cacert
+, tag ? "latest"
+}:
 let
   buildUsers = 8;
   nixbld = map (n: "nixbld${toString n}") (lib.range 1 buildUsers);

@@ -4,8 +4,18 @@
 # the serial console on the terminal. Without an argument a sample runner.json is used, which
 # names no reachable GitLab: the agent reports the failure, waits its failure delay and powers
 # the VM off. Extra QEMU arguments may follow in $QEMU_OPTS.
-{ lib, stdenv, writeShellApplication, writeText, qemu_kvm, xorriso, coreutils, OVMF
-, image, filePath, partitionTableType }:
+{ lib
+, stdenv
+, writeShellApplication
+, writeText
+, qemu_kvm
+, xorriso
+, coreutils
+, OVMF
+, image
+, filePath
+, partitionTableType
+}:
 let
   sample = writeText "runner.json" (builtins.toJSON {
     name = "runner-vm-sample";

@@ -14,14 +14,30 @@
 # and holds Docker's data and job builds, since a containerDisk's root file system cannot grow.
 # Nothing unique is baked in: machine id and SSH host keys are made at first boot, the runner
 # system id by the agent at every boot.
-{ config, lib, pkgs, utils, ... }:
+{ config, lib, options, pkgs, utils, ... }:
 let
   cfg = config.runnerImage;
-  inherit (lib) mkDefault mkIf mkOption types;
+  inherit (lib) mkIf mkOption types;
   agent = config.services.gitlab-runner-vm;
   mountUnit = path: "${utils.escapeSystemdPath path}.mount";
   configMount = mountUnit cfg.configDisk.mountPoint;
   scratchMount = mountUnit cfg.scratchDisk.mountPoint;
+  mounts = {
+    ${cfg.configDisk.mountPoint} = {
+      device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
+      fsType = "iso9660";
+      options = [ "ro" "nofail" "x-systemd.device-timeout=10s" ];
+    };
+  }
+  // lib.optionalAttrs cfg.scratchDisk.enable {
+    ${cfg.scratchDisk.mountPoint} = {
+      device = "/dev/disk/by-id/virtio-${cfg.scratchDisk.serial}";
+      fsType = "ext4";
+      # systemd-makefs formats the disk when it holds no file system yet.
+      autoFormat = true;
+      options = [ "nofail" "x-systemd.device-timeout=10s" ];
+    };
+  };
 in
 {
   imports = [
@@ -91,61 +107,51 @@ in
     };
   };
 
-  config = {
-    services.gitlab-runner-vm = {
-      enable = true;
-      runnerUser = config.baseImage.user;
-      configFile = "${cfg.configDisk.mountPoint}/runner.json";
-    };
-
-    # The host name comes from DHCP or the cloud; the agent names the runner after it.
-    networking.hostName = mkDefault "";
-
-    fileSystems.${cfg.configDisk.mountPoint} = {
-      device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
-      fsType = "iso9660";
-      options = [ "ro" "nofail" "x-systemd.device-timeout=10s" ];
-    };
-
-    fileSystems.${cfg.scratchDisk.mountPoint} = mkIf cfg.scratchDisk.enable {
-      device = "/dev/disk/by-id/virtio-${cfg.scratchDisk.serial}";
-      fsType = "ext4";
-      # systemd-makefs formats the disk when it holds no file system yet.
-      autoFormat = true;
-      options = [ "nofail" "x-systemd.device-timeout=10s" ];
-    };
-
-    # The scratch mount is nofail, so it is not ordered before local-fs.target: order its users.
-    systemd.services.runner-scratch = mkIf cfg.scratchDisk.enable {
-      description = "Prepare the scratch space for Docker and builds";
-      wantedBy = [ "multi-user.target" ];
-      wants = [ scratchMount ];
-      after = [ scratchMount ];
-      before = [ "docker.service" "gitlab-runner-vm.service" ];
-      serviceConfig = {
-        Type = "oneshot";
-        RemainAfterExit = true;
+  config = lib.mkMerge [
+    {
+      services.gitlab-runner-vm = {
+        enable = true;
+        runnerUser = config.baseImage.user;
+        configFile = "${cfg.configDisk.mountPoint}/runner.json";
       };
-      script = ''
-        install -d -m 0711 ${lib.escapeShellArg cfg.scratchDisk.mountPoint}
-        install -d -m 0755 -o ${lib.escapeShellArg agent.runnerUser} -g users \
-          ${lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds"}
-      '';
-    };
-    virtualisation.docker.daemon.settings.data-root = mkIf cfg.scratchDisk.enable "${cfg.scratchDisk.mountPoint}/docker";
-    systemd.services.docker = mkIf cfg.scratchDisk.enable {
-      wants = [ "runner-scratch.service" ];
-      after = [ "runner-scratch.service" ];
-    };
 
-    systemd.services.gitlab-runner-vm = {
-      after = [ configMount ] ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
-      wants = lib.optional cfg.scratchDisk.enable "runner-scratch.service";
-    };
+      # The host name comes from DHCP or the cloud; the agent names the runner after it.
+      # Weaker than mkDefault, so test frameworks and images that name the host win.
+      networking.hostName = lib.mkOverride 1200 "";
 
-    # ---- runner.json from cloud-init user-data ---------------------------------------------------
-    services.cloud-init.settings = mkIf cfg.userData.enable {
-      datasource_list = cfg.userData.datasources;
+      fileSystems = mounts;
+
+      # The scratch mount is nofail, so it is not ordered before local-fs.target: order its users.
+      systemd.services.runner-scratch = mkIf cfg.scratchDisk.enable {
+        description = "Prepare the scratch space for Docker and builds";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ scratchMount ];
+        after = [ scratchMount ];
+        before = [ "docker.service" "gitlab-runner-vm.service" ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+        };
+        script = ''
+          install -d -m 0711 ${lib.escapeShellArg cfg.scratchDisk.mountPoint}
+          install -d -m 0755 -o ${lib.escapeShellArg agent.runnerUser} -g users \
+            ${lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds"}
+        '';
+      };
+      virtualisation.docker.daemon.settings.data-root = mkIf cfg.scratchDisk.enable "${cfg.scratchDisk.mountPoint}/docker";
+      systemd.services.docker = mkIf cfg.scratchDisk.enable {
+        wants = [ "runner-scratch.service" ];
+        after = [ "runner-scratch.service" ];
+      };
+
+      systemd.services.gitlab-runner-vm = {
+        after = [ configMount ] ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
+        wants = lib.optional cfg.scratchDisk.enable "runner-scratch.service";
+      };
+
+      # ---- runner.json from cloud-init user-data ---------------------------------------------------
+      services.cloud-init.settings = mkIf cfg.userData.enable {
+        datasource_list = cfg.userData.datasources;
         # Data only: keys, host name, files, partition growth. No bootcmd, runcmd or user
         # scripts, no phone-home or power-state-change, no password changes.
         cloud_init_modules = [
@@ -160,52 +166,58 @@ in
         ];
         cloud_config_modules = [ "ssh" ];
         cloud_final_modules = [ "ssh-authkey-fingerprints" "final-message" ];
-    };
-
-    systemd.services.runner-info-user-data = mkIf cfg.userData.enable {
-      description = "Take runner.json from cloud-init user-data when no config disk provides it";
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "cloud-init.service" ];
-      after = [ "cloud-init.service" configMount ];
-      before = [ "gitlab-runner-vm.service" ];
-      path = [ pkgs.jq ];
-      serviceConfig = {
-        Type = "oneshot";
-        RemainAfterExit = true;
-        UMask = "0077";
       };
-      script = ''
-        target=${lib.escapeShellArg agent.configFile}
-        userdata=/var/lib/cloud/instance/user-data.txt
-        if [ -e "$target" ]; then
-          echo "$target exists; user-data is not used"
-        elif [ ! -s "$userdata" ]; then
-          echo "no user-data; $target must come from a config disk"
-        elif jq -e 'type == "object"' "$userdata" >/dev/null 2>&1; then
-          install -D -m 0600 "$userdata" "$target"
-          echo "runner.json taken from user-data"
-        else
-          echo "user-data is not a JSON object, so not a runner.json (a #cloud-config may write $target with write_files)"
-        fi
-      '';
-    };
 
-    # ---- Nothing unique in the image ---------------------------------------------------------------
-    assertions = [
-      {
-        assertion = !(config.environment.etc ? "machine-id");
-        message = ''
-          A runner image must not contain /etc/machine-id (environment.etc."machine-id"): every
-          VM booted from the image would share it. systemd creates one at first boot.
+      systemd.services.runner-info-user-data = mkIf cfg.userData.enable {
+        description = "Take runner.json from cloud-init user-data when no config disk provides it";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "cloud-init.service" ];
+        after = [ "cloud-init.service" configMount ];
+        before = [ "gitlab-runner-vm.service" ];
+        path = [ pkgs.jq ];
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          UMask = "0077";
+        };
+        script = ''
+          target=${lib.escapeShellArg agent.configFile}
+          userdata=/var/lib/cloud/instance/user-data.txt
+          if [ -e "$target" ]; then
+            echo "$target exists; user-data is not used"
+          elif [ ! -s "$userdata" ]; then
+            echo "no user-data; $target must come from a config disk"
+          elif jq -e 'type == "object"' "$userdata" >/dev/null 2>&1; then
+            install -D -m 0600 "$userdata" "$target"
+            echo "runner.json taken from user-data"
+          else
+            echo "user-data is not a JSON object, so not a runner.json (a #cloud-config may write $target with write_files)"
+          fi
         '';
-      }
-      {
-        assertion = lib.all (key: !(lib.hasPrefix builtins.storeDir (toString key.path))) config.services.openssh.hostKeys;
-        message = ''
-          services.openssh.hostKeys points into the Nix store: every VM would share its SSH host
-          keys. Leave them to sshd-keygen, which makes them at first boot.
-        '';
-      }
-    ];
-  };
+      };
+
+      # ---- Nothing unique in the image ---------------------------------------------------------------
+      assertions = [
+        {
+          assertion = !(config.environment.etc ? "machine-id");
+          message = ''
+            A runner image must not contain /etc/machine-id (environment.etc."machine-id"): every
+            VM booted from the image would share it. systemd creates one at first boot.
+          '';
+        }
+        {
+          assertion = lib.all (key: !(lib.hasPrefix builtins.storeDir (toString key.path))) config.services.openssh.hostKeys;
+          message = ''
+            services.openssh.hostKeys points into the Nix store: every VM would share its SSH host
+            keys. Leave them to sshd-keygen, which makes them at first boot.
+          '';
+        }
+      ];
+    }
+    # NixOS test VMs and `nixos-rebuild build-vm` replace fileSystems with
+    # virtualisation.fileSystems: the disks are wanted there too.
+    (lib.optionalAttrs (options ? virtualisation.fileSystems) {
+      virtualisation.fileSystems = mounts;
+    })
+  ];
 }
