@@ -28,5 +28,5 @@ runCommand "${name}-containerdisk-${tag}.oci.tar"
     export HOME=$TMPDIR
     skopeo --insecure-policy --tmpdir "$TMPDIR" copy \
       --dest-compress-format gzip \
-      docker-archive:${dockerArchive} oci-archive:$out:${lib.escapeShellArg "${name}:${tag}"}
+      docker-archive:${dockerArchive} oci-archive:$out:${lib.escapeShellArg tag}
   ''

@@ -25,7 +25,8 @@ let
   });
   inherit (stdenv.hostPlatform) qemuArch isAarch64;
   # aarch64 boots UEFI only; on x86_64 the hybrid image boots with SeaBIOS.
-  firmware = lib.optionalString (isAarch64 || partitionTableType == "efi") "-bios ${OVMF.fd}/FV/QEMU_EFI.fd";
+  firmware = lib.optionalString (isAarch64 || partitionTableType == "efi")
+    "-bios ${if isAarch64 then "${OVMF.fd}/FV/QEMU_EFI.fd" else OVMF.mergedFirmware}";
   machine = if isAarch64 then "-machine virt,accel=kvm:tcg -cpu max" else "-machine q35,accel=kvm:tcg -cpu max";
 in
 writeShellApplication {
