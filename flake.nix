@@ -61,12 +61,20 @@
         };
       };
 
-      mkSystem = system: extraModules:
+      mkSystem = name: system: extraModules:
         lib.nixosSystem {
-          modules = [{ nixpkgs.hostPlatform = system; }] ++ extraModules;
+          modules = [
+            ({ config, ... }: {
+              nixpkgs.hostPlatform = system;
+              # result/<image>-<NixOS label>-<system>.<ext>; weaker than a format's own name
+              # (Proxmox needs vzdump-qemu-*).
+              image.baseName = lib.mkOverride 1200 "${name}-${config.system.nixos.label}-${system}";
+            })
+          ]
+          ++ extraModules;
         };
 
-      imageSystems = lib.mapAttrs (_: image: lib.genAttrs (image.systems or systems) (system: mkSystem system image.modules)) images;
+      imageSystems = lib.mapAttrs (name: image: lib.genAttrs (image.systems or systems) (system: mkSystem name system image.modules)) images;
 
       # Boots the runner qcow2 locally with a sample (or the given) runner.json on a config disk
       # and an empty scratch disk, the way KubeVirt presents them.
