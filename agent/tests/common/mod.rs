@@ -121,11 +121,6 @@ exit {code}
             .arg(self.keep_file())
             .arg("--gitlab-runner")
             .arg(runner)
-            .arg("--poweroff-command")
-            .arg(format!(
-                "echo poweroff >> {}",
-                self.path("poweroff").display()
-            ))
             .args(extra_args);
         // The harness's own environment must not configure the agent.
         for (key, _) in std::env::vars() {
@@ -148,6 +143,8 @@ exit {code}
         ] {
             cmd.env(format!("GITLAB_RUNNER_VM_{key}"), value);
         }
+        let poweroff = format!("echo poweroff >> {}", self.path("poweroff").display());
+        cmd.env("GITLAB_RUNNER_VM_POWEROFF_COMMAND", poweroff);
         cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(self.path("agent.stdout")).unwrap())
             .stderr(std::fs::File::create(self.path("agent.log")).unwrap())
