@@ -22,6 +22,8 @@ let
   mountUnit = path: "${utils.escapeSystemdPath path}.mount";
   configMount = mountUnit cfg.configDisk.mountPoint;
   scratchMount = mountUnit cfg.scratchDisk.mountPoint;
+  builds = lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds";
+  runnerHome = lib.escapeShellArg config.users.users.${agent.runnerUser}.home;
   mounts = {
     ${cfg.configDisk.mountPoint} = {
       device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
@@ -81,8 +83,8 @@ in
         default = "/var/lib/scratch";
         description = ''
           Where the scratch disk is mounted. Docker keeps its data in `docker/` there and jobs
-          can build in `builds/` (set `"builds_dir"` in runner.json). Without a scratch disk
-          both are plain directories on the root file system.
+          build in `builds/` (the runner user's ~/builds, gitlab-runner's default, links to it).
+          Without a scratch disk both are plain directories on the root file system.
         '';
       };
     };
@@ -134,8 +136,12 @@ in
         };
         script = ''
           install -d -m 0711 ${lib.escapeShellArg cfg.scratchDisk.mountPoint}
-          install -d -m 0755 -o ${lib.escapeShellArg agent.runnerUser} -g users \
-            ${lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds"}
+          install -d -m 0755 -o ${lib.escapeShellArg agent.runnerUser} -g users ${builds}
+          # gitlab-runner runs in the runner's home and builds in ./builds by default.
+          if [ ! -e ${runnerHome}/builds ]; then
+            ln -s ${builds} ${runnerHome}/builds
+            chown -h ${lib.escapeShellArg agent.runnerUser}:users ${runnerHome}/builds
+          fi
         '';
       };
       virtualisation.docker.daemon.settings.data-root = mkIf cfg.scratchDisk.enable "${cfg.scratchDisk.mountPoint}/docker";

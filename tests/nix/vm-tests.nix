@@ -13,7 +13,6 @@ let
     executor = "shell";
     max_jobs = 1;
     idle_timeout = 300;
-    builds_dir = "/var/lib/scratch/builds";
   });
 
   # What virt-launcher makes of a Secret volume: an ISO 9660 image, one file per key.
@@ -89,6 +88,7 @@ in
           gitlab.wait_until_succeeds("grep -qx success /var/lib/fake-gitlab/job-1.state", timeout=300)
           gitlab.succeed("grep -q 'job user: runner' /var/lib/fake-gitlab/job-1.trace")
 
+
       with subtest("the manager is deleted and the VM powers itself off"):
           gitlab.wait_until_succeeds("${seen "DELETE" "/api/v4/runners/managers"}", timeout=120)
           runner.wait_for_shutdown()
@@ -120,6 +120,13 @@ in
           time.sleep(5)
           runner.succeed("systemctl is-active gitlab-runner-vm.service")
           runner.succeed("test -e /etc/keep-runner")
+
+      with subtest("builds and Docker used the scratch disk"):
+          runner.succeed("findmnt -n -o SOURCE /var/lib/scratch | grep -q /dev/vd")
+          runner.succeed("test -L /home/runner/builds")
+          runner.succeed("find /var/lib/scratch/builds -mindepth 1 | grep -q .")
+          runner.wait_for_unit("docker.service")
+          runner.succeed("test -d /var/lib/scratch/docker")
 
       with subtest("release ends the hold and the VM powers off"):
           runner.succeed("gitlab-runner-vm release")
