@@ -5,6 +5,7 @@
 //!   trip, the manager deletion);
 //! - the agent's peak resident memory while a job runs (target: under 8 MiB);
 //! - the stripped release binary's size (target: under 8 MiB).
+//!
 //! Run with `cargo bench`; prints a Markdown table for BENCHMARKS.md.
 
 #[path = "../tests/common/mod.rs"]
@@ -19,16 +20,29 @@ use serde_json::json;
 const RUNS: usize = 20;
 
 fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn read_ns(h: &Harness, name: &str) -> u128 {
-    h.read(name).unwrap_or_default().trim().parse().unwrap_or_else(|_| panic!("{name} missing; log:\n{}", h.log()))
+    h.read(name)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} missing; log:\n{}", h.log()))
 }
 
 fn vm_hwm_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 struct Run {
@@ -51,7 +65,13 @@ async fn one_run() -> Run {
     )
     .unwrap();
     std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut cmd = h.command(&runner, &["--poweroff-command", &format!("date +%s%N > {dir}/poweroff-started")]);
+    let mut cmd = h.command(
+        &runner,
+        &[
+            "--poweroff-command",
+            &format!("date +%s%N > {dir}/poweroff-started"),
+        ],
+    );
     let started_ns = now_ns();
     h.agent = Some(cmd.spawn().unwrap());
     let pid = h.agent_pid();
@@ -73,12 +93,19 @@ async fn one_run() -> Run {
     // One loopback round trip to the fake GitLab, as the deletion makes it.
     let client = reqwest::Client::new();
     let t = Instant::now();
-    client.delete(format!("{}/api/v4/runners/managers", h.server.uri())).json(&json!({"token": "x", "system_id": "r_000000000000"})).send().await.unwrap();
+    client
+        .delete(format!("{}/api/v4/runners/managers", h.server.uri()))
+        .json(&json!({"token": "x", "system_id": "r_000000000000"}))
+        .send()
+        .await
+        .unwrap();
     let delete_round_trip = t.elapsed();
 
     Run {
         start_to_spawn: Duration::from_nanos((read_ns(&h, "spawned") - started_ns) as u64),
-        exit_to_poweroff: Duration::from_nanos((read_ns(&h, "poweroff-started") - read_ns(&h, "exited")) as u64),
+        exit_to_poweroff: Duration::from_nanos(
+            (read_ns(&h, "poweroff-started") - read_ns(&h, "exited")) as u64,
+        ),
         delete_round_trip,
         peak_rss_kib: peak,
     }
@@ -96,7 +123,11 @@ fn ms(d: Duration) -> String {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs one quick pass.
-    let runs = if std::env::args().any(|a| a == "--bench") { RUNS } else { 1 };
+    let runs = if std::env::args().any(|a| a == "--bench") {
+        RUNS
+    } else {
+        1
+    };
     let mut results = Vec::new();
     for _ in 0..runs {
         results.push(one_run().await);
@@ -108,13 +139,24 @@ async fn main() {
     let peak = results.iter().map(|r| r.peak_rss_kib).max().unwrap();
     println!("| Measure ({runs} runs) | Median | Max | Target |");
     println!("|---|---|---|---|");
-    println!("| agent start -> gitlab-runner spawned | {} | {} | < 20 ms |", ms(median(spawn.clone())), ms(*spawn.iter().max().unwrap()));
+    println!(
+        "| agent start -> gitlab-runner spawned | {} | {} | < 20 ms |",
+        ms(median(spawn.clone())),
+        ms(*spawn.iter().max().unwrap())
+    );
     println!(
         "| gitlab-runner exit -> power-off command started | {} | {} | < 20 ms + 1 round trip (median round trip {}) |",
         ms(median(poweroff.clone())),
         ms(*poweroff.iter().max().unwrap()),
         ms(median(rtt))
     );
-    println!("| agent peak resident memory (VmHWM) during a job | | {:.2} MiB | < 8 MiB |", peak as f64 / 1024.0);
-    println!("| release binary size ({}) | | {:.2} MiB | < 8 MiB |", BIN, size as f64 / (1024.0 * 1024.0));
+    println!(
+        "| agent peak resident memory (VmHWM) during a job | | {:.2} MiB | < 8 MiB |",
+        peak as f64 / 1024.0
+    );
+    println!(
+        "| release binary size ({}) | | {:.2} MiB | < 8 MiB |",
+        BIN,
+        size as f64 / (1024.0 * 1024.0)
+    );
 }

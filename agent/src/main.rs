@@ -90,24 +90,14 @@ fn check(path: &Path) -> ExitCode {
 
 fn show_status(state_dir: &Path, json: bool) -> ExitCode {
     let path = status::path_in(state_dir);
-    if json {
-        return match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: cannot read {}: {e}; is gitlab-runner-vm running? (systemctl status gitlab-runner-vm)",
-                    path.display()
-                );
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match status::read(state_dir) {
-        Ok(s) => {
-            print!("{}", status::render(&s, SystemTime::now()));
+    let shown = if json {
+        std::fs::read_to_string(&path)
+    } else {
+        status::read(state_dir).map(|s| status::render(&s, SystemTime::now()))
+    };
+    match shown {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {

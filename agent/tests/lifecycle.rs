@@ -18,10 +18,12 @@ fn system_id_is_valid(id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn glrt_token_verify_run_single_deregister_power_off() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN, "max_jobs": 3, "idle_timeout": 120}));
-    let runner = h.write_fake_runner(FakeRunner::default());
-    h.start(&runner, &[]);
+    h.start_glrt(
+        json!({"max_jobs": 3, "idle_timeout": 120}),
+        FakeRunner::default(),
+        &[],
+    )
+    .await;
     let status = h.wait_exit().await;
     assert!(status.success(), "exit {status:?}\n{}", h.log());
 
@@ -254,11 +256,8 @@ async fn access_token_creates_a_project_runner_and_deletes_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keep_file_holds_after_deregistration_until_released() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
     std::fs::write(h.keep_file(), "").unwrap();
-    let runner = h.write_fake_runner(FakeRunner::default());
-    h.start(&runner, &[]);
+    h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
 
     h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
         .await;
@@ -290,11 +289,9 @@ async fn keep_file_holds_after_deregistration_until_released() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hold_ends_at_hold_max_after_the_keep_file_was_last_modified() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
     std::fs::write(h.keep_file(), "").unwrap();
-    let runner = h.write_fake_runner(FakeRunner::default());
-    h.start(&runner, &["--hold-max", "2"]);
+    h.start_glrt(json!({}), FakeRunner::default(), &["--hold-max", "2"])
+        .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
     assert!(
@@ -390,10 +387,7 @@ async fn server_errors_and_429_with_retry_after_are_retried_until_success() {
         .with_priority(2)
         .mount(&h.server)
         .await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
-    let runner = h.write_fake_runner(FakeRunner::default());
-    h.start(&runner, &[]);
+    h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
 
     let verify = h.requests("POST", "/api/v4/runners/verify").await;
@@ -498,13 +492,15 @@ async fn gitlab_refusing_connections_at_deregistration_is_retried_then_given_up(
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_job_aborts_the_job_deregisters_and_exits_without_power_off() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
-    let runner = h.write_fake_runner(FakeRunner {
-        job_seconds: 60,
-        exit_code: 0,
-    });
-    h.start(&runner, &[]);
+    h.start_glrt(
+        json!({}),
+        FakeRunner {
+            job_seconds: 60,
+            exit_code: 0,
+        },
+        &[],
+    )
+    .await;
     h.wait_until("the job", |h| {
         h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
     })
@@ -527,13 +523,15 @@ async fn sigterm_mid_job_aborts_the_job_deregisters_and_exits_without_power_off(
 #[tokio::test(flavor = "multi_thread")]
 async fn drain_lets_the_job_finish_then_tears_down() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN, "max_jobs": 5}));
-    let runner = h.write_fake_runner(FakeRunner {
-        job_seconds: 2,
-        exit_code: 0,
-    });
-    h.start(&runner, &[]);
+    h.start_glrt(
+        json!({"max_jobs": 5}),
+        FakeRunner {
+            job_seconds: 2,
+            exit_code: 0,
+        },
+        &[],
+    )
+    .await;
     h.wait_until("the job", |h| {
         h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
     })
@@ -582,13 +580,15 @@ async fn drain_lets_the_job_finish_then_tears_down() {
 #[tokio::test(flavor = "multi_thread")]
 async fn max_lifetime_drains_at_its_deadline() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN, "max_lifetime": 1}));
-    let runner = h.write_fake_runner(FakeRunner {
-        job_seconds: 3,
-        exit_code: 0,
-    });
-    h.start(&runner, &[]);
+    h.start_glrt(
+        json!({"max_lifetime": 1}),
+        FakeRunner {
+            job_seconds: 3,
+            exit_code: 0,
+        },
+        &[],
+    )
+    .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals().trim(), "QUIT");
     assert!(
@@ -602,13 +602,16 @@ async fn max_lifetime_drains_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_agent_never_starts_a_second_gitlab_runner() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
-    let runner = h.write_fake_runner(FakeRunner {
-        job_seconds: 60,
-        exit_code: 0,
-    });
-    h.start(&runner, &[]);
+    let runner = h
+        .start_glrt(
+            json!({}),
+            FakeRunner {
+                job_seconds: 60,
+                exit_code: 0,
+            },
+            &[],
+        )
+        .await;
     h.wait_until("the job", |h| h.read("runner-system-id").is_some())
         .await;
     let system_id = h.system_id_file();
@@ -670,13 +673,15 @@ async fn missing_gitlab_runner_fails_deregisters_and_powers_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn gitlab_runner_failing_at_once_is_a_failure() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
-    let runner = h.write_fake_runner(FakeRunner {
-        job_seconds: 0,
-        exit_code: 1,
-    });
-    h.start(&runner, &[]);
+    h.start_glrt(
+        json!({}),
+        FakeRunner {
+            job_seconds: 0,
+            exit_code: 1,
+        },
+        &[],
+    )
+    .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     let st = h.status();
     assert!(

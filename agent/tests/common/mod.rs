@@ -251,6 +251,18 @@ exit {code}
         .await;
     }
 
+    /// The common start: the glrt- happy path in GitLab, runner.json with the shared token
+    /// and `config`, the fake gitlab-runner, and the agent started with `args`.
+    pub async fn start_glrt(&mut self, config: Value, fake: FakeRunner, args: &[&str]) -> PathBuf {
+        self.mount_glrt_happy_path().await;
+        let mut config = config;
+        config["token"] = Value::from(TOKEN);
+        self.write_config(config);
+        let runner = self.write_fake_runner(fake);
+        self.start(&runner, args);
+        runner
+    }
+
     /// Everything the agent printed and wrote, for secret checks.
     pub fn all_output(&self) -> String {
         let mut all = self.log();
