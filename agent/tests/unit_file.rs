@@ -1,0 +1,147 @@
+//! The canonical unit, `agent/dist/gitlab-runner-vm.service`, agrees with the agent: what it
+//! waits for, how it is stopped, where its state lives; and systemd accepts it.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+const UNIT: &str = include_str!("../dist/gitlab-runner-vm.service");
+const BIN: &str = env!("CARGO_BIN_EXE_gitlab-runner-vm");
+
+fn settings() -> HashMap<String, Vec<String>> {
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for line in UNIT.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with('[') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not key=value: {line}"));
+        map.entry(key.to_string())
+            .or_default()
+            .push(value.to_string());
+    }
+    map
+}
+
+fn one(key: &str) -> String {
+    let s = settings();
+    let values = s.get(key).unwrap_or_else(|| panic!("{key} missing"));
+    assert_eq!(values.len(), 1, "{key} set more than once");
+    values[0].clone()
+}
+
+/// The default of a `run` flag, as `--help` prints it.
+fn default_of(flag: &str) -> u64 {
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    let section = &text[text
+        .find(flag)
+        .unwrap_or_else(|| panic!("{flag} not in --help"))..];
+    let start = section.find("[default: ").unwrap() + "[default: ".len();
+    section[start..].split(']').next().unwrap().parse().unwrap()
+}
+
+fn seconds(value: &str) -> u64 {
+    value.trim_end_matches('s').parse().unwrap()
+}
+
+#[test]
+fn type_notify_with_the_main_process_only() {
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("NotifyAccess"), "main");
+    assert_eq!(one("ExecStart"), "/usr/bin/gitlab-runner-vm run");
+}
+
+#[test]
+fn ordered_after_the_network_and_the_config_mount() {
+    let after = settings()["After"].join(" ");
+    assert!(after.contains("network-online.target"));
+    // systemd's name for the /runner-info mount unit (systemd-escape -p --suffix=mount).
+    assert!(after.contains("runner\\x2dinfo.mount"), "{after}");
+    assert_eq!(one("Wants"), "network-online.target");
+}
+
+#[test]
+fn stop_budget_covers_the_agents_own_stop_and_deregistration() {
+    assert_eq!(
+        one("KillMode"),
+        "mixed",
+        "SIGTERM must reach the agent only; it signals gitlab-runner itself"
+    );
+    let budget = seconds(&one("TimeoutStopSec"));
+    let needed = default_of("--stop-timeout") + default_of("--deregister-timeout");
+    assert!(
+        budget > needed,
+        "TimeoutStopSec={budget} s must exceed stop + deregistration = {needed} s"
+    );
+    assert_eq!(
+        one("TimeoutStartSec"),
+        "infinity",
+        "the agent bounds its own start"
+    );
+}
+
+#[test]
+fn state_survives_a_restart_for_crash_safety() {
+    assert_eq!(
+        one("RuntimeDirectory"),
+        "gitlab-runner-vm",
+        "the default --state-dir is /run/gitlab-runner-vm"
+    );
+    assert_eq!(one("RuntimeDirectoryPreserve"), "yes");
+    assert_eq!(one("Restart"), "on-failure");
+}
+
+#[test]
+fn no_sandboxing_that_takes_devices_or_mounts_from_jobs() {
+    let s = settings();
+    for key in [
+        "ProtectClock",
+        "ProtectKernelLogs",
+        "ProtectHostname",
+        "ProtectSystem",
+        "PrivateDevices",
+        "PrivateTmp",
+        "NoNewPrivileges",
+        "DevicePolicy",
+        "DeviceAllow",
+    ] {
+        assert!(
+            !s.contains_key(key),
+            "{key} would constrain CI jobs, which run inside this unit"
+        );
+    }
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not installed; skipping the verification");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("gitlab-runner-vm.service");
+    // The same substitution the Nix package and the VM test make.
+    std::fs::write(&unit, UNIT.replace("/usr/bin/gitlab-runner-vm", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Ordering dependencies on units this machine lacks (the mount) are fine; anything about
+    // this unit's own settings is not.
+    let problems: Vec<_> = stderr
+        .lines()
+        .filter(|l| {
+            l.contains("gitlab-runner-vm.service")
+                && !l.contains("Failed to create")
+                && !l.contains("runner\\x2dinfo.mount")
+        })
+        .collect();
+    assert!(problems.is_empty(), "systemd-analyze verify:\n{stderr}");
+}
