@@ -1030,8 +1030,10 @@ def analyse(sc, vm, gitlab, collector, checks, name):
         err = ev.first(lambda e: e.get("SYSLOG_IDENTIFIER") == "gitlab-runner-vm"
                        and e.get("PRIORITY") in ("0", "1", "2", "3") and "403" in e.get("MESSAGE", ""))
         c(err, "the agent logged an error naming the 403", (err or {}).get("MESSAGE", "")[:160])
+    # A Type=notify service whose main process exits before READY=1 ends in Result=protocol,
+    # even with status 0, and Restart=on-failure then starts the agent again.
     c(ev.show.get("Result") == "success" and ev.show.get("ExecMainStatus") == "0",
-      "the agent exited 0 (Result=success)",
+      "the unit ended cleanly: the agent exited 0 and systemd recorded Result=success",
       f"Result={ev.show.get('Result')} ExecMainCode={ev.show.get('ExecMainCode')} "
       f"ExecMainStatus={ev.show.get('ExecMainStatus')}")
     killed = ev.first(lambda e: e.get("UNIT") == "gitlab-runner-vm.service" and e.get("_PID") == "1"
