@@ -449,7 +449,7 @@ class Collector:
 
     def __init__(self, outdir):
         self.outdir = outdir
-        self.hello = None           # (host time, guest time)
+        self.hellos = []            # [(host time, guest time)]: at boot, before the upload
         self.evidence_at = None
         self.done = threading.Event()
         self.server = http_server(self.respond)
@@ -462,7 +462,7 @@ class Collector:
     def respond(self, method, path, headers, raw):
         now = time.time()
         if method == "POST" and path == "/hello":
-            self.hello = (now, float(raw.decode().strip()))
+            self.hellos.append((now, float(raw.decode().strip())))
             return 200, b"ok\n", {}
         if method == "POST" and path == "/evidence":
             os.makedirs(self.outdir, exist_ok=True)
@@ -477,12 +477,20 @@ class Collector:
             return 200, b"ok\n", {}
         return 404, None, {}
 
+    @property
+    def hello(self):
+        return self.hellos[0] if self.hellos else None
+
+    def offsets(self):
+        return [host - guest for host, guest in self.hellos]
+
     def guest_to_host(self, guest_time):
-        """A guest wall-clock time on the host's clock (the guest's clock has no NTP; its offset
-        is taken from /hello, so it is off by the one-way latency of that request)."""
+        """A guest wall-clock time on the host's clock. The guest has no NTP; the offset comes
+        from the boot handshake, so it is late by that request's one-way latency (milliseconds)
+        and the guest clock's drift since (the second handshake, at shutdown, shows it)."""
         if self.hello is None or guest_time is None:
             return None
-        return guest_time + (self.hello[0] - self.hello[1])
+        return guest_time + self.offsets()[0]
 
 
 # ---- qemu ------------------------------------------------------------------------------------------
@@ -1010,7 +1018,7 @@ def analyse(sc, vm, gitlab, collector, checks, name):
     c(ev.present and collector.hello, "the guest sent its evidence (clock at boot, journal at shutdown)")
     timeline = build_timeline(sc, vm, gitlab, collector, ev)
     if not ev.present:
-        return finish_result(sc, vm, checks, timeline, None, name)
+        return finish_result(sc, vm, checks, timeline, None, name, collector)
 
     expected_unit = installed_unit_text()
     unit_dump = ev.text("unit.txt")
@@ -1110,7 +1118,7 @@ def analyse(sc, vm, gitlab, collector, checks, name):
             key = ev.first(lambda e: e.get("SYSLOG_IDENTIFIER") == "systemd-logind"
                            and "Power key pressed" in e.get("MESSAGE", ""))
             c(key, "systemd-logind handled the ACPI power button", (key or {}).get("MESSAGE", ""))
-    return finish_result(sc, vm, checks, timeline, ev, name)
+    return finish_result(sc, vm, checks, timeline, ev, name, collector)
 
 
 TIMELINE_ORDER = [
@@ -1164,7 +1172,7 @@ def build_timeline(sc, vm, gitlab, collector, ev):
     return events
 
 
-def finish_result(sc, vm, checks, timeline, ev, name):
+def finish_result(sc, vm, checks, timeline, ev, name, collector):
     print("  timeline (seconds after qemu started; guest times via the boot clock handshake):", flush=True)
     for label, t in timeline:
         print(f"    {t:7.2f}  {label}", flush=True)
@@ -1174,8 +1182,10 @@ def finish_result(sc, vm, checks, timeline, ev, name):
             status_json = json.loads(ev.text("status-command.json"))
         except ValueError:
             status_json = ev.text("status-command.json")[:2000]
+    offsets = collector.offsets()
     return {
         "scenario": sc.key, "title": sc.title, "passed": checks.passed, "runner": name,
+        "guest_clock_drift_seconds": round(offsets[-1] - offsets[0], 3) if len(offsets) > 1 else None,
         "seconds": (vm.t_exit or time.time()) - vm.t_start,
         "timeline": timeline, "checks": checks.results, "agent_status_json": status_json,
     }
