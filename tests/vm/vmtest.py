@@ -1157,7 +1157,7 @@ def build_timeline(sc, vm, gitlab, collector, ev):
         for phase in PHASES:
             guest(f"agent phase {phase}", ev.first(lambda e, p=phase: e.get("SYSLOG_IDENTIFIER") == "gitlab-runner-vm" and e.get("PHASE") == p))
         guest("logind: power key", ev.first(lambda e: e.get("SYSLOG_IDENTIFIER") == "systemd-logind" and "Power key pressed" in e.get("MESSAGE", "")))
-        guest("agent unit stopped", ev.first(lambda e: e.get("UNIT") == "gitlab-runner-vm.service" and e.get("_PID") == "1" and "Deactivated successfully" in e.get("MESSAGE", "")))
+        guest("agent unit stopped", ev.first(lambda e: e.get("UNIT") == "gitlab-runner-vm.service" and e.get("_PID") == "1" and re.search(r"Deactivated successfully|Failed with result", e.get("MESSAGE", ""))))
     if collector.hello:
         add("guest clock handshake", collector.hello[0])
     for label, pred in (("verify", lambda r: r["path"] == "/api/v4/runners/verify"),
