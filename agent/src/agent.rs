@@ -149,13 +149,14 @@ impl Agent {
             Err(failure) => return self.fail(failure).await,
         }
 
-        if let Some(prev) = previous
-            && lifecycle::on_start(
-                Some(&prev.boot_id),
-                &self.boot_id,
-                prev.registered,
-                prev.runner_started,
-            ) == StartDecision::TearDown
+        let previous_run = previous.as_ref().map(|p| lifecycle::Previous {
+            boot_id: &p.boot_id,
+            phase: p.phase,
+            registered: p.registered && !p.deregistered,
+            runner_started: p.runner_started,
+        });
+        if lifecycle::on_start(previous_run, &self.boot_id) == StartDecision::TearDown
+            && let Some(prev) = previous
         {
             return self.resume_teardown(prev).await;
         }
@@ -177,6 +178,9 @@ impl Agent {
         self.lc.transition(phase, SystemTime::now())?;
         logging::update_context(|c| c.phase = phase.as_str());
         self.publish(detail);
+        if phase.is_started() {
+            systemd::ready();
+        }
         Ok(())
     }
 
@@ -452,7 +456,6 @@ impl Agent {
             &format!("gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job", config.max_jobs, user.name, config.idle_timeout),
         )
         .map_err(bug)?;
-        systemd::ready();
 
         let lifetime_end = config
             .max_lifetime
@@ -507,17 +510,19 @@ impl Agent {
         Ok(())
     }
 
-    /// A restarted agent found that this boot already registered (and maybe started
-    /// gitlab-runner): it never starts another one and tears down.
+    /// A restarted agent found that this boot already registered, started gitlab-runner or
+    /// began its teardown: it never starts another gitlab-runner and resumes the teardown.
     async fn resume_teardown(&mut self, prev: Status) -> anyhow::Result<ExitCode> {
+        let what = if prev.runner_started {
+            "started gitlab-runner"
+        } else if prev.registered {
+            "registered with GitLab"
+        } else {
+            "began its teardown"
+        };
         log!(
             warn,
-            "status.json shows that this boot already {} (the agent was restarted); tearing down instead of starting another gitlab-runner",
-            if prev.runner_started {
-                "started gitlab-runner"
-            } else {
-                "registered with GitLab"
-            }
+            "status.json shows that this boot already {what} (the agent was restarted); tearing down instead of starting another gitlab-runner"
         );
         self.system_id = runner::read_system_id(&self.args.state_dir).or(prev.system_id);
         if let Some(id) = &self.system_id {
@@ -527,8 +532,17 @@ impl Agent {
             Credential::RunnerToken(t) => Some(t.clone()),
             _ => runner::read_runner_token(&self.args.state_dir),
         };
-        self.lc.registered = true;
+        self.lc.registered = prev.registered;
+        self.lc.deregistered = prev.deregistered;
         self.lc.runner_started = prev.runner_started;
+        // A failure of the earlier run still delays the power-off from when it happened.
+        self.lc.failed_at = prev
+            .timeline
+            .iter()
+            .rev()
+            .find(|e| e.phase == Phase::Failed)
+            .map(|e| e.at);
+        self.last_error = prev.last_error;
         self.teardown().await
     }
 
@@ -579,8 +593,6 @@ impl Agent {
             Phase::Holding,
             &format!("{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)", keep_file.display()),
         )?;
-        // The unit is "up" while a person debugs, even if the run failed before READY.
-        systemd::ready();
         let hold_max = Duration::from_secs(self.args.hold_max);
         let interrupts = self.interrupts.clone();
         let end = tokio::select! {
@@ -666,7 +678,7 @@ impl Agent {
             format!(
                 "running `{}` in {} s (--failure-delay after the failure)",
                 self.args.poweroff_command,
-                wait.as_secs()
+                wait.as_millis().div_ceil(1000)
             )
         };
         self.enter(Phase::PoweringOff, &detail)?;

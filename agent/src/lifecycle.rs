@@ -49,6 +49,25 @@ impl Phase {
         }
     }
 
+    /// Whether systemd may consider the unit started in this phase. READY=1 is sent once
+    /// gitlab-runner runs, or when the run ends before that: a Type=notify service whose main
+    /// process exits without READY=1 fails with result "protocol" and is restarted.
+    pub fn is_started(self) -> bool {
+        !matches!(self, Phase::WaitingForConfig | Phase::Registering)
+    }
+
+    /// Phases that a restarted agent must resume as teardown rather than start over from.
+    pub fn is_teardown(self) -> bool {
+        matches!(
+            self,
+            Phase::Failed
+                | Phase::Deregistering
+                | Phase::Holding
+                | Phase::PoweringOff
+                | Phase::Stopping
+        )
+    }
+
     /// The edges of the lifecycle. Everything not listed is a bug in the driver.
     pub fn can_go_to(self, to: Phase) -> bool {
         use Phase::*;
@@ -58,8 +77,9 @@ impl Phase {
             (Stopping, _) => false,
             (_, Stopping) => true,
             (WaitingForConfig, Registering | Failed) => true,
-            // A restarted agent that finds this boot's registration tears down at once.
-            (WaitingForConfig, Deregistering) => true,
+            // A restarted agent that finds this boot's registration or teardown resumes the
+            // teardown at once.
+            (WaitingForConfig, Deregistering | Holding | PoweringOff) => true,
             (Registering, Running | Failed) => true,
             (Running, Draining | Deregistering | Failed) => true,
             (Draining, Deregistering | Failed) => true,
@@ -191,14 +211,24 @@ pub enum StartDecision {
     TearDown,
 }
 
-pub fn on_start(
-    previous_boot_id: Option<&str>,
-    current_boot_id: &str,
-    registered: bool,
-    runner_started: bool,
-) -> StartDecision {
-    match previous_boot_id {
-        Some(id) if id == current_boot_id && (registered || runner_started) => {
+/// What the previous run of this agent left in status.json.
+#[derive(Debug, Clone, Copy)]
+pub struct Previous<'a> {
+    pub boot_id: &'a str,
+    pub phase: Phase,
+    pub registered: bool,
+    pub runner_started: bool,
+}
+
+/// A previous run of this boot that registered, started gitlab-runner or began its teardown
+/// (a power-off command that failed, say) is resumed as teardown: no second registration, no
+/// second gitlab-runner.
+pub fn on_start(previous: Option<Previous<'_>>, current_boot_id: &str) -> StartDecision {
+    match previous {
+        Some(p)
+            if p.boot_id == current_boot_id
+                && (p.registered || p.runner_started || p.phase.is_teardown()) =>
+        {
             StartDecision::TearDown
         }
         _ => StartDecision::Fresh,
@@ -214,6 +244,8 @@ mod tests {
         (WaitingForConfig, Registering),
         (WaitingForConfig, Failed),
         (WaitingForConfig, Deregistering),
+        (WaitingForConfig, Holding),
+        (WaitingForConfig, PoweringOff),
         (WaitingForConfig, Stopping),
         (Registering, Running),
         (Registering, Failed),
@@ -328,19 +360,62 @@ mod tests {
 
     #[test]
     fn restart_in_the_same_boot_tears_down() {
-        assert_eq!(on_start(None, "b1", false, false), StartDecision::Fresh);
-        assert_eq!(on_start(Some("b0"), "b1", true, true), StartDecision::Fresh);
+        let prev = |boot_id, phase, registered, runner_started| {
+            Some(Previous {
+                boot_id,
+                phase,
+                registered,
+                runner_started,
+            })
+        };
+        assert_eq!(on_start(None, "b1"), StartDecision::Fresh);
         assert_eq!(
-            on_start(Some("b1"), "b1", false, false),
+            on_start(prev("b0", Running, true, true), "b1"),
+            StartDecision::Fresh,
+            "another boot"
+        );
+        assert_eq!(
+            on_start(prev("b1", Registering, false, false), "b1"),
             StartDecision::Fresh
         );
         assert_eq!(
-            on_start(Some("b1"), "b1", true, false),
+            on_start(prev("b1", Registering, true, false), "b1"),
             StartDecision::TearDown
         );
         assert_eq!(
-            on_start(Some("b1"), "b1", false, true),
+            on_start(prev("b1", Running, false, true), "b1"),
             StartDecision::TearDown
+        );
+        // A failure before registration whose power-off command failed: resume the teardown.
+        assert_eq!(
+            on_start(prev("b1", PoweringOff, false, false), "b1"),
+            StartDecision::TearDown
+        );
+        assert_eq!(
+            on_start(prev("b1", Failed, false, false), "b1"),
+            StartDecision::TearDown
+        );
+    }
+
+    #[test]
+    fn started_and_teardown_phases() {
+        let started: Vec<_> = Phase::ALL.into_iter().filter(|p| p.is_started()).collect();
+        assert_eq!(
+            started,
+            [
+                Running,
+                Draining,
+                Deregistering,
+                Holding,
+                PoweringOff,
+                Failed,
+                Stopping
+            ]
+        );
+        let teardown: Vec<_> = Phase::ALL.into_iter().filter(|p| p.is_teardown()).collect();
+        assert_eq!(
+            teardown,
+            [Deregistering, Holding, PoweringOff, Failed, Stopping]
         );
     }
 

@@ -162,3 +162,46 @@ async fn notifies_systemd_of_readiness_phases_and_stopping() {
         "{messages:#?}"
     );
 }
+
+/// A run that fails before gitlab-runner starts still sends READY=1 before it exits: a
+/// Type=notify service that exits without it fails with result "protocol" and is restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_run_still_notifies_ready_before_exiting() {
+    let mut h = Harness::new().await;
+    common::mount(
+        &h.server,
+        "POST",
+        "/api/v4/runners/verify",
+        wiremock::ResponseTemplate::new(403),
+    )
+    .await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    let socket_path = h.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut cmd = h.command(&runner, &[]);
+    cmd.env("NOTIFY_SOCKET", &socket_path);
+    h.agent = Some(cmd.spawn().unwrap());
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let failed = messages
+        .iter()
+        .position(|m| m.starts_with("STATUS=failed"))
+        .expect("STATUS=failed");
+    let ready = messages
+        .iter()
+        .position(|m| m.trim() == "READY=1")
+        .unwrap_or_else(|| panic!("no READY=1 in {messages:#?}"));
+    assert!(failed < ready, "{messages:#?}");
+    assert!(
+        messages.iter().any(|m| m.trim() == "STOPPING=1"),
+        "{messages:#?}"
+    );
+}

@@ -751,3 +751,37 @@ async fn invalid_config_fails_with_every_problem_named() {
     assert!(h.server.received_requests().await.unwrap().is_empty());
     assert!(h.powered_off());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_power_off_is_resumed_by_the_restarted_agent_without_registering_again() {
+    let mut h = Harness::new().await;
+    mount(
+        &h.server,
+        "POST",
+        "/api/v4/runners/verify",
+        ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})),
+    )
+    .await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    // The power-off command fails: the agent exits 1, so systemd restarts it.
+    h.start(&runner, &["--poweroff-command", "exit 3"]);
+    let status = h.wait_exit().await;
+    assert_eq!(status.code(), Some(1), "{}", h.log());
+    assert!(
+        h.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("power-off command")
+    );
+
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert_eq!(
+        h.requests("POST", "/api/v4/runners/verify").await.len(),
+        1,
+        "registered again after a restart"
+    );
+    assert!(h.log().contains("began its teardown"), "{}", h.log());
+}
