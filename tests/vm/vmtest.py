@@ -2,7 +2,7 @@
 """The VM system test of gitlab-runner-vm: the release binary under real systemd in a real VM.
 
     vmtest.py prepare              build or find the cached Debian root file system
-    vmtest.py run [SCENARIO ...]   boot one VM per scenario (default: a b c d), sequentially
+    vmtest.py run [SCENARIO ...]   boot one VM per scenario (default: all, a to e), sequentially
 
 A guest is the cached Debian bookworm tree (build-rootfs) plus, on every run: the agent's release
 binary at GUEST_AGENT, the canonical unit agent/dist/gitlab-runner-vm.service with only the path
@@ -805,13 +805,12 @@ SCENARIOS = {
                   verify_status=403, failure_delay=True,
                   expect_phases=["registering", "failed", "powering-off"],
                   forbid_phases=["running", "holding", "stopping"]),
-    # Not in the default set: it fails against agents that exit before READY=1 after a
-    # failure (systemd then records Result=protocol and Restart=on-failure starts the agent
-    # again, every RestartSec + failure delay, with a new system id). Run it with
-    # `tests/vm/run e`.
+    # The regression test for agents that exit before READY=1 after a failure: systemd then
+    # records Result=protocol and Restart=on-failure starts the agent again, every RestartSec +
+    # failure delay, with a new system id and a new registration.
     "e": Scenario("e", "power-off disabled (NixOS powerOff = false), rejected token: the agent "
                   "ends once and stays ended; the ACPI power button stops the VM",
-                  verify_status=403, failure_delay=True, poweroff_disabled=True, default=False,
+                  verify_status=403, failure_delay=True, poweroff_disabled=True,
                   expect_phases=["registering", "failed", "powering-off"],
                   forbid_phases=["running", "holding"]),
 }
