@@ -20,7 +20,7 @@ let
   sample = writeText "runner.json" (builtins.toJSON {
     name = "runner-vm-sample";
     url = "https://gitlab.example.com";
-    token = "glrt-sample-token-not-valid";
+    token = "glrt-xxxxxxxxxxxxxxxxxxxx";
     executor = "shell";
   });
   inherit (stdenv.hostPlatform) qemuArch isAarch64;
