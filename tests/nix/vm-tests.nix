@@ -9,7 +9,7 @@ let
 
   runnerJson = pkgs.writeText "runner.json" (builtins.toJSON {
     url = "http://gitlab";
-    token = "glrt-vm-test-token-0123456789";
+    token = "glrt-vm.test.token.0123456789";
     executor = "shell";
     max_jobs = 1;
     idle_timeout = 300;
