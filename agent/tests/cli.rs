@@ -120,6 +120,26 @@ async fn status_shows_the_phase_for_a_person() {
     assert!(h.wait_exit().await.success());
 }
 
+/// Runs the agent to its end with NOTIFY_SOCKET pointing at a socket of ours, and returns the
+/// notifications systemd would have received, in order.
+async fn notifications_of_a_run(h: &mut Harness, runner: &std::path::Path) -> Vec<String> {
+    let socket_path = h.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut cmd = h.command(runner, &[]);
+    cmd.env("NOTIFY_SOCKET", &socket_path);
+    h.agent = Some(cmd.spawn().unwrap());
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    messages
+}
+
 /// The notifications systemd gets with Type=notify: STATUS= per phase, READY=1 once
 /// gitlab-runner runs, STOPPING=1 before the power-off.
 #[tokio::test(flavor = "multi_thread")]
@@ -128,21 +148,7 @@ async fn notifies_systemd_of_readiness_phases_and_stopping() {
     h.mount_glrt_happy_path().await;
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
-    let socket_path = h.path("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .unwrap();
-    let mut cmd = h.command(&runner, &[]);
-    cmd.env("NOTIFY_SOCKET", &socket_path);
-    h.agent = Some(cmd.spawn().unwrap());
-    assert!(h.wait_exit().await.success(), "{}", h.log());
-
-    let mut messages = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = socket.recv(&mut buf) {
-        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let messages = notifications_of_a_run(&mut h, &runner).await;
     let position = |prefix: &str| {
         messages
             .iter()
@@ -177,31 +183,15 @@ async fn a_failed_run_still_notifies_ready_before_exiting() {
     .await;
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
-    let socket_path = h.path("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .unwrap();
-    let mut cmd = h.command(&runner, &[]);
-    cmd.env("NOTIFY_SOCKET", &socket_path);
-    h.agent = Some(cmd.spawn().unwrap());
-    assert!(h.wait_exit().await.success(), "{}", h.log());
-    let mut messages = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = socket.recv(&mut buf) {
-        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let messages = notifications_of_a_run(&mut h, &runner).await;
     let failed = messages
         .iter()
         .position(|m| m.starts_with("STATUS=failed"))
         .expect("STATUS=failed");
     let ready = messages
         .iter()
-        .position(|m| m.trim() == "READY=1")
+        .position(|m| m == "READY=1")
         .unwrap_or_else(|| panic!("no READY=1 in {messages:#?}"));
     assert!(failed < ready, "{messages:#?}");
-    assert!(
-        messages.iter().any(|m| m.trim() == "STOPPING=1"),
-        "{messages:#?}"
-    );
+    assert!(messages.iter().any(|m| m == "STOPPING=1"), "{messages:#?}");
 }
