@@ -58,6 +58,8 @@ struct Agent {
     /// The token gitlab-runner uses: the `glrt-` token itself, or the one GitLab returned for
     /// a runner created by this VM.
     runner_token: Option<Secret>,
+    /// Resolved once, when registration starts; gitlab-runner later runs as this user.
+    user: Option<RunnerUser>,
     child: Option<Child>,
     last_error: Option<String>,
     hold_deadline: Option<SystemTime>,
@@ -76,6 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         client: None,
         system_id: None,
         runner_token: None,
+        user: None,
         child: None,
         last_error: None,
         hold_deadline: None,
@@ -315,6 +318,7 @@ impl Agent {
     /// Ok(false): stopped from outside.
     async fn register(&mut self) -> Result<bool, Failure> {
         let user = self.runner_user()?;
+        self.user = Some(user.clone());
         let system_id = runner::generate_system_id().map_err(|e| {
             Failure::new(
                 format!("cannot generate a system id: {e}"),
@@ -422,7 +426,10 @@ impl Agent {
     /// running (and draining): gitlab-runner run-single until it exits.
     /// Ok(true): it finished; Ok(false): stopped from outside.
     async fn run_jobs(&mut self) -> Result<bool, Failure> {
-        let user = self.runner_user()?;
+        let user = self
+            .user
+            .clone()
+            .expect("the runner user is resolved at registration");
         let config = self.config().clone();
         let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, &config);
