@@ -679,12 +679,16 @@ impl Agent {
             SystemTime::now(),
         );
         self.poweroff_at = Some(SystemTime::now() + wait);
-        let detail = if wait.is_zero() {
+        let action = if self.args.no_poweroff {
+            "exiting without power-off (--no-poweroff)".to_string()
+        } else {
             format!("running `{}`", self.args.poweroff_command)
+        };
+        let detail = if wait.is_zero() {
+            action
         } else {
             format!(
-                "running `{}` in {} s (--failure-delay after the failure)",
-                self.args.poweroff_command,
+                "{action} in {} s (--failure-delay after the failure)",
                 wait.as_millis().div_ceil(1000)
             )
         };
@@ -694,6 +698,13 @@ impl Agent {
             _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return self.stop().await,
         }
         systemd::stopping();
+        if self.args.no_poweroff {
+            log!(
+                info,
+                "power-off is disabled (--no-poweroff); the VM stays up and the agent exits"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         match power::power_off(&self.args.poweroff_command).await {
             Ok(()) => {
                 log!(info, "power-off requested");

@@ -77,6 +77,9 @@ pub struct RunArgs {
         default_value = "systemctl poweroff"
     )]
     pub poweroff_command: String,
+    /// Do the whole teardown but never power off: the agent exits 0 instead (debug images)
+    #[arg(long, env = "GITLAB_RUNNER_VM_NO_POWEROFF")]
+    pub no_poweroff: bool,
     /// Seconds between a failure and the power-off
     #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", default_value_t = 60)]
     pub failure_delay: u64,

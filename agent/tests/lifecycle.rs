@@ -785,3 +785,19 @@ async fn a_failed_power_off_is_resumed_by_the_restarted_agent_without_registerin
     );
     assert!(h.log().contains("began its teardown"), "{}", h.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_poweroff_tears_down_and_exits_without_the_power_off_command() {
+    let mut h = Harness::new().await;
+    h.start_glrt(json!({}), FakeRunner::default(), &["--no-poweroff"])
+        .await;
+    let status = h.wait_exit().await;
+    assert!(status.success(), "exit {status:?}\n{}", h.log());
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(!h.powered_off(), "the power-off command ran:\n{}", h.log());
+    assert!(h.log().contains("--no-poweroff"), "{}", h.log());
+    assert_eq!(h.status()["phase"], "powering-off");
+}
