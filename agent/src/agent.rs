@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::cli::RunArgs;
 use crate::config::{Credential, RunnerConfig};
-use crate::gitlab::{self, Client, Deletion, RetryError, RunnerInfo};
+use crate::gitlab::{self, Client, CreatedRunner, Deletion, RetryError, RunnerInfo};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
 use crate::runner::{self, RunnerUser};
@@ -47,17 +47,32 @@ impl Failure {
     }
 }
 
+#[derive(Debug, Clone, Default)]
+struct Shown {
+    runner: Option<String>,
+    credential: Option<String>,
+    gitlab_url: Option<String>,
+}
+
 struct Agent {
     args: RunArgs,
     lc: Lifecycle,
     boot_id: String,
     interrupts: watch::Receiver<Interrupt>,
     config: Option<RunnerConfig>,
+    /// What status.json shows of the configuration: from runner.json, or from the previous
+    /// run's status.json when a restarted agent resumes a teardown without it.
+    shown: Shown,
+    /// Set up with the config, or from config.toml when resuming: deregistration needs only it,
+    /// the token and the system id.
     client: Option<Client>,
     system_id: Option<String>,
     /// The token gitlab-runner uses: the `glrt-` token itself, or the one GitLab returned for
     /// a runner created by this VM.
     runner_token: Option<Secret>,
+    /// Deregistration deletes this VM's manager of a shared `glrt-` runner (true) or the runner
+    /// this VM created (false).
+    deletes_manager: bool,
     /// Resolved once, when registration starts; gitlab-runner later runs as this user.
     user: Option<RunnerUser>,
     child: Option<Child>,
@@ -66,7 +81,21 @@ struct Agent {
     poweroff_at: Option<SystemTime>,
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
+    // gitlab-runner runs in the runner user's home: a relative path given to the agent must
+    // mean the same file there as here.
+    for path in [
+        &mut args.config,
+        &mut args.state_dir,
+        &mut args.keep_file,
+        &mut args.gitlab_runner,
+    ] {
+        // A bare program name is looked up in PATH instead.
+        if path.components().count() > 1 || path.starts_with(".") {
+            *path = std::path::absolute(&*path)
+                .with_context(|| format!("cannot make {} absolute", path.display()))?;
+        }
+    }
     let interrupts = listen_for_signals()?;
     systemd::spawn_watchdog();
     let mut agent = Agent {
@@ -75,9 +104,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         boot_id: boot_id(),
         interrupts,
         config: None,
+        shown: Shown::default(),
         client: None,
         system_id: None,
         runner_token: None,
+        deletes_manager: false,
         user: None,
         child: None,
         last_error: None,
@@ -120,6 +151,20 @@ async fn wait_for(mut rx: watch::Receiver<Interrupt>, wanted: Interrupt) {
     }
 }
 
+/// Resolves once any interrupt (a drain or a stop) was asked for.
+async fn wait_for_any(mut rx: watch::Receiver<Interrupt>) {
+    if rx.wait_for(|i| *i != Interrupt::None).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// `now + wait`, or a deadline far beyond any VM's life when that overflows the clock.
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
@@ -142,32 +187,47 @@ impl Agent {
                 self.args.state_dir.display()
             )
         })?;
-        // Read before the first write: it tells whether this boot already ran an agent.
-        let previous = status::read(&self.args.state_dir).ok();
+        // Decide before the first write: status.json of an earlier run in this boot is the crash
+        // protection, and it needs nothing but the state directory (not even runner.json).
+        if let Ok(prev) = status::read(&self.args.state_dir) {
+            let previous_run = lifecycle::Previous {
+                boot_id: &prev.boot_id,
+                phase: prev.phase,
+                registered: prev.registered && !prev.deregistered,
+                runner_started: prev.runner_started,
+            };
+            if lifecycle::on_start(Some(previous_run), &self.boot_id) == StartDecision::TearDown {
+                return self.resume_teardown(prev).await;
+            }
+        }
         self.publish(&format!("waiting for {}", self.args.config.display()));
 
         match self.prepare().await {
             Ok(true) => {}
+            Ok(false) if self.interrupt() == Interrupt::Drain => {
+                log!(
+                    info,
+                    "drain requested before runner.json was read: nothing to run, tearing down"
+                );
+                return self.teardown().await;
+            }
             Ok(false) => return self.stop().await,
             Err(failure) => return self.fail(failure).await,
-        }
-
-        let previous_run = previous.as_ref().map(|p| lifecycle::Previous {
-            boot_id: &p.boot_id,
-            phase: p.phase,
-            registered: p.registered && !p.deregistered,
-            runner_started: p.runner_started,
-        });
-        if lifecycle::on_start(previous_run, &self.boot_id) == StartDecision::TearDown
-            && let Some(prev) = previous
-        {
-            return self.resume_teardown(prev).await;
         }
 
         match self.register().await {
             Ok(true) => {}
             Ok(false) => return self.stop().await,
             Err(failure) => return self.fail(failure).await,
+        }
+        if self.interrupt() == Interrupt::Drain {
+            // gitlab-runner killed by a SIGQUIT that arrives before it installs its handlers
+            // would count as a failed run; a drain asked for before the start means no start.
+            log!(
+                info,
+                "drain requested before gitlab-runner started: not starting it, tearing down"
+            );
+            return self.teardown().await;
         }
         match self.run_jobs().await {
             Ok(true) => self.teardown().await,
@@ -196,25 +256,7 @@ impl Agent {
     }
 
     fn write_status(&self) {
-        let config = self.config.as_ref();
-        let status = Status {
-            phase: self.lc.phase(),
-            since: self.lc.since(),
-            pid: std::process::id(),
-            boot_id: self.boot_id.clone(),
-            runner: config.map(|c| c.name.clone()),
-            system_id: self.system_id.clone(),
-            credential: config.map(|c| c.credential.kind().to_string()),
-            gitlab_url: config.map(|c| c.url.clone()),
-            registered: self.lc.registered,
-            deregistered: self.lc.deregistered,
-            runner_started: self.lc.runner_started,
-            timeline: self.lc.timeline.clone(),
-            last_error: self.last_error.clone(),
-            hold_deadline: self.hold_deadline,
-            poweroff_at: self.poweroff_at,
-        };
-        if let Err(e) = status::write(&self.args.state_dir, &status) {
+        if let Err(e) = self.try_write_status() {
             log!(
                 warn,
                 "cannot write {}: {e}",
@@ -223,17 +265,38 @@ impl Agent {
         }
     }
 
+    fn try_write_status(&self) -> std::io::Result<()> {
+        let status = Status {
+            phase: self.lc.phase(),
+            since: self.lc.since(),
+            pid: std::process::id(),
+            boot_id: self.boot_id.clone(),
+            runner: self.shown.runner.clone(),
+            system_id: self.system_id.clone(),
+            credential: self.shown.credential.clone(),
+            gitlab_url: self.shown.gitlab_url.clone(),
+            registered: self.lc.registered,
+            deregistered: self.lc.deregistered,
+            runner_started: self.lc.runner_started,
+            timeline: self.lc.timeline.clone(),
+            last_error: self.last_error.clone(),
+            hold_deadline: self.hold_deadline,
+            poweroff_at: self.poweroff_at,
+        };
+        status::write(&self.args.state_dir, &status)
+    }
+
     fn interrupt(&self) -> Interrupt {
         *self.interrupts.borrow()
     }
 
     /// waiting-for-config: wait for runner.json, validate it, set up the HTTP client.
-    /// Ok(false): stopped from outside.
+    /// Ok(false): stopped or drained from outside.
     async fn prepare(&mut self) -> Result<bool, Failure> {
         let path = self.args.config.clone();
-        let wait = Duration::from_secs(self.args.config_wait);
+        let deadline = deadline_after(Duration::from_secs(self.args.config_wait));
         tokio::select! {
-            found = tokio::time::timeout(wait, crate::fswatch::wait_for_file(&path)) => match found {
+            found = tokio::time::timeout_at(deadline, crate::fswatch::wait_for_file(&path)) => match found {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(Failure::new(format!("cannot watch for {}: {e}", path.display()), "check that the agent may read the directory")),
                 Err(_) => return Err(Failure::new(
@@ -241,15 +304,12 @@ impl Agent {
                     "attach the runner config disk (on KubeVirt: a Secret with the key runner.json as a disk with serial runner-info) or write the file; --config-wait sets how long to wait",
                 )),
             },
-            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
+            _ = wait_for_any(self.interrupts.clone()) => return Ok(false),
         }
-
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Failure::new(
-                format!("cannot read {}: {e}", path.display()),
-                "make the file readable by the agent",
-            )
-        })?;
+        let text = tokio::select! {
+            text = self.read_complete_config(&path, deadline) => text?,
+            _ = wait_for_any(self.interrupts.clone()) => return Ok(false),
+        };
         let validated =
             crate::config::validate(&text, &host_name(), &|p| std::fs::read_to_string(p));
         for problem in &validated.problems {
@@ -276,9 +336,63 @@ impl Agent {
         let client = Client::new(&config.url, config.tls_ca_file.as_deref())
             .map_err(|e| Failure::new(format!("{e:#}"), "fix tls_ca_file in runner.json"))?;
         logging::update_context(|c| c.runner = config.name.clone());
+        self.shown = Shown {
+            runner: Some(config.name.clone()),
+            credential: Some(config.credential.kind().to_string()),
+            gitlab_url: Some(config.url.clone()),
+        };
+        self.deletes_manager = matches!(config.credential, Credential::RunnerToken(_));
         self.client = Some(client);
         self.config = Some(config);
         Ok(true)
+    }
+
+    /// Reads runner.json once it is whole. A writer may create the file and fill it later (or
+    /// pause mid-file): while the text is empty or ends before the JSON does, wait for the file
+    /// to change again, for at most `CONFIG_SETTLE` without a change and never past `deadline`.
+    /// Complete but invalid JSON is returned at once, for validation to report.
+    async fn read_complete_config(
+        &self,
+        path: &Path,
+        deadline: Instant,
+    ) -> Result<String, Failure> {
+        use nix::sys::inotify::AddWatchFlags;
+        const CONFIG_SETTLE: Duration = Duration::from_secs(10);
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        loop {
+            // Watch first, then read, so that a write in between is not missed.
+            let watch = crate::fswatch::DirWatch::new(
+                dir,
+                AddWatchFlags::IN_MODIFY
+                    | AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_CREATE,
+            )
+            .ok();
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::new(
+                    format!("cannot read {}: {e}", path.display()),
+                    "make the file readable by the agent",
+                )
+            })?;
+            let incomplete = text.trim().is_empty()
+                || serde_json::from_str::<serde_json::Value>(&text).is_err_and(|e| e.is_eof());
+            let Some(watch) = watch.filter(|_| incomplete) else {
+                return Ok(text);
+            };
+            log!(
+                info,
+                "{} is incomplete ({} bytes); waiting for its writer to finish",
+                path.display(),
+                text.len()
+            );
+            let settle = deadline_after(CONFIG_SETTLE).min(deadline);
+            match tokio::time::timeout_at(settle, watch.changed()).await {
+                Ok(Ok(())) => continue,
+                // No change in time (or the watch broke): validation reports what is there.
+                Ok(Err(_)) | Err(_) => return Ok(text),
+            }
+        }
     }
 
     fn config(&self) -> &RunnerConfig {
@@ -360,13 +474,18 @@ impl Agent {
                 config.url
             ),
         };
+        // Any verify that reaches GitLab creates (or refreshes) this VM's manager, whether its
+        // answer then arrives, times out or is interrupted: from the first one on, teardown
+        // deletes the manager. Recorded (in status.json, by `enter`) before the request goes.
+        let creates_runner = !self.deletes_manager;
+        self.lc.registered = !creates_runner;
         self.enter(Phase::Registering, &detail).map_err(bug)?;
 
         let info = RunnerInfo {
             name: config.name.clone(),
             executor: config.executor.as_str().to_string(),
         };
-        let deadline = Instant::now() + Duration::from_secs(self.args.register_timeout);
+        let deadline = deadline_after(Duration::from_secs(self.args.register_timeout));
         let client = self.client().clone();
         let call = async {
             match &config.credential {
@@ -391,36 +510,60 @@ impl Agent {
                 }
             }
         };
+        tokio::pin!(call);
         let result = tokio::select! {
-            r = call => r,
-            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
+            r = &mut call => r,
+            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => {
+                if creates_runner {
+                    // Dropping the request would leave a runner GitLab may be creating right
+                    // now, with a token nobody knows: let it finish (bounded), then the stop
+                    // deletes it.
+                    let bound = Duration::from_secs(self.args.stop_timeout);
+                    log!(warn, "stop requested while GitLab may be creating this VM's runner: waiting up to {} s for its answer so that the runner can be deleted", bound.as_secs());
+                    match tokio::time::timeout(bound, call).await {
+                        Ok(Ok(Some(created))) => self.accept_created(created, &user)?,
+                        Ok(_) => {}
+                        Err(_) => log!(warn, "{}", possibly_created(&config.name)),
+                    }
+                }
+                return Ok(false);
+            }
         };
         match result {
-            Ok(None) => {
-                self.lc.registered = true;
-                log!(
-                    info,
-                    "runner token accepted; this VM is runner manager {system_id}"
-                );
+            Ok(None) => log!(
+                info,
+                "runner token accepted; this VM is runner manager {system_id}"
+            ),
+            Ok(Some(created)) => self.accept_created(created, &user)?,
+            Err(e) => {
+                if matches!(e, RetryError::Permanent(_)) && !creates_runner {
+                    // GitLab refused the verify: it created no manager.
+                    self.lc.registered = false;
+                }
+                return Err(registration_failure(&e, self.args.register_timeout));
             }
-            Ok(Some(created)) => {
-                self.lc.registered = true;
-                self.runner_token = Some(created.token.clone());
-                log!(
-                    info,
-                    "GitLab created runner {} with token {}",
-                    created
-                        .id
-                        .map(|i| i.to_string())
-                        .unwrap_or_else(|| "?".into()),
-                    created.token
-                );
-                self.write_runner_files(&user)?;
-            }
-            Err(e) => return Err(registration_failure(&e, self.args.register_timeout)),
         }
         self.write_status();
         Ok(true)
+    }
+
+    /// A runner GitLab created for this VM: from now on teardown deletes it, with the token
+    /// that config.toml (which gitlab-runner reads) keeps for a restarted agent.
+    fn accept_created(&mut self, created: CreatedRunner, user: &RunnerUser) -> Result<(), Failure> {
+        self.lc.registered = true;
+        self.runner_token = Some(created.token.clone());
+        log!(
+            info,
+            "GitLab created runner {} with token {}",
+            created
+                .id
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "?".into()),
+            created.token
+        );
+        let written = self.write_runner_files(user);
+        self.write_status();
+        written
     }
 
     /// running (and draining): gitlab-runner run-single until it exits.
@@ -439,9 +582,20 @@ impl Agent {
             std::env::var("LANG").ok(),
         );
         // Recorded before the spawn: an agent restarted after this point must never start a
-        // second gitlab-runner in this boot.
+        // second gitlab-runner in this boot. Without that record there is no start at all.
         self.lc.runner_started = true;
-        self.write_status();
+        if let Err(e) = self.try_write_status() {
+            return Err(Failure::new(
+                format!(
+                    "cannot record in {} that gitlab-runner starts ({e}), so it was not started: a restarted agent could otherwise start a second one",
+                    status::path_in(&self.args.state_dir).display()
+                ),
+                format!(
+                    "make {} writable by the agent (is its file system full or read-only?)",
+                    self.args.state_dir.display()
+                ),
+            ));
+        }
         let program = self.args.gitlab_runner.clone();
         let mut child =
             runner::spawn(&program, &args, &user, &env).map_err(|e| spawn_failure(&program, &e))?;
@@ -466,7 +620,7 @@ impl Agent {
 
         let lifetime_end = config
             .max_lifetime
-            .map(|s| Instant::now() + Duration::from_secs(s));
+            .map(|s| deadline_after(Duration::from_secs(s)));
         let exit = loop {
             let draining = self.lc.phase() == Phase::Draining;
             let child = self.child.as_mut().expect("child is running");
@@ -489,6 +643,17 @@ impl Agent {
         match exit {
             Ok(status) if status.success() => {
                 log!(info, "gitlab-runner exited: its jobs are done");
+                Ok(true)
+            }
+            Ok(status)
+                if self.lc.phase() == Phase::Draining && killed_by(status, Signal::SIGQUIT) =>
+            {
+                // Our SIGQUIT arrived before gitlab-runner had installed its handlers: it had
+                // not taken a job yet, so this is the drain it was asked for, not a failure.
+                log!(
+                    info,
+                    "gitlab-runner ended on SIGQUIT before it could take a job: drained"
+                );
                 Ok(true)
             }
             Ok(status) => Err(Failure::new(
@@ -517,13 +682,16 @@ impl Agent {
         Ok(())
     }
 
-    /// A restarted agent found that this boot already registered, started gitlab-runner or
-    /// began its teardown: it never starts another gitlab-runner and resumes the teardown.
+    /// A restarted agent found that this boot already registered, started gitlab-runner, was
+    /// registering or began its teardown: it never starts another gitlab-runner and resumes the
+    /// teardown from the state directory alone (runner.json may be what made it crash).
     async fn resume_teardown(&mut self, prev: Status) -> anyhow::Result<ExitCode> {
         let what = if prev.runner_started {
             "started gitlab-runner"
         } else if prev.registered {
             "registered with GitLab"
+        } else if prev.phase == Phase::Registering {
+            "was registering"
         } else {
             "began its teardown"
         };
@@ -531,15 +699,36 @@ impl Agent {
             warn,
             "status.json shows that this boot already {what} (the agent was restarted); tearing down instead of starting another gitlab-runner"
         );
-        self.system_id = runner::read_system_id(&self.args.state_dir).or(prev.system_id);
+        let state_dir = self.args.state_dir.clone();
+        self.system_id = runner::read_system_id(&state_dir).or(prev.system_id.clone());
         if let Some(id) = &self.system_id {
             logging::update_context(|c| c.system_id = id.clone());
         }
-        self.runner_token = match &self.config().credential {
-            Credential::RunnerToken(t) => Some(t.clone()),
-            _ => runner::read_runner_token(&self.args.state_dir),
-        };
+        if let Some(name) = &prev.runner {
+            logging::update_context(|c| c.runner = name.clone());
+        }
+        self.deletes_manager = prev.credential.as_deref() == Some("token");
+        let entry = runner::read_runner_entry(&state_dir);
+        if let Some(entry) = &entry {
+            match Client::new(&entry.url, entry.tls_ca_file.as_deref()) {
+                Ok(client) => self.client = Some(client),
+                Err(e) => log!(warn, "cannot set up the client for deregistration: {e:#}"),
+            }
+        }
+        self.runner_token = entry.and_then(|e| e.token);
         self.lc.registered = prev.registered;
+        if prev.phase == Phase::Registering && !self.deletes_manager {
+            // A runner created just before the crash is in config.toml already; else its
+            // token is lost.
+            match self.runner_token {
+                Some(_) => self.lc.registered = true,
+                None => log!(
+                    warn,
+                    "{}",
+                    possibly_created(prev.runner.as_deref().unwrap_or("?"))
+                ),
+            }
+        }
         self.lc.deregistered = prev.deregistered;
         self.lc.runner_started = prev.runner_started;
         // A failure of the earlier run still delays the power-off from when it happened.
@@ -549,6 +738,18 @@ impl Agent {
             .rev()
             .find(|e| e.phase == Phase::Failed)
             .map(|e| e.at);
+        // The earlier runs' timeline stays, so status shows the restart.
+        self.lc.timeline = prev
+            .timeline
+            .iter()
+            .cloned()
+            .chain(self.lc.timeline.drain(..))
+            .collect();
+        self.shown = Shown {
+            runner: prev.runner,
+            credential: prev.credential,
+            gitlab_url: prev.gitlab_url,
+        };
         self.last_error = prev.last_error;
         self.teardown().await
     }
@@ -577,25 +778,16 @@ impl Agent {
             }
         }
         let keep_file = self.args.keep_file.clone();
-        if lifecycle::after_deregistration(hold::keep_file_exists(&keep_file)) == Phase::Holding {
-            match self.hold(&keep_file).await? {
-                Some(end) => log!(
-                    info,
-                    "hold ended: {}",
-                    if end == HoldEnd::Released {
-                        "keep file removed"
-                    } else {
-                        "hold-max reached"
-                    }
-                ),
-                None => return self.stop().await,
-            }
+        if lifecycle::after_deregistration(hold::keep_file_exists(&keep_file)) == Phase::Holding
+            && !self.hold(&keep_file).await?
+        {
+            return self.stop().await;
         }
         self.power_off().await
     }
 
-    /// Some(end) when the hold ended, None when stopped from outside.
-    async fn hold(&mut self, keep_file: &Path) -> anyhow::Result<Option<HoldEnd>> {
+    /// holding: true when the hold ended, false when stopped from outside.
+    async fn hold(&mut self, keep_file: &Path) -> anyhow::Result<bool> {
         self.enter(
             Phase::Holding,
             &format!("{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)", keep_file.display()),
@@ -608,49 +800,43 @@ impl Agent {
                 log!(info, "the hold lasts until {} at most (--hold-max after the keep file's last change)", status::fmt_time(deadline));
                 self.write_status();
             }) => end,
-            _ = wait_for(interrupts, Interrupt::Stop) => return Ok(None),
+            _ = wait_for(interrupts, Interrupt::Stop) => return Ok(false),
         };
         self.hold_deadline = None;
         match end {
-            Ok(end) => Ok(Some(end)),
-            Err(e) => {
-                log!(
-                    error,
-                    "cannot watch {}: {e}; ending the hold",
-                    keep_file.display()
-                );
-                Ok(Some(HoldEnd::Expired))
-            }
+            Ok(HoldEnd::Released) => log!(info, "hold ended: keep file removed"),
+            Ok(HoldEnd::Expired) => log!(info, "hold ended: hold-max reached"),
+            Err(e) => log!(
+                error,
+                "cannot watch {}: {e}; ending the hold",
+                keep_file.display()
+            ),
         }
+        Ok(true)
     }
 
     async fn deregister(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(self.args.deregister_timeout);
-        let client = self.client().clone();
-        let token = self.runner_token.clone();
+        let deadline = deadline_after(Duration::from_secs(self.args.deregister_timeout));
+        let (Some(client), Some(token)) = (self.client.clone(), self.runner_token.clone()) else {
+            let message = "cannot deregister: the runner token or GitLab's url of this boot is lost (config.toml is missing or unreadable); delete this VM's runner or manager in GitLab by hand (Settings > CI/CD > Runners)";
+            log!(warn, "{message}");
+            self.last_error = Some(message.into());
+            return;
+        };
         let system_id = self.system_id.clone().unwrap_or_default();
-        let result = match (&self.config().credential, token) {
-            (Credential::RunnerToken(t), _) => {
-                let what = format!("runner manager {system_id}");
-                (
-                    what,
-                    gitlab::with_retries("deregister", deadline, || {
-                        client.delete_manager(t, &system_id)
-                    })
-                    .await,
-                )
-            }
-            (_, Some(t)) => (
+        let result = if self.deletes_manager {
+            (
+                format!("runner manager {system_id}"),
+                gitlab::with_retries("deregister", deadline, || {
+                    client.delete_manager(&token, &system_id)
+                })
+                .await,
+            )
+        } else {
+            (
                 "runner".to_string(),
-                gitlab::with_retries("deregister", deadline, || client.delete_runner(&t)).await,
-            ),
-            (_, None) => {
-                log!(
-                    warn,
-                    "the token of the runner this boot created is lost (config.toml is missing); delete the runner in GitLab by hand"
-                );
-                return;
-            }
+                gitlab::with_retries("deregister", deadline, || client.delete_runner(&token)).await,
+            )
         };
         match result {
             (what, Ok(Deletion::Deleted)) => {
@@ -672,30 +858,45 @@ impl Agent {
         self.write_status();
     }
 
+    /// powering-off, after the failure delay if the run failed. A keep file created during that
+    /// delay (the README tells operators to get in and touch it) still holds the VM.
     async fn power_off(&mut self) -> anyhow::Result<ExitCode> {
-        let wait = lifecycle::poweroff_wait(
-            self.lc.failed_at,
-            Duration::from_secs(self.args.failure_delay),
-            SystemTime::now(),
-        );
-        self.poweroff_at = Some(SystemTime::now() + wait);
-        let action = if self.args.no_poweroff {
-            "exiting without power-off (--no-poweroff)".to_string()
-        } else {
-            format!("running `{}`", self.args.poweroff_command)
-        };
-        let detail = if wait.is_zero() {
-            action
-        } else {
-            format!(
-                "{action} in {} s (--failure-delay after the failure)",
-                wait.as_millis().div_ceil(1000)
-            )
-        };
-        self.enter(Phase::PoweringOff, &detail)?;
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return self.stop().await,
+        let keep_file = self.args.keep_file.clone();
+        loop {
+            let now = SystemTime::now();
+            let wait = lifecycle::poweroff_wait(
+                self.lc.failed_at,
+                Duration::from_secs(self.args.failure_delay),
+                now,
+            );
+            self.poweroff_at = now.checked_add(wait);
+            let action = if self.args.no_poweroff {
+                "exiting without power-off (--no-poweroff)".to_string()
+            } else {
+                format!("running `{}`", self.args.poweroff_command)
+            };
+            let detail = if wait.is_zero() {
+                action
+            } else {
+                format!(
+                    "{action} in {} s (--failure-delay after the failure; creating {} holds the VM)",
+                    wait.as_millis().div_ceil(1000),
+                    keep_file.display()
+                )
+            };
+            self.enter(Phase::PoweringOff, &detail)?;
+            let keep_file_created = tokio::select! {
+                _ = tokio::time::sleep(wait) => false,
+                Ok(()) = hold::keep_file_created(&keep_file), if !wait.is_zero() => true,
+                _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return self.stop().await,
+            };
+            if !keep_file_created {
+                break;
+            }
+            self.poweroff_at = None;
+            if !self.hold(&keep_file).await? {
+                return self.stop().await;
+            }
         }
         systemd::stopping();
         if self.args.no_poweroff {
@@ -732,7 +933,7 @@ impl Agent {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, Duration::from_secs(self.args.stop_timeout)).await;
         }
-        if self.lc.needs_deregistration() && self.client.is_some() {
+        if self.lc.needs_deregistration() {
             self.deregister().await;
         }
         log!(info, "stopped");
@@ -772,6 +973,11 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
+fn killed_by(status: ExitStatus, signal: Signal) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(signal as i32)
+}
+
 fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -800,6 +1006,13 @@ fn spawn_failure(program: &Path, e: &std::io::Error) -> Failure {
             "check that it is an executable gitlab-runner",
         )
     }
+}
+
+/// What an operator must know when a create request's fate is unknown.
+fn possibly_created(name: &str) -> String {
+    format!(
+        "GitLab may have created a runner named \"{name}\" for this VM without this VM learning its token, so it cannot be deleted from here; if it is listed under Settings > CI/CD > Runners, delete it there"
+    )
 }
 
 fn registration_failure(e: &RetryError, timeout_s: u64) -> Failure {

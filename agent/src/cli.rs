@@ -8,6 +8,22 @@ use clap::{Args, Parser, Subcommand};
 pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
 pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
 pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
+/// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
+/// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
+pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
+
+fn seconds(text: &str) -> Result<u64, String> {
+    let value: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a whole number of seconds"))?;
+    if value > MAX_SECONDS {
+        return Err(format!(
+            "{value} s is more than the maximum {MAX_SECONDS} s (ten years)"
+        ));
+    }
+    Ok(value)
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -81,25 +97,26 @@ pub struct RunArgs {
     #[arg(long, env = "GITLAB_RUNNER_VM_NO_POWEROFF")]
     pub no_poweroff: bool,
     /// Seconds between a failure and the power-off
-    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", default_value_t = 60)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", value_parser = seconds, default_value_t = 60)]
     pub failure_delay: u64,
     /// Seconds to wait for runner.json to appear
-    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", default_value_t = 300)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", value_parser = seconds, default_value_t = 300)]
     pub config_wait: u64,
     /// Seconds for registration, retries included
-    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", default_value_t = 300)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", value_parser = seconds, default_value_t = 300)]
     pub register_timeout: u64,
     /// Seconds for deregistration, retries included; an unreachable GitLab delays power-off by at most this
     #[arg(
         long,
         env = "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT",
+        value_parser = seconds,
         default_value_t = 30
     )]
     pub deregister_timeout: u64,
     /// Seconds gitlab-runner gets to abort its job after SIGTERM before it is killed
-    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", default_value_t = 40)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", value_parser = seconds, default_value_t = 40)]
     pub stop_timeout: u64,
     /// Seconds a hold lasts after the keep file's last modification
-    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", default_value_t = 86400)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_parser = seconds, default_value_t = 86400)]
     pub hold_max: u64,
 }

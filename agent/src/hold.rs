@@ -26,12 +26,21 @@ pub fn hold_state(
     let Some(modified) = modified else {
         return Err(HoldEnd::Released);
     };
-    let deadline = modified + hold_max;
+    // A hold too long for the clock lasts until the file is removed.
+    let Some(deadline) = modified.checked_add(hold_max) else {
+        return Ok(forever());
+    };
     if now >= deadline {
         Err(HoldEnd::Expired)
     } else {
         Ok(deadline)
     }
+}
+
+/// The deadline of a hold that only the keep file's removal ends: 9999-12-31T23:59:59Z, beyond
+/// any VM's life and still representable in status.json.
+fn forever() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
 }
 
 pub fn keep_file_exists(keep_file: &Path) -> bool {
@@ -43,6 +52,23 @@ fn modified(keep_file: &Path) -> io::Result<Option<SystemTime>> {
         Ok(meta) => Ok(Some(meta.modified()?)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Returns once the keep file exists (an operator asked to keep the VM while it was about to
+/// power off, e.g. during the failure delay). Watched with inotify, no polling.
+pub async fn keep_file_created(keep_file: &Path) -> io::Result<()> {
+    let dir = keep_file.parent().unwrap_or(Path::new("/"));
+    loop {
+        // Watch first, then look, so that a file created in between is not missed.
+        let watch = DirWatch::new(
+            dir,
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
+        )?;
+        if keep_file_exists(keep_file) {
+            return Ok(());
+        }
+        watch.changed().await?;
     }
 }
 
@@ -97,6 +123,8 @@ mod tests {
         assert_eq!(hold_state(Some(t(0)), max, t(100)), Err(HoldEnd::Expired));
         // Touching the file moves the deadline.
         assert_eq!(hold_state(Some(t(90)), max, t(100)), Ok(t(190)));
+        // A deadline beyond the clock's range holds until removal, it does not panic.
+        assert_eq!(hold_state(Some(t(0)), Duration::MAX, t(100)), Ok(forever()));
     }
 
     #[tokio::test]
@@ -122,6 +150,26 @@ mod tests {
         remover.await.unwrap();
         assert_eq!(end, HoldEnd::Released);
         assert_eq!(deadlines.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn keep_file_created_wakes_up_when_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join("keep-runner");
+        let waiting = tokio::time::timeout(Duration::from_millis(300), keep_file_created(&keep));
+        assert!(waiting.await.is_err(), "no keep file yet");
+        let creator = {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                std::fs::write(keep, "").unwrap();
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), keep_file_created(&keep))
+            .await
+            .unwrap()
+            .unwrap();
+        creator.await.unwrap();
     }
 
     #[tokio::test]

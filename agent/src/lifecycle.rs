@@ -80,12 +80,15 @@ impl Phase {
             // A restarted agent that finds this boot's registration or teardown resumes the
             // teardown at once.
             (WaitingForConfig, Deregistering | Holding | PoweringOff) => true,
-            (Registering, Running | Failed) => true,
+            // Registering -> Deregistering: a drain asked for before gitlab-runner started.
+            (Registering, Running | Deregistering | Failed) => true,
             (Running, Draining | Deregistering | Failed) => true,
             (Draining, Deregistering | Failed) => true,
             (Failed, Deregistering | Holding | PoweringOff) => true,
             (Deregistering, Holding | PoweringOff) => true,
             (Holding, PoweringOff) => true,
+            // The keep file created during the failure delay still holds the VM.
+            (PoweringOff, Holding) => true,
             _ => false,
         }
     }
@@ -194,9 +197,11 @@ pub fn poweroff_wait(
     now: SystemTime,
 ) -> Duration {
     match failed_at {
-        Some(at) => (at + failure_delay)
-            .duration_since(now)
-            .unwrap_or(Duration::ZERO),
+        // A delay too long for the clock never ends: wait as long as a sleep can.
+        Some(at) => match at.checked_add(failure_delay) {
+            Some(end) => end.duration_since(now).unwrap_or(Duration::ZERO),
+            None => Duration::MAX,
+        },
         None => Duration::ZERO,
     }
 }
@@ -220,14 +225,18 @@ pub struct Previous<'a> {
     pub runner_started: bool,
 }
 
-/// A previous run of this boot that registered, started gitlab-runner or began its teardown
-/// (a power-off command that failed, say) is resumed as teardown: no second registration, no
-/// second gitlab-runner.
+/// A previous run of this boot that registered, started gitlab-runner, began its teardown (a
+/// power-off command that failed, say) or was killed while registering (its request may have
+/// reached GitLab; creating a runner is not idempotent) is resumed as teardown: no second
+/// registration, no second gitlab-runner.
 pub fn on_start(previous: Option<Previous<'_>>, current_boot_id: &str) -> StartDecision {
     match previous {
         Some(p)
             if p.boot_id == current_boot_id
-                && (p.registered || p.runner_started || p.phase.is_teardown()) =>
+                && (p.registered
+                    || p.runner_started
+                    || p.phase == Phase::Registering
+                    || p.phase.is_teardown()) =>
         {
             StartDecision::TearDown
         }
@@ -248,6 +257,7 @@ mod tests {
         (WaitingForConfig, PoweringOff),
         (WaitingForConfig, Stopping),
         (Registering, Running),
+        (Registering, Deregistering),
         (Registering, Failed),
         (Registering, Stopping),
         (Running, Draining),
@@ -262,6 +272,7 @@ mod tests {
         (Deregistering, Stopping),
         (Holding, PoweringOff),
         (Holding, Stopping),
+        (PoweringOff, Holding),
         (PoweringOff, Stopping),
         (Failed, Deregistering),
         (Failed, Holding),
@@ -344,6 +355,11 @@ mod tests {
             poweroff_wait(None, Duration::from_secs(60), t(15)),
             Duration::ZERO
         );
+        // A delay the clock cannot represent is not a panic.
+        assert_eq!(
+            poweroff_wait(lc.failed_at, Duration::MAX, t(15)),
+            Duration::MAX
+        );
     }
 
     #[test]
@@ -375,8 +391,13 @@ mod tests {
             "another boot"
         );
         assert_eq!(
-            on_start(prev("b1", Registering, false, false), "b1"),
+            on_start(prev("b1", WaitingForConfig, false, false), "b1"),
             StartDecision::Fresh
+        );
+        // Killed while a create or verify may have reached GitLab: never register again.
+        assert_eq!(
+            on_start(prev("b1", Registering, false, false), "b1"),
+            StartDecision::TearDown
         );
         assert_eq!(
             on_start(prev("b1", Registering, true, false), "b1"),

@@ -137,18 +137,31 @@ pub fn read_system_id(state_dir: &Path) -> Option<String> {
     is_valid_system_id(id).then(|| id.to_string())
 }
 
-/// The runner token in an existing config.toml, for a restarted agent that must delete the
-/// runner an earlier run of this boot created.
-pub fn read_runner_token(state_dir: &Path) -> Option<Secret> {
+/// What a restarted agent needs from an existing config.toml to deregister without runner.json:
+/// GitLab's URL, the runner token (the shared `glrt-` token, or the one GitLab returned for the
+/// runner this boot created) and the extra CA file.
+#[derive(Debug, Clone)]
+pub struct RunnerEntry {
+    pub url: String,
+    pub token: Option<Secret>,
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+pub fn read_runner_entry(state_dir: &Path) -> Option<RunnerEntry> {
     let text = fs::read_to_string(state_dir.join(CONFIG_FILE)).ok()?;
     let table: toml::Table = text.parse().ok()?;
-    let token = table
-        .get("runners")?
-        .as_array()?
-        .first()?
-        .get("token")?
-        .as_str()?;
-    Some(Secret::new(token))
+    let runner = table.get("runners")?.as_array()?.first()?;
+    let text_of = |key: &str| {
+        runner
+            .get(key)
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    Some(RunnerEntry {
+        url: text_of("url")?.to_string(),
+        token: text_of("token").map(Secret::new),
+        tls_ca_file: text_of("tls-ca-file").map(PathBuf::from),
+    })
 }
 
 /// config.toml for `gitlab-runner run-single -c <file> -r <name>`: one `[[runners]]` entry.
@@ -375,7 +388,10 @@ mod tests {
             read_system_id(dir.path()).as_deref(),
             Some("r_abcdefABCDEF")
         );
-        assert_eq!(read_runner_token(dir.path()).unwrap().expose(), "glrt-xyz");
+        let entry = read_runner_entry(dir.path()).unwrap();
+        assert_eq!(entry.token.unwrap().expose(), "glrt-xyz");
+        assert_eq!(entry.url, "https://gitlab.example.com");
+        assert_eq!(entry.tls_ca_file, Some(PathBuf::from("/etc/ca.pem")));
     }
 
     #[test]
