@@ -111,9 +111,8 @@ exit {code}
     }
 
     pub fn command(&self, runner: &Path, extra_args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
+        let mut cmd = self.command_without_paths();
+        cmd.arg("--config")
             .arg(self.config_path())
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -122,6 +121,13 @@ exit {code}
             .arg("--gitlab-runner")
             .arg(runner)
             .args(extra_args);
+        cmd
+    }
+
+    /// `gitlab-runner-vm run` with the test environment and power-off, but no path flags.
+    pub fn command_without_paths(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run");
         // The harness's own environment must not configure the agent.
         for (key, _) in std::env::vars() {
             if key.starts_with("GITLAB_RUNNER_VM_")
