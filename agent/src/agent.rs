@@ -83,18 +83,16 @@ struct Agent {
 
 pub async fn run(mut args: RunArgs) -> anyhow::Result<ExitCode> {
     // gitlab-runner runs in the runner user's home: a relative path given to the agent must
-    // mean the same file there as here.
-    for path in [
-        &mut args.config,
-        &mut args.state_dir,
-        &mut args.keep_file,
-        &mut args.gitlab_runner,
-    ] {
-        // A bare program name is looked up in PATH instead.
-        if path.components().count() > 1 || path.starts_with(".") {
-            *path = std::path::absolute(&*path)
-                .with_context(|| format!("cannot make {} absolute", path.display()))?;
-        }
+    // mean the same file there as here. A bare program name is looked up in PATH instead.
+    let bare_program =
+        args.gitlab_runner.components().count() == 1 && !args.gitlab_runner.starts_with(".");
+    let mut paths = vec![&mut args.config, &mut args.state_dir, &mut args.keep_file];
+    if !bare_program {
+        paths.push(&mut args.gitlab_runner);
+    }
+    for path in paths {
+        *path = std::path::absolute(&*path)
+            .with_context(|| format!("cannot make {} absolute", path.display()))?;
     }
     let interrupts = listen_for_signals()?;
     systemd::spawn_watchdog();

@@ -6,10 +6,12 @@
 
 use std::fmt;
 use std::io;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+pub use crate::cli::MAX_SECONDS;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,16 +321,30 @@ impl Checker<'_> {
         obj: &Map<String, Value>,
         key: &str,
         path: &str,
-        min: u64,
+        range: RangeInclusive<u64>,
     ) -> Option<u64> {
         let value = obj.get(key)?;
+        let (min, max) = (*range.start(), *range.end());
         match value.as_u64() {
-            Some(n) if n >= min => Some(n),
-            Some(n) => {
+            Some(n) if range.contains(&n) => Some(n),
+            Some(n) if n < min => {
                 self.error(
                     path,
                     format!("is {n}, below the minimum {min}"),
                     format!("set {key} to at least {min}"),
+                );
+                None
+            }
+            Some(n) => {
+                let unit = if max == MAX_SECONDS {
+                    " s (ten years)"
+                } else {
+                    ""
+                };
+                self.error(
+                    path,
+                    format!("is {n}, above the maximum {max}{unit}"),
+                    format!("set {key} to at most {max}"),
                 );
                 None
             }
@@ -428,6 +444,17 @@ impl Checker<'_> {
         let name = self
             .string(obj, "name", "$.name")
             .unwrap_or_else(|| default_name.to_string());
+        if name.chars().any(char::is_control) {
+            // A NUL cannot be passed to gitlab-runner's -r at all; a newline splits log lines.
+            self.error(
+                "$.name",
+                format!(
+                    "{:?} contains a control character (NUL, newline, tab...)",
+                    name
+                ),
+                "use letters, digits, spaces and punctuation only",
+            );
+        }
         let url = self.url(obj);
         let credential = self.credential(obj);
         let executor = self.executor(obj);
@@ -435,10 +462,10 @@ impl Checker<'_> {
         let docker = self.docker(obj, executor);
 
         let max_jobs = self
-            .integer(obj, "max_jobs", "$.max_jobs", 1)
-            .map(|n| n.min(u32::MAX as u64) as u32);
-        let idle_timeout = self.integer(obj, "idle_timeout", "$.idle_timeout", 0);
-        let max_lifetime = self.integer(obj, "max_lifetime", "$.max_lifetime", 1);
+            .integer(obj, "max_jobs", "$.max_jobs", 1..=u64::from(u32::MAX))
+            .map(|n| n as u32);
+        let idle_timeout = self.integer(obj, "idle_timeout", "$.idle_timeout", 0..=MAX_SECONDS);
+        let max_lifetime = self.integer(obj, "max_lifetime", "$.max_lifetime", 1..=MAX_SECONDS);
         let tls_ca_file = self.tls_ca_file(obj);
         let builds_dir = self.string(obj, "builds_dir", "$.builds_dir");
         if let Some(dir) = &builds_dir
@@ -487,6 +514,16 @@ impl Checker<'_> {
             );
             return None;
         };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            // Never echo the credentials themselves.
+            self.error(
+                "$.url",
+                format!("\"{scheme}://…@{host}\" carries a user name or password"),
+                format!("remove them: write \"{scheme}://{host}\"; the runner authenticates with its token"),
+            );
+            return None;
+        }
         if scheme != "http" && scheme != "https" {
             self.error(
                 "$.url",
@@ -602,8 +639,8 @@ impl Checker<'_> {
             }
             return None;
         };
-        let group = self.integer(obj, "group_id", "$.group_id", 1);
-        let project = self.integer(obj, "project_id", "$.project_id", 1);
+        let group = self.integer(obj, "group_id", "$.group_id", 1..=u64::MAX);
+        let project = self.integer(obj, "project_id", "$.project_id", 1..=u64::MAX);
         match kind.as_str() {
             "instance_type" => Some(RunnerType::Instance),
             "group_type" => match group {
@@ -690,7 +727,12 @@ impl Checker<'_> {
             );
         }
         // GitLab refuses a maximum timeout under 10 minutes with a 400; say so before registering.
-        let maximum_timeout = self.integer(obj, "maximum_timeout", "$.maximum_timeout", 600);
+        let maximum_timeout = self.integer(
+            obj,
+            "maximum_timeout",
+            "$.maximum_timeout",
+            600..=MAX_SECONDS,
+        );
         let creates_runner = matches!(
             credential,
             Some(Credential::RegistrationToken(_) | Credential::AccessToken { .. })
@@ -932,6 +974,60 @@ mod tests {
             only_error(r#"{"url": "https://g.example.com/api/v4", "token": "glrt-a"}"#).path,
             "$.url"
         );
+    }
+
+    #[test]
+    fn url_with_credentials_is_refused_without_echoing_them() {
+        for url in [
+            "https://deploy:s3cr3tpass@g.example.com",
+            "https://s3cr3tpass@g.example.com/",
+            "http://u:s3cr3tpass@g.example.com:8443/gitlab",
+        ] {
+            let p = only_error(&format!(r#"{{"url": "{url}", "token": "glrt-a"}}"#));
+            assert_eq!(p.path, "$.url");
+            let shown = p.to_string();
+            assert!(!shown.contains("s3cr3tpass"), "{shown}");
+            assert!(shown.contains("g.example.com"), "{shown}");
+        }
+        // An @ in the path is not a credential.
+        let config = check(r#"{"url": "https://g.example.com/~team@x", "token": "glrt-a"}"#)
+            .config
+            .unwrap();
+        assert_eq!(config.url, "https://g.example.com/~team@x");
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        for name in [r"vm\u0000one", r"vm\none", r"vm\tone"] {
+            let p = only_error(&format!(
+                r#"{{"url": "https://g.example.com", "token": "glrt-a", "name": "{name}"}}"#
+            ));
+            assert_eq!(p.path, "$.name", "{name}");
+        }
+    }
+
+    #[test]
+    fn durations_and_counts_beyond_what_the_runner_accepts_are_refused() {
+        for (key, value) in [
+            ("max_lifetime", "18446744073709551615"),
+            ("max_lifetime", "315360001"),
+            ("idle_timeout", "315360001"),
+            ("maximum_timeout", "18446744073709551615"),
+            ("max_jobs", "4294967296"),
+        ] {
+            let p = only_error(&format!(
+                r#"{{"url": "https://g.example.com", "registration_token": "GR1348941abc", "{key}": {value}}}"#
+            ));
+            assert_eq!(p.path, format!("$.{key}"));
+            assert!(p.message.contains("above the maximum"), "{p}");
+        }
+        let config = check(
+            r#"{"url": "https://g.example.com", "token": "glrt-a", "max_lifetime": 315360000, "idle_timeout": 315360000, "max_jobs": 4294967295}"#,
+        )
+        .config
+        .unwrap();
+        assert_eq!(config.max_lifetime, Some(MAX_SECONDS));
+        assert_eq!(config.max_jobs, u32::MAX);
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn release(keep_file: &Path) -> ExitCode {
 }
 
 fn drain(state_dir: &Path) -> ExitCode {
+    use lifecycle::Phase;
     let status = match status::read(state_dir) {
         Ok(s) => s,
         Err(e) => {
@@ -144,6 +145,26 @@ fn drain(state_dir: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match status.phase {
+        Phase::WaitingForConfig | Phase::Registering | Phase::Running => {}
+        Phase::Draining => {
+            println!(
+                "already draining: gitlab-runner finishes its current job, then the VM is torn down"
+            );
+            return ExitCode::SUCCESS;
+        }
+        finished => {
+            eprintln!(
+                "error: nothing to drain: the agent is {finished}, past running jobs (gitlab-runner-vm status shows what it does)"
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    // status.json may outlive the agent, and its pid may since belong to another program.
+    if let Err(why) = is_this_agent(status.pid) {
+        eprintln!("error: {why}; nothing was signalled");
+        return ExitCode::FAILURE;
+    }
     let pid = nix::unistd::Pid::from_raw(status.pid as i32);
     match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1) {
         Ok(()) => {
@@ -160,4 +181,27 @@ fn drain(state_dir: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `pid` runs the same program as this process (same file, even if replaced since).
+fn is_this_agent(pid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if pid == 0 || pid > i32::MAX as u32 {
+        return Err(format!("status.json names pid {pid}, which is no process"));
+    }
+    let theirs = std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| match e.kind() {
+        ErrorKind::NotFound => format!("the agent (pid {pid}) is not running"),
+        ErrorKind::PermissionDenied => {
+            format!("cannot inspect pid {pid}: {e}; run as root (sudo gitlab-runner-vm drain)")
+        }
+        _ => format!("cannot inspect pid {pid}: {e}"),
+    })?;
+    let mine = std::fs::metadata("/proc/self/exe")
+        .map_err(|e| format!("cannot inspect this program: {e}"))?;
+    if (theirs.dev(), theirs.ino()) != (mine.dev(), mine.ino()) {
+        return Err(format!(
+            "pid {pid} is not gitlab-runner-vm (the agent has exited and its pid was reused)"
+        ));
+    }
+    Ok(())
 }

@@ -67,8 +67,9 @@ pub fn render(status: &Status, now: SystemTime) -> String {
         ),
         Err(_) => "just now".to_string(),
     };
+    // One column wider than the longest label ("gitlab-runner:", "power-off at:").
     let line =
-        |out: &mut String, key: &str, value: &str| out.push_str(&format!("{key:<14}{value}\n"));
+        |out: &mut String, key: &str, value: &str| out.push_str(&format!("{key:<16}{value}\n"));
     line(
         &mut out,
         "phase:",
@@ -220,10 +221,30 @@ mod tests {
         let s = sample();
         let text = render(&s, s.since + Duration::from_secs(90));
         assert!(
-            text.contains("phase:        holding (since 2027-01-15T08:00:00.000Z, 1m 30s ago)"),
+            text.contains("phase:          holding (since 2027-01-15T08:00:00.000Z, 1m 30s ago)"),
             "{text}"
         );
         assert!(text.contains("gitlab-runner-vm release"), "{text}");
-        assert!(text.contains("registration: deregistered"), "{text}");
+        assert!(text.contains("registration:   deregistered"), "{text}");
+    }
+
+    #[test]
+    fn every_label_is_followed_by_a_space_and_values_line_up() {
+        let mut s = sample();
+        s.poweroff_at = Some(s.since);
+        s.last_error = Some("x".into());
+        let text = render(&s, s.since);
+        let labelled: Vec<&str> = text
+            .lines()
+            .take_while(|l| !l.starts_with("timeline:"))
+            .collect();
+        assert!(labelled.len() >= 10, "{text}");
+        for l in &labelled {
+            let colon = l.find(": ").unwrap_or_else(|| panic!("no \": \" in {l:?}"));
+            assert!(colon < 15, "{l:?}");
+            assert_ne!(&l[16..17], " ", "values start in one column: {l:?}");
+            assert_eq!(&l[15..16], " ", "{l:?}");
+        }
+        assert!(text.contains("gitlab-runner:  started"), "{text}");
     }
 }

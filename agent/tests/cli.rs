@@ -112,9 +112,9 @@ async fn status_shows_the_phase_for_a_person() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("phase:        holding"), "{text}");
-    assert!(text.contains("runner:       vm-test"), "{text}");
-    assert!(text.contains("registration: deregistered"), "{text}");
+    assert!(text.starts_with("phase:          holding"), "{text}");
+    assert!(text.contains("runner:         vm-test"), "{text}");
+    assert!(text.contains("registration:   deregistered"), "{text}");
     assert!(text.contains("hold until:"), "{text}");
     std::fs::remove_file(h.keep_file()).unwrap();
     assert!(h.wait_exit().await.success());

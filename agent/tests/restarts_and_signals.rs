@@ -371,7 +371,12 @@ async fn relative_paths_mean_the_same_files_to_gitlab_runner() {
     h.agent = Some(cmd.spawn().unwrap());
     assert!(h.wait_exit().await.success(), "{}", h.log());
     // gitlab-runner runs in its user's home, and still found the files the agent wrote.
-    assert_eq!(h.read("runner-system-id").unwrap(), h.system_id_file());
+    assert_eq!(
+        h.read("runner-system-id").unwrap(),
+        h.system_id_file(),
+        "{}",
+        h.log()
+    );
     let invocation = &h.runner_invocations()[0];
     assert!(
         invocation.contains(&format!("-c {}/config.toml", h.state_dir().display())),
