@@ -433,11 +433,7 @@ impl Agent {
         let config = self.config().clone();
         let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, &config);
-        let env = runner::scrubbed_environment(
-            &user,
-            std::env::var("PATH").ok(),
-            std::env::var("LANG").ok(),
-        );
+        let env = runner::scrubbed_environment(&user, |key| std::env::var(key).ok());
         // Recorded before the spawn: an agent restarted after this point must never start a
         // second gitlab-runner in this boot.
         self.lc.runner_started = true;

@@ -202,26 +202,41 @@ pub fn run_single_args(config_file: &Path, config: &RunnerConfig) -> Vec<String>
     ]
 }
 
-/// The whole environment gitlab-runner gets: stray variables in ours (CI_SERVER_TOKEN,
-/// RUNNER_EXECUTOR, DOCKER_HOST, GITLAB_RUNNER_VM_*...) would otherwise feed its flags or leak
-/// into jobs.
+/// Proxy settings gitlab-runner (Go's net/http reads the first three), git, curl and the jobs
+/// need as much as the agent (reqwest reads them all) does: behind a proxy, a VM without them
+/// registers, finds no job and powers off.
+pub const PROXY_VARIABLES: &[&str] = &[
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+];
+
+/// The whole environment gitlab-runner gets, from the agent's own (`var`): PATH, LANG and the
+/// proxy settings pass, nothing else does. Stray variables (CI_SERVER_TOKEN, RUNNER_EXECUTOR,
+/// DOCKER_HOST, GITLAB_RUNNER_VM_*...) would otherwise feed its flags or leak into jobs.
 pub fn scrubbed_environment(
     user: &RunnerUser,
-    path: Option<String>,
-    lang: Option<String>,
+    var: impl Fn(&str) -> Option<String>,
 ) -> Vec<(String, String)> {
     let mut env = vec![
         (
             "PATH".to_string(),
-            path.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            var("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
         ),
         ("HOME".to_string(), user.home.display().to_string()),
         ("USER".to_string(), user.name.clone()),
         ("LOGNAME".to_string(), user.name.clone()),
         ("SHELL".to_string(), user.shell.display().to_string()),
     ];
-    if let Some(lang) = lang {
-        env.push(("LANG".to_string(), lang));
+    for key in std::iter::once("LANG").chain(PROXY_VARIABLES.iter().copied()) {
+        if let Some(value) = var(key) {
+            env.push((key.to_string(), value));
+        }
     }
     env
 }
@@ -540,6 +555,42 @@ mod tests {
             .map(|l| std::str::from_utf8(l).unwrap())
             .collect();
         assert_eq!(text, ["xxxxxxxxxx", "glrt-fake.123 an", "d more"]);
+    }
+
+    #[test]
+    fn the_environment_keeps_path_lang_and_proxies_only() {
+        let user = RunnerUser {
+            name: "runner".into(),
+            uid: Uid::from_raw(1000),
+            gid: Gid::from_raw(1000),
+            home: "/home/runner".into(),
+            shell: "/bin/sh".into(),
+            groups: Vec::new(),
+        };
+        let ours = |key: &str| match key {
+            "LANG" => Some("C.UTF-8".to_string()),
+            "HTTPS_PROXY" => Some("http://proxy:3128".to_string()),
+            "no_proxy" => Some(".internal".to_string()),
+            "DOCKER_HOST" | "CI_SERVER_TOKEN" => Some("x".to_string()),
+            _ => None,
+        };
+        let env = scrubbed_environment(&user, ours);
+        let keys: Vec<_> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "PATH",
+                "HOME",
+                "USER",
+                "LOGNAME",
+                "SHELL",
+                "LANG",
+                "HTTPS_PROXY",
+                "no_proxy"
+            ]
+        );
+        assert_eq!(env[0].1, "/usr/local/bin:/usr/bin:/bin");
+        assert_eq!(env[6].1, "http://proxy:3128");
     }
 
     #[test]

@@ -82,3 +82,37 @@ exit 0
     assert!(runs.len() > 1, "not split: {runs:?}");
     assert_eq!(runs.iter().sum::<usize>(), 200_000, "{runs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_settings_reach_gitlab_runner() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    // The fake GitLab on loopback stays direct through NO_PROXY, for the agent too.
+    let proxies = [
+        ("HTTP_PROXY", "http://proxy.invalid:3128"),
+        ("HTTPS_PROXY", "http://proxy.invalid:3129"),
+        ("ALL_PROXY", "http://proxy.invalid:3130"),
+        ("NO_PROXY", "127.0.0.1,localhost,.internal"),
+        ("http_proxy", "http://lower.invalid:3128"),
+        ("https_proxy", "http://lower.invalid:3129"),
+        ("all_proxy", "http://lower.invalid:3130"),
+        ("no_proxy", "127.0.0.1,localhost"),
+    ];
+    let mut cmd = h.command(&runner, &[]);
+    cmd.envs(proxies);
+    cmd.env("FTP_PROXY", "http://not.passed.invalid");
+    h.agent = Some(cmd.spawn().unwrap());
+    let status = h.wait_exit().await;
+    assert!(status.success(), "exit {status:?}\n{}", h.log());
+    assert!(h.powered_off(), "{}", h.log());
+
+    let env = h.read("runner-env").unwrap();
+    let env: Vec<&str> = env.lines().collect();
+    for (key, value) in proxies {
+        let line = format!("{key}={value}");
+        assert!(env.contains(&line.as_str()), "{line} missing: {env:?}");
+    }
+    assert!(!env.iter().any(|l| l.starts_with("FTP_PROXY=")), "{env:?}");
+}
