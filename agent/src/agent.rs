@@ -701,7 +701,7 @@ impl Agent {
             );
             return Ok(ExitCode::SUCCESS);
         }
-        match power::power_off(&self.args.poweroff_command).await {
+        match power::power_off(&self.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
                 log!(info, "power-off requested");
                 Ok(ExitCode::SUCCESS)

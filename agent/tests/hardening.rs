@@ -116,3 +116,33 @@ async fn proxy_settings_reach_gitlab_runner() {
     }
     assert!(!env.iter().any(|l| l.starts_with("FTP_PROXY=")), "{env:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_power_off_command_that_leaves_a_process_behind_does_not_hold_the_agent() {
+    let mut h = Harness::new().await;
+    let pid_file = h.path("lingering.pid");
+    let command = format!(
+        "sleep 30 & echo $! > {}; echo poweroff >> {}",
+        pid_file.display(),
+        h.path("poweroff").display()
+    );
+    h.start_glrt(
+        json!({}),
+        FakeRunner::default(),
+        &["--poweroff-command", &command],
+    )
+    .await;
+    let status = h.wait_exit().await;
+    let took = h.started.elapsed();
+    if let Some(pid) = h.read("lingering.pid") {
+        send_signal(pid.trim().parse().unwrap(), 9);
+    }
+    assert!(status.success(), "exit {status:?}\n{}", h.log());
+    assert!(h.powered_off(), "{}", h.log());
+    // The background sleep keeps the command's stdout and stderr open for 30 s.
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the agent waited for the command's background process: {took:?}\n{}",
+        h.log()
+    );
+}
