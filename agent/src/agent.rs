@@ -20,7 +20,7 @@ use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
 use crate::runner::{self, RunnerUser};
 use crate::secret::Secret;
 use crate::status::{self, Status};
-use crate::{log, logging, power, systemd};
+use crate::{files, log, logging, power, systemd};
 
 /// What the outside world asked for, by signal. Only ever escalates: None < Drain < Stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -244,14 +244,15 @@ impl Agent {
             _ = wait_for(self.interrupts.clone(), Interrupt::Stop) => return Ok(false),
         }
 
-        let text = std::fs::read_to_string(&path).map_err(|e| {
+        let text = files::read_text(&path, files::CONFIG_CAP).map_err(|e| {
             Failure::new(
                 format!("cannot read {}: {e}", path.display()),
-                "make the file readable by the agent",
+                "make it a regular file the agent can read",
             )
         })?;
-        let validated =
-            crate::config::validate(&text, &host_name(), &|p| std::fs::read_to_string(p));
+        let validated = crate::config::validate(&text, &host_name(), &|p| {
+            files::read_text(p, files::NAMED_FILE_CAP)
+        });
         for problem in &validated.problems {
             log!(warn, "{}: {problem}", path.display());
         }

@@ -16,6 +16,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::config::{Executor, RunnerConfig};
+use crate::files;
 use crate::secret::{Secret, redact};
 
 pub const SYSTEM_ID_FILE: &str = ".runner_system_id";
@@ -132,7 +133,7 @@ fn write_private(path: &Path, contents: &[u8], owner: &RunnerUser) -> anyhow::Re
 
 /// Reads a system id this boot already wrote, if it is valid.
 pub fn read_system_id(state_dir: &Path) -> Option<String> {
-    let id = fs::read_to_string(state_dir.join(SYSTEM_ID_FILE)).ok()?;
+    let id = files::read_text(&state_dir.join(SYSTEM_ID_FILE), files::STATE_FILE_CAP).ok()?;
     let id = id.trim();
     is_valid_system_id(id).then(|| id.to_string())
 }
@@ -140,7 +141,7 @@ pub fn read_system_id(state_dir: &Path) -> Option<String> {
 /// The runner token in an existing config.toml, for a restarted agent that must delete the
 /// runner an earlier run of this boot created.
 pub fn read_runner_token(state_dir: &Path) -> Option<Secret> {
-    let text = fs::read_to_string(state_dir.join(CONFIG_FILE)).ok()?;
+    let text = files::read_text(&state_dir.join(CONFIG_FILE), files::STATE_FILE_CAP).ok()?;
     let table: toml::Table = text.parse().ok()?;
     let token = table
         .get("runners")?

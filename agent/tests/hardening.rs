@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::json;
@@ -145,4 +145,133 @@ async fn a_power_off_command_that_leaves_a_process_behind_does_not_hold_the_agen
         "the agent waited for the command's background process: {took:?}\n{}",
         h.log()
     );
+}
+
+fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// `gitlab-runner-vm check --config <config>` under a 1 GiB address-space limit (an unbounded
+/// read of /dev/zero must not take the machine's memory), killed after PATIENCE.
+/// Returns (success, stdout + stderr).
+fn check_bounded(config: &Path) -> (bool, String) {
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 1048576; exec "$0" check --config "$1""#)
+        .arg(BIN)
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("check of {} did not return", config.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn write_runner_json(dir: &Path, token_file: &Path) -> PathBuf {
+    let path = dir.join("runner.json");
+    let config = json!({"url": "https://gitlab.example.com", "token_file": token_file});
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn check_refuses_a_fifo_or_a_device_as_token_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token.fifo");
+    mkfifo(&fifo);
+    let (ok, out) = check_bounded(&write_runner_json(dir.path(), &fifo));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "error: $.token_file: cannot read {}: is a FIFO, not a regular file",
+            fifo.display()
+        )),
+        "{out}"
+    );
+
+    let (ok, out) = check_bounded(&write_runner_json(dir.path(), Path::new("/dev/zero")));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cannot read /dev/zero: is a character device, not a regular file"),
+        "{out}"
+    );
+
+    // A regular file, but a huge one.
+    let big = dir.path().join("big-token");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(64 * 1024 * 1024)
+        .unwrap();
+    let (ok, out) = check_bounded(&write_runner_json(dir.path(), &big));
+    assert!(!ok, "{out}");
+    assert!(out.contains("is larger than 1024 KiB"), "{out}");
+}
+
+#[test]
+fn check_refuses_a_runner_json_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("runner.json");
+    mkfifo(&fifo);
+    let (ok, out) = check_bounded(&fifo);
+    assert!(!ok, "{out}");
+    assert!(out.contains("is a FIFO, not a regular file"), "{out}");
+    let (ok, out) = check_bounded(Path::new("/dev/zero"));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cannot read /dev/zero: is a character device, not a regular file"),
+        "{out}"
+    );
+    let binary = dir.path().join("binary.json");
+    std::fs::write(&binary, b"{\"url\": \"\xff\"}").unwrap();
+    let (ok, out) = check_bounded(&binary);
+    assert!(!ok, "{out}");
+    assert!(out.contains("is not UTF-8 text"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_with_a_fifo_as_token_file_fails_clearly_and_still_obeys_sigterm() {
+    let mut h = Harness::new().await;
+    let fifo = h.path("token.fifo");
+    mkfifo(&fifo);
+    h.write_config(json!({"token_file": fifo}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--failure-delay", "600"]);
+    h.wait_until("the failure", |h| {
+        h.phase().as_deref() == Some("powering-off")
+    })
+    .await;
+    let error = h.status()["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("is a FIFO, not a regular file"), "{error}");
+    send_signal(h.agent_pid(), 15);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "exit {status:?}\n{}", h.log());
+    assert!(!h.powered_off());
+    assert!(h.server.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_with_a_fifo_as_runner_json_fails_at_once_instead_of_waiting() {
+    let mut h = Harness::new().await;
+    std::fs::create_dir_all(h.config_path().parent().unwrap()).unwrap();
+    mkfifo(&h.config_path());
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--config-wait", "3600"]);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "exit {status:?}\n{}", h.log());
+    let error = h.status()["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("is a FIFO, not a regular file"), "{error}");
+    assert!(h.powered_off());
 }
