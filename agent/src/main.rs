@@ -94,7 +94,7 @@ fn check(path: &Path) -> ExitCode {
 fn show_status(state_dir: &Path, json: bool) -> ExitCode {
     let path = status::path_in(state_dir);
     let shown = if json {
-        std::fs::read_to_string(&path)
+        files::read_text(&path, files::STATE_FILE_CAP)
     } else {
         status::read(state_dir).map(|s| status::render(&s, SystemTime::now()))
     };

@@ -151,15 +151,9 @@ fn mkfifo(path: &Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
 }
 
-/// `gitlab-runner-vm check --config <config>` under a 1 GiB address-space limit (an unbounded
-/// read of /dev/zero must not take the machine's memory), killed after PATIENCE.
-/// Returns (success, stdout + stderr).
-fn check_bounded(config: &Path) -> (bool, String) {
-    let mut child = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(r#"ulimit -v 1048576; exec "$0" check --config "$1""#)
-        .arg(BIN)
-        .arg(config)
+/// The output of `cmd`, which must exit within PATIENCE (it is killed otherwise).
+fn output_bounded(mut cmd: std::process::Command) -> std::process::Output {
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -170,11 +164,22 @@ fn check_bounded(config: &Path) -> (bool, String) {
         if std::time::Instant::now() > deadline {
             child.kill().unwrap();
             child.wait().unwrap();
-            panic!("check of {} did not return", config.display());
+            panic!("{cmd:?} did not return within {PATIENCE:?}");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `gitlab-runner-vm check --config <config>` under a 1 GiB address-space limit (an unbounded
+/// read of /dev/zero must not take the machine's memory). Returns (success, stdout + stderr).
+fn check_bounded(config: &Path) -> (bool, String) {
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -v 1048576; exec "$0" check --config "$1""#)
+        .arg(BIN)
+        .arg(config);
+    let out = output_bounded(cmd);
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
@@ -274,4 +279,21 @@ async fn run_with_a_fifo_as_runner_json_fails_at_once_instead_of_waiting() {
     let error = h.status()["last_error"].as_str().unwrap().to_owned();
     assert!(error.contains("is a FIFO, not a regular file"), "{error}");
     assert!(h.powered_off());
+}
+
+#[test]
+fn status_refuses_a_status_json_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join("status.json"));
+    for json in [false, true] {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["status", "--state-dir"]).arg(dir.path());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = output_bounded(cmd);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+    }
 }
