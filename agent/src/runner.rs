@@ -317,10 +317,10 @@ impl LineSplitter {
         while let Some(at) = data.iter().position(|b| *b == b'\n') {
             self.buf.extend_from_slice(&data[..at]);
             data = &data[at + 1..];
-            self.split_long(line);
             if self.buf.last() == Some(&b'\r') {
                 self.buf.pop();
             }
+            self.split_long(line);
             line(&self.buf);
             self.buf.clear();
         }
