@@ -20,7 +20,7 @@ use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
 use crate::runner::{self, RunnerUser};
 use crate::secret::Secret;
 use crate::status::{self, Status};
-use crate::{log, logging, power, systemd};
+use crate::{files, log, logging, power, systemd};
 
 /// What the outside world asked for, by signal. Only ever escalates: None < Drain < Stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -308,8 +308,9 @@ impl Agent {
             text = self.read_complete_config(&path, deadline) => text?,
             _ = wait_for_any(self.interrupts.clone()) => return Ok(false),
         };
-        let validated =
-            crate::config::validate(&text, &host_name(), &|p| std::fs::read_to_string(p));
+        let validated = crate::config::validate(&text, &host_name(), &|p| {
+            files::read_text(p, files::NAMED_FILE_CAP)
+        });
         for problem in &validated.problems {
             log!(warn, "{}: {problem}", path.display());
         }
@@ -367,10 +368,10 @@ impl Agent {
                     | AddWatchFlags::IN_CREATE,
             )
             .ok();
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            let text = files::read_text(path, files::CONFIG_CAP).map_err(|e| {
                 Failure::new(
                     format!("cannot read {}: {e}", path.display()),
-                    "make the file readable by the agent",
+                    "make it a regular file the agent can read",
                 )
             })?;
             let incomplete = text.trim().is_empty()
@@ -574,11 +575,7 @@ impl Agent {
         let config = self.config().clone();
         let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, &config);
-        let env = runner::scrubbed_environment(
-            &user,
-            std::env::var("PATH").ok(),
-            std::env::var("LANG").ok(),
-        );
+        let env = runner::scrubbed_environment(&user, |key| std::env::var(key).ok());
         // Recorded before the spawn: an agent restarted after this point must never start a
         // second gitlab-runner in this boot. Without that record there is no start at all.
         self.lc.runner_started = true;
@@ -904,7 +901,7 @@ impl Agent {
             );
             return Ok(ExitCode::SUCCESS);
         }
-        match power::power_off(&self.args.poweroff_command).await {
+        match power::power_off(&self.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
                 log!(info, "power-off requested");
                 Ok(ExitCode::SUCCESS)

@@ -91,7 +91,8 @@ fn nearest_existing_dir(path: &Path) -> PathBuf {
     dir
 }
 
-/// Returns once `path` is a regular file. The caller bounds the wait with a timeout.
+/// Returns once `path` exists (whatever it is: reading it says what is wrong with a FIFO or a
+/// directory). The caller bounds the wait with a timeout.
 pub async fn wait_for_file(path: &Path) -> io::Result<()> {
     let parent = path.parent().unwrap_or(Path::new("/"));
     loop {
@@ -107,7 +108,7 @@ pub async fn wait_for_file(path: &Path) -> io::Result<()> {
                 | AddWatchFlags::IN_MOVE_SELF,
         )?;
         let mounts = MountWatch::new().ok();
-        if path.is_file() {
+        if path.exists() {
             return Ok(());
         }
         tracing::debug!(

@@ -177,7 +177,7 @@ impl Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
         if let Some(path) = ca_file {
-            let pem = std::fs::read(path)
+            let pem = crate::files::read_capped(path, crate::files::NAMED_FILE_CAP)
                 .map_err(|e| anyhow::anyhow!("cannot read tls_ca_file {}: {e}", path.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 anyhow::anyhow!("tls_ca_file {} is not a PEM bundle: {e}", path.display())

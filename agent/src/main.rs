@@ -4,6 +4,7 @@ mod agent;
 mod backoff;
 mod cli;
 mod config;
+mod files;
 mod fswatch;
 mod gitlab;
 mod hold;
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    let text = match std::fs::read_to_string(path) {
+    let text = match files::read_text(path, files::CONFIG_CAP) {
         Ok(text) => text,
         Err(e) => {
             eprintln!("error: cannot read {}: {e}", path.display());
@@ -66,7 +67,9 @@ fn check(path: &Path) -> ExitCode {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
-    let validated = config::validate(&text, &hostname, &|p| std::fs::read_to_string(p));
+    let validated = config::validate(&text, &hostname, &|p| {
+        files::read_text(p, files::NAMED_FILE_CAP)
+    });
     for problem in &validated.problems {
         println!("{problem}");
     }
@@ -91,7 +94,7 @@ fn check(path: &Path) -> ExitCode {
 fn show_status(state_dir: &Path, json: bool) -> ExitCode {
     let path = status::path_in(state_dir);
     let shown = if json {
-        std::fs::read_to_string(&path)
+        files::read_text(&path, files::STATE_FILE_CAP)
     } else {
         status::read(state_dir).map(|s| status::render(&s, SystemTime::now()))
     };

@@ -53,7 +53,7 @@ pub fn write(state_dir: &Path, status: &Status) -> io::Result<()> {
 }
 
 pub fn read(state_dir: &Path) -> io::Result<Status> {
-    let text = fs::read_to_string(path_in(state_dir))?;
+    let text = crate::files::read_text(&path_in(state_dir), crate::files::STATE_FILE_CAP)?;
     serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
