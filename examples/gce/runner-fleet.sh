@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# A fleet of GitLab CI runner VMs on Google Compute Engine that replaces itself: an instance
+# template (the runner image, runner.json as `user-data` metadata) and a managed instance group
+# (MIG) that keeps SIZE VMs. Each VM runs its jobs, deregisters and powers itself off; the MIG
+# repairs a VM that stopped without the MIG asking by recreating it from its template, with a
+# fresh boot disk. See docs/gce.md for the image upload and what each step costs.
+#
+#   examples/gce/runner-fleet.sh create      # template + MIG of SIZE VMs
+#   examples/gce/runner-fleet.sh update      # new template (new IMAGE or runner.json); each VM
+#                                            # takes it when it is next recreated, no job is cut
+#   examples/gce/runner-fleet.sh resize N    # N VMs (0 stops the fleet, keeps the MIG)
+#   examples/gce/runner-fleet.sh status      # the MIG's VMs and their state
+#   examples/gce/runner-fleet.sh delete      # the MIG, its VMs and the fleet's templates
+#
+# Settings (environment):
+#   ZONE          the MIG's zone, e.g. europe-west1-b (required)
+#   IMAGE         the runner image, `gcloud compute images create` of .#runner-gce (create, update)
+#   IMAGE_PROJECT project holding IMAGE (default: the current project)
+#   RUNNER_JSON   runner.json to give every VM (default ./runner.json)
+#   FLEET         name of the MIG, prefix of its VMs and templates (default gitlab-runners)
+#   SIZE          VMs to keep (default 2)
+#   MACHINE_TYPE  default e2-standard-4; an aarch64 image needs an Arm type, e.g. t2a-standard-4
+#                 or c4a-standard-4
+#   DISK_SIZE     boot disk per VM, at least the image's size (default 50GB)
+#   DISK_TYPE     default pd-balanced (c4a needs hyperdisk-balanced)
+#   NETWORK, SUBNET  network and subnetwork (default: the project's default network)
+#   NO_ADDRESS    1: no external IP (the subnet then needs Cloud NAT to reach GitLab)
+# gcloud's own settings (project, account) apply: CLOUDSDK_CORE_PROJECT, `gcloud config`.
+set -euo pipefail
+
+fleet=${FLEET:-gitlab-runners}
+
+die() {
+  echo "runner-fleet: $*" >&2
+  exit 1
+}
+
+need() {
+  [ -n "${!1:-}" ] || die "set $1 (see the comment at the top of $0)"
+}
+
+# Creates a new instance template and prints its name.
+create_template() {
+  need IMAGE
+  local runner_json=${RUNNER_JSON:-runner.json} name
+  [ -r "$runner_json" ] || die "cannot read $runner_json (set RUNNER_JSON)"
+  # Template names are unique and kept while VMs use them: time of creation and a random part.
+  name=$fleet-$(date -u +%Y%m%d-%H%M%S)-$(printf '%04x' "$RANDOM")
+  local args=(
+    --machine-type "${MACHINE_TYPE:-e2-standard-4}"
+    --image "$IMAGE"
+    --boot-disk-size "${DISK_SIZE:-50GB}"
+    --boot-disk-type "${DISK_TYPE:-pd-balanced}"
+    # runner.json; the image copies JSON user-data to /runner-info/runner.json (mode 0600)
+    # and runs nothing from it.
+    --metadata-from-file "user-data=$runner_json"
+    # No service account: jobs get no Google Cloud credentials from the metadata server.
+    --no-service-account
+    --no-scopes
+    --tags "$fleet"
+    --labels "gitlab-runner-vm-fleet=$fleet"
+  )
+  [ -z "${IMAGE_PROJECT:-}" ] || args+=(--image-project "$IMAGE_PROJECT")
+  [ -z "${NETWORK:-}" ] || args+=(--network "$NETWORK")
+  [ -z "${SUBNET:-}" ] || args+=(--subnet "$SUBNET")
+  [ "${NO_ADDRESS:-0}" != 1 ] || args+=(--no-address)
+  gcloud compute instance-templates create "$name" "${args[@]}" >&2
+  echo "$name"
+}
+
+mig() {
+  need ZONE
+  gcloud compute instance-groups managed "$@" --zone "$ZONE"
+}
+
+command -v gcloud >/dev/null || die "the Google Cloud CLI (gcloud) is required"
+case ${1:-} in
+  create)
+    need ZONE
+    template=$(create_template)
+    # repair (the default, spelled out): a VM that stops or is deleted without the MIG asking is
+    # recreated. force-update-on-repair: the recreated VM takes the MIG's current template, so
+    # `update` rolls out as VMs finish their jobs.
+    mig create "$fleet" \
+      --template "$template" \
+      --size "${SIZE:-2}" \
+      --base-instance-name "$fleet" \
+      --default-action-on-vm-failure repair \
+      --force-update-on-repair
+    ;;
+  update)
+    template=$(create_template)
+    mig set-instance-template "$fleet" --template "$template"
+    echo "VMs take $template as they are recreated; delete older templates once none uses them:"
+    echo "  gcloud compute instance-templates list --filter='name ~ ^$fleet-'"
+    ;;
+  resize)
+    [ $# -eq 2 ] || die "usage: $0 resize N"
+    mig resize "$fleet" --size "$2"
+    ;;
+  status)
+    mig list-instances "$fleet"
+    ;;
+  delete)
+    # Deleting the MIG deletes its VMs: each is shut down (the agent aborts its job and
+    # deregisters) and its boot disk is deleted.
+    mig delete "$fleet" --quiet
+    gcloud compute instance-templates list --filter="name ~ ^$fleet-" --format='value(name)' |
+      while read -r template; do
+        gcloud compute instance-templates delete "$template" --quiet
+      done
+    ;;
+  *)
+    sed -n '8,13p' "$0" | sed 's/^# *//' >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""Checks of the cloud fleet examples under examples/ (KubeVirt's are tests/manifests').
+
+1. CloudFormation (examples/aws/*.yaml): cfn-lint, then what the fleet needs of the template:
+   instances terminate themselves on power-off, IMDSv2 with one hop, the AMI, instance type and
+   runner.json (NoEcho) as parameters, runner.json as user-data, an Auto Scaling group of a
+   fixed size. The parameter files (x86_64 and Graviton) name only parameters of the template,
+   every one without a default, and instance types of their architecture.
+2. Shell scripts (examples/**/*.sh): shellcheck, and each one run against a stand-in of its
+   cloud's CLI (fakecli.py) that records the calls:
+   - aws/import-image.sh: the vmimport role; both architectures from image-info.json
+     (x86_64 + legacy-bios, arm64 + uefi), the upload, the snapshot import and the AMI's root
+     device. With the real AWS CLI installed (install-deps), every call also passes its checks.
+   - gce/runner-fleet.sh: the instance template (runner.json as user-data, no service account)
+     and the MIG that repairs stopped VMs, updates, resizes, removal.
+   - digital-ocean/runner-fleet.sh: powered-off Droplets destroyed, missing ones created (at
+     most ten per request), removal by tag.
+3. Every example file is covered by a check here (a new example needs its validator).
+
+Prints one line per check and a closing "N passed, N failed" line; exits 1 if any check failed.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
+AWS = EXAMPLES / "aws"
+GCE = EXAMPLES / "gce"
+DO = EXAMPLES / "digital-ocean"
+FLEET_TEMPLATE = AWS / "runner-fleet.yaml"
+BIN = Path(os.environ.get("EXAMPLES_BIN", "")) if os.environ.get("EXAMPLES_BIN") else None
+
+
+class Skip(Exception):
+    pass
+
+
+def tool(name):
+    """A validator: from the examples venv when there is one, else from PATH."""
+    if BIN and (BIN / name).exists():
+        return str(BIN / name)
+    found = shutil.which(name)
+    if not found:
+        raise AssertionError(f"{name} is missing; run: sudo tests/examples/install-deps")
+    return found
+
+
+def load_cfn(path):
+    """A CloudFormation YAML template, its short-form tags (!Ref, !If...) read as {Fn: value}."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tagged(loader, suffix, node):
+        if isinstance(node, yaml.ScalarNode):
+            value = loader.construct_scalar(node)
+        elif isinstance(node, yaml.SequenceNode):
+            value = loader.construct_sequence(node, deep=True)
+        else:
+            value = loader.construct_mapping(node, deep=True)
+        return {("Ref" if suffix == "Ref" else "Fn::" + suffix): value}
+
+    Loader.add_multi_constructor("!", tagged)
+    with open(path) as f:
+        return yaml.load(f, Loader=Loader)
+
+
+# ---- 1. CloudFormation ----------------------------------------------------------------------
+
+def test_cfn_lint():
+    templates = sorted(AWS.glob("*.yaml"))
+    assert templates, "no CloudFormation templates in examples/aws"
+    proc = subprocess.run([tool("cfn-lint"), "--", *map(str, templates)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_fleet_template_contract():
+    t = load_cfn(FLEET_TEMPLATE)
+    params, res = t["Parameters"], t["Resources"]
+    assert params["ImageId"]["Type"] == "AWS::EC2::Image::Id", "ImageId must be an AMI parameter"
+    assert "InstanceType" in params, "the instance type is a parameter"
+    assert params["RunnerJson"].get("NoEcho") is True, "runner.json holds a token: NoEcho"
+    (lt,) = [r for r in res.values() if r["Type"] == "AWS::EC2::LaunchTemplate"]
+    data = lt["Properties"]["LaunchTemplateData"]
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate", "a powered-off runner must terminate"
+    assert data["ImageId"] == {"Ref": "ImageId"} and data["InstanceType"] == {"Ref": "InstanceType"}
+    assert data["UserData"] == {"Fn::Base64": {"Ref": "RunnerJson"}}, "runner.json is the user-data"
+    md = data["MetadataOptions"]
+    assert md["HttpTokens"] == "required", "IMDSv2 required"
+    assert md["HttpPutResponseHopLimit"] == 1, "IMDS hop limit 1 (no containers)"
+    assert md.get("HttpEndpoint", "enabled") == "enabled", "the image reads user-data from IMDS"
+    (root,) = data["BlockDeviceMappings"]
+    # import-image.sh registers the AMI with this root device; another name adds a second disk.
+    script = (AWS / "import-image.sh").read_text()
+    assert f"--root-device-name {root['DeviceName']}" in script, "root device differs from import-image.sh"
+    assert root["Ebs"]["DeleteOnTermination"] is True, "a replaced runner leaves no volume"
+    (asg,) = [r for r in res.values() if r["Type"] == "AWS::AutoScaling::AutoScalingGroup"]
+    p = asg["Properties"]
+    count = {"Ref": "RunnerCount"}
+    assert p["MinSize"] == p["MaxSize"] == p["DesiredCapacity"] == count, "the group keeps RunnerCount"
+    assert p["LaunchTemplate"]["LaunchTemplateId"] == {"Ref": next(k for k, v in res.items() if v is lt)}
+    assert p.get("HealthCheckType", "EC2") == "EC2"
+
+
+def test_parameter_files():
+    t = load_cfn(FLEET_TEMPLATE)
+    params = t["Parameters"]
+    files = sorted(AWS.glob("parameters-*.json"))
+    assert {f.name for f in files} >= {"parameters-x86_64.json", "parameters-aarch64.json"}, files
+    graviton = re.compile(r"^[a-z]+[0-9]+[a-z]*g[a-z]*\.")  # m7g, c7gn, r8g, t4g ...
+    problems = []
+    for f in files:
+        values = {p["ParameterKey"]: p["ParameterValue"] for p in json.loads(f.read_text())}
+        problems += [f"{f.name}: unknown parameter {k}" for k in values if k not in params]
+        problems += [f"{f.name}: no value for {k}" for k, v in params.items() if "Default" not in v and k not in values]
+        itype = values.get("InstanceType", params["InstanceType"].get("Default", ""))
+        if not re.match(params["InstanceType"]["AllowedPattern"], itype):
+            problems.append(f"{f.name}: {itype} does not match the template's pattern")
+        arm = "aarch64" in f.name
+        if bool(graviton.match(itype)) != arm:
+            problems.append(f"{f.name}: {itype} is not an {'arm64 (Graviton)' if arm else 'x86_64'} type")
+    assert not problems, "\n".join(problems)
+
+
+# ---- 2. Shell scripts -----------------------------------------------------------------------
+
+def test_shellcheck():
+    scripts = sorted(EXAMPLES.rglob("*.sh"))
+    assert scripts, "no scripts in examples/"
+    proc = subprocess.run([tool("shellcheck"), *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for s in scripts:
+        assert os.access(s, os.X_OK), f"{s.relative_to(ROOT)} is not executable"
+
+
+class Fake:
+    """A directory with stand-ins for aws, gcloud and doctl, their log and their state."""
+
+    def __init__(self, tmp):
+        self.tmp = Path(tmp)
+        self.bin = self.tmp / "bin"
+        self.bin.mkdir()
+        for cli in ("aws", "gcloud", "doctl"):
+            target = self.bin / cli
+            target.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fakecli.py'} {cli} \"$@\"\n")
+            target.chmod(0o755)
+        self.log = self.tmp / "calls.jsonl"
+        self.state = self.tmp / "state.json"
+
+    def set_state(self, state):
+        self.state.write_text(json.dumps(state))
+
+    def get_state(self):
+        return json.loads(self.state.read_text()) if self.state.exists() else {}
+
+    def run(self, script, *args, env=None, check=True):
+        self.log.write_text("")
+        e = {
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "HOME": str(self.tmp),
+            "FAKE_LOG": str(self.log),
+            "FAKE_STATE": str(self.state),
+            "FAKE_HOME": str(self.tmp),
+            "POLL_INTERVAL": "0",
+        }
+        real_aws = shutil.which("aws", path=str(BIN)) if BIN else None
+        if real_aws:
+            e["REAL_AWS"] = real_aws
+        e.update(env or {})
+        proc = subprocess.run([str(script), *args], env=e, cwd=self.tmp, capture_output=True, text=True, timeout=120)
+        if check:
+            assert proc.returncode == 0, f"{script.name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+        calls = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return proc, calls
+
+
+def find(calls, *prefix):
+    found = [c for c in calls if c[: len(prefix)] == list(prefix)]
+    assert found, f"no call {' '.join(prefix)} in:\n" + "\n".join(" ".join(c) for c in calls)
+    return found
+
+
+def opt(call, name):
+    for i, arg in enumerate(call):
+        if arg == name:
+            return call[i + 1]
+    raise AssertionError(f"{name} missing from: {' '.join(call)}")
+
+
+def image_result(tmp, system, boot_mode):
+    """A build result laid out as images/amazon.nix writes it (nix-support/image-info.json)."""
+    out = Path(tmp) / f"result-{system}"
+    (out / "nix-support").mkdir(parents=True)
+    disk = out / f"runner-amazon-26.05.20260715.abcdef0-{system}.vhd"
+    disk.write_bytes(b"\0" * 512)
+    info = {
+        "label": "26.05.20260715.abcdef0",
+        "boot_mode": boot_mode,
+        "system": system,
+        "logical_bytes": "4294967296",
+        "file": str(disk),
+        "disks": {"root": {"logical_bytes": "4294967296", "file": str(disk)}},
+    }
+    (out / "nix-support" / "image-info.json").write_text(json.dumps(info))
+    return out, disk
+
+
+def test_aws_import_image_both_architectures():
+    script = AWS / "import-image.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        for system, arch, boot in (("x86_64-linux", "x86_64", "legacy-bios"), ("aarch64-linux", "arm64", "uefi")):
+            result, disk = image_result(tmp, system, boot)
+            proc, calls = fake.run(script, "import", "my-bucket", str(result))
+            key = f"gitlab-runner-vm/{disk.name}"
+            (cp,) = find(calls, "aws", "s3", "cp")
+            assert cp[-2:] == [str(disk), f"s3://my-bucket/{key}"], cp
+            (imp,) = find(calls, "aws", "ec2", "import-snapshot")
+            assert opt(imp, "--disk-container") == f"Format=VHD,UserBucket={{S3Bucket=my-bucket,S3Key={key}}}", imp
+            assert opt(imp, "--role-name") == "vmimport"
+            (reg,) = find(calls, "aws", "ec2", "register-image")
+            assert opt(reg, "--architecture") == arch, reg
+            assert opt(reg, "--boot-mode") == boot, reg
+            assert opt(reg, "--root-device-name") == "/dev/xvda"
+            assert opt(reg, "--imds-support") == "v2.0"
+            assert "--ena-support" in reg
+            bdm = opt(reg, "--block-device-mappings")
+            assert bdm.startswith("DeviceName=/dev/xvda,Ebs={SnapshotId=snap-0123456789abcdef0,"), bdm
+            assert opt(reg, "--name") == disk.name.removesuffix(".vhd")
+            (rm,) = find(calls, "aws", "s3", "rm")
+            assert rm[-1] == f"s3://my-bucket/{key}", rm
+            assert proc.stdout.strip().splitlines()[-1] == "ami-0123456789abcdef0", proc.stdout
+        # Without image-info.json the script stops before any call.
+        empty = Path(tmp) / "empty"
+        empty.mkdir()
+        proc, calls = fake.run(script, "import", "my-bucket", str(empty), check=False)
+        assert proc.returncode != 0 and "image-info.json" in proc.stderr and not calls, proc.stderr
+
+
+def test_aws_vmimport_role():
+    script = AWS / "import-image.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        _, calls = fake.run(script, "role", "my-bucket")
+        (create,) = find(calls, "aws", "iam", "create-role")
+        trust = json.loads(opt(create, "--assume-role-policy-document"))
+        (stmt,) = trust["Statement"]
+        assert stmt["Principal"] == {"Service": "vmie.amazonaws.com"} and stmt["Action"] == "sts:AssumeRole"
+        assert stmt["Condition"]["StringEquals"]["sts:Externalid"] == "vmimport"
+        (put,) = find(calls, "aws", "iam", "put-role-policy")
+        policy = json.loads(opt(put, "--policy-document"))
+        s3 = next(s for s in policy["Statement"] if "s3:GetObject" in s["Action"])
+        assert set(s3["Resource"]) == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/*"}
+        ec2 = next(s for s in policy["Statement"] if "ec2:RegisterImage" in s["Action"])
+        assert {"ec2:ModifySnapshotAttribute", "ec2:CopySnapshot", "ec2:Describe*"} <= set(ec2["Action"])
+        # A second run updates the existing role instead of creating it again.
+        _, calls = fake.run(script, "role", "my-bucket")
+        assert not [c for c in calls if c[1:3] == ["iam", "create-role"]]
+        find(calls, "aws", "iam", "update-assume-role-policy")
+
+
+def test_gce_runner_fleet():
+    script = GCE / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        runner_json = Path(tmp) / "runner.json"
+        runner_json.write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
+        env = {"ZONE": "europe-west1-b", "IMAGE": "runner-gce-x86-64", "SIZE": "3"}
+        _, calls = fake.run(script, "create", env=env)
+        (tpl,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        name = tpl[4]
+        assert re.fullmatch(r"gitlab-runners-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}", name), name
+        assert opt(tpl, "--metadata-from-file") == "user-data=runner.json"
+        assert "--no-service-account" in tpl and "--no-scopes" in tpl, "jobs must get no Google credentials"
+        assert opt(tpl, "--image") == "runner-gce-x86-64"
+        (mig,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "create")
+        assert mig[5] == "gitlab-runners"
+        assert opt(mig, "--template") == name, "the MIG must use the template just created"
+        assert opt(mig, "--size") == "3" and opt(mig, "--zone") == "europe-west1-b"
+        assert opt(mig, "--default-action-on-vm-failure") == "repair", "stopped VMs must be recreated"
+        assert "--force-update-on-repair" in mig
+
+        _, calls = fake.run(script, "update", env={**env, "IMAGE": "runner-gce-v2"})
+        (tpl2,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        (sit,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "set-instance-template")
+        assert opt(sit, "--template") == tpl2[4] != name
+
+        _, calls = fake.run(script, "resize", "0", env=env)
+        (rs,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "resize")
+        assert opt(rs, "--size") == "0"
+
+        _, calls = fake.run(script, "delete", env=env)
+        find(calls, "gcloud", "compute", "instance-groups", "managed", "delete", "gitlab-runners")
+        deleted = {c[4] for c in find(calls, "gcloud", "compute", "instance-templates", "delete")}
+        assert deleted == {name, tpl2[4]}, deleted
+
+        # Settings are checked before anything is created.
+        proc, calls = fake.run(script, "create", env={"ZONE": "z", "IMAGE": "i", "RUNNER_JSON": "missing.json"}, check=False)
+        assert proc.returncode != 0 and not calls, proc.stderr
+        proc, calls = fake.run(script, "create", env={"IMAGE": "i"}, check=False)
+        assert proc.returncode != 0 and "ZONE" in proc.stderr and not calls, proc.stderr
+
+
+def test_digital_ocean_runner_fleet():
+    script = DO / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        (Path(tmp) / "runner.json").write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
+        env = {"IMAGE": "123456", "REGION": "ams3", "COUNT": "4"}
+        fake.set_state({"droplets": [
+            {"id": 1, "status": "active", "tag": "gitlab-runners"},
+            {"id": 2, "status": "off", "tag": "gitlab-runners"},
+            {"id": 3, "status": "off", "tag": "gitlab-runners"},
+            {"id": 4, "status": "new", "tag": "gitlab-runners"},
+            {"id": 5, "status": "off", "tag": "something-else"},
+        ]})
+        _, calls = fake.run(script, "reconcile", env=env)
+        (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
+        assert "--force" in delete and sorted(a for a in delete if a.isdigit()) == ["2", "3"], delete
+        (create,) = find(calls, "doctl", "compute", "droplet", "create")
+        names = [a for a in create[4:] if not a.startswith("-")][:2]
+        assert all(n.startswith("gitlab-runners-") for n in names) and len(set(names)) == 2, create
+        assert opt(create, "--user-data-file") == "runner.json" and opt(create, "--tag-names") == "gitlab-runners"
+        assert opt(create, "--image") == "123456" and opt(create, "--region") == "ams3"
+        state = {d["id"]: d["status"] for d in fake.get_state()["droplets"] if d["tag"] == "gitlab-runners"}
+        assert sorted(state.values()) == ["active", "new", "new", "new"], state
+        assert any(d["id"] == 5 for d in fake.get_state()["droplets"]), "another fleet's Droplet was touched"
+
+        # Nothing to do: no call but the listing.
+        _, calls = fake.run(script, "reconcile", env=env)
+        assert [c[1:4] for c in calls] == [["compute", "droplet", "list"]], calls
+
+        # A large fleet is created ten names per request.
+        fake.set_state({})
+        _, calls = fake.run(script, "reconcile", env={**env, "COUNT": "23"})
+        sizes = [len([a for a in c[4:] if a.startswith("gitlab-runners-")]) for c in find(calls, "doctl", "compute", "droplet", "create")]
+        assert sizes == [10, 10, 3], sizes
+
+        # COUNT=0 drains: finished Droplets are destroyed, none created.
+        fake.set_state({"droplets": [{"id": 7, "status": "off", "tag": "gitlab-runners"}]})
+        _, calls = fake.run(script, "reconcile", env={**env, "COUNT": "0"})
+        assert not [c for c in calls if c[3:4] == ["create"]]
+        assert fake.get_state()["droplets"] == []
+
+        _, calls = fake.run(script, "delete", env=env)
+        (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
+        assert opt(delete, "--tag-name") == "gitlab-runners" and "--force" in delete
+
+        proc, calls = fake.run(script, "reconcile", env={"REGION": "ams3"}, check=False)
+        assert proc.returncode != 0 and "IMAGE" in proc.stderr and not calls, proc.stderr
+
+
+# ---- 3. Coverage ------------------------------------------------------------------------------
+
+def test_every_example_is_checked():
+    covered = {
+        *AWS.glob("*.yaml"), *AWS.glob("parameters-*.json"), *EXAMPLES.rglob("*.sh"),
+        *(EXAMPLES / "kubevirt").glob("*.yaml"),  # tests/manifests
+    }
+    others = [p for p in EXAMPLES.rglob("*") if p.is_file() and p not in covered and p.name != "README.md"]
+    assert not others, "examples without a validator: " + ", ".join(str(p.relative_to(ROOT)) for p in others)
+
+
+def main():
+    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    passed = failed = skipped = 0
+    for name, fn in tests:
+        try:
+            fn()
+        except Skip as e:
+            skipped += 1
+            print(f"skip {name}: {e}")
+        except AssertionError as e:
+            failed += 1
+            message = str(e) or "assertion failed"
+            print(f"FAIL {name}:\n  " + message.replace("\n", "\n  "))
+        except Exception as e:  # a crash in a check is a failure of that check
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+        else:
+            passed += 1
+            print(f"ok   {name}")
+    summary = f"{passed} passed, {failed} failed"
+    print(summary + (f", {skipped} skipped" if skipped else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
