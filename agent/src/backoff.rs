@@ -15,14 +15,16 @@
 //! rejected client its count (`RateLimit-Observed`) and the rate (`RateLimit-Limit`, per
 //! minute). So a client rejected as the c-th request of its window knows that `c - 1` requests
 //! came before it, and takes its turn after them: `(c - 1) / rate` from the start of the window,
-//! of which the window itself served about one period. Retries claim only half of the rate
-//! (`RETRY_SHARE`): the other half stays for requests that are not retries (the next call of a
-//! VM whose first one got through, such as its deregistration, and VMs that boot later). Within
-//! its turn each client picks a random moment of about one period, so that the turns of
-//! different windows interleave instead of colliding.
+//! of which the window itself served about one period. The retries of one window count on a
+//! third of the rate (`RETRY_SHARE`): a third stays for the call each of them makes next (the
+//! deregistration after a verify), and a third for requests that are not retries (VMs that
+//! boot later) and for collisions, because clients cannot see the turns that the rejected of
+//! other windows took. Within its turn each client picks a random moment, over one period and
+//! one more per earlier rejection of the same call, so that turns interleave and a client
+//! rejected again moves further out.
 //! Without those two headers (a migration back-off, an older GitLab, a proxy), the only hint is
 //! the reset: the retry then falls at a random moment in a span of `SPREAD_PERIODS` periods per
-//! attempt after the reset, the span growing with each rejection (up to `CAP`).
+//! attempt after the reset (up to `CAP`). That spreads a storm less evenly (see BENCHMARKS.md).
 
 use std::time::{Duration, SystemTime};
 
@@ -34,12 +36,13 @@ pub const MIN_WAIT: Duration = Duration::from_secs(1);
 /// `18446744073709551615`) must neither overflow a clock nor park the agent for years. GitLab's
 /// longest throttle period is one hour by default.
 pub const MAX_HINT: Duration = Duration::from_secs(3600);
-/// The share of the throttle's rate that retries scheduled from `RateLimit-Observed` count on
-/// taking (see the module documentation).
-pub const RETRY_SHARE: u32 = 2;
+/// With `RateLimit-Observed`: the turn after the requests counted before this one is this many
+/// times their share of the rate, i.e. retries count on `1 / RETRY_SHARE` of the rate (see the
+/// module documentation; tuned with `cargo bench --bench storm`).
+pub const RETRY_SHARE: u32 = 3;
 /// Without `RateLimit-Observed`: how many periods (estimated from the hint) the retries after a
 /// throttle's reset spread over, per attempt so far.
-pub const SPREAD_PERIODS: u32 = 4;
+pub const SPREAD_PERIODS: u32 = 6;
 
 /// The ceiling of "full jitter" before retry number `attempt` (0 for the first retry):
 /// `min(CAP, BASE * 2^attempt)`.
@@ -146,7 +149,9 @@ pub fn plan(attempt: u32, hint: Option<&Hint>) -> Plan {
             let turn = ahead.saturating_sub(period).saturating_mul(RETRY_SHARE);
             Plan {
                 earliest: reset.saturating_add(turn).min(MAX_HINT),
-                spread: period,
+                spread: period
+                    .saturating_mul(attempt.saturating_add(1))
+                    .min(CAP),
             }
         }
         None => Plan {
@@ -384,13 +389,16 @@ mod tests {
                 spread: Duration::from_secs(1)
             }
         );
-        // The 201st: 180 were rejected before it, 9 s of the rate, of which it counts on half.
+        // The 201st: 180 were rejected before it, 9 s at the full rate; retries count on a
+        // share of it.
         assert_eq!(
             plan(0, Some(&h(201))).earliest,
             Duration::from_secs(1 + 9 * RETRY_SHARE as u64)
         );
-        // The attempt count plays no part: the count says it all.
-        assert_eq!(plan(0, Some(&h(201))), plan(7, Some(&h(201))));
+        // Rejected again, the same count brings the same turn, with a wider spread.
+        let (first, again) = (plan(0, Some(&h(201))), plan(2, Some(&h(201))));
+        assert_eq!(first.earliest, again.earliest);
+        assert_eq!(again.spread, first.spread * 3);
     }
 
     #[test]
