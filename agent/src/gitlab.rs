@@ -102,7 +102,7 @@ pub enum ApiError {
     Body { endpoint: Endpoint, detail: String },
     /// A call that creates a runner got an answer (or none) that does not rule out that GitLab
     /// created it: not retried, because a retry may create a second runner.
-    #[error("GitLab may have created a runner whose token is unknown: {endpoint} {detail}", endpoint = .endpoint.describe())]
+    #[error("GitLab may have created a runner whose token is unknown: {endpoint} got {detail}", endpoint = .endpoint.describe())]
     MaybeCreated {
         endpoint: Endpoint,
         /// The runner's description (this VM's runner name).
@@ -318,7 +318,7 @@ impl Request<'_> {
     fn no_answer(&self, e: &reqwest::Error, sent: bool) -> ApiError {
         let detail = self.clean(&error_chain(e), usize::MAX);
         if self.creates.is_some() && sent {
-            self.maybe_created(format!("got no answer: {detail}"))
+            self.maybe_created(format!("no answer: {detail}"))
         } else {
             ApiError::Transport {
                 endpoint: self.endpoint,
@@ -443,7 +443,7 @@ impl Client {
             .unwrap_or(text);
         let message = r.clean(message.trim(), MAX_MESSAGE_CHARS);
         if r.creates.is_some() && !retry_is_safe(endpoint, status) && status >= 500 {
-            return Err(r.maybe_created(format!("got {status}: {message}")));
+            return Err(r.maybe_created(format!("{status}: {message}")));
         }
         Err(ApiError::Status {
             endpoint,
@@ -657,7 +657,9 @@ fn created_runner(r: &Request<'_>, status: u16, body: &Value) -> Result<CreatedR
             id: created.id,
             token: Secret::new(created.token),
         }),
-        Err(_) if status == 201 => Err(r.maybe_created("got 201 without a runner token".into())),
+        Err(_) if status == 201 => {
+            Err(r.maybe_created("a 201 answer without a runner token".into()))
+        }
         Err(_) => Err(ApiError::Body {
             endpoint: r.endpoint,
             detail: format!("a {status} answer without a runner token"),
@@ -902,7 +904,7 @@ mod tests {
         let maybe = ApiError::MaybeCreated {
             endpoint: Endpoint::CreateUserRunner,
             description: "vm-test".into(),
-            detail: "got 502: Bad Gateway".into(),
+            detail: "502: Bad Gateway".into(),
         };
         assert!(!maybe.is_retryable());
         assert!(maybe.to_string().contains("may have created a runner"));
