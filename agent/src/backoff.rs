@@ -149,9 +149,7 @@ pub fn plan(attempt: u32, hint: Option<&Hint>) -> Plan {
             let turn = ahead.saturating_sub(period).saturating_mul(RETRY_SHARE);
             Plan {
                 earliest: reset.saturating_add(turn).min(MAX_HINT),
-                spread: period
-                    .saturating_mul(attempt.saturating_add(1))
-                    .min(CAP),
+                spread: period.saturating_mul(attempt.saturating_add(1)).min(CAP),
             }
         }
         None => Plan {
