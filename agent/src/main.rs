@@ -70,12 +70,14 @@ fn check(path: &Path) -> ExitCode {
     let validated = config::validate(&text, &hostname, &|p| {
         files::read_text(p, files::NAMED_FILE_CAP)
     });
+    // A token pasted into another field (name, url, runner_type...) is masked like the
+    // credential itself.
     for problem in &validated.problems {
-        println!("{problem}");
+        println!("{}", secret::scrub(&problem.to_string()));
     }
     match validated.config {
         Some(c) => {
-            println!(
+            let summary = format!(
                 "ok: {} is valid (runner {}, {} credential {}, {} executor, {} job(s), url {})",
                 path.display(),
                 c.name,
@@ -85,6 +87,7 @@ fn check(path: &Path) -> ExitCode {
                 c.max_jobs,
                 c.url
             );
+            println!("{}", secret::scrub(&summary));
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
@@ -100,7 +103,7 @@ fn show_status(state_dir: &Path, json: bool) -> ExitCode {
     };
     match shown {
         Ok(text) => {
-            print!("{text}");
+            print!("{}", secret::scrub(&text));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -45,9 +45,12 @@ pub fn path_in(state_dir: &Path) -> PathBuf {
 pub fn write(state_dir: &Path, status: &Status) -> io::Result<()> {
     let tmp = state_dir.join(".status.json.tmp");
     let mut file = fs::File::create(&tmp)?;
-    let mut text = serde_json::to_vec_pretty(status).map_err(io::Error::other)?;
-    text.push(b'\n');
-    file.write_all(&text)?;
+    // The file is world-readable: whatever a field carries (a token pasted into runner.json's
+    // name, an error body that echoed one), no token goes in whole.
+    let text = serde_json::to_string_pretty(status).map_err(io::Error::other)?;
+    let mut text = crate::secret::scrub(&text);
+    text.push('\n');
+    file.write_all(text.as_bytes())?;
     file.sync_data()?;
     fs::rename(&tmp, path_in(state_dir))
 }

@@ -1,0 +1,334 @@
+//! Boot storm: N agents (the real binary, one process each) boot at once against a fake GitLab
+//! whose throttle works like GitLab's Rack::Attack for the authenticated API: a fixed window of
+//! `limit` requests per `period` seconds, aligned to the epoch, one budget shared by every VM's
+//! verify and manager deletion, every request counted (rejected ones too), and a 429 with
+//! `Retry-After`, `RateLimit-ResetTime`, `RateLimit-Reset`, `RateLimit-Observed`,
+//! `RateLimit-Limit` (per minute) and `RateLimit-Remaining` past the limit. Each agent verifies,
+//! runs a fake gitlab-runner that exits at once, deletes its manager and "powers off" (`true`).
+//!
+//! Reports: registered, deregistered, managers left in GitLab, rejected requests per accepted
+//! one, requests an agent sent before the reset it had been told, and the makespan (first
+//! request to last accepted one) against the ideal `2N / limit × period`.
+//! Targets: none left, none early, at most 1 rejected per accepted, makespan within 1.3× ideal.
+//!
+//! `cargo bench --bench storm -- [--agents N] [--limit L] [--period S] [--runs R] [--hint-only]
+//! [--profile]` (or STORM_AGENTS, STORM_LIMIT, STORM_PERIOD, STORM_RUNS, STORM_HINT_ONLY=1).
+//! Defaults: 200 agents, 20 per 1 s, 3 runs. `--hint-only` leaves out `RateLimit-Observed` and
+//! `RateLimit-Limit`, as a proxy or an older GitLab would. Without `--bench` (`cargo test
+//! --benches`) it runs one small storm as a smoke test that checks nothing is left behind and no
+//! request came early; it never asserts timings.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{BIN, TOKEN};
+use serde_json::{Value, json};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    agents: usize,
+    limit: u64,
+    period_s: u64,
+    runs: usize,
+    hint_only: bool,
+    profile: bool,
+}
+
+fn settings() -> (Settings, bool) {
+    let args: Vec<String> = std::env::args().collect();
+    let bench = args.iter().any(|a| a == "--bench");
+    let flag = |name: &str, env: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+            .or_else(|| std::env::var(env).ok())
+    };
+    let number = |name, env, default: u64| {
+        flag(name, env).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} wants a whole number"))
+        })
+    };
+    let switch = |name: &str, env: &str| {
+        args.iter().any(|a| a == name) || std::env::var(env).is_ok_and(|v| v == "1")
+    };
+    let s = if bench {
+        Settings {
+            agents: number("--agents", "STORM_AGENTS", 200) as usize,
+            limit: number("--limit", "STORM_LIMIT", 20),
+            period_s: number("--period", "STORM_PERIOD", 1),
+            runs: number("--runs", "STORM_RUNS", 3) as usize,
+            hint_only: switch("--hint-only", "STORM_HINT_ONLY"),
+            profile: switch("--profile", "STORM_PROFILE"),
+        }
+    } else {
+        Settings {
+            agents: 8,
+            limit: 4,
+            period_s: 1,
+            runs: 1,
+            hint_only: false,
+            profile: false,
+        }
+    };
+    assert!(s.agents > 0 && s.limit > 0 && s.period_s > 0 && s.runs > 0);
+    (s, bench)
+}
+
+/// What the fake GitLab saw.
+#[derive(Default)]
+struct Seen {
+    window: u64,
+    count: u64,
+    accepted: u64,
+    rejected: u64,
+    /// Requests from an agent that had been told to wait until a reset still in the future.
+    early: u64,
+    registered: HashSet<String>,
+    deleted: HashSet<String>,
+    promised: HashMap<String, SystemTime>,
+    first: Option<Instant>,
+    last_accepted: Option<Instant>,
+    /// Per window: (accepted, rejected).
+    windows: BTreeMap<u64, (u64, u64)>,
+}
+
+struct FakeGitLab {
+    limit: u64,
+    period_s: u64,
+    hint_only: bool,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Respond for FakeGitLab {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let now = SystemTime::now();
+        let epoch_s = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let window = epoch_s / self.period_s;
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let agent = body["system_id"].as_str().unwrap_or("?").to_owned();
+        let mut seen = self.seen.lock().unwrap();
+        seen.first.get_or_insert_with(Instant::now);
+        if seen.promised.get(&agent).is_some_and(|reset| now < *reset) {
+            seen.early += 1;
+        }
+        if window != seen.window {
+            seen.window = window;
+            seen.count = 0;
+        }
+        seen.count += 1;
+        let observed = seen.count;
+        if observed > self.limit {
+            seen.rejected += 1;
+            seen.windows.entry(window).or_default().1 += 1;
+            let reset_s = (window + 1) * self.period_s;
+            let reset = UNIX_EPOCH + Duration::from_secs(reset_s);
+            seen.promised.insert(agent, reset);
+            let mut answer = ResponseTemplate::new(429)
+                .insert_header("Retry-After", (reset_s - epoch_s).to_string())
+                .insert_header("RateLimit-ResetTime", httpdate::fmt_http_date(reset))
+                .insert_header("RateLimit-Reset", reset_s.to_string())
+                .insert_header("RateLimit-Name", "throttle_authenticated_api")
+                .set_body_raw("Retry later\n", "text/plain");
+            if !self.hint_only {
+                let per_minute = (self.limit * 60).div_ceil(self.period_s);
+                answer = answer
+                    .insert_header("RateLimit-Observed", observed.to_string())
+                    .insert_header("RateLimit-Limit", per_minute.to_string())
+                    .insert_header("RateLimit-Remaining", "0");
+            }
+            return answer;
+        }
+        seen.accepted += 1;
+        seen.windows.entry(window).or_default().0 += 1;
+        seen.last_accepted = Some(Instant::now());
+        match (request.method.as_str(), request.url.path()) {
+            ("POST", "/api/v4/runners/verify") => {
+                seen.registered.insert(agent);
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"id": 1, "token": TOKEN, "token_expires_at": null}))
+            }
+            ("DELETE", "/api/v4/runners/managers") => {
+                seen.deleted.insert(agent);
+                ResponseTemplate::new(204)
+            }
+            _ => ResponseTemplate::new(404).set_body_json(json!({"message": "404 Not Found"})),
+        }
+    }
+}
+
+struct Outcome {
+    registered: usize,
+    deregistered: usize,
+    left: usize,
+    accepted: u64,
+    rejected: u64,
+    early: u64,
+    makespan: Duration,
+    wall: Duration,
+    failed_agents: usize,
+    windows: BTreeMap<u64, (u64, u64)>,
+}
+
+async fn storm(s: Settings) -> Outcome {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let server = MockServer::start().await;
+    Mock::given(wiremock::matchers::any())
+        .respond_with(FakeGitLab {
+            limit: s.limit,
+            period_s: s.period_s,
+            hint_only: s.hint_only,
+            seen: seen.clone(),
+        })
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let runner = dir.path().join("gitlab-runner");
+    std::fs::write(&runner, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut commands = Vec::new();
+    for i in 0..s.agents {
+        let home = dir.path().join(format!("vm{i}"));
+        std::fs::create_dir_all(home.join("state")).unwrap();
+        let config = home.join("runner.json");
+        std::fs::write(
+            &config,
+            json!({"url": server.uri(), "token": TOKEN, "name": format!("storm-{i}")}).to_string(),
+        )
+        .unwrap();
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(home.join("state"))
+            .arg("--keep-file")
+            .arg(home.join("keep-runner"))
+            .arg("--gitlab-runner")
+            .arg(&runner)
+            .args(["--poweroff-command", "true", "--failure-delay", "1"]);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("GITLAB_RUNNER_VM_")
+                || key == "NOTIFY_SOCKET"
+                || key == "JOURNAL_STREAM"
+            {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(home.join("agent.log")).unwrap())
+            .kill_on_drop(true);
+        commands.push(cmd);
+    }
+
+    let started = Instant::now();
+    let mut agents = Vec::new();
+    for mut cmd in commands {
+        agents.push(cmd.spawn().expect("spawn the agent"));
+    }
+    let mut failed_agents = 0;
+    for (i, mut agent) in agents.into_iter().enumerate() {
+        let status = agent.wait().await.unwrap();
+        if !status.success() {
+            failed_agents += 1;
+            eprintln!(
+                "agent {i} exited with {status}; its log:\n{}",
+                std::fs::read_to_string(dir.path().join(format!("vm{i}/agent.log")))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let wall = started.elapsed();
+    let seen = seen.lock().unwrap();
+    Outcome {
+        registered: seen.registered.len(),
+        deregistered: seen.deleted.len(),
+        left: seen.registered.difference(&seen.deleted).count(),
+        accepted: seen.accepted,
+        rejected: seen.rejected,
+        early: seen.early,
+        makespan: match (seen.first, seen.last_accepted) {
+            (Some(first), Some(last)) => last - first,
+            _ => Duration::ZERO,
+        },
+        wall,
+        failed_agents,
+        windows: seen.windows.clone(),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let (s, bench) = settings();
+    let ideal = Duration::from_secs_f64(2.0 * s.agents as f64 / s.limit as f64 * s.period_s as f64);
+    println!(
+        "Storm: {} agents, throttle {} per {} s{}, ideal makespan 2N/limit x period = {:.1} s",
+        s.agents,
+        s.limit,
+        s.period_s,
+        if s.hint_only {
+            " (hint only: no RateLimit-Observed/-Limit)"
+        } else {
+            ""
+        },
+        ideal.as_secs_f64()
+    );
+    println!();
+    println!(
+        "| Run | Registered | Deregistered | Managers left | Accepted | Rejected | Rejected per accepted | Early requests | Makespan | Makespan / ideal | All agents exited |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut outcomes = Vec::new();
+    for run in 1..=s.runs {
+        let o = storm(s).await;
+        println!(
+            "| {run} | {} | {} | {} | {} | {} | {:.2} | {} | {:.1} s | {:.2} | {:.1} s{} |",
+            o.registered,
+            o.deregistered,
+            o.left,
+            o.accepted,
+            o.rejected,
+            o.rejected as f64 / o.accepted.max(1) as f64,
+            o.early,
+            o.makespan.as_secs_f64(),
+            o.makespan.as_secs_f64() / ideal.as_secs_f64(),
+            o.wall.as_secs_f64(),
+            if o.failed_agents > 0 {
+                format!(", {} failed", o.failed_agents)
+            } else {
+                String::new()
+            }
+        );
+        if s.profile {
+            let line: Vec<String> = o
+                .windows
+                .values()
+                .map(|(a, r)| format!("{a}/{r}"))
+                .collect();
+            println!("accepted/rejected per window: {}", line.join(" "));
+        }
+        outcomes.push(o);
+    }
+    println!();
+    println!(
+        "Targets: none left, none early, at most 1 rejected per accepted, makespan within 1.3x ideal."
+    );
+    if !bench {
+        // The smoke test checks what must always hold; timings are for the benchmark only.
+        for o in &outcomes {
+            assert_eq!(o.failed_agents, 0, "an agent failed");
+            assert_eq!(o.registered, s.agents, "not every agent registered");
+            assert_eq!(o.left, 0, "runner managers were left in GitLab");
+            assert_eq!(o.early, 0, "requests came before the advertised reset");
+        }
+    }
+}
