@@ -12,7 +12,8 @@
      (x86_64 + legacy-bios, arm64 + uefi), the upload, the snapshot import and the AMI's root
      device. With the real AWS CLI installed (install-deps), every call also passes its checks.
    - gce/runner-fleet.sh: the instance template (runner.json as user-data, no service account)
-     and the MIG that repairs stopped VMs, updates, resizes, removal.
+     and the MIG that repairs stopped VMs, updates, resizes, removal. Where the Google Cloud CLI
+     is installed, every call also passes its checks.
    - digital-ocean/runner-fleet.sh: powered-off Droplets destroyed, missing ones created (at
      most ten per request), removal by tag.
 3. Every example file is covered by a check here (a new example needs its validator).
@@ -39,6 +40,10 @@ GCE = EXAMPLES / "gce"
 DO = EXAMPLES / "digital-ocean"
 FLEET_TEMPLATE = AWS / "runner-fleet.yaml"
 BIN = Path(os.environ.get("EXAMPLES_BIN", "")) if os.environ.get("EXAMPLES_BIN") else None
+# The Google Cloud CLI is not installable in CI (no Debian or PyPI package); where it is
+# installed, it checks every gcloud call of the GCE script too (about 20 s; EXAMPLES_NO_GCLOUD=1
+# leaves it out).
+REAL_GCLOUD = None if os.environ.get("EXAMPLES_NO_GCLOUD") else shutil.which("gcloud")
 
 
 class Skip(Exception):
@@ -176,6 +181,8 @@ class Fake:
         real_aws = shutil.which("aws", path=str(BIN)) if BIN else None
         if real_aws:
             e["REAL_AWS"] = real_aws
+        if REAL_GCLOUD:
+            e["REAL_GCLOUD"] = REAL_GCLOUD
         e.update(env or {})
         proc = subprocess.run([str(script), *args], env=e, cwd=self.tmp, capture_output=True, text=True, timeout=120)
         if check:

@@ -65,6 +65,27 @@ def validate_with_real_aws(args):
         sys.exit(255)
 
 
+def validate_with_real_gcloud(args):
+    real = os.environ.get("REAL_GCLOUD")
+    if not real:
+        return
+    config = os.path.join(os.environ.get("FAKE_HOME", "/tmp"), "gcloud-config")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("FAKE_HOME", "/nonexistent"),
+        "CLOUDSDK_CONFIG": config,
+        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+        "CLOUDSDK_CORE_PROJECT": "example-project",
+        # No probe for a GCE metadata server, no update check: offline and quick.
+        "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1",
+    }
+    proc = subprocess.run([real, *args], env=env, capture_output=True, text=True, timeout=120)
+    if "account" not in proc.stderr or "unrecognized arguments" in proc.stderr or "Invalid value" in proc.stderr:
+        sys.stderr.write(f"fake gcloud: the real gcloud rejects `gcloud {' '.join(args)}`:\n{proc.stderr}")
+        sys.exit(255)
+
+
 def aws(args, state):
     validate_with_real_aws(args)
     if args[:2] == ["iam", "get-role"]:
@@ -85,6 +106,7 @@ def aws(args, state):
 
 
 def gcloud(args, state):
+    validate_with_real_gcloud(args)
     if args[:3] == ["compute", "instance-templates", "create"]:
         state.setdefault("templates", []).append(args[3])
         # gcloud prints the new template as a table on stdout.
