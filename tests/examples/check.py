@@ -148,6 +148,16 @@ def test_shellcheck():
         assert os.access(s, os.X_OK), f"{s.relative_to(ROOT)} is not executable"
 
 
+def check_aws_calls(calls):
+    """Every aws call passes the real AWS CLI's parameter checks (awscheck.py)."""
+    python = BIN / "python" if BIN else None
+    if not calls or not python or not python.exists():
+        return
+    proc = subprocess.run([str(python), str(HERE / "awscheck.py")], input="".join(json.dumps(c) + "\n" for c in calls),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, "the AWS CLI rejects:\n" + proc.stdout + proc.stderr
+
+
 class Fake:
     """A directory with stand-ins for aws, gcloud and doctl, their log and their state."""
 
@@ -161,6 +171,7 @@ class Fake:
             target.chmod(0o755)
         self.log = self.tmp / "calls.jsonl"
         self.state = self.tmp / "state.json"
+        self.aws_calls = []
 
     def set_state(self, state):
         self.state.write_text(json.dumps(state))
@@ -178,9 +189,6 @@ class Fake:
             "FAKE_HOME": str(self.tmp),
             "POLL_INTERVAL": "0",
         }
-        real_aws = shutil.which("aws", path=str(BIN)) if BIN else None
-        if real_aws:
-            e["REAL_AWS"] = real_aws
         if REAL_GCLOUD:
             e["REAL_GCLOUD"] = REAL_GCLOUD
         e.update(env or {})
@@ -188,7 +196,12 @@ class Fake:
         if check:
             assert proc.returncode == 0, f"{script.name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
         calls = [json.loads(line) for line in self.log.read_text().splitlines()]
+        self.aws_calls += [c[1:] for c in calls if c[0] == "aws"]
         return proc, calls
+
+    def check_aws(self):
+        """Every aws call made so far passes the real AWS CLI's parameter checks."""
+        check_aws_calls(self.aws_calls)
 
 
 def find(calls, *prefix):
@@ -252,6 +265,7 @@ def test_aws_import_image_both_architectures():
         empty.mkdir()
         proc, calls = fake.run(script, "import", "my-bucket", str(empty), check=False)
         assert proc.returncode != 0 and "image-info.json" in proc.stderr and not calls, proc.stderr
+        fake.check_aws()
 
 
 def test_aws_vmimport_role():
@@ -274,6 +288,7 @@ def test_aws_vmimport_role():
         _, calls = fake.run(script, "role", "my-bucket")
         assert not [c for c in calls if c[1:3] == ["iam", "create-role"]]
         find(calls, "aws", "iam", "update-assume-role-policy")
+        fake.check_aws()
 
 
 def test_gce_runner_fleet():
