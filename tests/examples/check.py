@@ -382,7 +382,51 @@ def test_digital_ocean_runner_fleet():
         assert proc.returncode != 0 and "IMAGE" in proc.stderr and not calls, proc.stderr
 
 
-# ---- 3. Coverage ------------------------------------------------------------------------------
+# ---- 3. Coverage and the pages that use the examples ------------------------------------------
+
+def slug(heading):
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[`*_\[\]()]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def test_docs_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file, and an anchor it has."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    anchors = {}
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        anchors[page.resolve()] = {slug(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
+    problems = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page.resolve()
+            if not dest.exists():
+                problems.append(f"{page.relative_to(ROOT)}: {target}: no such file")
+            elif anchor and dest in anchors and anchor not in anchors[dest]:
+                problems.append(f"{page.relative_to(ROOT)}: {target}: no such heading")
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_name_the_example_files():
+    """The example files a page tells users to run or apply exist, and each example has a page."""
+    docs = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
+    problems = []
+    for name, text in docs.items():
+        for ref in set(re.findall(r"examples/[\w./-]+\.(?:sh|yaml|json)", text)):
+            if not (ROOT / ref).exists():
+                problems.append(f"docs/{name}: {ref} does not exist")
+    for example in [*EXAMPLES.rglob("*.sh"), *EXAMPLES.rglob("*.yaml")]:
+        ref = str(example.relative_to(ROOT))
+        if not any(ref in text for text in docs.values()):
+            problems.append(f"{ref} is on no page of docs/")
+    assert not problems, "\n".join(problems)
+
 
 def test_every_example_is_checked():
     covered = {

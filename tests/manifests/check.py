@@ -40,6 +40,7 @@ OLD_SCHEMAS = SCHEMAS / "datreeio-v1.6.2"
 VM_TEMPLATE = ROOT / "vm-template.yaml"
 EXAMPLES = ROOT / "examples" / "kubevirt"
 README = ROOT / "README.md"
+KUBEVIRT_DOC = ROOT / "docs" / "kubevirt.md"
 UNIT = ROOT / "agent" / "dist" / "gitlab-runner-vm.service"
 MODULES = ROOT / "nixos-modules"
 
@@ -501,7 +502,7 @@ def guest_comments(path):
 
 
 def readme_commands(pattern):
-    text = README.read_text() if README.is_file() else ""
+    text = "".join(p.read_text() + "\n" for p in (README, KUBEVIRT_DOC) if p.is_file())
     for path in manifest_files():
         text += "\n" + path.read_text()
     return re.findall(pattern, text)
@@ -748,7 +749,7 @@ def test_pool_is_the_same_vm_with_opportunistic_updates():
 
 def test_documented_commands_match_the_manifests():
     applies = readme_commands(r"kubectl apply -f (\S+) -l (\S+)")
-    assert applies, "no `kubectl apply -f FILE -l SELECTOR` command in README.md or the manifests"
+    assert applies, "no `kubectl apply -f FILE -l SELECTOR` command in README.md, docs/kubevirt.md or the manifests"
     problems = []
     for file, selector in applies:
         path = ROOT / file
