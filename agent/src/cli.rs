@@ -12,6 +12,15 @@ pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
 /// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
 
+/// The runner's name when runner.json gives none, for `check` and `run` alike: the host name.
+pub fn default_runner_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gitlab-runner-vm".into())
+}
+
 fn seconds(text: &str) -> Result<u64, String> {
     let value: u64 = text
         .trim()
