@@ -4,13 +4,14 @@
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use tokio::process::Child;
+
 use nix::sys::signal::Signal;
 
 use super::Agent;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
-use super::state::{Job, Next, State};
-use super::teardown::failed;
+use super::state::{Job, Next, State, failed};
 use crate::runner;
 
 impl Agent {
@@ -92,11 +93,34 @@ fn killed_by(status: ExitStatus, signal: Signal) -> bool {
     status.signal() == Some(signal as i32)
 }
 
-pub(super) fn describe_exit(status: ExitStatus) -> String {
+fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(sig)) => format!("signal {sig}"),
         _ => status.to_string(),
+    }
+}
+
+/// SIGTERM (gitlab-runner aborts the job and reports it to GitLab), then SIGKILL after
+/// `timeout`.
+pub(super) async fn stop_child(child: &mut Child, timeout: Duration) {
+    let Some(pid) = child.id() else { return };
+    tracing::info!(
+        "sending SIGTERM to gitlab-runner (pid {pid}); it aborts its job and reports it"
+    );
+    if let Err(e) = runner::send_signal(pid, Signal::SIGTERM) {
+        tracing::warn!("cannot send SIGTERM to gitlab-runner: {e}");
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => tracing::info!("gitlab-runner exited with {}", describe_exit(status)),
+        Ok(Err(e)) => tracing::warn!("cannot wait for gitlab-runner: {e}"),
+        Err(_) => {
+            tracing::warn!(
+                "gitlab-runner did not exit within {} s of SIGTERM; killing it",
+                timeout.as_secs()
+            );
+            let _ = child.kill().await;
+        }
     }
 }

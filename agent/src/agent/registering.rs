@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
-use super::state::{Job, Next, Setup, State, Teardown};
-use super::teardown::failed;
+use super::state::{Job, Next, Setup, State, Teardown, failed};
 use super::{Agent, deadline_after};
 use crate::config::RunnerConfig;
 use crate::gitlab::RetryError;
 use crate::lifecycle::Phase;
-use crate::registration::{Registered, Target};
+use crate::registration::{Registered, Target, possibly_created};
 use crate::runner::{self, RunnerUser};
 use crate::secret::Secret;
 use crate::status;
@@ -177,11 +176,4 @@ impl Agent {
         );
         (State::Running(job), detail)
     }
-}
-
-/// What an operator must know when a create request's fate is unknown.
-pub(super) fn possibly_created(name: &str) -> String {
-    format!(
-        "GitLab may have created a runner named \"{name}\" for this VM without this VM learning its token, so it cannot be deleted from here; if it is listed under Settings > CI/CD > Runners, delete it there"
-    )
 }

@@ -82,3 +82,9 @@ pub struct Stop {
     pub child: Option<Child>,
     pub teardown: Teardown,
 }
+
+/// A failure, and the teardown that follows it.
+pub fn failed(error: AgentError, teardown: Teardown) -> Next {
+    let detail = error.to_string();
+    (State::Failed(error, teardown), detail)
+}

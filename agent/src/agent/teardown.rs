@@ -6,27 +6,19 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use nix::sys::signal::Signal;
 use tokio::process::Child;
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
-use super::jobs::describe_exit;
-use super::registering::possibly_created;
+use super::jobs::stop_child;
 use super::state::{Next, State, Stop, Teardown};
 use super::{Agent, Shown, deadline_after};
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Phase};
-use crate::registration::{Registered, Target};
+use crate::registration::{Registered, Target, possibly_created};
 use crate::status::{self, Status};
 use crate::{power, runner, systemd};
-
-/// A failure, and the teardown that follows it.
-pub(super) fn failed(error: AgentError, teardown: Teardown) -> Next {
-    let detail = error.to_string();
-    (State::Failed(error, teardown), detail)
-}
 
 impl Agent {
     /// Where teardown starts: deregistration if GitLab (may) know this VM, else the hold if the
@@ -289,27 +281,4 @@ impl Agent {
 
 fn exit(code: ExitCode) -> Next {
     (State::Exit(code), String::new())
-}
-
-/// SIGTERM (gitlab-runner aborts the job and reports it to GitLab), then SIGKILL after
-/// `timeout`.
-async fn stop_child(child: &mut Child, timeout: Duration) {
-    let Some(pid) = child.id() else { return };
-    tracing::info!(
-        "sending SIGTERM to gitlab-runner (pid {pid}); it aborts its job and reports it"
-    );
-    if let Err(e) = runner::send_signal(pid, Signal::SIGTERM) {
-        tracing::warn!("cannot send SIGTERM to gitlab-runner: {e}");
-    }
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) => tracing::info!("gitlab-runner exited with {}", describe_exit(status)),
-        Ok(Err(e)) => tracing::warn!("cannot wait for gitlab-runner: {e}"),
-        Err(_) => {
-            tracing::warn!(
-                "gitlab-runner did not exit within {} s of SIGTERM; killing it",
-                timeout.as_secs()
-            );
-            let _ = child.kill().await;
-        }
-    }
 }

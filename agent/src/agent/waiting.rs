@@ -10,8 +10,7 @@ use tokio::time::Instant;
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
-use super::state::{Next, Setup, State, Teardown};
-use super::teardown::failed;
+use super::state::{Next, Setup, State, Teardown, failed};
 use super::{Agent, Shown, deadline_after};
 use crate::config::RunnerConfig;
 use crate::gitlab::Client;

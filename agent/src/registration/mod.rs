@@ -139,3 +139,10 @@ fn created(runner: gitlab::CreatedRunner) -> Secret {
     );
     runner.token
 }
+
+/// What an operator must know when a create request's fate is unknown.
+pub fn possibly_created(name: &str) -> String {
+    format!(
+        "GitLab may have created a runner named \"{name}\" for this VM without this VM learning its token, so it cannot be deleted from here; if it is listed under Settings > CI/CD > Runners, delete it there"
+    )
+}
