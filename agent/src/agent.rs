@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::cli::RunArgs;
-use crate::config::{Credential, RunnerConfig};
+use crate::config::{Credential, CredentialKind, RunnerConfig};
 use crate::gitlab::{self, Client, CreatedRunner, Deletion, RetryError, RunnerInfo};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
@@ -50,7 +50,7 @@ impl Failure {
 #[derive(Debug, Clone, Default)]
 struct Shown {
     runner: Option<String>,
-    credential: Option<String>,
+    credential: Option<CredentialKind>,
     gitlab_url: Option<String>,
 }
 
@@ -271,7 +271,7 @@ impl Agent {
             boot_id: self.boot_id.clone(),
             runner: self.shown.runner.clone(),
             system_id: self.system_id.clone(),
-            credential: self.shown.credential.clone(),
+            credential: self.shown.credential,
             gitlab_url: self.shown.gitlab_url.clone(),
             registered: self.lc.registered,
             deregistered: self.lc.deregistered,
@@ -337,7 +337,7 @@ impl Agent {
         logging::update_context(|c| c.runner = config.name.clone());
         self.shown = Shown {
             runner: Some(config.name.clone()),
-            credential: Some(config.credential.kind().to_string()),
+            credential: Some(config.credential.kind()),
             gitlab_url: Some(config.url.clone()),
         };
         self.deletes_manager = matches!(config.credential, Credential::RunnerToken(_));
@@ -482,7 +482,7 @@ impl Agent {
 
         let info = RunnerInfo {
             name: config.name.clone(),
-            executor: config.executor.as_str().to_string(),
+            executor: config.executor,
         };
         let deadline = deadline_after(Duration::from_secs(self.args.register_timeout));
         let client = self.client().clone();
@@ -609,13 +609,11 @@ impl Agent {
 
         self.enter(
             Phase::Running,
-            &format!("gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job", config.max_jobs, user.name, config.idle_timeout),
+            &format!("gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job", config.max_jobs, user.name, config.idle_timeout.as_secs()),
         )
         .map_err(bug)?;
 
-        let lifetime_end = config
-            .max_lifetime
-            .map(|s| deadline_after(Duration::from_secs(s)));
+        let lifetime_end = config.max_lifetime.map(deadline_after);
         let exit = loop {
             let draining = self.lc.phase() == Phase::Draining;
             let child = self.child.as_mut().expect("child is running");
@@ -628,7 +626,7 @@ impl Agent {
                     self.drain(pid, "drain requested (SIGUSR1)")?;
                 }
                 _ = sleep_until_opt(lifetime_end), if !draining => {
-                    self.drain(pid, &format!("max_lifetime of {} s reached", config.max_lifetime.unwrap_or(0)))?;
+                    self.drain(pid, &format!("max_lifetime of {} s reached", config.max_lifetime.unwrap_or_default().as_secs()))?;
                 }
             }
         };
@@ -702,7 +700,7 @@ impl Agent {
         if let Some(name) = &prev.runner {
             logging::update_context(|c| c.runner = name.clone());
         }
-        self.deletes_manager = prev.credential.as_deref() == Some("token");
+        self.deletes_manager = prev.credential == Some(CredentialKind::RunnerToken);
         let entry = runner::read_runner_entry(&state_dir);
         if let Some(entry) = &entry {
             match Client::new(&entry.url, entry.tls_ca_file.as_deref()) {

@@ -50,7 +50,12 @@ fn check_prints_what_each_fixture_expects() {
             std::fs::write(&expected_file, &text).unwrap();
             continue;
         }
-        let expected = std::fs::read_to_string(&expected_file).unwrap_or_default();
+        let Ok(expected) = std::fs::read_to_string(&expected_file) else {
+            wrong.push(format!(
+                "{name}: no .out beside it (UPDATE_FIXTURES=1 writes one)"
+            ));
+            continue;
+        };
         if text != expected {
             wrong.push(format!("{name}:\n--- expected\n{expected}--- got\n{text}"));
         }
