@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::backoff::{self, Hint};
-use crate::config::{RunnerSettings, RunnerType};
+use crate::config::{Executor, RunnerSettings, RunnerType};
 use crate::secret::{self, Secret, redact};
 
 /// One request may take this long before it counts as a network error and is retried (within
@@ -243,7 +243,7 @@ pub enum Deletion {
 #[derive(Debug, Clone)]
 pub struct RunnerInfo {
     pub name: String,
-    pub executor: String,
+    pub executor: Executor,
 }
 
 impl RunnerInfo {
@@ -253,7 +253,7 @@ impl RunnerInfo {
             "version": concat!("gitlab-runner-vm ", env!("CARGO_PKG_VERSION")),
             "platform": std::env::consts::OS,
             "architecture": std::env::consts::ARCH,
-            "executor": self.executor,
+            "executor": self.executor.as_str(),
         })
     }
 }
@@ -638,10 +638,10 @@ fn runner_fields(name: &str, settings: &RunnerSettings) -> Value {
         body["locked"] = json!(v);
     }
     if let Some(v) = &settings.access_level {
-        body["access_level"] = json!(v);
+        body["access_level"] = json!(v.as_str());
     }
     if let Some(v) = settings.maximum_timeout {
-        body["maximum_timeout"] = json!(v);
+        body["maximum_timeout"] = json!(v.as_secs());
     }
     body
 }
@@ -838,7 +838,7 @@ mod tests {
     fn info() -> RunnerInfo {
         RunnerInfo {
             name: "vm-test".into(),
-            executor: "shell".into(),
+            executor: Executor::Shell,
         }
     }
 

@@ -212,7 +212,7 @@ pub fn run_single_args(config_file: &Path, config: &RunnerConfig) -> Vec<String>
         "--max-builds".into(),
         config.max_jobs.to_string(),
         "--wait-timeout".into(),
-        config.idle_timeout.to_string(),
+        config.idle_timeout.as_secs().to_string(),
     ]
 }
 
@@ -448,7 +448,7 @@ mod tests {
                 volumes: vec!["/cache".into()],
             }),
             max_jobs: 3,
-            idle_timeout: 120,
+            idle_timeout: std::time::Duration::from_secs(120),
             max_lifetime: None,
             tls_ca_file: Some("/etc/ca.pem".into()),
             builds_dir: None,
