@@ -38,7 +38,7 @@ async fn a_success_is_only_the_json_gitlab_sends() {
     )
     .await;
     let c = client(&gitlab);
-    let (t, id, i) = (secret(TOKEN), "r_0123456789ab", info());
+    let (t, id, i) = (secret(TOKEN), SYSTEM_ID, info());
     let html_err = c.verify(&t, id, &i).await.unwrap_err();
     assert!(
         matches!(&html_err, ApiError::Body { detail, .. } if detail.contains("text/html")),
@@ -74,13 +74,13 @@ async fn answers_past_max_body_are_a_body_error() {
     .await;
     let c = client(&gitlab);
     let t = secret(TOKEN);
-    let err = c.verify(&t, "r_0123456789ab", &info()).await.unwrap_err();
+    let err = c.verify(&t, SYSTEM_ID, &info()).await.unwrap_err();
     assert!(
         matches!(&err, ApiError::Body { detail, .. } if detail.contains("larger than 64 KiB")),
         "{err:?}"
     );
     // Of an error status only the beginning is read; the status still decides.
-    let err = c.delete_manager(&t, "r_0123456789ab").await.unwrap_err();
+    let err = c.delete_manager(&t, SYSTEM_ID).await.unwrap_err();
     let ApiError::Status {
         status, message, ..
     } = &err
@@ -90,4 +90,66 @@ async fn answers_past_max_body_are_a_body_error() {
     assert_eq!(*status, 503);
     assert!(err.is_retryable());
     assert!(message.chars().count() <= MAX_MESSAGE_CHARS + 1);
+}
+
+/// `MAX_BODY` itself is read, one byte more is not: with a length announced, and without.
+#[tokio::test]
+async fn max_body_is_the_limit_with_or_without_a_length() {
+    let (t, i) = (secret(TOKEN), info());
+    for (len, fits) in [(MAX_BODY, true), (MAX_BODY + 1, false)] {
+        let body = json_of_len(len);
+        assert_eq!(body.len(), len);
+        let gitlab = MockServer::start().await;
+        answer(
+            &gitlab,
+            "POST",
+            "/api/v4/runners/verify",
+            ResponseTemplate::new(200).set_body_raw(body.clone(), "application/json"),
+        )
+        .await;
+        let with_length = client(&gitlab).verify(&t, SYSTEM_ID, &i).await;
+        let (url, server) = raw_server(chunked("200 OK", body.as_bytes())).await;
+        let c = Client::new(&url, None).unwrap();
+        let without_length = c.verify(&t, SYSTEM_ID, &i).await;
+        server.abort();
+        for result in [with_length, without_length] {
+            match result {
+                Ok(()) => assert!(fits, "{len} bytes were read"),
+                Err(ApiError::Body { detail, .. }) => {
+                    assert!(!fits, "{len}: {detail}");
+                    assert_eq!(detail, "a 200 answer larger than 64 KiB");
+                }
+                Err(e) => panic!("{len}: {e:?}"),
+            }
+        }
+    }
+}
+
+/// An empty success is no runner: verify needs the id.
+#[tokio::test]
+async fn an_empty_success_to_verify_is_a_body_error() {
+    for body in ["", "  \r\n", "null", "[]", "{\"id\": \"7\"}"] {
+        let gitlab = MockServer::start().await;
+        answer(
+            &gitlab,
+            "POST",
+            "/api/v4/runners/verify",
+            ResponseTemplate::new(200).set_body_raw(body, "application/json"),
+        )
+        .await;
+        let err = client(&gitlab)
+            .verify(&secret(TOKEN), SYSTEM_ID, &info())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ApiError::Body { detail, .. } if detail == "a 200 answer without the runner's id"),
+            "{body:?}: {err:?}"
+        );
+        assert!(!err.is_retryable());
+        assert!(
+            err.fix().contains("not at a proxy or login page"),
+            "{}",
+            err.fix()
+        );
+    }
 }

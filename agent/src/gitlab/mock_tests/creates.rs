@@ -90,7 +90,7 @@ async fn a_create_is_retried_when_it_surely_created_nothing_and_verify_after_a_5
     .await
     .unwrap();
     assert_eq!(created.id, Some(9));
-    with_retries("verify", deadline, || c.verify(&t, "r_0123456789ab", &i))
+    with_retries("verify", deadline, || c.verify(&t, SYSTEM_ID, &i))
         .await
         .unwrap();
     assert_eq!(gitlab.received_requests().await.unwrap().len(), 4);
@@ -118,10 +118,7 @@ async fn a_create_without_an_answer_may_have_created_a_runner_unless_never_sent(
         .unwrap_err();
     assert!(matches!(err, ApiError::MaybeCreated { .. }), "{err:?}");
     // Verify is idempotent: the same failure is a network error, retried.
-    let err = c
-        .verify(&secret(TOKEN), "r_0123456789ab", &i)
-        .await
-        .unwrap_err();
+    let err = c.verify(&secret(TOKEN), SYSTEM_ID, &i).await.unwrap_err();
     assert!(
         matches!(err, ApiError::Transport { .. }) && err.is_retryable(),
         "{err:?}"
@@ -140,4 +137,93 @@ async fn a_create_without_an_answer_may_have_created_a_runner_unless_never_sent(
         matches!(err, ApiError::Transport { .. }) && err.is_retryable(),
         "{err:?}"
     );
+}
+
+/// A 201 is a created runner whatever its body says; a 200 or an error status is not.
+#[tokio::test]
+async fn only_a_201_without_a_token_may_have_created_a_runner() {
+    let (access, i, s) = (secret(ACCESS), info(), RunnerSettings::default());
+    for (code, body, maybe_created) in [
+        (201, json!({"id": 9}), true),
+        (201, json!({"id": 9, "token": 12}), true),
+        (200, json!({"id": 9}), false),
+        (200, json!("ok"), false),
+    ] {
+        let gitlab = MockServer::start().await;
+        answer(
+            &gitlab,
+            "POST",
+            "/api/v4/user/runners",
+            ResponseTemplate::new(code).set_body_json(body.clone()),
+        )
+        .await;
+        let err = client(&gitlab)
+            .create_user_runner(&access, &RunnerType::Instance, &i, &s)
+            .await
+            .unwrap_err();
+        let detail = format!("a {code} answer without a runner token");
+        if maybe_created {
+            assert!(
+                matches!(&err, ApiError::MaybeCreated { detail: d, description, .. } if *d == detail && description == "vm-test"),
+                "{body}: {err:?}"
+            );
+        } else {
+            assert!(
+                matches!(&err, ApiError::Body { detail: d, .. } if *d == detail),
+                "{code} {body}: {err:?}"
+            );
+        }
+        assert!(!err.is_retryable());
+    }
+    // Not JSON: the same, by status.
+    for (code, maybe_created) in [(201, true), (200, false)] {
+        let gitlab = MockServer::start().await;
+        let html = ResponseTemplate::new(code).set_body_raw("<html/>", "text/html");
+        answer(&gitlab, "POST", "/api/v4/user/runners", html).await;
+        let err = client(&gitlab)
+            .create_user_runner(&access, &RunnerType::Instance, &i, &s)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            matches!(err, ApiError::MaybeCreated { .. }),
+            maybe_created,
+            "{err:?}"
+        );
+    }
+    // A client error is GitLab refusing: nothing was created.
+    let gitlab = MockServer::start().await;
+    let refused = ResponseTemplate::new(400).set_body_json(json!({"message": "bad tags"}));
+    answer(&gitlab, "POST", "/api/v4/user/runners", refused).await;
+    let err = client(&gitlab)
+        .create_user_runner(&access, &RunnerType::Instance, &i, &s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::Status { status: 400, .. }),
+        "{err:?}"
+    );
+}
+
+/// A success cut short, after a create, may be the created runner's token lost on the way.
+#[tokio::test]
+async fn a_success_cut_short_may_have_created_a_runner() {
+    let (access, i, s) = (secret(ACCESS), info(), RunnerSettings::default());
+    let cut = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\": 9, \"tok".to_vec();
+    let (url, server) = raw_server(cut).await;
+    let c = Client::new(&url, None).unwrap();
+    let err = c
+        .create_user_runner(&access, &RunnerType::Instance, &i, &s)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ApiError::MaybeCreated { detail, .. } if detail.starts_with("no answer: ")),
+        "{err:?}"
+    );
+    // Verify creates nothing: the same is a network error, retried.
+    let err = c.verify(&secret(TOKEN), SYSTEM_ID, &i).await.unwrap_err();
+    assert!(
+        matches!(err, ApiError::Transport { .. }) && err.is_retryable(),
+        "{err:?}"
+    );
+    server.abort();
 }

@@ -24,7 +24,7 @@ async fn redirects_are_not_followed_and_name_their_location() {
     .await;
     let c = client(&gitlab);
     let err = c
-        .verify(&secret(TOKEN), "r_0123456789ab", &info())
+        .verify(&secret(TOKEN), SYSTEM_ID, &info())
         .await
         .unwrap_err();
     let ApiError::Redirect {
@@ -72,7 +72,7 @@ async fn a_redirect_shows_no_user_info_query_or_token_and_suggests_the_base_url(
     )
     .await;
     let err = client(&gitlab)
-        .verify(&secret(TOKEN), "r_0123456789ab", &info())
+        .verify(&secret(TOKEN), SYSTEM_ID, &info())
         .await
         .unwrap_err();
     let text = format!("{err} {}", err.fix());
