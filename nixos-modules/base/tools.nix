@@ -18,7 +18,7 @@ in
     extraPackages = lib.mkOption {
       type = lib.types.listOf lib.types.package;
       default = [ ];
-      example = lib.literalExpression "[ pkgs.terraform pkgs.ansible ]";
+      example = lib.literalExpression "[ pkgs.opentofu pkgs.ansible ]";
       description = "More packages for the system profile, beside the base tool set.";
     };
   };
