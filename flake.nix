@@ -122,7 +122,13 @@
       packages = forAllSystems (pkgs:
         let
           inherit (pkgs.stdenv.hostPlatform) system;
-          imagePackages = lib.mapAttrs (name: bySystem: bySystem.${system}.config.system.build.${images.${name}.build})
+          # Each image carries the configuration it was built from and its file's path, as
+          # nixpkgs' system.build.images do: `nix eval .#nixos-runner.config.image.fileName`.
+          imagePackages = lib.mapAttrs
+            (name: bySystem:
+              let nixos = bySystem.${system}; in
+              lib.extendDerivation true { inherit (nixos) config; inherit (nixos.config.image) filePath; }
+                nixos.config.system.build.${images.${name}.build})
             (lib.filterAttrs (_: bySystem: bySystem ? ${system}) imageSystems);
           runner = imageSystems.nixos-runner.${system}.config;
         in
