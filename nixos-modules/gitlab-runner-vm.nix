@@ -7,8 +7,8 @@
 #
 # `settings` follows RFC 42: a freeform attribute set whose keys are the agent's own flag names
 # (`failure-delay` for `--failure-delay`). Every flag `--foo-bar` reads `GITLAB_RUNNER_VM_FOO_BAR`,
-# so each setting becomes that variable (true/false, decimal integers, strings as they are; null
-# leaves the flag at the agent's default), and a new agent flag needs no change here.
+# so each setting becomes that variable (true/false, decimal integers, strings as they are; a
+# freeform null leaves the flag at the agent's default), and a new agent flag needs no change here.
 { config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.gitlab-runner-vm;
@@ -48,10 +48,7 @@ in
     renamed;
 
   options.services.gitlab-runner-vm = {
-    enable = lib.mkEnableOption ''
-      gitlab-runner-vm, the agent that registers this VM with GitLab at boot, runs N jobs with
-      gitlab-runner, deregisters and powers the VM off
-    '';
+    enable = lib.mkEnableOption "gitlab-runner-vm, the agent that registers the VM with GitLab at boot, runs N jobs, deregisters and powers the VM off";
 
     package = mkOption {
       type = types.package;
@@ -79,9 +76,9 @@ in
       description = ''
         Flags of `gitlab-runner-vm run`, by their names without the leading `--`: each one
         becomes the agent's environment variable `GITLAB_RUNNER_VM_<NAME>` (upper case, `-` as
-        `_`). Booleans are `true` or `false`, integers decimal, strings as they are; `null`
-        leaves the agent's default. Flags without an option below are set the same way, so
-        every flag of the agent is available here. Durations are whole seconds.
+        `_`). Booleans are `true` or `false`, integers decimal, strings as they are. Flags
+        without an option below are set the same way, so every flag of the agent is available
+        here; `null` leaves such a flag at the agent's default. Durations are whole seconds.
       '';
       type = types.submodule {
         freeformType = types.attrsOf (types.nullOr (types.oneOf [ types.bool types.int types.str ]));
