@@ -4,7 +4,9 @@
 #     flake      the user's own Nix, when it has flakes enabled: `nix flake check`, `nix eval`;
 #     nix-eval   ../shared/nix-eval beside the checkout (set up here if it is not yet): Nix 2.26
 #                and a nixpkgs snapshot shipped there, nothing fetched (what CI uses);
-#     none       neither; EVALUATOR_WHY says why.
+#     none       neither; EVALUATOR_WHY says why;
+#     error      ../shared/nix-eval is there but its setup failed (EVALUATOR_WHY): a failure,
+#                not a reason to skip.
 #   TESTS_NIX_EVALUATOR=flake|nix-eval|none forces the choice.
 #   evaluator_json FILE   prints, as JSON, `import FILE { flake = <the flake's outputs>; }`.
 #
@@ -50,10 +52,10 @@ evaluator_choose() {
       [ -d "$nix_eval_dir" ] || { EVALUATOR=none EVALUATOR_WHY="$nix_eval_dir does not exist"; return; }
       if ! evaluator_nix_eval_ready; then
         echo "tests/nix: preparing $nix_eval_dir (once per machine)" >&2
-        "$nix_eval_dir/setup" >&2 || { EVALUATOR=none EVALUATOR_WHY="$nix_eval_dir/setup failed"; return; }
+        "$nix_eval_dir/setup" >&2 || { EVALUATOR=error EVALUATOR_WHY="$nix_eval_dir/setup failed"; return; }
       fi
       ;;
-    flake | none) ;;
+    flake | none | error) ;;
     *)
       EVALUATOR_WHY="TESTS_NIX_EVALUATOR=$EVALUATOR is not one of flake, nix-eval, none"
       EVALUATOR=none
@@ -83,6 +85,7 @@ evaluator_json() {
   case $EVALUATOR in
     flake) nix --extra-experimental-features 'nix-command flakes' eval --impure --json --expr "$expr" ;;
     nix-eval) evaluator_instantiate --eval --strict --json -E "$expr" ;;
+    error) echo "cannot evaluate: $EVALUATOR_WHY" >&2; return 1 ;;
     *) echo "no evaluator: $EVALUATOR_WHY" >&2; return 3 ;;
   esac
 }
