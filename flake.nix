@@ -17,6 +17,7 @@
         runner = ./nixos-modules/runner.nix;
         circleci = ./nixos-modules/circleci.nix;
         proxmox-template = ./nixos-modules/proxmox-template.nix;
+        plain = ./nixos-modules/plain.nix;
         kubevirt-image = ./images/kubevirt.nix;
         amazon-image = ./images/amazon.nix;
         google-compute-image = ./images/google-compute.nix;
@@ -61,8 +62,18 @@
           build = "VMA";
           systems = [ "x86_64-linux" ];
         };
-        digital-ocean = {
+        runner-digital-ocean = {
           modules = [ modules.runner modules.digital-ocean-image (cloudUserData "DigitalOcean") ];
+          build = "digitalOceanImage";
+          systems = [ "x86_64-linux" ];
+        };
+        # Plain images: a login over SSH with the platform's keys, nothing else.
+        amazon = {
+          modules = [ modules.plain modules.amazon-image ];
+          build = "amazonImage";
+        };
+        digital-ocean = {
+          modules = [ modules.plain modules.digital-ocean-image ];
           build = "digitalOceanImage";
           systems = [ "x86_64-linux" ];
         };

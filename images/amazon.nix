@@ -2,9 +2,17 @@
 # key pair), UEFI on aarch64 (Graviton), a root disk sized to its contents and grown at boot,
 # no nixpkgs channel. User-data may carry runner tokens, so amazon-init, which runs it as a
 # script or turns it into /etc/nixos/configuration.nix and rebuilds, is off.
+#
+# The build replaces nixpkgs' (which copies the nixpkgs channel into the image) and keeps its
+# metadata: nix-support/hydra-build-products and nix-support/image-info.json (label, boot mode,
+# system, the disk's file and size), which nixpkgs' AMI tools (upload-ami, and create-amis.sh
+# before it) and examples/aws/import-image.sh read. tests/nix runs this postVM and nixpkgs' own
+# against the same disk and compares what they write.
 { config, lib, pkgs, modulesPath, ... }:
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
+  jq = lib.getExe pkgs.jq;
+  qemu-img = lib.getExe' pkgs.qemu-utils "qemu-img";
 in
 {
   imports = [ (modulesPath + "/../maintainers/scripts/ec2/amazon-image.nix") ];
@@ -21,6 +29,23 @@ in
     postVM = ''
       mkdir -p $out/nix-support
       echo "file ${config.amazonImage.format} $diskImage" >> $out/nix-support/hydra-build-products
+
+      logical_bytes=$(${qemu-img} info --output json "$diskImage" | ${jq} '."virtual-size"')
+      ${jq} -n \
+        --arg system_version ${lib.escapeShellArg config.system.nixos.version} \
+        --arg system ${lib.escapeShellArg pkgs.stdenv.hostPlatform.system} \
+        --arg logical_bytes "$logical_bytes" \
+        --arg boot_mode ${if config.ec2.efi then "uefi" else "legacy-bios"} \
+        --arg file "$diskImage" \
+        '{}
+        | .label = $system_version
+        | .boot_mode = $boot_mode
+        | .system = $system
+        | .logical_bytes = $logical_bytes
+        | .file = $file
+        | .disks.root.logical_bytes = $logical_bytes
+        | .disks.root.file = $file
+        ' > $out/nix-support/image-info.json
     '';
   });
 

@@ -10,6 +10,7 @@ in
 {
   imports = [
     ./base
+    ./circleci-machine-runner.nix
     (lib.mkRenamedOptionModule [ "circleciImage" ] [ "gitlabRunnerVm" "circleci" ])
   ];
 

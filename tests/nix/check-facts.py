@@ -34,12 +34,14 @@ EXTENSIONS = {
     "circleci-amazon": "vhd",
     "runner-gce": "raw.tar.gz",
     "circleci-gce": "raw.tar.gz",
+    "amazon": "vhd",
+    "runner-digital-ocean": "qcow2.gz",
     "digital-ocean": "qcow2.gz",
     "proxmox-template": "vma.zst",
 }
-X86_ONLY = {"digital-ocean", "proxmox-template"}
+X86_ONLY = {"digital-ocean", "runner-digital-ocean", "proxmox-template"}
 KUBEVIRT = {"nixos-base", "nixos-runner", "default"}
-CLOUD_DATASOURCES = {"runner-amazon": ["Ec2"], "runner-gce": ["GCE"], "digital-ocean": ["DigitalOcean"]}
+CLOUD_DATASOURCES = {"runner-amazon": ["Ec2"], "runner-gce": ["GCE"], "runner-digital-ocean": ["DigitalOcean"]}
 
 
 class Skip(Exception):
@@ -132,12 +134,12 @@ def check_firmware_and_clouds(facts):
             if name in KUBEVIRT:
                 need(image["partitionTableType"] == ("efi" if aarch64 else "hybrid"), f"partition table {image['partitionTableType']}")
                 need(image["cloudInitDatasources"] == ["NoCloud", "ConfigDrive"], f"cloud-init probes {image['cloudInitDatasources']}")
-            if name.endswith("-amazon"):
+            if name == "amazon" or name.endswith("-amazon"):
                 need(image["amazonInit"] is False, "amazon-init runs user-data")
                 need(image["ec2Efi"] is aarch64, f"ec2.efi is {image['ec2Efi']}")
             if name.endswith("-gce"):
                 need(image["gceEfi"] is aarch64, f"googleComputeImage.efi is {image['gceEfi']}")
-            if name == "digital-ocean":
+            if name in ("digital-ocean", "runner-digital-ocean"):
                 need(image["doRebuildFromUserData"] is False, "rebuilds the system from user-data")
             if name in CLOUD_DATASOURCES:
                 need(image["cloudInitDatasources"] == CLOUD_DATASOURCES[name], f"cloud-init probes {image['cloudInitDatasources']}")

@@ -1,0 +1,28 @@
+# A plain NixOS for a cloud image (seed 003's simple DigitalOcean image, seed 004's minimal AMI):
+# no agent, no CI tool set, no nixpkgs channel. SSH takes keys only; the keys are the platform's,
+# which the image format's own services give root at boot (the EC2 key pair, the Droplet's SSH
+# keys). Nothing else logs in.
+{ lib, ... }:
+{
+  system.stateVersion = lib.mkDefault "25.11";
+
+  services.openssh = {
+    enable = lib.mkDefault true;
+    settings = {
+      PasswordAuthentication = lib.mkDefault false;
+      KbdInteractiveAuthentication = lib.mkDefault false;
+      PermitRootLogin = lib.mkDefault "prohibit-password";
+    };
+  };
+
+  # nixpkgs' amazon image runs the SSM agent (a way in through AWS Session Manager, with a user
+  # of its own), and sets it with normal priority: off here, so SSH stays the only way in.
+  # `services.amazon-ssm-agent.enable = lib.mkForce true;` brings it back.
+  services.amazon-ssm-agent.enable = lib.mkForce false;
+
+  # The image holds no channel (images/disk-image.nix): administer it from a flake.
+  nix.channel.enable = lib.mkDefault false;
+  nix.settings.experimental-features = [ "nix-command" "flakes" ];
+
+  time.timeZone = lib.mkDefault "UTC";
+}
