@@ -105,6 +105,15 @@ fn durations_and_counts_beyond_what_the_runner_accepts_are_refused() {
         assert_eq!(p.path, format!("$.{key}"));
         assert!(p.message.contains("above the maximum"), "{p}");
     }
+    // Durations name their unit and what the maximum is.
+    assert_eq!(
+        only_error(fixture!("max-lifetime-above-ten-years")).message,
+        "is 315360001, above the maximum 315360000 s (ten years)"
+    );
+    assert_eq!(
+        only_error(fixture!("max-jobs-above-u32")).message,
+        "is 4294967296, above the maximum 4294967295"
+    );
     let config = check(fixture!("limits-at-maximum")).config.unwrap();
     let ten_years = Duration::from_secs(MAX_SECONDS);
     assert_eq!(config.max_lifetime, Some(ten_years));
