@@ -43,6 +43,11 @@ fn forever() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
 }
 
+/// The deadline of a hold that begins now, if the keep file exists and has not expired.
+pub fn deadline(keep_file: &Path, hold_max: Duration) -> Option<SystemTime> {
+    hold_state(modified(keep_file).ok()?, hold_max, SystemTime::now()).ok()
+}
+
 pub fn keep_file_exists(keep_file: &Path) -> bool {
     keep_file.symlink_metadata().is_ok()
 }

@@ -43,7 +43,12 @@ impl Agent {
         }
     }
 
-    fn holding(&self, teardown: Teardown) -> Next {
+    fn holding(&mut self, teardown: Teardown) -> Next {
+        // Shown from the hold's first status.json on, not only once its step has begun.
+        self.hold_deadline = hold::deadline(
+            &self.args.keep_file,
+            Duration::from_secs(self.args.hold_max),
+        );
         let detail = format!(
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.args.keep_file.display()
