@@ -885,7 +885,7 @@ mod tests {
         errors[0].clone()
     }
 
-    const SEED: &str = r#"{
+    const GLRT_WITH_TAGS: &str = r#"{
         "name": "nixos-runner-001",
         "url": "https://gitlab.example.com",
         "token": "glrt-xxxxxxxxxxxxxxxxxxxxx",
@@ -894,8 +894,8 @@ mod tests {
     }"#;
 
     #[test]
-    fn the_seed_example_is_valid_with_a_warning_for_tags() {
-        let v = check(SEED);
+    fn a_glrt_config_with_tags_is_valid_with_a_warning_that_tags_are_ignored() {
+        let v = check(GLRT_WITH_TAGS);
         let config = v.config.expect("valid");
         assert_eq!(config.name, "nixos-runner-001");
         assert_eq!(config.url, "https://gitlab.example.com");
