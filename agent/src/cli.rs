@@ -12,6 +12,15 @@ pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
 /// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
 
+/// The runner's name when runner.json gives none, for `check` and `run` alike: the host name.
+pub fn default_runner_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gitlab-runner-vm".into())
+}
+
 fn seconds(text: &str) -> Result<u64, String> {
     let value: u64 = text
         .trim()
@@ -119,4 +128,74 @@ pub struct RunArgs {
     /// Seconds a hold lasts after the keep file's last modification
     #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_parser = seconds, default_value_t = 86400)]
     pub hold_max: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The README's flag table, as (flag, environment variable, default) cells.
+    fn readme_flag_table() -> Vec<(String, String, String)> {
+        include_str!("../../README.md")
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let unquote = |c: &str| c.trim_matches('`').to_string();
+                (unquote(cells[1]), unquote(cells[2]), cells[3].to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_flag_table_is_the_command_line() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let table = readme_flag_table();
+        let mut flags = Vec::new();
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            let flag = format!("--{long}");
+            let row = table
+                .iter()
+                .find(|(f, _, _)| *f == flag)
+                .unwrap_or_else(|| panic!("README's flag table has no row for {flag}"));
+            let env = arg.get_env().unwrap().to_str().unwrap();
+            assert_eq!(row.1, env, "{flag}");
+            match arg.get_default_values().first() {
+                Some(default) => {
+                    let default = default.to_str().unwrap();
+                    // `value` (words after it explain), or a bare first word; a switch is "off".
+                    let shown = match row.2.strip_prefix('`') {
+                        Some(quoted) => quoted.split('`').next().unwrap(),
+                        None => row.2.split([' ', ':']).next().unwrap(),
+                    };
+                    let default = if default == "false" { "off" } else { default };
+                    assert_eq!(shown, default, "{flag}'s default in the README");
+                }
+                None => assert!(!row.2.is_empty(), "{flag}"),
+            }
+            flags.push(flag);
+        }
+        let documented: Vec<&String> = table.iter().map(|(f, _, _)| f).collect();
+        assert_eq!(
+            documented,
+            flags.iter().collect::<Vec<_>>(),
+            "same flags, same order"
+        );
+    }
+
+    #[test]
+    fn durations_are_whole_seconds_up_to_ten_years() {
+        assert_eq!(seconds("60"), Ok(60));
+        assert_eq!(seconds(" 0 "), Ok(0));
+        assert_eq!(seconds("315360000"), Ok(MAX_SECONDS));
+        assert!(seconds("315360001").unwrap_err().contains("maximum"));
+        assert!(seconds("1.5").unwrap_err().contains("whole number"));
+        assert!(seconds("-1").is_err());
+    }
 }

@@ -767,8 +767,7 @@ where
             return Err(gave_up(error));
         };
         let past_deadline = now.checked_add(wait).is_none_or(|at| at > deadline);
-        crate::log!(
-            warn,
+        tracing::warn!(
             "{what}: {error}; retry {attempt} in {:.1} s{}",
             wait.as_secs_f64(),
             if past_deadline {

@@ -1,6 +1,8 @@
-//! Logging: to journald with structured fields (PHASE, RUNNER, SYSTEM_ID) when systemd connected
-//! our stderr to the journal (JOURNAL_STREAM) and its socket exists; otherwise plain lines on
-//! stderr without timestamps, so a person running the agent by hand sees them.
+//! Logging: to journald with structured fields when systemd connected our stderr to the journal
+//! (JOURNAL_STREAM) and its socket exists; otherwise plain lines on stderr without timestamps,
+//! so a person running the agent by hand sees them. PHASE, RUNNER and SYSTEM_ID come from the
+//! span that the agent enters for each phase (`agent::Agent::span`); journald stores a span's
+//! fields with every entry logged inside it.
 //!
 //! Either way every message and field first goes through `secret::scrub` (the `Scrubbed`
 //! layer), so no token-shaped string and no URL's `user:password@` reaches the log, wherever it
@@ -206,39 +208,6 @@ impl<S: Subscriber, L: Layer<S>> Layer<S> for Scrubbed<L> {
     }
 }
 
-/// The structured fields every agent log entry carries; updated as the lifecycle advances.
-#[derive(Debug, Clone, Default)]
-pub struct Context {
-    pub phase: &'static str,
-    pub runner: String,
-    pub system_id: String,
-}
-
-static CONTEXT: std::sync::Mutex<Context> = std::sync::Mutex::new(Context {
-    phase: "waiting-for-config",
-    runner: String::new(),
-    system_id: String::new(),
-});
-
-pub fn context() -> Context {
-    CONTEXT.lock().map(|c| c.clone()).unwrap_or_default()
-}
-
-pub fn update_context(update: impl FnOnce(&mut Context)) {
-    if let Ok(mut c) = CONTEXT.lock() {
-        update(&mut c);
-    }
-}
-
-/// `log!(info, "...")`: a tracing event with the PHASE, RUNNER and SYSTEM_ID fields.
-#[macro_export]
-macro_rules! log {
-    ($level:ident, $($arg:tt)+) => {{
-        let c = $crate::logging::context();
-        tracing::$level!(phase = c.phase, runner = %c.runner, system_id = %c.system_id, $($arg)+)
-    }};
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -276,9 +245,8 @@ mod tests {
     #[test]
     fn every_message_and_field_is_scrubbed() {
         let log = logged(|| {
-            update_context(|c| c.runner = "vm-glpat-fake.xxxxxxxxxxxxxxxx".into());
-            crate::log!(
-                warn,
+            tracing::warn!(
+                runner = "vm-glpat-fake.xxxxxxxxxxxxxxxx",
                 "GitLab said: {}",
                 "bad token glrt-fake.xxxx.xxxx.xxxx1234 at https://user:pw@gitlab.example.com/x"
             );
@@ -286,7 +254,6 @@ mod tests {
                 stream = "stdout",
                 "job printed GR1348941xxxxxxxxxxxxxxxxxxxx"
             );
-            update_context(|c| c.runner = String::new());
         });
         for secret in [
             "fake.xxxx",
@@ -300,7 +267,7 @@ mod tests {
             log.contains("bad token glrt-…1234 at https://…@gitlab.example.com/x"),
             "{log}"
         );
-        assert!(log.contains("runner=vm-glpat-…xxxx"), "{log}");
+        assert!(log.contains("runner=\"vm-glpat-…xxxx\""), "{log}");
         assert!(log.contains("job printed GR1348941…xxxx"), "{log}");
         // A field recorded as a string keeps its form.
         assert!(log.contains("stream=\"stdout\""), "{log}");

@@ -11,6 +11,7 @@ mod hold;
 mod lifecycle;
 mod logging;
 mod power;
+mod registration;
 mod runner;
 mod secret;
 mod status;
@@ -43,7 +44,7 @@ fn main() -> ExitCode {
             match runtime.block_on(agent::run(args)) {
                 Ok(code) => code,
                 Err(e) => {
-                    log!(error, "{e:#}");
+                    tracing::error!("{e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -63,11 +64,7 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
-    let validated = config::validate(&text, &hostname, &|p| {
+    let validated = config::validate(&text, &cli::default_runner_name(), &|p| {
         files::read_text(p, files::NAMED_FILE_CAP)
     });
     // A token pasted into another field (name, url, runner_type...) is masked like the

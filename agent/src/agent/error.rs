@@ -1,0 +1,138 @@
+//! Why a run failed, as a typed error that names its fix: the failure line of the journal and
+//! status.json is `<error>; fix: <fix>`.
+
+use std::path::PathBuf;
+
+use crate::gitlab::RetryError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot watch for {path}: {detail}")]
+    ConfigWatch { path: PathBuf, detail: String },
+    #[error("{path} did not appear within {seconds} s")]
+    ConfigMissing { path: PathBuf, seconds: u64 },
+    #[error("cannot read {path}: {detail}")]
+    ConfigUnreadable { path: PathBuf, detail: String },
+    #[error("{path} has {count} error(s): {summary}")]
+    ConfigInvalid {
+        path: PathBuf,
+        count: usize,
+        summary: String,
+    },
+    #[error("{0}")]
+    TlsCaFile(String),
+    #[error("{0}")]
+    RunnerUser(String),
+    #[error("cannot generate a system id: {0}")]
+    SystemId(String),
+    #[error("{detail}")]
+    StateDir { dir: PathBuf, detail: String },
+    #[error("registration failed: {error}")]
+    Registration {
+        error: RetryError,
+        timeout_seconds: u64,
+    },
+    #[error(
+        "cannot record in {path} that gitlab-runner starts ({detail}), so it was not started: a restarted agent could otherwise start a second one"
+    )]
+    StartNotRecorded { path: PathBuf, detail: String },
+    #[error("gitlab-runner not found: {0}")]
+    RunnerMissing(PathBuf),
+    #[error("cannot start {program}: {detail}")]
+    RunnerSpawn { program: PathBuf, detail: String },
+    #[error("gitlab-runner exited with {0}")]
+    RunnerFailed(String),
+    #[error("cannot wait for gitlab-runner: {0}")]
+    RunnerWait(String),
+}
+
+impl AgentError {
+    /// What the operator should do about it.
+    pub fn fix(&self) -> String {
+        use AgentError::*;
+        match self {
+            ConfigWatch { .. } => "check that the agent may read the directory".into(),
+            ConfigMissing { .. } => "attach the runner config disk (on KubeVirt: a Secret with the key runner.json as a disk with serial runner-info) or write the file; --config-wait sets how long to wait".into(),
+            ConfigUnreadable { .. } => "make it a regular file the agent can read".into(),
+            ConfigInvalid { path, .. } => format!(
+                "fix runner.json as listed above (gitlab-runner-vm check --config {} prints each problem with its fix)",
+                path.display()
+            ),
+            TlsCaFile(_) => "fix tls_ca_file in runner.json".into(),
+            RunnerUser(_) => "create the user (the NixOS base module creates `runner`) or set --runner-user / GITLAB_RUNNER_VM_RUNNER_USER".into(),
+            SystemId(_) => "check the kernel's random source".into(),
+            StateDir { dir, .. } => format!("make {} writable by the agent", dir.display()),
+            Registration {
+                error: RetryError::Permanent(api),
+                ..
+            } => api.fix(),
+            Registration {
+                timeout_seconds, ..
+            } => format!(
+                "check that GitLab is reachable from the VM; --register-timeout ({timeout_seconds} s) bounds the retries"
+            ),
+            StartNotRecorded { path, .. } => format!(
+                "make {} writable by the agent (is its file system full or read-only?)",
+                path.parent().unwrap_or(path).display()
+            ),
+            RunnerMissing(_) => "install gitlab-runner in the image, or point --gitlab-runner (GITLAB_RUNNER_VM_GITLAB_RUNNER) at it".into(),
+            RunnerSpawn { .. } => "check that it is an executable gitlab-runner".into(),
+            RunnerFailed(_) => "read its output above (journalctl -u gitlab-runner-vm); a wrong config.toml, an unknown executor or a missing tool makes it exit at once".into(),
+            RunnerWait(_) => "this is a bug in gitlab-runner-vm; please report it with the journal".into(),
+        }
+    }
+
+    /// The line for the journal and status.json.
+    pub fn with_fix(&self) -> String {
+        format!("{self}; fix: {}", self.fix())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gitlab::{ApiError, Endpoint};
+
+    #[test]
+    fn a_rejected_registration_carries_the_api_fix() {
+        let e = AgentError::Registration {
+            error: RetryError::Permanent(ApiError::Status {
+                endpoint: Endpoint::Register,
+                status: 410,
+                message: "410 Gone".into(),
+                retry_hint: None,
+            }),
+            timeout_seconds: 300,
+        };
+        let line = e.with_fix();
+        assert!(line.starts_with("registration failed: "), "{line}");
+        assert!(line.contains("410") && line.contains("glrt-"), "{line}");
+    }
+
+    #[test]
+    fn exhausted_retries_name_the_timeout() {
+        let e = AgentError::Registration {
+            error: RetryError::DeadlineExceeded {
+                attempts: 3,
+                elapsed_s: 20,
+                last: ApiError::NoAnswer,
+            },
+            timeout_seconds: 20,
+        };
+        assert!(e.fix().contains("--register-timeout (20 s)"), "{}", e.fix());
+    }
+
+    #[test]
+    fn an_unrecorded_start_names_the_state_directory() {
+        let e = AgentError::StartNotRecorded {
+            path: "/run/gitlab-runner-vm/status.json".into(),
+            detail: "read-only file system".into(),
+        };
+        assert!(
+            e.fix().contains("make /run/gitlab-runner-vm writable"),
+            "{}",
+            e.fix()
+        );
+        assert!(e.to_string().contains("was not started"));
+    }
+}

@@ -1,0 +1,228 @@
+//! `gitlab-runner-vm run`: the lifecycle as a loop over states. Each state carries what its
+//! step needs; a step does that phase's work (waiting, HTTP, the child process, the hold,
+//! power-off) and returns the next state, and `lifecycle` checks every move. A VM's life:
+//!
+//! ```text
+//! waiting-for-config -> registering -> running (-> draining) -> deregistering
+//!                     -> holding (while the keep file exists) -> powering-off
+//! any failure: -> failed -> the same teardown;   SIGTERM anywhere: -> stopping
+//! ```
+//!
+//! The steps live beside this file: `waiting` (runner.json), `registering` (and the start of
+//! gitlab-runner), `jobs` (running, draining), `teardown` (deregistering, holding,
+//! powering-off, failed, stopping, and the resumption of a restarted agent).
+
+mod error;
+mod interrupt;
+mod jobs;
+mod registering;
+mod state;
+mod teardown;
+mod waiting;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::cli::RunArgs;
+use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
+use crate::status::{self, Status};
+use crate::{secret, systemd};
+use interrupt::{Interrupt, Interrupts};
+use state::{Next, State};
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut agent = Agent::new(absolute_paths(args)?, Interrupts::listen()?);
+    systemd::spawn_watchdog();
+    let mut state = agent.start()?;
+    loop {
+        // Every journal entry of a step carries the phase, runner and system id it runs in.
+        let span = agent.span();
+        let next = match state {
+            State::WaitingForConfig => agent.wait_for_config().instrument(span).await,
+            State::Registering(setup) => agent.register(setup).instrument(span).await,
+            State::Running(job) => agent.run_jobs(job).instrument(span).await,
+            State::Draining(job) => agent.finish_jobs(job).instrument(span).await,
+            State::Deregistering(t) => agent.deregister(t).instrument(span).await,
+            State::Holding(t) => agent.hold(t).instrument(span).await,
+            State::PoweringOff(t) => agent.power_off(t).instrument(span).await,
+            State::Failed(error, t) => agent.after_failure(error, t),
+            State::Stopping(stop) => agent.stop(stop).instrument(span).await,
+            State::Exit(code) => return Ok(code),
+        };
+        state = agent.enter(next)?;
+    }
+}
+
+/// What status.json shows of the configuration: from runner.json, or from the previous run's
+/// status.json when a restarted agent resumes a teardown without it.
+#[derive(Debug, Clone, Default)]
+struct Shown {
+    runner: Option<String>,
+    credential: Option<String>,
+    gitlab_url: Option<String>,
+}
+
+/// What every step shares: the flags, the lifecycle record and what status.json shows.
+struct Agent {
+    args: RunArgs,
+    lc: Lifecycle,
+    boot_id: String,
+    interrupts: Interrupts,
+    shown: Shown,
+    system_id: Option<String>,
+    last_error: Option<String>,
+    hold_deadline: Option<SystemTime>,
+    poweroff_at: Option<SystemTime>,
+}
+
+impl Agent {
+    fn new(args: RunArgs, interrupts: Interrupts) -> Self {
+        Agent {
+            args,
+            lc: Lifecycle::new(SystemTime::now()),
+            boot_id: boot_id(),
+            interrupts,
+            shown: Shown::default(),
+            system_id: None,
+            last_error: None,
+            hold_deadline: None,
+            poweroff_at: None,
+        }
+    }
+
+    /// The first state. Decided before the first write: status.json of an earlier run in this
+    /// boot is the crash protection, and it needs nothing but the state directory.
+    fn start(&mut self) -> anyhow::Result<State> {
+        std::fs::create_dir_all(&self.args.state_dir).with_context(|| {
+            format!(
+                "cannot create the state directory {}",
+                self.args.state_dir.display()
+            )
+        })?;
+        if let Ok(prev) = status::read(&self.args.state_dir) {
+            let previous_run = lifecycle::Previous {
+                boot_id: &prev.boot_id,
+                phase: prev.phase,
+                registered: prev.registered && !prev.deregistered,
+                runner_started: prev.runner_started,
+            };
+            if lifecycle::on_start(Some(previous_run), &self.boot_id) == StartDecision::TearDown {
+                let teardown = self.resume(prev);
+                let next = self.teardown(teardown);
+                return self.enter(next);
+            }
+        }
+        self.publish(&format!("waiting for {}", self.args.config.display()));
+        Ok(State::WaitingForConfig)
+    }
+
+    /// Moves to the next state's phase (a checked transition), then publishes it:
+    /// status.json, systemd `STATUS=`, one log line.
+    fn enter(&mut self, (state, detail): Next) -> anyhow::Result<State> {
+        let Some(phase) = state.phase() else {
+            return Ok(state);
+        };
+        self.lc.transition(phase, SystemTime::now())?;
+        if let State::Failed(error, _) = &state {
+            let line = error.with_fix();
+            tracing::error!(parent: &self.span(), "{line}");
+            self.last_error = Some(line);
+        }
+        self.publish(&detail);
+        if phase.is_started() {
+            systemd::ready();
+        }
+        Ok(state)
+    }
+
+    fn publish(&mut self, detail: &str) {
+        let text = format!("{}: {detail}", self.lc.phase());
+        systemd::status(&secret::scrub(&text));
+        tracing::info!(parent: &self.span(), "{text}");
+        self.write_status();
+    }
+
+    /// The span of the current phase: PHASE, RUNNER and SYSTEM_ID on every entry logged in it
+    /// (empty until known).
+    fn span(&self) -> tracing::Span {
+        self.span_in(self.lc.phase())
+    }
+
+    fn span_in(&self, phase: Phase) -> tracing::Span {
+        tracing::info_span!(
+            "agent",
+            phase = phase.as_str(),
+            runner = secret::scrub(self.shown.runner.as_deref().unwrap_or("")),
+            system_id = self.system_id.as_deref().unwrap_or(""),
+        )
+    }
+
+    fn write_status(&self) {
+        if let Err(e) = self.try_write_status() {
+            tracing::warn!(
+                "cannot write {}: {e}",
+                status::path_in(&self.args.state_dir).display()
+            );
+        }
+    }
+
+    fn try_write_status(&self) -> std::io::Result<()> {
+        let status = Status {
+            phase: self.lc.phase(),
+            since: self.lc.since(),
+            pid: std::process::id(),
+            boot_id: self.boot_id.clone(),
+            runner: self.shown.runner.clone(),
+            system_id: self.system_id.clone(),
+            credential: self.shown.credential.clone(),
+            gitlab_url: self.shown.gitlab_url.clone(),
+            registered: self.lc.registered,
+            deregistered: self.lc.deregistered,
+            runner_started: self.lc.runner_started,
+            timeline: self.lc.timeline.clone(),
+            last_error: self.last_error.clone(),
+            hold_deadline: self.hold_deadline,
+            poweroff_at: self.poweroff_at,
+        };
+        status::write(&self.args.state_dir, &status)
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        self.interrupts.current()
+    }
+}
+
+/// `now + wait`, or a deadline far beyond any VM's life when that overflows the clock.
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// gitlab-runner runs in the runner user's home: a relative path given to the agent must mean
+/// the same file there as here. A bare program name is looked up in PATH instead.
+fn absolute_paths(mut args: RunArgs) -> anyhow::Result<RunArgs> {
+    let bare_program =
+        args.gitlab_runner.components().count() == 1 && !args.gitlab_runner.starts_with(".");
+    let mut paths: Vec<&mut PathBuf> =
+        vec![&mut args.config, &mut args.state_dir, &mut args.keep_file];
+    if !bare_program {
+        paths.push(&mut args.gitlab_runner);
+    }
+    for path in paths {
+        *path = std::path::absolute(&*path)
+            .with_context(|| format!("cannot make {} absolute", path.display()))?;
+    }
+    Ok(args)
+}

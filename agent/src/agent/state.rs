@@ -1,0 +1,90 @@
+//! The states of a run, each carrying what its step needs. The phase shown in status.json is
+//! derived from the state; `lifecycle` decides which moves between phases are legal.
+
+use std::process::ExitCode;
+
+use tokio::process::Child;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::error::AgentError;
+use crate::config::RunnerConfig;
+use crate::gitlab::Client;
+use crate::lifecycle::Phase;
+use crate::registration::{CredentialFlow, Registered};
+use crate::runner::RunnerUser;
+
+pub enum State {
+    WaitingForConfig,
+    Registering(Setup),
+    Running(Job),
+    Draining(Job),
+    Deregistering(Teardown),
+    Holding(Teardown),
+    PoweringOff(Teardown),
+    Failed(AgentError, Teardown),
+    Stopping(Stop),
+    /// The run is over: the process exits with this code.
+    Exit(ExitCode),
+}
+
+impl State {
+    pub fn phase(&self) -> Option<Phase> {
+        Some(match self {
+            State::WaitingForConfig => Phase::WaitingForConfig,
+            State::Registering(_) => Phase::Registering,
+            State::Running(_) => Phase::Running,
+            State::Draining(_) => Phase::Draining,
+            State::Deregistering(_) => Phase::Deregistering,
+            State::Holding(_) => Phase::Holding,
+            State::PoweringOff(_) => Phase::PoweringOff,
+            State::Failed(..) => Phase::Failed,
+            State::Stopping(_) => Phase::Stopping,
+            State::Exit(_) => return None,
+        })
+    }
+}
+
+/// The next state and the line that says why (status.json, `STATUS=`, the journal).
+pub type Next = (State, String);
+
+/// registering: runner.json read, the runner user resolved, the system id and config.toml
+/// written.
+pub struct Setup {
+    pub config: RunnerConfig,
+    pub client: Client,
+    pub user: RunnerUser,
+    pub system_id: String,
+    pub flow: Box<dyn CredentialFlow>,
+}
+
+/// running and draining: gitlab-runner and the forwarding of its output.
+pub struct Job {
+    pub child: Child,
+    pub pid: u32,
+    pub forwarding: JoinHandle<()>,
+    /// `max_lifetime`: the drain starts here.
+    pub lifetime_end: Option<Instant>,
+    pub max_lifetime_seconds: u64,
+    pub teardown: Teardown,
+}
+
+/// What teardown needs: nothing from runner.json, only what GitLab must be told.
+#[derive(Default)]
+pub struct Teardown {
+    /// This VM as GitLab knows it (or may know it); None when nothing was registered, or when
+    /// the token of a runner this boot created was lost.
+    pub registered: Option<Registered>,
+}
+
+/// stopping: SIGTERM from outside.
+pub struct Stop {
+    pub child: Option<Child>,
+    pub teardown: Teardown,
+}
+
+/// A failure, and the teardown that follows it.
+pub fn failed(error: AgentError, teardown: Teardown) -> Next {
+    let detail = error.to_string();
+    (State::Failed(error, teardown), detail)
+}

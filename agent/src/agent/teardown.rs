@@ -1,0 +1,284 @@
+//! The end of a run: deregistering, holding (while the keep file exists), powering-off (after
+//! the failure delay, during which the keep file still holds the VM), failed, stopping; and
+//! the resumption of a teardown by an agent restarted in the same boot, from its state
+//! directory alone.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use tokio::process::Child;
+
+use super::error::AgentError;
+use super::interrupt::Interrupt;
+use super::jobs::stop_child;
+use super::state::{Next, State, Stop, Teardown};
+use super::{Agent, Shown, deadline_after};
+use crate::gitlab::{Client, Deletion};
+use crate::hold::{self, HoldEnd};
+use crate::lifecycle::{self, Phase};
+use crate::registration::{Registered, Target, possibly_created};
+use crate::status::{self, Status};
+use crate::{power, runner, systemd};
+
+impl Agent {
+    /// Where teardown starts: deregistration if GitLab (may) know this VM, else the hold if the
+    /// keep file exists, else the power-off.
+    pub(super) fn teardown(&mut self, teardown: Teardown) -> Next {
+        if self.lc.needs_deregistration() {
+            return (
+                State::Deregistering(teardown),
+                "removing this VM from GitLab".into(),
+            );
+        }
+        self.after_deregistration(teardown)
+    }
+
+    /// Once GitLab was told (or there was nothing to tell): hold while the keep file exists,
+    /// else power off.
+    fn after_deregistration(&mut self, teardown: Teardown) -> Next {
+        match lifecycle::after_deregistration(hold::keep_file_exists(&self.args.keep_file)) {
+            Phase::Holding => self.holding(teardown),
+            _ => self.powering_off(teardown),
+        }
+    }
+
+    fn holding(&self, teardown: Teardown) -> Next {
+        let detail = format!(
+            "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
+            self.args.keep_file.display()
+        );
+        (State::Holding(teardown), detail)
+    }
+
+    fn powering_off(&mut self, teardown: Teardown) -> Next {
+        let now = SystemTime::now();
+        let wait = lifecycle::poweroff_wait(
+            self.lc.failed_at,
+            Duration::from_secs(self.args.failure_delay),
+            now,
+        );
+        self.poweroff_at = now.checked_add(wait);
+        let action = if self.args.no_poweroff {
+            "exiting without power-off (--no-poweroff)".to_string()
+        } else {
+            format!("running `{}`", self.args.poweroff_command)
+        };
+        let detail = if wait.is_zero() {
+            action
+        } else {
+            format!(
+                "{action} in {} s (--failure-delay after the failure; creating {} holds the VM)",
+                wait.as_millis().div_ceil(1000),
+                self.args.keep_file.display()
+            )
+        };
+        (State::PoweringOff(teardown), detail)
+    }
+
+    pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
+        let detail = "stop requested (SIGTERM): aborting, deregistering, exiting".to_string();
+        (State::Stopping(Stop { child, teardown }), detail)
+    }
+
+    /// failed: the error is recorded (by `enter`); the teardown follows, unless the VM is being
+    /// shut down from outside anyway.
+    pub(super) fn after_failure(&mut self, _error: AgentError, teardown: Teardown) -> Next {
+        if self.interrupt() == Interrupt::Stop {
+            return self.stopping(None, teardown);
+        }
+        self.teardown(teardown)
+    }
+
+    /// deregistering: runs to its (bounded) end even when a stop arrives meanwhile.
+    pub(super) async fn deregister(&mut self, mut teardown: Teardown) -> Next {
+        self.delete_from_gitlab(&teardown).await;
+        if self.interrupt() == Interrupt::Stop {
+            return self.stopping(None, std::mem::take(&mut teardown));
+        }
+        self.after_deregistration(teardown)
+    }
+
+    async fn delete_from_gitlab(&mut self, teardown: &Teardown) {
+        let Some(registered) = &teardown.registered else {
+            let message = "cannot deregister: the runner token or GitLab's url of this boot is lost (config.toml is missing or unreadable); delete this VM's runner or manager in GitLab by hand (Settings > CI/CD > Runners)";
+            tracing::warn!("{message}");
+            self.last_error = Some(message.into());
+            self.write_status();
+            return;
+        };
+        let what = registered.describe();
+        let deadline = deadline_after(Duration::from_secs(self.args.deregister_timeout));
+        match registered.deregister(deadline).await {
+            Ok(Deletion::Deleted) => {
+                self.lc.deregistered = true;
+                tracing::info!("deregistered: {what} deleted from GitLab");
+            }
+            Ok(Deletion::AlreadyGone) => {
+                self.lc.deregistered = true;
+                tracing::info!("deregistered: {what} was already gone from GitLab");
+            }
+            Err(e) => {
+                let message = format!(
+                    "could not delete {what} from GitLab ({e}); powering off anyway: GitLab removes managers it has not seen for 7 days, or delete it under Settings > CI/CD > Runners"
+                );
+                tracing::warn!("{message}");
+                self.last_error = Some(message);
+            }
+        }
+        self.write_status();
+    }
+
+    /// holding: until the keep file is removed or `--hold-max` after its last change.
+    pub(super) async fn hold(&mut self, teardown: Teardown) -> Next {
+        let keep_file = self.args.keep_file.clone();
+        let hold_max = Duration::from_secs(self.args.hold_max);
+        let interrupts = self.interrupts.clone();
+        let held = hold::hold(&keep_file, hold_max, |deadline| {
+            self.hold_deadline = Some(deadline);
+            tracing::info!(
+                "the hold lasts until {} at most (--hold-max after the keep file's last change)",
+                status::fmt_time(deadline)
+            );
+            self.write_status();
+        });
+        let Some(end) = interrupts.unless(Interrupt::Stop, held).await else {
+            return self.stopping(None, teardown);
+        };
+        self.hold_deadline = None;
+        match end {
+            Ok(HoldEnd::Released) => tracing::info!("hold ended: keep file removed"),
+            Ok(HoldEnd::Expired) => tracing::info!("hold ended: hold-max reached"),
+            Err(e) => tracing::error!("cannot watch {}: {e}; ending the hold", keep_file.display()),
+        }
+        self.powering_off(teardown)
+    }
+
+    /// powering-off: after the failure delay (a keep file created meanwhile holds the VM), the
+    /// power-off command, or with --no-poweroff just the exit.
+    pub(super) async fn power_off(&mut self, teardown: Teardown) -> Next {
+        let wait = self
+            .poweroff_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::ZERO);
+        let keep_file = self.args.keep_file.clone();
+        let waited = self.interrupts.unless(Interrupt::Stop, async {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => false,
+                Ok(()) = hold::keep_file_created(&keep_file), if !wait.is_zero() => true,
+            }
+        });
+        match waited.await {
+            None => return self.stopping(None, teardown),
+            Some(true) => {
+                self.poweroff_at = None;
+                return self.holding(teardown);
+            }
+            Some(false) => {}
+        }
+        systemd::stopping();
+        if self.args.no_poweroff {
+            tracing::info!(
+                "power-off is disabled (--no-poweroff); the VM stays up and the agent exits"
+            );
+            return exit(ExitCode::SUCCESS);
+        }
+        match power::power_off(&self.args.poweroff_command, power::TIMEOUT).await {
+            Ok(()) => {
+                tracing::info!("power-off requested");
+                exit(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                self.last_error = Some(format!("{e:#}"));
+                self.write_status();
+                exit(ExitCode::FAILURE)
+            }
+        }
+    }
+
+    /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
+    /// powering off (the platform is already doing that).
+    pub(super) async fn stop(&mut self, stop: Stop) -> Next {
+        systemd::stopping();
+        if let Some(mut child) = stop.child {
+            stop_child(&mut child, Duration::from_secs(self.args.stop_timeout)).await;
+        }
+        if self.lc.needs_deregistration() {
+            self.delete_from_gitlab(&stop.teardown).await;
+        }
+        tracing::info!("stopped");
+        exit(ExitCode::SUCCESS)
+    }
+
+    /// A restarted agent found that this boot already registered, started gitlab-runner, was
+    /// registering or began its teardown: it never starts another gitlab-runner, and resumes the
+    /// teardown from the state directory alone (runner.json may be what made it crash).
+    pub(super) fn resume(&mut self, prev: Status) -> Teardown {
+        let what = if prev.runner_started {
+            "started gitlab-runner"
+        } else if prev.registered {
+            "registered with GitLab"
+        } else if prev.phase == Phase::Registering {
+            "was registering"
+        } else {
+            "began its teardown"
+        };
+        tracing::warn!(
+            "status.json shows that this boot already {what} (the agent was restarted); tearing down instead of starting another gitlab-runner"
+        );
+        let state_dir = self.args.state_dir.clone();
+        self.system_id = runner::read_system_id(&state_dir).or(prev.system_id.clone());
+        let target = if prev.credential.as_deref() == Some("token") {
+            Target::Manager
+        } else {
+            Target::Runner
+        };
+        let registered = runner::read_runner_entry(&state_dir).and_then(|entry| {
+            let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
+                .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
+                .ok()?;
+            Some(Registered {
+                client,
+                runner_token: entry.token?,
+                system_id: self.system_id.clone().unwrap_or_default(),
+                target,
+            })
+        });
+        self.lc.registered = prev.registered;
+        if prev.phase == Phase::Registering && target.only_the_answer_names_it() {
+            // A runner created just before the crash is in config.toml already; else its
+            // token is lost.
+            match registered {
+                Some(_) => self.lc.registered = true,
+                None => tracing::warn!(
+                    "{}",
+                    possibly_created(prev.runner.as_deref().unwrap_or("?"))
+                ),
+            }
+        }
+        self.lc.deregistered = prev.deregistered;
+        self.lc.runner_started = prev.runner_started;
+        // A failure of the earlier run still delays the power-off from when it happened.
+        self.lc.failed_at = prev
+            .timeline
+            .iter()
+            .rev()
+            .find(|e| e.phase == Phase::Failed)
+            .map(|e| e.at);
+        // The earlier runs' timeline stays, so status shows the restart.
+        let mut timeline = prev.timeline;
+        timeline.append(&mut self.lc.timeline);
+        self.lc.timeline = timeline;
+        self.shown = Shown {
+            runner: prev.runner,
+            credential: prev.credential,
+            gitlab_url: prev.gitlab_url,
+        };
+        self.last_error = prev.last_error;
+        Teardown { registered }
+    }
+}
+
+fn exit(code: ExitCode) -> Next {
+    (State::Exit(code), String::new())
+}

@@ -1,0 +1,187 @@
+//! waiting-for-config: runner.json appears (inotify and the mount table, no polling), is read
+//! once whole and validated; then everything registration needs is prepared: the HTTP client,
+//! the runner user, this boot's system id and config.toml.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::inotify::AddWatchFlags;
+use tokio::time::Instant;
+
+use super::error::AgentError;
+use super::interrupt::Interrupt;
+use super::state::{Next, Setup, State, Teardown, failed};
+use super::{Agent, Shown, deadline_after};
+use crate::config::RunnerConfig;
+use crate::gitlab::Client;
+use crate::registration::{self, Target};
+use crate::runner::{self, RunnerUser};
+use crate::{cli, files, fswatch};
+
+/// How long a half-written runner.json may go without changing before it is judged as it is.
+const CONFIG_SETTLE: Duration = Duration::from_secs(10);
+
+impl Agent {
+    pub(super) async fn wait_for_config(&mut self) -> Next {
+        let deadline = deadline_after(Duration::from_secs(self.args.config_wait));
+        // A drain asked for before runner.json was read means nothing is left to run.
+        let text = match self
+            .interrupts
+            .unless(Interrupt::Drain, self.read_config(deadline))
+            .await
+        {
+            Some(Ok(text)) => text,
+            Some(Err(error)) => return failed(error, Teardown::default()),
+            None if self.interrupt() == Interrupt::Stop => {
+                return self.stopping(None, Teardown::default());
+            }
+            None => {
+                tracing::info!("drain requested before runner.json was read: nothing to run");
+                return self.teardown(Teardown::default());
+            }
+        };
+        let config = match self.validate(&text) {
+            Ok(config) => config,
+            Err(error) => return failed(error, Teardown::default()),
+        };
+        match self.set_up(config) {
+            Ok(setup) => {
+                // Any verify that reaches GitLab creates (or refreshes) this VM's manager,
+                // whether its answer then arrives, times out or is interrupted: from the first
+                // one on, teardown deletes it. `enter` records this before the request goes.
+                self.lc.registered = setup.flow.target() == Target::Manager;
+                let detail = setup.flow.describe(&setup.system_id);
+                (State::Registering(setup), detail)
+            }
+            Err(error) => failed(error, Teardown::default()),
+        }
+    }
+
+    async fn read_config(&self, deadline: Instant) -> Result<String, AgentError> {
+        let path = &self.args.config;
+        match tokio::time::timeout_at(deadline, fswatch::wait_for_file(path)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(AgentError::ConfigWatch {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(AgentError::ConfigMissing {
+                    path: path.clone(),
+                    seconds: self.args.config_wait,
+                });
+            }
+        }
+        read_complete(path, deadline).await
+    }
+
+    fn validate(&mut self, text: &str) -> Result<RunnerConfig, AgentError> {
+        let path = &self.args.config;
+        let validated = crate::config::validate(text, &cli::default_runner_name(), &|p| {
+            files::read_text(p, files::NAMED_FILE_CAP)
+        });
+        for problem in &validated.problems {
+            tracing::warn!("{}: {problem}", path.display());
+        }
+        let Some(config) = validated.config else {
+            return Err(AgentError::ConfigInvalid {
+                path: path.clone(),
+                count: validated.errors().count(),
+                summary: validated
+                    .errors()
+                    .map(|p| format!("{}: {}", p.path, p.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        };
+        self.shown = Shown {
+            runner: Some(config.name.clone()),
+            credential: Some(config.credential.kind().to_string()),
+            gitlab_url: Some(config.url.clone()),
+        };
+        Ok(config)
+    }
+
+    /// The client, the runner user, a fresh system id and config.toml, before any GitLab call.
+    fn set_up(&mut self, config: RunnerConfig) -> Result<Setup, AgentError> {
+        let client = Client::new(&config.url, config.tls_ca_file.as_deref())
+            .map_err(|e| AgentError::TlsCaFile(format!("{e:#}")))?;
+        let user = RunnerUser::resolve(self.args.runner_user.as_deref())
+            .map_err(|e| AgentError::RunnerUser(format!("{e:#}")))?;
+        let system_id =
+            runner::generate_system_id().map_err(|e| AgentError::SystemId(e.to_string()))?;
+        self.system_id = Some(system_id.clone());
+        let flow = registration::flow_for(&config);
+        // gitlab-runner reads both files. A runner token known now is written now; a created
+        // runner's token is written when GitLab returns it.
+        let toml = flow
+            .known_runner_token()
+            .map(|token| runner::render_config_toml(&config, &token))
+            .unwrap_or_default();
+        self.write_runner_files(&system_id, &toml, &user)?;
+        Ok(Setup {
+            config,
+            client,
+            user,
+            system_id,
+            flow,
+        })
+    }
+
+    pub(super) fn write_runner_files(
+        &self,
+        system_id: &str,
+        config_toml: &str,
+        user: &RunnerUser,
+    ) -> Result<(), AgentError> {
+        runner::write_state_files(&self.args.state_dir, system_id, config_toml, user).map_err(|e| {
+            AgentError::StateDir {
+                dir: self.args.state_dir.clone(),
+                detail: format!("{e:#}"),
+            }
+        })
+    }
+}
+
+/// Reads runner.json once it is whole. A writer may create the file and fill it later (or pause
+/// mid-file): while the text is empty or ends before the JSON does, wait for the file to change
+/// again, for at most `CONFIG_SETTLE` without a change and never past `deadline`. Complete but
+/// invalid JSON is returned at once, for validation to report.
+async fn read_complete(path: &Path, deadline: Instant) -> Result<String, AgentError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    loop {
+        // Watch first, then read, so that a write in between is not missed.
+        let watch = fswatch::DirWatch::new(
+            dir,
+            AddWatchFlags::IN_MODIFY
+                | AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_CREATE,
+        )
+        .ok();
+        let text = files::read_text(path, files::CONFIG_CAP).map_err(|e| {
+            AgentError::ConfigUnreadable {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            }
+        })?;
+        let incomplete = text.trim().is_empty()
+            || serde_json::from_str::<serde_json::Value>(&text).is_err_and(|e| e.is_eof());
+        let Some(watch) = watch.filter(|_| incomplete) else {
+            return Ok(text);
+        };
+        tracing::info!(
+            "{} is incomplete ({} bytes); waiting for its writer to finish",
+            path.display(),
+            text.len()
+        );
+        let settle = deadline_after(CONFIG_SETTLE).min(deadline);
+        match tokio::time::timeout_at(settle, watch.changed()).await {
+            Ok(Ok(())) => continue,
+            // No change in time (or the watch broke): validation reports what is there.
+            Ok(Err(_)) | Err(_) => return Ok(text),
+        }
+    }
+}

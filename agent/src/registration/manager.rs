@@ -1,0 +1,48 @@
+//! A `glrt-` runner authentication token, usually shared by a whole fleet: each VM is one of
+//! the runner's managers, told apart by its system id. `POST /runners/verify` creates (or
+//! refreshes) the manager; tags, protection and timeout live in GitLab.
+
+use tokio::time::Instant;
+
+use super::{BoxFuture, CredentialFlow, Target};
+use crate::gitlab::{self, Client, RetryError, RunnerInfo};
+use crate::secret::Secret;
+
+pub struct Manager {
+    pub token: Secret,
+    pub info: RunnerInfo,
+    pub url: String,
+}
+
+impl CredentialFlow for Manager {
+    fn describe(&self, system_id: &str) -> String {
+        format!(
+            "verifying runner token {} as manager {system_id} with {}",
+            self.token, self.url
+        )
+    }
+
+    fn target(&self) -> Target {
+        Target::Manager
+    }
+
+    fn known_runner_token(&self) -> Option<Secret> {
+        Some(self.token.clone())
+    }
+
+    fn register<'a>(
+        &'a self,
+        client: &'a Client,
+        system_id: &'a str,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Secret, RetryError>> {
+        Box::pin(async move {
+            gitlab::with_retries("verify", deadline, || {
+                client.verify(&self.token, system_id, &self.info)
+            })
+            .await?;
+            tracing::info!("runner token accepted; this VM is runner manager {system_id}");
+            Ok(self.token.clone())
+        })
+    }
+}
