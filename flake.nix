@@ -1,7 +1,8 @@
 {
   description = "gitlab-runner-vm: disposable NixOS VMs that run GitLab CI jobs, and their images";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  # Locked in flake.lock; `nix flake update` moves the lock to the branch's head.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs = { self, nixpkgs }:
     let
@@ -9,66 +10,74 @@
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
+      # What an image is made of: profiles (nixos-modules/) and image formats (images/).
       modules = {
         gitlab-runner-vm = ./nixos-modules/gitlab-runner-vm.nix;
-        base = ./nixos-modules/base.nix;
+        base = ./nixos-modules/base;
         runner = ./nixos-modules/runner.nix;
         circleci = ./nixos-modules/circleci.nix;
         proxmox-template = ./nixos-modules/proxmox-template.nix;
+        kubevirt-image = ./images/kubevirt.nix;
+        amazon-image = ./images/amazon.nix;
+        google-compute-image = ./images/google-compute.nix;
+        digital-ocean-image = ./images/digital-ocean.nix;
+        proxmox-image = ./images/proxmox.nix;
       };
 
       # Runner images on clouds without a config disk take runner.json from user-data.
       cloudUserData = datasource: {
         services.cloud-init.enable = true;
-        runnerImage.userData.datasources = [ datasource ];
+        gitlabRunnerVm.runner.userData.datasources = [ datasource ];
       };
 
       # Every image: its modules, the attribute of its build, and the systems it exists for.
       images = {
         nixos-base = {
-          modules = [ modules.base ./images/kubevirt.nix ];
+          modules = [ modules.base modules.kubevirt-image ];
           build = "kubevirtImage";
         };
         nixos-runner = {
-          modules = [ modules.runner ./images/kubevirt.nix ];
+          modules = [ modules.runner modules.kubevirt-image ];
           build = "kubevirtImage";
         };
         runner-amazon = {
-          modules = [ modules.runner ./images/amazon.nix (cloudUserData "Ec2") ];
+          modules = [ modules.runner modules.amazon-image (cloudUserData "Ec2") ];
           build = "amazonImage";
         };
         runner-gce = {
-          modules = [ modules.runner ./images/google-compute.nix (cloudUserData "GCE") ];
+          modules = [ modules.runner modules.google-compute-image (cloudUserData "GCE") ];
           build = "googleComputeImage";
         };
         circleci-amazon = {
-          modules = [ modules.circleci ./images/amazon.nix ];
+          modules = [ modules.circleci modules.amazon-image ];
           build = "amazonImage";
         };
         circleci-gce = {
-          modules = [ modules.circleci ./images/google-compute.nix ];
+          modules = [ modules.circleci modules.google-compute-image ];
           build = "googleComputeImage";
         };
         proxmox-template = {
-          modules = [ modules.proxmox-template ./images/proxmox.nix ];
+          modules = [ modules.proxmox-template modules.proxmox-image ];
           build = "VMA";
           systems = [ "x86_64-linux" ];
         };
         digital-ocean = {
-          modules = [ modules.runner ./images/digital-ocean.nix (cloudUserData "DigitalOcean") ];
+          modules = [ modules.runner modules.digital-ocean-image (cloudUserData "DigitalOcean") ];
           build = "digitalOceanImage";
           systems = [ "x86_64-linux" ];
         };
       };
 
+      # A default only, so `extendModules` can move an image to the other system.
       mkSystem = name: system: extraModules:
         lib.nixosSystem {
           modules = [
-            ({ config, ... }: {
-              nixpkgs.hostPlatform = system;
+            ({ config, pkgs, ... }: {
+              nixpkgs.hostPlatform = lib.mkDefault system;
+              nixpkgs.overlays = [ self.overlays.default ];
               # result/<image>-<NixOS label>-<system>.<ext>; weaker than a format's own name
               # (Proxmox needs vzdump-qemu-*).
-              image.baseName = lib.mkOverride 1200 "${name}-${config.system.nixos.label}-${system}";
+              image.baseName = lib.mkOverride 1200 "${name}-${config.system.nixos.label}-${pkgs.stdenv.hostPlatform.system}";
             })
           ]
           ++ extraModules;
@@ -85,7 +94,7 @@
         pkgs.callPackage ./images/run-vm.nix {
           image = image.config.system.build.kubevirtImage;
           inherit (image.config.image) filePath;
-          inherit (image.config.kubevirtImage) partitionTableType;
+          inherit (image.config.gitlabRunnerVm.kubevirt) partitionTableType;
         };
 
       # `nix fmt` with no arguments formats the whole tree.
@@ -96,13 +105,10 @@
         '';
     in
     {
-      overlays.default = final: _prev: {
-        gitlab-runner-vm = final.callPackage ./nixos-modules/package.nix { };
-      };
+      overlays.default = import ./nix/overlay.nix;
 
       nixosModules = modules // {
         default = modules.gitlab-runner-vm;
-        kubevirt-image = ./images/kubevirt.nix;
       };
 
       nixosConfigurations =
@@ -116,12 +122,18 @@
       packages = forAllSystems (pkgs:
         let
           inherit (pkgs.stdenv.hostPlatform) system;
-          imagePackages = lib.mapAttrs (name: bySystem: bySystem.${system}.config.system.build.${images.${name}.build})
+          # Each image carries the configuration it was built from and its file's path, as
+          # nixpkgs' system.build.images do: `nix eval .#nixos-runner.config.image.fileName`.
+          imagePackages = lib.mapAttrs
+            (name: bySystem:
+              let nixos = bySystem.${system}; in
+              lib.extendDerivation true { inherit (nixos) config; inherit (nixos.config.image) filePath; }
+                nixos.config.system.build.${images.${name}.build})
             (lib.filterAttrs (_: bySystem: bySystem ? ${system}) imageSystems);
           runner = imageSystems.nixos-runner.${system}.config;
         in
         imagePackages // {
-          gitlab-runner-vm = pkgs.callPackage ./nixos-modules/package.nix { };
+          inherit (self.overlays.default pkgs pkgs) gitlab-runner-vm;
           nixos-runner-containerdisk = pkgs.callPackage ./images/containerdisk.nix {
             image = runner.system.build.kubevirtImage;
             inherit (runner.image) filePath;

@@ -10,7 +10,7 @@
 # - no nixpkgs channel copied into the image.
 { config, lib, pkgs, modulesPath, ... }:
 let
-  cfg = config.kubevirtImage;
+  cfg = config.gitlabRunnerVm.kubevirt;
   efi = cfg.partitionTableType != "legacy";
   bios = cfg.partitionTableType != "efi";
   serialConsole = if pkgs.stdenv.hostPlatform.isAarch64 then "ttyAMA0" else "ttyS0";
@@ -20,9 +20,10 @@ in
     (modulesPath + "/profiles/qemu-guest.nix")
     (modulesPath + "/image/file-options.nix")
     (modulesPath + "/virtualisation/disk-size-option.nix")
+    (lib.mkRenamedOptionModule [ "kubevirtImage" ] [ "gitlabRunnerVm" "kubevirt" ])
   ];
 
-  options.kubevirtImage = {
+  options.gitlabRunnerVm.kubevirt = {
     partitionTableType = lib.mkOption {
       type = lib.types.enum [ "legacy" "efi" "hybrid" ];
       default = if pkgs.stdenv.hostPlatform.isx86 then "hybrid" else "efi";
@@ -63,8 +64,8 @@ in
     boot.kernelParams = [ "console=${serialConsole}" ];
     systemd.services."serial-getty@${serialConsole}".enable = true;
 
-    services.qemuGuest.enable = true;
-    services.openssh.enable = true;
+    services.qemuGuest.enable = lib.mkDefault true;
+    services.openssh.enable = lib.mkDefault true;
     # SSH keys (and, for runner images, runner.json) from a cloudInitNoCloud or
     # cloudInitConfigDrive volume; both are local disks, so nothing is probed on the network.
     services.cloud-init = {

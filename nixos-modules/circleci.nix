@@ -5,12 +5,15 @@
 # tools).
 { config, lib, pkgs, ... }:
 let
-  cfg = config.circleciImage;
+  cfg = config.gitlabRunnerVm.circleci;
 in
 {
-  imports = [ ./base.nix ];
+  imports = [
+    ./base
+    (lib.mkRenamedOptionModule [ "circleciImage" ] [ "gitlabRunnerVm" "circleci" ])
+  ];
 
-  options.circleciImage = {
+  options.gitlabRunnerVm.circleci = {
     display = lib.mkOption {
       type = lib.types.str;
       default = ":99";
@@ -24,7 +27,7 @@ in
   };
 
   config = {
-    baseImage.user = "circleci";
+    gitlabRunnerVm.base.user = lib.mkDefault "circleci";
 
     environment.systemPackages = with pkgs; [
       circleci-cli
@@ -40,7 +43,7 @@ in
       imagemagick
     ];
 
-    environment.variables.DISPLAY = cfg.display;
+    environment.variables.DISPLAY = lib.mkDefault cfg.display;
 
     # nixpkgs has no Xvfb module and services.xserver would pull in a whole desktop stack.
     systemd.tmpfiles.rules = [ "d /tmp/.X11-unix 1777 root root -" ];
@@ -50,7 +53,7 @@ in
       after = [ "systemd-tmpfiles-setup.service" ];
       serviceConfig = {
         ExecStart = "${lib.getExe' pkgs.xvfb "Xvfb"} ${cfg.display} -screen 0 ${cfg.screen} -nolisten tcp";
-        User = config.baseImage.user;
+        User = config.gitlabRunnerVm.base.user;
         Restart = "always";
         RestartSec = "2s";
       };

@@ -2,73 +2,134 @@
 #
 # The unit itself is the package's lib/systemd/system/gitlab-runner-vm.service (the one unit
 # definition, agent/dist/gitlab-runner-vm.service); this module installs it through
-# systemd.packages and adds only wantedBy, path and the agent's GITLAB_RUNNER_VM_* environment
-# variables (its flags), plus an ExecStart drop-in when extraArgs is not empty.
+# systemd.packages and adds only wantedBy, path and the agent's environment, plus an ExecStart
+# drop-in when extraArgs is not empty.
+#
+# `settings` follows RFC 42: a freeform attribute set whose keys are the agent's own flag names
+# (`failure-delay` for `--failure-delay`). Every flag `--foo-bar` reads `GITLAB_RUNNER_VM_FOO_BAR`,
+# so each setting becomes that variable (true/false, decimal integers, strings as they are; a
+# freeform null leaves the flag at the agent's default), and a new agent flag needs no change here.
 { config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.gitlab-runner-vm;
   inherit (lib) mkOption types;
 
+  envName = flag: "GITLAB_RUNNER_VM_" + lib.toUpper (builtins.replaceStrings [ "-" ] [ "_" ] flag);
+  envValue = value: if lib.isBool value then lib.boolToString value else toString value;
+  environment = lib.mapAttrs' (flag: value: lib.nameValuePair (envName flag) (envValue value))
+    (lib.filterAttrs (_: value: value != null) cfg.settings);
+
   # The unit's TimeoutStopSec (90 s) covers --stop-timeout + --deregister-timeout (70 s by
   # default) plus a margin; longer agent timeouts raise it so systemd never kills a teardown.
   unitStopTimeout = 90;
-  neededStopTimeout = cfg.stopTimeout + cfg.deregisterTimeout + 20;
+  neededStopTimeout = cfg.settings.stop-timeout + cfg.settings.deregister-timeout + 20;
 
-  seconds = description: default: mkOption {
+  seconds = default: description: mkOption {
     type = types.ints.unsigned;
     inherit default description;
   };
+
+  # Options of the first releases, now settings named after the agent's flags.
+  renamed = {
+    configFile = "config";
+    keepFile = "keep-file";
+    runnerUser = "runner-user";
+    failureDelay = "failure-delay";
+    configWait = "config-wait";
+    registerTimeout = "register-timeout";
+    deregisterTimeout = "deregister-timeout";
+    stopTimeout = "stop-timeout";
+    holdMax = "hold-max";
+  };
 in
 {
+  imports = lib.mapAttrsToList
+    (old: flag: lib.mkRenamedOptionModule [ "services" "gitlab-runner-vm" old ] [ "services" "gitlab-runner-vm" "settings" flag ])
+    renamed;
+
   options.services.gitlab-runner-vm = {
-    enable = lib.mkEnableOption ''
-      gitlab-runner-vm, the agent that registers this VM with GitLab at boot, runs N jobs with
-      gitlab-runner, deregisters and powers the VM off
-    '';
+    enable = lib.mkEnableOption "gitlab-runner-vm, the agent that registers the VM with GitLab at boot, runs N jobs, deregisters and powers the VM off";
 
     package = mkOption {
       type = types.package;
-      default = pkgs.callPackage ./package.nix { };
-      defaultText = lib.literalMD "the agent built from this repository (`nixos-modules/package.nix`)";
-      description = "The gitlab-runner-vm package: the agent's binary and its systemd unit.";
+      default = pkgs.gitlab-runner-vm or (import ../nix/overlay.nix pkgs pkgs).gitlab-runner-vm;
+      defaultText = lib.literalExpression "pkgs.gitlab-runner-vm";
+      description = ''
+        The gitlab-runner-vm package: the agent's binary and its systemd unit. Taken from `pkgs`
+        when an overlay provides it (this flake's `overlays.default`), else built from this
+        repository (`nix/package.nix`).
+      '';
     };
 
     gitlabRunnerPackage = lib.mkPackageOption pkgs "gitlab-runner" { };
 
-    configFile = mkOption {
-      type = types.str;
-      default = "/runner-info/runner.json";
-      description = "Path of runner.json, read at boot (`GITLAB_RUNNER_VM_CONFIG`).";
-    };
-
-    keepFile = mkOption {
-      type = types.str;
-      default = "/etc/keep-runner";
-      description = ''
-        While this file exists the VM is held after deregistration instead of powering off
-        (`GITLAB_RUNNER_VM_KEEP_FILE`); `gitlab-runner-vm release` removes it.
+    settings = mkOption {
+      default = { };
+      example = lib.literalExpression ''
+        {
+          failure-delay = 10;
+          hold-max = 3600;
+          # any other flag of `gitlab-runner-vm run`, by its name
+          no-poweroff = true;
+        }
       '';
+      description = ''
+        Flags of `gitlab-runner-vm run`, by their names without the leading `--`: each one
+        becomes the agent's environment variable `GITLAB_RUNNER_VM_<NAME>` (upper case, `-` as
+        `_`). Booleans are `true` or `false`, integers decimal, strings as they are. Flags
+        without an option below are set the same way, so every flag of the agent is available
+        here; `null` leaves such a flag at the agent's default. Durations are whole seconds.
+      '';
+      type = types.submodule {
+        freeformType = types.attrsOf (types.nullOr (types.oneOf [ types.bool types.int types.str ]));
+        options = {
+          config = mkOption {
+            type = types.str;
+            default = "/runner-info/runner.json";
+            description = "Path of runner.json, read at boot.";
+          };
+          keep-file = mkOption {
+            type = types.str;
+            default = "/etc/keep-runner";
+            description = ''
+              While this file exists the VM is held after deregistration instead of powering off;
+              `gitlab-runner-vm release` removes it.
+            '';
+          };
+          gitlab-runner = mkOption {
+            type = types.str;
+            default = lib.getExe cfg.gitlabRunnerPackage;
+            defaultText = lib.literalExpression "lib.getExe config.services.gitlab-runner-vm.gitlabRunnerPackage";
+            description = "The gitlab-runner program the agent starts.";
+          };
+          runner-user = mkOption {
+            type = types.str;
+            default = "runner";
+            description = "Unprivileged user that gitlab-runner and so every job runs as.";
+          };
+          poweroff-command = mkOption {
+            type = types.str;
+            default = "${config.systemd.package}/bin/systemctl poweroff";
+            defaultText = lib.literalExpression ''"''${config.systemd.package}/bin/systemctl poweroff"'';
+            description = "Command (run with /bin/sh -c) that powers the VM off at the end.";
+          };
+          failure-delay = seconds 60 "Seconds between a fatal error and the power-off.";
+          config-wait = seconds 300 "Seconds to wait for runner.json to appear.";
+          register-timeout = seconds 300 "Deadline in seconds for registration, retries included.";
+          deregister-timeout = seconds 30 "Deadline in seconds for deregistration, retries included.";
+          stop-timeout = seconds 40 "Seconds gitlab-runner gets to stop after SIGTERM.";
+          hold-max = seconds 86400 "Longest hold in seconds after the keep file's last modification.";
+        };
+      };
     };
-
-    runnerUser = mkOption {
-      type = types.str;
-      default = "runner";
-      description = "Unprivileged user that gitlab-runner and so every job runs as (`GITLAB_RUNNER_VM_RUNNER_USER`).";
-    };
-
-    failureDelay = seconds "Seconds between a fatal error and the power-off (`GITLAB_RUNNER_VM_FAILURE_DELAY`)." 60;
-    configWait = seconds "Seconds to wait for runner.json to appear (`GITLAB_RUNNER_VM_CONFIG_WAIT`)." 300;
-    registerTimeout = seconds "Deadline in seconds for registration, retries included (`GITLAB_RUNNER_VM_REGISTER_TIMEOUT`)." 300;
-    deregisterTimeout = seconds "Deadline in seconds for deregistration, retries included (`GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT`)." 30;
-    stopTimeout = seconds "Seconds gitlab-runner gets to stop after SIGTERM (`GITLAB_RUNNER_VM_STOP_TIMEOUT`)." 40;
-    holdMax = seconds "Longest hold in seconds after the keep file's last modification (`GITLAB_RUNNER_VM_HOLD_MAX`)." 86400;
 
     powerOff = mkOption {
       type = types.bool;
       default = true;
       description = ''
         Whether the agent powers the VM off at the end. Debug images set this to false: the
-        agent then only logs that power-off is disabled and exits.
+        agent then does the whole teardown and exits (`settings.no-poweroff = true`, the
+        agent's `--no-poweroff`), and the VM stays up.
       '';
     };
 
@@ -83,30 +144,43 @@ in
       '';
     };
 
+    extraPackages = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+      example = lib.literalExpression "[ pkgs.nodejs pkgs.python3 ]";
+      description = ''
+        More packages on the path of the agent and so of gitlab-runner and shell-executor jobs,
+        beside gitlab-runner, bash, git, git-lfs, tar, gzip and curl (and Docker's client with
+        `dockerExecutor`).
+      '';
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
       example = [ "--config-wait" "600" ];
       description = ''
         Extra arguments for `gitlab-runner-vm run`. When not empty, a drop-in replaces the
-        unit's ExecStart. Prefer the options above, which set environment variables.
+        unit's ExecStart. Prefer `settings`, which sets environment variables.
       '';
     };
   };
 
   config = lib.mkIf cfg.enable {
+    services.gitlab-runner-vm.settings.no-poweroff = lib.mkIf (!cfg.powerOff) (lib.mkDefault true);
+
     assertions = [
       {
-        assertion = config.users.users ? ${cfg.runnerUser};
+        assertion = config.users.users ? ${cfg.settings.runner-user};
         message = ''
-          services.gitlab-runner-vm.runnerUser is "${cfg.runnerUser}", but no such user is
-          defined. Define users.users.${cfg.runnerUser} (nixos-modules/base.nix defines "runner")
-          or set services.gitlab-runner-vm.runnerUser to an existing user.
+          services.gitlab-runner-vm.settings.runner-user is "${cfg.settings.runner-user}", but no
+          such user is defined. Define users.users.${cfg.settings.runner-user} (the base module
+          defines "runner") or set the setting to an existing user.
         '';
       }
       {
-        assertion = cfg.runnerUser != "root";
-        message = "services.gitlab-runner-vm.runnerUser must not be root: jobs would run as root.";
+        assertion = cfg.settings.runner-user != "root";
+        message = "services.gitlab-runner-vm.settings.runner-user must not be root: jobs would run as root.";
       }
       {
         assertion = cfg.dockerExecutor -> config.virtualisation.docker.enable;
@@ -117,12 +191,19 @@ in
       }
       {
         assertion =
-          cfg.dockerExecutor && config.users.users ? ${cfg.runnerUser}
-          -> lib.elem "docker" config.users.users.${cfg.runnerUser}.extraGroups;
+          cfg.dockerExecutor && config.users.users ? ${cfg.settings.runner-user}
+          -> lib.elem "docker" config.users.users.${cfg.settings.runner-user}.extraGroups;
         message = ''
           services.gitlab-runner-vm.dockerExecutor is true, but the runner user
-          "${cfg.runnerUser}" is not in the docker group: add "docker" to
-          users.users.${cfg.runnerUser}.extraGroups.
+          "${cfg.settings.runner-user}" is not in the docker group: add "docker" to
+          users.users.${cfg.settings.runner-user}.extraGroups.
+        '';
+      }
+      {
+        assertion = lib.all (flag: builtins.match "[a-z][a-z0-9-]*" flag != null) (lib.attrNames cfg.settings);
+        message = ''
+          services.gitlab-runner-vm.settings takes the agent's flag names (lower case, words
+          joined by `-`, e.g. failure-delay), not ${lib.concatStringsSep ", " (lib.filter (flag: builtins.match "[a-z][a-z0-9-]*" flag == null) (lib.attrNames cfg.settings))}.
         '';
       }
     ];
@@ -145,30 +226,14 @@ in
         pkgs.gzip
         pkgs.curl
       ]
-      ++ lib.optional cfg.dockerExecutor config.virtualisation.docker.package;
-      environment = {
-        GITLAB_RUNNER_VM_CONFIG = cfg.configFile;
-        GITLAB_RUNNER_VM_STATE_DIR = "/run/gitlab-runner-vm";
-        GITLAB_RUNNER_VM_KEEP_FILE = cfg.keepFile;
-        GITLAB_RUNNER_VM_GITLAB_RUNNER = lib.getExe cfg.gitlabRunnerPackage;
-        GITLAB_RUNNER_VM_RUNNER_USER = cfg.runnerUser;
-        GITLAB_RUNNER_VM_POWEROFF_COMMAND =
-          if cfg.powerOff then
-            "${config.systemd.package}/bin/systemctl poweroff"
-          else
-            "echo 'gitlab-runner-vm: power-off is disabled in this image (services.gitlab-runner-vm.powerOff = false); the VM stays up'";
-        GITLAB_RUNNER_VM_FAILURE_DELAY = toString cfg.failureDelay;
-        GITLAB_RUNNER_VM_CONFIG_WAIT = toString cfg.configWait;
-        GITLAB_RUNNER_VM_REGISTER_TIMEOUT = toString cfg.registerTimeout;
-        GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT = toString cfg.deregisterTimeout;
-        GITLAB_RUNNER_VM_STOP_TIMEOUT = toString cfg.stopTimeout;
-        GITLAB_RUNNER_VM_HOLD_MAX = toString cfg.holdMax;
-      };
+      ++ lib.optional cfg.dockerExecutor config.virtualisation.docker.package
+      ++ cfg.extraPackages;
+      inherit environment;
       serviceConfig = lib.mkMerge [
         (lib.mkIf (cfg.extraArgs != [ ]) {
           ExecStart = [
             ""
-            "${cfg.package}/bin/gitlab-runner-vm run ${utils.escapeSystemdExecArgs cfg.extraArgs}"
+            "${lib.getExe cfg.package} run ${utils.escapeSystemdExecArgs cfg.extraArgs}"
           ];
         })
         (lib.mkIf (neededStopTimeout > unitStopTimeout) {

@@ -4,10 +4,14 @@
 # The image format (images/proxmox.nix) enables cloud-init with networking and the guest agent.
 { config, lib, pkgs, ... }:
 let
-  cfg = config.proxmoxTemplate;
+  cfg = config.gitlabRunnerVm.proxmoxTemplate;
 in
 {
-  options.proxmoxTemplate = {
+  imports = [
+    (lib.mkRenamedOptionModule [ "proxmoxTemplate" ] [ "gitlabRunnerVm" "proxmoxTemplate" ])
+  ];
+
+  options.gitlabRunnerVm.proxmoxTemplate = {
     adminUser = lib.mkOption {
       type = lib.types.str;
       default = "admin";
@@ -32,21 +36,21 @@ in
       extraGroups = [ "wheel" ];
       openssh.authorizedKeys.keys = cfg.authorizedKeys;
     };
-    security.sudo.wheelNeedsPassword = false;
+    security.sudo.wheelNeedsPassword = lib.mkDefault false;
 
     services.openssh = {
-      enable = true;
+      enable = lib.mkDefault true;
       settings = {
-        PasswordAuthentication = false;
-        KbdInteractiveAuthentication = false;
-        PermitRootLogin = "no";
+        PasswordAuthentication = lib.mkDefault false;
+        KbdInteractiveAuthentication = lib.mkDefault false;
+        PermitRootLogin = lib.mkDefault "no";
       };
     };
 
-    services.qemuGuest.enable = true;
+    services.qemuGuest.enable = lib.mkDefault true;
     services.cloud-init = {
-      enable = true;
-      network.enable = true;
+      enable = lib.mkDefault true;
+      network.enable = lib.mkDefault true;
       settings = {
         # Proxmox attaches its cloud-init drive as NoCloud (or ConfigDrive with "configdrive2").
         datasource_list = [ "NoCloud" "ConfigDrive" ];

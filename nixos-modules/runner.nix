@@ -16,14 +16,15 @@
 # system id by the agent at every boot.
 { config, lib, options, pkgs, utils, ... }:
 let
-  cfg = config.runnerImage;
+  cfg = config.gitlabRunnerVm.runner;
   inherit (lib) mkIf mkOption types;
   agent = config.services.gitlab-runner-vm;
   mountUnit = path: "${utils.escapeSystemdPath path}.mount";
   configMount = mountUnit cfg.configDisk.mountPoint;
   scratchMount = mountUnit cfg.scratchDisk.mountPoint;
   builds = lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds";
-  runnerHome = lib.escapeShellArg config.users.users.${agent.runnerUser}.home;
+  runnerUser = lib.escapeShellArg agent.settings.runner-user;
+  runnerHome = lib.escapeShellArg config.users.users.${agent.settings.runner-user}.home;
   mounts = {
     ${cfg.configDisk.mountPoint} = {
       device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
@@ -43,11 +44,12 @@ let
 in
 {
   imports = [
-    ./base.nix
+    ./base
     ./gitlab-runner-vm.nix
+    (lib.mkRenamedOptionModule [ "runnerImage" ] [ "gitlabRunnerVm" "runner" ])
   ];
 
-  options.runnerImage = {
+  options.gitlabRunnerVm.runner = {
     configDisk = {
       serial = mkOption {
         type = types.str;
@@ -112,9 +114,11 @@ in
   config = lib.mkMerge [
     {
       services.gitlab-runner-vm = {
-        enable = true;
-        runnerUser = config.baseImage.user;
-        configFile = "${cfg.configDisk.mountPoint}/runner.json";
+        enable = lib.mkDefault true;
+        settings = {
+          runner-user = lib.mkDefault config.gitlabRunnerVm.base.user;
+          config = lib.mkDefault "${cfg.configDisk.mountPoint}/runner.json";
+        };
       };
 
       # The host name comes from DHCP or the cloud; the agent names the runner after it.
@@ -136,11 +140,11 @@ in
         };
         script = ''
           install -d -m 0711 ${lib.escapeShellArg cfg.scratchDisk.mountPoint}
-          install -d -m 0755 -o ${lib.escapeShellArg agent.runnerUser} -g users ${builds}
+          install -d -m 0755 -o ${runnerUser} -g users ${builds}
           # gitlab-runner runs in the runner's home and builds in ./builds by default.
           if [ ! -e ${runnerHome}/builds ]; then
             ln -s ${builds} ${runnerHome}/builds
-            chown -h ${lib.escapeShellArg agent.runnerUser}:users ${runnerHome}/builds
+            chown -h ${runnerUser}:users ${runnerHome}/builds
           fi
         '';
       };
@@ -187,7 +191,7 @@ in
           UMask = "0077";
         };
         script = ''
-          target=${lib.escapeShellArg agent.configFile}
+          target=${lib.escapeShellArg agent.settings.config}
           userdata=/var/lib/cloud/instance/user-data.txt
           if [ -e "$target" ]; then
             echo "$target exists; user-data is not used"

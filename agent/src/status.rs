@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::CredentialKind;
 use crate::lifecycle::{Phase, TimelineEntry};
 
 pub const FILE_NAME: &str = "status.json";
@@ -23,7 +24,7 @@ pub struct Status {
     pub boot_id: String,
     pub runner: Option<String>,
     pub system_id: Option<String>,
-    pub credential: Option<String>,
+    pub credential: Option<CredentialKind>,
     pub gitlab_url: Option<String>,
     pub registered: bool,
     pub deregistered: bool,
@@ -92,8 +93,8 @@ pub fn render(status: &Status, now: SystemTime) -> String {
     if let Some(url) = &status.gitlab_url {
         line(&mut out, "gitlab:", url);
     }
-    if let Some(kind) = &status.credential {
-        line(&mut out, "credential:", kind);
+    if let Some(kind) = status.credential {
+        line(&mut out, "credential:", kind.as_str());
     }
     let registration = match (status.registered, status.deregistered) {
         (true, true) => "deregistered",
@@ -186,7 +187,7 @@ mod tests {
             boot_id: "b1".into(),
             runner: Some("vm-1".into()),
             system_id: Some("r_abcdefABCDEF".into()),
-            credential: Some("token".into()),
+            credential: Some(CredentialKind::RunnerToken),
             gitlab_url: Some("https://gitlab.example.com".into()),
             registered: true,
             deregistered: true,

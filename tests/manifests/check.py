@@ -9,9 +9,11 @@
 3. Rules no schema holds (KubeVirt's webhook and this project's needs): runStrategy, serials,
    the grace period against the agent's unit, networking, probes, the disks and their volumes,
    the Secrets, the pool's selector and update strategy, and that the pool's VM is the VM.
-4. Cross-check with nixos-modules/ (and images/kubevirt.nix): the disk serials, the mount
-   points and the user name that the manifests rely on are the ones the NixOS modules declare,
-   and the image runs the guest agent that readiness and SSH keys use.
+4. Cross-check with the runner image as NixOS evaluates it (runner-image.nix, through
+   tests/nix/eval-json): the disk serials, the mount points, runner.json's path and the user
+   name that the manifests rely on are the image's, the image runs the guest agent that
+   readiness and SSH keys use, and the grace period covers the unit's stop timeout. Skipped,
+   with the reason, on a machine that cannot evaluate the flake.
 5. The example runner.json passes the agent's own `gitlab-runner-vm check` (when it is built).
 
 Prints one line per check and a closing "N passed, N failed" line; exits 1 if any check failed.
@@ -41,7 +43,6 @@ VM_TEMPLATE = ROOT / "vm-template.yaml"
 EXAMPLES = ROOT / "examples" / "kubevirt"
 README = ROOT / "README.md"
 UNIT = ROOT / "agent" / "dist" / "gitlab-runner-vm.service"
-MODULES = ROOT / "nixos-modules"
 
 # Contracts with the NixOS modules and the agent (README, DESIGN.md).
 PLACEHOLDER_TOKEN = "glrt-REPLACE-ME"
@@ -235,210 +236,40 @@ def systemd_seconds(text):
 
 
 def unit_timeout_stop():
+    """The unit's TimeoutStopSec: agent/dist's, or the runner image's when its module raises it."""
     if not UNIT.is_file():
         raise AssertionError(f"{rel(UNIT)} is missing: the grace period is checked against its TimeoutStopSec")
     m = re.search(r"^TimeoutStopSec=(.+)$", UNIT.read_text(), re.M)
     assert m, f"{rel(UNIT)} sets no TimeoutStopSec"
-    return systemd_seconds(m.group(1).strip())
-
-
-NIX_OPS = ("...", "==", "!=", "<=", ">=", "&&", "||", "->", "//", "++")
-NIX_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
-
-
-def _nix_interp_end(src, i):
-    """Index just past the `}` closing an interpolation whose body starts at i."""
-    depth = 1
-    while i < len(src):
-        if src[i] == '"':
-            i, _, _ = _nix_string(src, i + 1)
-            continue
-        if src.startswith("''", i):
-            i, _, _ = _nix_indented(src, i + 2)
-            continue
-        if src[i] == "#":
-            i = src.find("\n", i)
-            i = len(src) if i < 0 else i
-            continue
-        if src[i] == "{":
-            depth += 1
-        elif src[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    raise ValueError("unterminated ${")
-
-
-def _nix_string(src, i):
-    """Scan a "..." string whose body starts at i: (end, text, has no interpolation)."""
-    out, plain = [], True
-    while i < len(src):
-        c = src[i]
-        if c == "\\":
-            out.append(src[i + 1 : i + 2])
-            i += 2
-        elif c == '"':
-            return i + 1, "".join(out), plain
-        elif src.startswith("${", i):
-            end = _nix_interp_end(src, i + 2)
-            out.append(src[i:end])
-            plain = False
-            i = end
-        else:
-            out.append(c)
-            i += 1
-    raise ValueError("unterminated string")
-
-
-def _nix_indented(src, i):
-    """Scan a ''...'' string whose body starts at i."""
-    out, plain = [], True
-    while i < len(src):
-        if src.startswith("'''", i):
-            out.append("''")
-            i += 3
-        elif src.startswith("''$", i):
-            out.append("$")
-            i += 3
-        elif src.startswith("''\\", i):
-            out.append(src[i + 3 : i + 4])
-            i += 4
-        elif src.startswith("''", i):
-            return i + 2, "".join(out), plain
-        elif src.startswith("${", i):
-            end = _nix_interp_end(src, i + 2)
-            out.append(src[i:end])
-            plain = False
-            i = end
-        else:
-            out.append(src[i])
-            i += 1
-    raise ValueError("unterminated indented string")
-
-
-def nix_tokens(src):
-    """Tokens of a Nix file: ("id", name), ("str", text), ("istr", text with ${..}), ("dyn", ${..}), ("op", text)."""
-    toks, i = [], 0
-    while i < len(src):
-        c = src[i]
-        if c.isspace():
-            i += 1
-        elif c == "#":
-            i = src.find("\n", i)
-            i = len(src) if i < 0 else i
-        elif src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            i = len(src) if j < 0 else j + 2
-        elif c == '"':
-            i, text, plain = _nix_string(src, i + 1)
-            toks.append(("str" if plain else "istr", text))
-        elif src.startswith("''", i):
-            i, text, plain = _nix_indented(src, i + 2)
-            toks.append(("str" if plain else "istr", text))
-        elif src.startswith("${", i):
-            end = _nix_interp_end(src, i + 2)
-            toks.append(("dyn", src[i:end]))
-            i = end
-        elif NIX_IDENT.match(src, i):
-            m = NIX_IDENT.match(src, i)
-            toks.append(("id", m.group()))
-            i = m.end()
-        else:
-            op = next((o for o in NIX_OPS if src.startswith(o, i)), c)
-            toks.append(("op", op))
-            i += len(op)
-    return toks
-
-
-def _attrpath_before_eq(stmt):
-    """For statement tokens `... a.b."c" = rhs`, (["a", "b", "c"], rhs tokens); else None."""
+    seconds = systemd_seconds(m.group(1).strip())
     try:
-        eq = stmt.index(("op", "="))
-    except ValueError:
-        return None
-    lhs, path, want_name = stmt[:eq], [], True
-    for kind, text in reversed(lhs):
-        if want_name and kind in ("id", "str", "dyn"):
-            path.append(text)
-            want_name = False
-        elif not want_name and (kind, text) == ("op", "."):
-            want_name = True
-        else:
-            break
-    if not path or want_name:
-        return None
-    return list(reversed(path)), stmt[eq + 1 :]
+        raised = runner_image()["agent"]["timeoutStopSec"]
+    except Skip:
+        raised = None
+    return max(seconds, systemd_seconds(raised)) if raised else seconds
 
 
-def nix_assignments(src):
-    """Every `attr.path = value` of a Nix file, with the paths of the enclosing attribute sets.
+RUNNER_IMAGE_FACTS = Path(__file__).resolve().parent / "runner-image.nix"
+EVAL_JSON = ROOT / "tests" / "nix" / "eval-json"
+_runner_image = []
 
-    Returns (path tuple, value tokens) pairs; a value that is an attribute set gives the pair
-    (path, [("op", "{")]) and its own attributes below it. Good enough for NixOS modules: it
-    reads `options.a.b = mkOption { default = "x"; }` and the nested-set spelling alike.
+
+def runner_image():
+    """The runner image as NixOS evaluated it (tests/manifests/runner-image.nix), once per run.
+
+    Evaluated with the user's Nix when it has flakes, else with ../shared/nix-eval (see
+    tests/nix/evaluator.sh); a machine with neither skips the checks that need it.
     """
-    frames, stmt, out = [], [], []
-    for tok in nix_tokens(src):
-        if tok == ("op", "{"):
-            found = _attrpath_before_eq(stmt)
-            label = found[0] if found else []
-            if found:
-                out.append((tuple(sum(frames, []) + label), [tok]))
-            frames.append(label)
-            stmt = []
-        elif tok == ("op", "}"):
-            if frames:
-                frames.pop()
-            stmt = []
-        elif tok == ("op", ";"):
-            found = _attrpath_before_eq(stmt)
-            if found:
-                out.append((tuple(sum(frames, []) + found[0]), found[1]))
-            stmt = []
-        else:
-            stmt.append(tok)
-    return out
-
-
-def assignments_ending(assignments, suffix):
-    return [(path, value) for path, value in assignments if path[-len(suffix) :] == suffix]
-
-
-def option_default(assignments, option):
-    """The string default of an option such as runnerImage.configDisk.serial, or None."""
-    want = tuple(option.split(".")) + ("default",)
-    values = [
-        value[0][1]
-        for path, value in assignments
-        if path[-len(want) :] == want and len(value) == 1 and value[0][0] == "str"
-    ]
-    assert len(set(values)) <= 1, f"{option} has several string defaults: {values}"
-    return values[0] if values else None
-
-
-def read_module(name):
-    path = MODULES / name
-    if not path.is_file():
-        raise AssertionError(
-            f"{rel(path)} is missing: this check reads it to compare the manifests with the "
-            f"NixOS modules (it is written by the NixOS side of the project)"
-        )
-    return nix_assignments(path.read_text())
-
-
-def runner_module_defaults():
-    """The disk contract of nixos-modules/runner.nix."""
-    assigns = read_module("runner.nix")
-    out = {}
-    for option in ("configDisk.serial", "configDisk.mountPoint", "scratchDisk.serial", "scratchDisk.mountPoint"):
-        value = option_default(assigns, "runnerImage." + option)
-        assert value is not None, (
-            f"nixos-modules/runner.nix declares no string default for runnerImage.{option} "
-            f'(expected one line `default = "<value>";` in its mkOption)'
-        )
-        out[option] = value
-    return out
+    if not _runner_image:
+        if not EVAL_JSON.is_file():
+            raise AssertionError(f"{rel(EVAL_JSON)} is missing: it evaluates the NixOS modules")
+        run = subprocess.run([str(EVAL_JSON), str(RUNNER_IMAGE_FACTS)], capture_output=True, text=True)
+        if run.returncode == 3:
+            raise Skip(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "no Nix evaluator")
+        if run.returncode != 0:
+            raise AssertionError(f"evaluating {rel(RUNNER_IMAGE_FACTS)} failed:\n{run.stderr[-3000:]}")
+        _runner_image.append(json.loads(run.stdout))
+    return _runner_image[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,11 +610,12 @@ def test_readme_has_the_deploy_sizing_and_debug_sections():
         assert re.search(rf"^{re.escape(heading)}\s*$", text, re.M), f"README.md lacks the section {heading!r}"
 
 
-def test_disk_serials_and_mount_points_agree_with_runner_nix():
-    module = runner_module_defaults()
+def test_disk_serials_and_mount_points_agree_with_the_runner_image():
+    image = runner_image()
     # The contract with the NixOS side.
-    assert module["configDisk.serial"] == "runner-info", f"runner.nix configDisk.serial is {module['configDisk.serial']!r}"
-    assert module["scratchDisk.serial"] == "scratch", f"runner.nix scratchDisk.serial is {module['scratchDisk.serial']!r}"
+    assert image["configDisk"]["serial"] == "runner-info", f"the runner image's config disk serial is {image['configDisk']['serial']!r}"
+    assert image["scratchDisk"]["serial"] == "scratch", f"the runner image's scratch disk serial is {image['scratchDisk']['serial']!r}"
+    assert image["scratchDisk"]["enable"], "the runner image does not use a scratch disk"
     problems = []
     for path in manifest_files():
         comments = guest_comments(path)
@@ -791,9 +623,9 @@ def test_disk_serials_and_mount_points_agree_with_runner_nix():
             roles = disk_roles(spec)
             for role in ("config", "scratch"):
                 disk = roles[role][0]
-                serial, mount = module[f"{role}Disk.serial"], module[f"{role}Disk.mountPoint"]
+                serial, mount = image[f"{role}Disk"]["serial"], image[f"{role}Disk"]["mountPoint"]
                 if disk.get("serial") != serial:
-                    problems.append(f"{where}: the {role} disk's serial is {disk.get('serial')!r}, runner.nix expects {serial!r}")
+                    problems.append(f"{where}: the {role} disk's serial is {disk.get('serial')!r}, the runner image expects {serial!r}")
                 comment = comments.get(disk["name"])
                 expected = (f"/dev/disk/by-id/virtio-{serial}", mount)
                 if comment != expected:
@@ -805,38 +637,29 @@ def test_disk_serials_and_mount_points_agree_with_runner_nix():
 
 
 def test_the_agent_reads_the_secret_key_where_the_config_disk_is_mounted():
-    mount = runner_module_defaults()["configDisk.mountPoint"]
-    guest_path = mount.rstrip("/") + "/" + CONFIG_KEY
-    agent_default = option_default(read_module("gitlab-runner-vm.nix"), "services.gitlab-runner-vm.configFile")
-    assert agent_default == guest_path == AGENT_CONFIG_PATH, (
-        f"the Secret's key {CONFIG_KEY} appears as {guest_path}; gitlab-runner-vm.nix's configFile "
-        f"defaults to {agent_default}; the agent's documented default is {AGENT_CONFIG_PATH}"
+    image = runner_image()
+    guest_path = image["configDisk"]["mountPoint"].rstrip("/") + "/" + CONFIG_KEY
+    agent_config = image["agent"]["config"]
+    assert image["agent"]["enable"], "the runner image does not run the agent"
+    assert agent_config == guest_path == AGENT_CONFIG_PATH, (
+        f"the Secret's key {CONFIG_KEY} appears as {guest_path}; the runner image's agent reads "
+        f"{agent_config} (GITLAB_RUNNER_VM_CONFIG); the agent's documented default is {AGENT_CONFIG_PATH}"
     )
-    for _path, value in assignments_ending(read_module("runner.nix"), ("services", "gitlab-runner-vm", "configFile")):
-        text = "".join(t[1] for t in value)
-        assert text.endswith("/" + CONFIG_KEY), f"runner.nix points the agent at {text}, not at the Secret's key {CONFIG_KEY}"
 
 
-def test_runner_nix_mounts_the_config_disk_by_id_as_iso9660():
-    read_module("runner.nix")  # fails, naming the file, if it is missing
-    text = (MODULES / "runner.nix").read_text()
-    for needle in ("/dev/disk/by-id/virtio-", "iso9660"):
-        assert needle in text, f"nixos-modules/runner.nix does not mention {needle!r}: how does it find the config disk?"
+def test_the_runner_image_mounts_the_config_disk_by_id_as_iso9660():
+    disk = runner_image()["configDisk"]
+    mount = disk["mount"]
+    assert mount["device"] == f"/dev/disk/by-id/virtio-{disk['serial']}", f"the config disk is mounted from {mount['device']}"
+    assert mount["fsType"] == "iso9660", f"the config disk is mounted as {mount['fsType']}, KubeVirt presents a Secret as ISO 9660"
+    assert {"ro", "nofail"} <= set(mount["options"]), f"the config disk's mount options are {mount['options']}: ro and nofail expected"
 
 
-def test_ssh_and_job_user_is_the_ci_user_of_the_modules():
-    base = read_module("base.nix")
-    ci_user = option_default(base, "baseImage.user")
-    assert ci_user, 'nixos-modules/base.nix declares no `default = "<name>";` for baseImage.user (the CI user)'
-    made = [p[i + 2] for p, _ in base for i in range(len(p) - 2) if p[i : i + 2] == ("users", "users")]
-    assert any(u == ci_user or re.fullmatch(r"\$\{\s*cfg\.user\s*\}", u) for u in made), (
-        f"nixos-modules/base.nix defines users {sorted(set(made))}, not the CI user {ci_user!r}"
-    )
-    runner_user = option_default(read_module("gitlab-runner-vm.nix"), "services.gitlab-runner-vm.runnerUser")
-    assert runner_user == ci_user, f"gitlab-runner-vm.nix runs jobs as {runner_user!r}, base.nix's CI user is {ci_user!r}"
-    for _path, value in assignments_ending(read_module("runner.nix"), ("services", "gitlab-runner-vm", "runnerUser")):
-        text = "".join(t[1] for t in value)
-        assert text in ("config.baseImage.user", ci_user), f"runner.nix runs jobs as {text}, not as the CI user {ci_user!r}"
+def test_ssh_and_job_user_is_the_ci_user_of_the_image():
+    image = runner_image()
+    ci_user = image["ciUser"]
+    assert ci_user in image["normalUsers"], f"the runner image defines users {image['normalUsers']}, not the CI user {ci_user!r}"
+    assert image["agent"]["runnerUser"] == ci_user, f"the runner image runs jobs as {image['agent']['runnerUser']!r}, its CI user is {ci_user!r}"
     problems = []
     for path in manifest_files():
         for where, spec, _labels in vm_specs(path):
@@ -849,48 +672,10 @@ def test_ssh_and_job_user_is_the_ci_user_of_the_modules():
 
 def test_the_kubevirt_image_runs_the_guest_agent():
     """Readiness (guestAgentPing) and the SSH keys of accessCredentials need qemu-guest-agent."""
-    path = ROOT / "images" / "kubevirt.nix"
-    assert path.is_file(), f"{rel(path)} is missing: the guest agent that readiness relies on is enabled there"
-    files = [path] + sorted(MODULES.glob("*.nix"))
-    found = [
-        rel(f)
-        for f in files
-        for _p, value in assignments_ending(nix_assignments(f.read_text()), ("services", "qemuGuest", "enable"))
-        if value == [("id", "true")]
-    ]
-    assert found, f"none of {[rel(f) for f in files]} sets services.qemuGuest.enable = true"
+    assert runner_image()["qemuGuest"], "the runner image does not enable services.qemuGuest"
 
 
-def test_nix_reader_understands_both_option_spellings():
-    nested = """{ lib, config, ... }:
-    let cfg = config.runnerImage; in {
-      options.runnerImage = {
-        configDisk = {
-          serial = lib.mkOption { type = lib.types.str; default = "runner-info"; description = "x { y"; };
-          mountPoint = lib.mkOption { default = "/runner-info"; };
-        };
-      };
-      config.fileSystems.${cfg.configDisk.mountPoint} = { device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}"; };
-      # default = "commented-out";
-      config.users.users.runner = { isNormalUser = true; };
-    }"""
-    flat = """{ lib, ... }: {
-      options.runnerImage.scratchDisk.serial = lib.mkOption {
-        default = "scratch";
-        description = ''
-          Say ''${x} and "quotes" and { braces.
-        '';
-      };
-      options.runnerImage.scratchDisk.mountPoint = lib.mkOption { default = "/var/lib/scratch"; };
-    }"""
-    a = nix_assignments(nested)
-    assert option_default(a, "runnerImage.configDisk.serial") == "runner-info"
-    assert option_default(a, "runnerImage.configDisk.mountPoint") == "/runner-info"
-    assert option_default(a, "runnerImage.scratchDisk.serial") is None
-    assert any(p[-3:] == ("users", "users", "runner") for p, _ in a)
-    b = nix_assignments(flat)
-    assert option_default(b, "runnerImage.scratchDisk.serial") == "scratch"
-    assert option_default(b, "runnerImage.scratchDisk.mountPoint") == "/var/lib/scratch"
+def test_systemd_time_spans():
     assert systemd_seconds("90s") == 90 and systemd_seconds("1min 30s") == 90 and systemd_seconds("90") == 90
 
 

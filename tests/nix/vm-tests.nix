@@ -33,11 +33,11 @@ let
 
   runnerNode = extra: {
     imports = [ modules.runner extra ];
-    baseImage.tools.enable = false;
+    gitlabRunnerVm.base.tools.enable = false;
     # The agent gives up quickly in a test instead of after the production delays.
-    services.gitlab-runner-vm = {
-      failureDelay = 5;
-      configWait = 60;
+    services.gitlab-runner-vm.settings = {
+      failure-delay = 5;
+      config-wait = 60;
     };
     virtualisation = {
       memorySize = 2048;

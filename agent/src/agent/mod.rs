@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::cli::RunArgs;
+use crate::config::CredentialKind;
 use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
 use crate::status::{self, Status};
 use crate::{secret, systemd};
@@ -63,7 +64,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 #[derive(Debug, Clone, Default)]
 struct Shown {
     runner: Option<String>,
-    credential: Option<String>,
+    credential: Option<CredentialKind>,
     gitlab_url: Option<String>,
 }
 
@@ -179,7 +180,7 @@ impl Agent {
             boot_id: self.boot_id.clone(),
             runner: self.shown.runner.clone(),
             system_id: self.system_id.clone(),
-            credential: self.shown.credential.clone(),
+            credential: self.shown.credential,
             gitlab_url: self.shown.gitlab_url.clone(),
             registered: self.lc.registered,
             deregistered: self.lc.deregistered,

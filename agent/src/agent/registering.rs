@@ -164,15 +164,15 @@ impl Agent {
             child,
             pid,
             forwarding,
-            lifetime_end: config
-                .max_lifetime
-                .map(|s| deadline_after(Duration::from_secs(s))),
-            max_lifetime_seconds: config.max_lifetime.unwrap_or(0),
+            lifetime_end: config.max_lifetime.map(deadline_after),
+            max_lifetime_seconds: config.max_lifetime.unwrap_or_default().as_secs(),
             teardown,
         };
         let detail = format!(
             "gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job",
-            config.max_jobs, user.name, config.idle_timeout
+            config.max_jobs,
+            user.name,
+            config.idle_timeout.as_secs()
         );
         (State::Running(job), detail)
     }

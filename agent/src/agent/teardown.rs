@@ -13,6 +13,7 @@ use super::interrupt::Interrupt;
 use super::jobs::stop_child;
 use super::state::{Next, State, Stop, Teardown};
 use super::{Agent, Shown, deadline_after};
+use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Phase};
@@ -228,7 +229,7 @@ impl Agent {
         );
         let state_dir = self.args.state_dir.clone();
         self.system_id = runner::read_system_id(&state_dir).or(prev.system_id.clone());
-        let target = if prev.credential.as_deref() == Some("token") {
+        let target = if prev.credential == Some(CredentialKind::RunnerToken) {
             Target::Manager
         } else {
             Target::Runner

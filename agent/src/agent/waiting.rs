@@ -98,7 +98,7 @@ impl Agent {
         };
         self.shown = Shown {
             runner: Some(config.name.clone()),
-            credential: Some(config.credential.kind().to_string()),
+            credential: Some(config.credential.kind()),
             gitlab_url: Some(config.url.clone()),
         };
         Ok(config)

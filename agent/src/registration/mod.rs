@@ -49,7 +49,7 @@ pub trait CredentialFlow {
 pub fn flow_for(config: &RunnerConfig) -> Box<dyn CredentialFlow> {
     let info = RunnerInfo {
         name: config.name.clone(),
-        executor: config.executor.as_str().to_string(),
+        executor: config.executor,
     };
     match &config.credential {
         Credential::RunnerToken(token) => Box::new(manager::Manager {

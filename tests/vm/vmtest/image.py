@@ -91,7 +91,7 @@ class Tree:
 
 
 def installed_unit_text():
-    """The canonical unit with only the Nix package's substitution (the package's postInstall)."""
+    """The canonical unit with only the Nix package's substitution (nix/package.nix)."""
     with open(UNIT_SRC) as f:
         text = f.read()
     if UNIT_PLACEHOLDER not in text:
@@ -100,7 +100,8 @@ def installed_unit_text():
 
 
 POWEROFF_REAL = "/bin/systemctl poweroff"
-# What the NixOS module sets with services.gitlab-runner-vm.powerOff = false (debug images).
+# What the NixOS module set with services.gitlab-runner-vm.powerOff = false (debug images) until
+# the agent had --no-poweroff; the module now sets GITLAB_RUNNER_VM_NO_POWEROFF=true instead.
 POWEROFF_DISABLED = ("echo 'gitlab-runner-vm: power-off is disabled in this image "
                      "(services.gitlab-runner-vm.powerOff = false); the VM stays up'")
 

@@ -1,0 +1,136 @@
+//! The keys runner.json may have: one table that the checks read through (a `Node` is got by
+//! its `Key`), from which the unknown-key errors, their "did you mean" suggestions and the
+//! lists of keys that only some credentials use are derived.
+
+use super::node::{Node, Problems};
+
+/// What a key's value is; the reads check it (in debug builds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Text,
+    Integer,
+    Boolean,
+    TextList,
+    Object,
+}
+
+/// What a key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Use {
+    /// The agent or gitlab-runner on this VM.
+    Vm,
+    /// A credential, inline or in a file.
+    Credential,
+    /// Which runner an access token creates.
+    AccessToken,
+    /// A setting GitLab stores with the runner: sent when this VM creates its runner, ignored
+    /// (with a warning) with a `glrt-` token, whose runner GitLab already has.
+    GitLab,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Key {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub used: Use,
+}
+
+const fn key(name: &'static str, kind: Kind, used: Use) -> Key {
+    Key { name, kind, used }
+}
+
+use Kind::*;
+use Use::*;
+
+pub(super) const NAME: Key = key("name", Text, Vm);
+pub(super) const URL: Key = key("url", Text, Vm);
+pub(super) const TOKEN: Key = key("token", Text, Credential);
+pub(super) const TOKEN_FILE: Key = key("token_file", Text, Credential);
+pub(super) const REGISTRATION_TOKEN: Key = key("registration_token", Text, Credential);
+pub(super) const REGISTRATION_TOKEN_FILE: Key = key("registration_token_file", Text, Credential);
+pub(super) const ACCESS_TOKEN: Key = key("access_token", Text, Credential);
+pub(super) const ACCESS_TOKEN_FILE: Key = key("access_token_file", Text, Credential);
+pub(super) const RUNNER_TYPE: Key = key("runner_type", Text, AccessToken);
+pub(super) const GROUP_ID: Key = key("group_id", Integer, AccessToken);
+pub(super) const PROJECT_ID: Key = key("project_id", Integer, AccessToken);
+pub(super) const EXECUTOR: Key = key("executor", Text, Vm);
+pub(super) const TAGS: Key = key("tags", TextList, GitLab);
+pub(super) const RUN_UNTAGGED: Key = key("run_untagged", Boolean, GitLab);
+pub(super) const LOCKED: Key = key("locked", Boolean, GitLab);
+pub(super) const ACCESS_LEVEL: Key = key("access_level", Text, GitLab);
+pub(super) const MAXIMUM_TIMEOUT: Key = key("maximum_timeout", Integer, GitLab);
+pub(super) const DOCKER: Key = key("docker", Object, Vm);
+pub(super) const MAX_JOBS: Key = key("max_jobs", Integer, Vm);
+pub(super) const IDLE_TIMEOUT: Key = key("idle_timeout", Integer, Vm);
+pub(super) const MAX_LIFETIME: Key = key("max_lifetime", Integer, Vm);
+pub(super) const TLS_CA_FILE: Key = key("tls_ca_file", Text, Vm);
+pub(super) const BUILDS_DIR: Key = key("builds_dir", Text, Vm);
+pub(super) const ENVIRONMENT: Key = key("environment", TextList, Vm);
+
+/// The keys of runner.json, in the order the unknown-key error lists them.
+pub(super) const TOP_LEVEL: &[Key] = &[
+    NAME,
+    URL,
+    TOKEN,
+    TOKEN_FILE,
+    REGISTRATION_TOKEN,
+    REGISTRATION_TOKEN_FILE,
+    ACCESS_TOKEN,
+    ACCESS_TOKEN_FILE,
+    RUNNER_TYPE,
+    GROUP_ID,
+    PROJECT_ID,
+    EXECUTOR,
+    TAGS,
+    RUN_UNTAGGED,
+    LOCKED,
+    ACCESS_LEVEL,
+    MAXIMUM_TIMEOUT,
+    DOCKER,
+    MAX_JOBS,
+    IDLE_TIMEOUT,
+    MAX_LIFETIME,
+    TLS_CA_FILE,
+    BUILDS_DIR,
+    ENVIRONMENT,
+];
+
+pub(super) const IMAGE: Key = key("image", Text, Vm);
+pub(super) const PRIVILEGED: Key = key("privileged", Boolean, Vm);
+pub(super) const VOLUMES: Key = key("volumes", TextList, Vm);
+
+/// The keys of `docker`.
+pub(super) const DOCKER_SECTION: &[Key] = &[IMAGE, PRIVILEGED, VOLUMES];
+
+/// The keys of the table used for `used`, in table order.
+pub(super) fn used_for(used: Use) -> impl Iterator<Item = &'static Key> {
+    TOP_LEVEL.iter().filter(move |k| k.used == used)
+}
+
+/// An error for each key of `node` that `known` does not have, suggesting the nearest known
+/// key or, when none is near, listing them all.
+pub(super) fn unknown(node: &Node<'_>, known: &[Key], p: &mut Problems) {
+    for name in node.keys() {
+        if known.iter().any(|k| k.name == name) {
+            continue;
+        }
+        let nearest = known
+            .iter()
+            .map(|k| (strsim::jaro_winkler(name, k.name), k.name))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .filter(|(score, _)| *score > 0.7);
+        let fix = match nearest {
+            Some((_, k)) => format!("did you mean \"{k}\"?"),
+            None => {
+                let names: Vec<_> = known.iter().map(|k| k.name).collect();
+                format!("remove it; known keys are: {}", names.join(", "))
+            }
+        };
+        p.push(
+            super::Severity::Error,
+            &node.path_of(name),
+            "unknown key".to_string(),
+            fix,
+        );
+    }
+}

@@ -1,0 +1,30 @@
+# What the KubeVirt manifests rely on in the runner image, read from its evaluated NixOS
+# configuration (tests/nix/eval-json tests/manifests/runner-image.nix): the disks by serial and
+# their mount points, where the agent reads runner.json, the CI user, the guest agent, and the
+# unit's stop timeout when the module raises it.
+{ flake }:
+let
+  inherit (flake.nixosConfigurations.nixos-runner) config;
+  inherit (flake.nixosConfigurations.nixos-runner.pkgs) lib;
+  runner = config.gitlabRunnerVm.runner;
+  mount = point: {
+    inherit (config.fileSystems.${point}) device fsType options;
+  };
+  unit = config.systemd.services.gitlab-runner-vm;
+in
+{
+  configDisk = runner.configDisk // { mount = mount runner.configDisk.mountPoint; };
+  scratchDisk = {
+    inherit (runner.scratchDisk) enable serial mountPoint;
+    mount = mount runner.scratchDisk.mountPoint;
+  };
+  agent = {
+    inherit (config.services.gitlab-runner-vm) enable;
+    config = unit.environment.GITLAB_RUNNER_VM_CONFIG;
+    runnerUser = unit.environment.GITLAB_RUNNER_VM_RUNNER_USER;
+    timeoutStopSec = unit.serviceConfig.TimeoutStopSec or null;
+  };
+  ciUser = config.gitlabRunnerVm.base.user;
+  normalUsers = builtins.attrNames (lib.filterAttrs (_: user: user.isNormalUser) config.users.users);
+  qemuGuest = config.services.qemuGuest.enable;
+}

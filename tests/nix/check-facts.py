@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""Asserts what the evaluated configurations do (the JSON of tests/nix/facts.nix).
+
+Usage: check-facts.py FACTS.json
+
+Every check reads values that NixOS computed from the modules (file systems, the unit's
+environment, users, image file names...), never how the source spells them. Two checks look
+beyond Nix: the README's build table against the images' evaluated file names and systems, and
+the agent's `run --help` (when the binary is built) against the variables the module sets.
+Prints one line per check and a closing "N passed, N failed" line; exits 1 if any failed.
+"""
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+UNIT = ROOT / "agent" / "dist" / "gitlab-runner-vm.service"
+SYSTEMS = ("x86_64-linux", "aarch64-linux")
+ENV_PREFIX = "GITLAB_RUNNER_VM_"
+# Image packages and their file extensions (what `nix build .#<name>` leaves in result/).
+EXTENSIONS = {
+    "nixos-base": "qcow2",
+    "nixos-runner": "qcow2",
+    "default": "qcow2",
+    "runner-amazon": "vhd",
+    "circleci-amazon": "vhd",
+    "runner-gce": "raw.tar.gz",
+    "circleci-gce": "raw.tar.gz",
+    "digital-ocean": "qcow2.gz",
+    "proxmox-template": "vma.zst",
+}
+X86_ONLY = {"digital-ocean", "proxmox-template"}
+KUBEVIRT = {"nixos-base", "nixos-runner", "default"}
+CLOUD_DATASOURCES = {"runner-amazon": ["Ec2"], "runner-gce": ["GCE"], "digital-ocean": ["DigitalOcean"]}
+
+
+class Skip(Exception):
+    """A check that cannot run here (says why)."""
+
+
+def env_name(flag):
+    return ENV_PREFIX + flag.upper().replace("-", "_")
+
+
+def env_value(value):
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def check_images(facts):
+    problems = []
+    images = facts["images"]
+    for system in SYSTEMS:
+        names = set(images[system])
+        expected = set(EXTENSIONS) - (X86_ONLY if system != "x86_64-linux" else set())
+        if names != expected:
+            problems.append(f"{system}: image packages {sorted(names)}, expected {sorted(expected)}")
+        for name, image in sorted(images[system].items()):
+            ext = EXTENSIONS.get(name)
+            if ext is None:
+                continue
+            base = "nixos-runner" if name == "default" else name
+            if name == "proxmox-template":
+                pattern = rf"vzdump-qemu-.+\.{re.escape(ext)}"
+            else:
+                pattern = rf"{re.escape(base)}-{re.escape(image['label'])}-{system}\.{re.escape(ext)}"
+            if not re.fullmatch(pattern, image["filePath"]):
+                problems.append(f"{system} {name}: file {image['filePath']!r} is not {pattern}")
+            if image["system"] != system:
+                problems.append(f"{system} {name}: built for {image['system']}")
+    assert not problems, "\n".join(problems)
+
+
+def readme_build_table():
+    """Rows of the README's `nix build .#...` table: (names, result glob or None, systems)."""
+    rows = []
+    in_table = False
+    for line in README.read_text().splitlines():
+        if line.startswith("| `nix build .#...`"):
+            in_table = True
+            continue
+        if in_table:
+            if not line.startswith("|"):
+                break
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set(cells[0]) <= {"-"}:
+                continue
+            names = re.findall(r"`([^`]+)`", cells[0])
+            result = re.match(r"`result/([^`]+)`", cells[2])
+            systems = {s.strip() + "-linux" for s in cells[3].split(",")}
+            rows.append((names, result.group(1) if result else None, systems))
+    return rows
+
+
+def check_readme_table(facts):
+    rows = readme_build_table()
+    assert rows, "README.md has no `nix build .#...` table"
+    problems = []
+    listed = set()
+    for names, glob, systems in rows:
+        for name in names:
+            listed.add(name)
+            built = {s for s in SYSTEMS if name in facts["packages"][s]}
+            if built != systems:
+                problems.append(f"README: {name} for {sorted(systems)}, the flake builds it for {sorted(built)}")
+            for system in sorted(built):
+                image = facts["images"][system].get(name)
+                if glob and image and not fnmatch.fnmatch(image["filePath"], glob):
+                    problems.append(f"README: {name} leaves result/{glob}, the image's file is {image['filePath']}")
+    missing = set(facts["packages"]["x86_64-linux"]) - listed - {"default"}
+    if missing:
+        problems.append(f"README: packages missing from the build table: {sorted(missing)}")
+    assert not problems, "\n".join(problems)
+
+
+def check_firmware_and_clouds(facts):
+    problems = []
+    for system in SYSTEMS:
+        aarch64 = system == "aarch64-linux"
+        for name, image in facts["images"][system].items():
+            def need(ok, message):
+                if not ok:
+                    problems.append(f"{system} {name}: {message}")
+
+            if name in KUBEVIRT:
+                need(image["partitionTableType"] == ("efi" if aarch64 else "hybrid"), f"partition table {image['partitionTableType']}")
+                need(image["cloudInitDatasources"] == ["NoCloud", "ConfigDrive"], f"cloud-init probes {image['cloudInitDatasources']}")
+            if name.endswith("-amazon"):
+                need(image["amazonInit"] is False, "amazon-init runs user-data")
+                need(image["ec2Efi"] is aarch64, f"ec2.efi is {image['ec2Efi']}")
+            if name.endswith("-gce"):
+                need(image["gceEfi"] is aarch64, f"googleComputeImage.efi is {image['gceEfi']}")
+            if name == "digital-ocean":
+                need(image["doRebuildFromUserData"] is False, "rebuilds the system from user-data")
+            if name in CLOUD_DATASOURCES:
+                need(image["cloudInitDatasources"] == CLOUD_DATASOURCES[name], f"cloud-init probes {image['cloudInitDatasources']}")
+    assert not problems, "\n".join(problems)
+
+
+def runner_problems(where, runner, kubevirt=True):
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(f"{where}: {message}")
+
+    agent, unit, mounts = runner["agent"], runner["agent"]["unit"], runner["mounts"]
+    config_disk, scratch_disk = runner["configDisk"], runner["scratchDisk"]
+    need(mounts["config"].get("device") == f"/dev/disk/by-id/virtio-{config_disk['serial']}", f"config disk device {mounts['config'].get('device')}")
+    need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
+    need({"ro", "nofail"} <= set(mounts["config"].get("options", [])), f"config disk options {mounts['config'].get('options')}")
+    need(scratch_disk["enable"] and mounts["scratch"].get("device") == f"/dev/disk/by-id/virtio-{scratch_disk['serial']}", f"scratch disk {mounts['scratch']}")
+    need(mounts["scratch"].get("fsType") == "ext4" and mounts["scratch"].get("autoFormat"), "scratch disk is not formatted ext4 on first use")
+    need("nofail" in mounts["scratch"].get("options", []), "scratch disk is not nofail")
+    need(runner["dockerDataRoot"] == scratch_disk["mountPoint"] + "/docker", f"Docker keeps its data in {runner['dockerDataRoot']}")
+    need(agent["enable"] and agent["powerOff"] and agent["packageName"] == "gitlab-runner-vm", "the agent is not enabled with power-off")
+    need(agent["unitFromPackage"], "the unit does not come from the package (systemd.packages)")
+    need(agent["gitlabRunner"], "the agent does not start the module's gitlab-runner package")
+    need(agent["poweroffCommand"].endswith("/bin/systemctl poweroff"), f"power-off command {agent['poweroffCommand']!r}")
+    settings = agent["settings"]
+    need(settings["config"] == config_disk["mountPoint"] + "/runner.json", f"the agent reads {settings['config']}, not runner.json on the config disk")
+    need(settings["runner-user"] == runner["ciUser"], f"jobs run as {settings['runner-user']}, the CI user is {runner['ciUser']}")
+    user = runner["users"].get(settings["runner-user"], {})
+    need(user.get("isNormalUser") and "docker" in user.get("extraGroups", []), f"runner user {settings['runner-user']}: {user}")
+    env = unit["environment"]
+    for flag, value in settings.items():
+        need(env.get(env_name(flag)) == env_value(value), f"setting {flag} = {value!r} is {env_name(flag)}={env.get(env_name(flag))!r}")
+    need(env_name("no-poweroff") not in env, "power-off is disabled")
+    need(all(k.startswith(ENV_PREFIX) for k in env), f"unexpected variables {sorted(k for k in env if not k.startswith(ENV_PREFIX))}")
+    need("multi-user.target" in unit["wantedBy"], "the unit is not wanted by multi-user.target")
+    need("runner\\x2dinfo.mount" in unit["after"] and "runner-scratch.service" in unit["after"], f"the unit is ordered after {unit['after']}")
+    need({"gitlab-runner", "git", "docker"} <= set(unit["path"]), f"the unit's path {unit['path']}")
+    need(set(runner["services"]) == {"runner-scratch", "runner-info-user-data"}, f"services {runner['services']}")
+    need(runner["cloudInit"]["enable"] and "scripts-user" not in (runner["cloudInit"]["modules"] or []), f"cloud-init {runner['cloudInit']}")
+    need(runner["qemuGuest"] or not kubevirt, "no QEMU guest agent (KubeVirt readiness and SSH keys need it)")
+    need(runner["ssh"] == {"enable": True, "PasswordAuthentication": False, "KbdInteractiveAuthentication": False}, f"SSH {runner['ssh']}")
+    need(runner["nixChannel"] is False, "the image has a nixpkgs channel")
+    need(runner["machineId"] is False, "the image bakes in /etc/machine-id")
+    need(not runner["failedAssertions"], f"failed assertions: {runner['failedAssertions']}")
+    need(not runner["warnings"], f"warnings: {runner['warnings']}")
+    return problems
+
+
+def check_runner_image(facts):
+    problems = []
+    for system in SYSTEMS:
+        problems += runner_problems(f"nixos-runner {system}", facts["runner"][system])
+    problems += runner_problems("runner-amazon", facts["runnerAmazon"], kubevirt=False)
+    assert not problems, "\n".join(problems)
+
+
+def check_user_overrides_without_mkforce(facts):
+    o = facts["overridden"]
+    expected = {
+        "docker": False, "podman": False, "sudoPassword": True, "nixLd": False, "swappiness": 60,
+        "man": True, "passwordAuthentication": True, "dockerExecutor": False, "ciUserGroups": ["wheel"],
+        "failedAssertions": [],
+    }
+    wrong = {k: o[k] for k, v in expected.items() if o[k] != v}
+    assert not wrong, f"a user's plain definitions did not win: {wrong}"
+    env = o["environment"]
+    assert env[env_name("runner-user")] == "jobs" and env[env_name("config")] == "/etc/gitlab-runner-vm/runner.json", env
+
+
+def check_old_option_names(facts):
+    o = facts["oldNames"]
+    assert (o["ciUser"], o["scratch"], o["compress"], o["failureDelay"], o["runnerUser"]) == ("ci", False, False, 7, "ci"), o
+    assert not o["failedAssertions"], o["failedAssertions"]
+    for old in ("baseImage", "runnerImage", "kubevirtImage", "services.gitlab-runner-vm.failureDelay", "services.gitlab-runner-vm.runnerUser"):
+        assert any(f"`{old}'" in w and "renamed" in w for w in o["warnings"]), f"no rename warning for {old}: {o['warnings']}"
+
+
+def check_settings(facts):
+    s = facts["settings"]
+    env = s["unit"]["environment"]
+    expected = {
+        "NO_POWEROFF": "true", "STOP_TIMEOUT": "100", "SOME_FUTURE_FLAG": "a value",
+        "A_FUTURE_SWITCH": "true", "A_FUTURE_COUNT": "3",
+    }
+    wrong = {k: env.get(ENV_PREFIX + k) for k, v in expected.items() if env.get(ENV_PREFIX + k) != v}
+    assert not wrong, f"settings became {wrong}, expected {expected}"
+    assert ENV_PREFIX + "A_FUTURE_DEFAULT" not in env, "a null setting was passed on"
+    assert env[ENV_PREFIX + "POWEROFF_COMMAND"] == s["poweroff-command"] and s["poweroff-command"].endswith("systemctl poweroff"), (
+        "powerOff = false must set --no-poweroff, not replace the power-off command"
+    )
+    assert s["unit"]["serviceConfig"].get("TimeoutStopSec") == "150s", f"TimeoutStopSec {s['unit']['serviceConfig']} (100 + 30 + 20 s expected)"
+    assert "hello" in s["unit"]["path"], f"extraPackages are not on the unit's path: {s['unit']['path']}"
+    assert not s["failedAssertions"], s["failedAssertions"]
+
+
+def check_standalone_module(facts):
+    s = facts["standalone"]
+    assert not s["failedAssertions"], s["failedAssertions"]
+    assert s["toplevel"].endswith(".drv"), s["toplevel"]
+    assert s["unitFromPackage"] and s["packageName"] == "gitlab-runner-vm", s
+    env = s["unit"]["environment"]
+    assert env[env_name("config")] == "/runner-info/runner.json" and env[env_name("runner-user")] == "runner", env
+    assert "multi-user.target" in s["unit"]["wantedBy"], s["unit"]
+
+
+def check_circleci_and_base(facts):
+    c = facts["circleci"]
+    assert c["ciUser"] == "circleci" and "docker" in c["circleciGroups"], c
+    assert "runner" not in c["users"] and not c["agent"], c
+    assert c["display"] == ":99", c["display"]
+    xvfb = c["xvfb"]["serviceConfig"]
+    assert re.search(r"/bin/Xvfb :99 -screen 0 \S+ -nolisten tcp$", xvfb["ExecStart"]) and xvfb["User"] == "circleci", xvfb
+    b = facts["base"]
+    assert b == {"agent": False, "ciUser": "runner"}, b
+
+
+def check_proxmox(facts):
+    p = facts["proxmox"]
+    assert p["adminUser"] == "admin" and p["users"] == ["admin"] and p["defaultUser"] == "admin", p
+    assert p["cloudInit"] == {"enable": True, "network": True} and p["permitRootLogin"] == "no", p
+
+
+def check_one_package(facts):
+    p = facts["package"]
+    paths = {k: p[k] for k in ("overlay", "check", "image", "standalone")}
+    assert len(set(paths.values())) == 1, f"the agent's package differs: {paths}"
+
+
+def check_package_installs_the_unit(facts):
+    """The package's evaluated install step, run here with a stand-in for stdenv's substituteInPlace."""
+    if shutil.which("bash") is None:
+        raise Skip("no bash")
+    stub = r'''
+substituteInPlace() {
+  local file=$1; shift
+  while [ $# -gt 0 ]; do
+    [ "$1" = --replace-fail ] || { echo "stand-in substituteInPlace: $1 is not supported" >&2; return 1; }
+    grep -qF -- "$2" "$file" || { echo "substituteInPlace: '$2' not found in $file" >&2; return 1; }
+    python3 -c 'import sys; p, a, b = sys.argv[1:]; s = open(p).read(); open(p, "w").write(s.replace(a, b))' "$file" "$2" "$3"
+    shift 3
+  done
+}
+'''
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        (src / "agent" / "dist").mkdir(parents=True)
+        shutil.copy(UNIT, src / "agent" / "dist")
+        out = Path(tmp) / "out"
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", stub + facts["package"]["postInstall"]],
+                             cwd=src, env={**os.environ, "out": str(out)}, capture_output=True, text=True)
+        assert run.returncode == 0, f"postInstall failed: {run.stderr}"
+        unit = out / "lib" / "systemd" / "system" / "gitlab-runner-vm.service"
+        assert unit.is_file(), "no lib/systemd/system/gitlab-runner-vm.service"
+        execs = re.findall(r"^ExecStart=(.*)$", unit.read_text(), re.M)
+        assert execs == [f"{out}/bin/gitlab-runner-vm run"], f"ExecStart {execs}"
+
+
+def check_system_is_a_default(facts):
+    assert facts["moved"].endswith("-aarch64-linux.qcow2"), facts["moved"]
+
+
+def agent_binary():
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    found = [p for p in (target / "debug" / "gitlab-runner-vm", target / "release" / "gitlab-runner-vm") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_the_agent_reads_every_variable_the_module_sets(facts):
+    binary = agent_binary()
+    if binary is None:
+        raise Skip("no built gitlab-runner-vm in target/ (tests/run builds it with cargo test first)")
+    help_text = subprocess.run([str(binary), "run", "--help"], capture_output=True, text=True, check=True).stdout
+    known = set(re.findall(r"\[env: (GITLAB_RUNNER_VM_[A-Z0-9_]+)=", help_text))
+    assert known, "`gitlab-runner-vm run --help` names no environment variables"
+    unknown = sorted(set(facts["runner"]["x86_64-linux"]["agent"]["unit"]["environment"]) - known)
+    assert not unknown, f"the module sets variables the agent does not read: {unknown}"
+
+
+def main():
+    facts = json.loads(Path(sys.argv[1]).read_text())
+    checks = [(name[len("check_"):].replace("_", " "), fn) for name, fn in globals().items() if name.startswith("check_") and callable(fn)]
+    passed = failed = skipped = 0
+    for name, fn in checks:
+        try:
+            fn(facts)
+        except Skip as e:
+            skipped += 1
+            print(f"skip  {name}: {e}")
+        except Exception as e:  # an assertion, or a fact missing from the JSON
+            failed += 1
+            message = str(e) or type(e).__name__
+            print(f"FAIL  {name}\n      " + message.replace("\n", "\n      "))
+        else:
+            passed += 1
+            print(f"ok    {name}")
+    print(f"evaluated configurations: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

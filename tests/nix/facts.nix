@@ -1,0 +1,203 @@
+# What the evaluated configurations do, as JSON for tests/nix/check-facts.py: the images' file
+# names on both systems, the runner image's disks, unit and users, the service module on its
+# own, and what happens when a user's module overrides the profiles or uses the old option
+# names. Everything here is read from evaluated NixOS configurations, none of it from source.
+{ flake }:
+let
+  runnerX86 = flake.nixosConfigurations.nixos-runner;
+  inherit (runnerX86.pkgs) lib;
+  systems = [ "x86_64-linux" "aarch64-linux" ];
+
+  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+
+  unit = config: name: {
+    inherit (config.systemd.services.${name}) wantedBy after wants before;
+    environment = removeAttrs config.systemd.services.${name}.environment [ "PATH" ];
+    path = map lib.getName config.systemd.services.${name}.path;
+    serviceConfig = lib.filterAttrs (_: v: builtins.isString v || builtins.isInt v || builtins.isBool v)
+      config.systemd.services.${name}.serviceConfig;
+  };
+
+  mount = config: point: lib.optionalAttrs (config.fileSystems ? ${point}) {
+    inherit (config.fileSystems.${point}) device fsType options autoFormat;
+  };
+
+  # A configuration plus a user's module.
+  extend = nixos: module: (nixos.extendModules { modules = [ module ]; }).config;
+
+  runner = config: {
+    inherit (config.gitlabRunnerVm.runner) configDisk scratchDisk;
+    userData = { inherit (config.gitlabRunnerVm.runner.userData) enable datasources; };
+    ciUser = config.gitlabRunnerVm.base.user;
+    users = lib.mapAttrs (_: u: { inherit (u) isNormalUser extraGroups home; })
+      (lib.filterAttrs (_: u: u.isNormalUser) config.users.users);
+    agent = {
+      inherit (config.services.gitlab-runner-vm) enable powerOff dockerExecutor;
+      settings = removeAttrs config.services.gitlab-runner-vm.settings [ "gitlab-runner" "poweroff-command" ];
+      packageName = lib.getName config.services.gitlab-runner-vm.package;
+      unitFromPackage = lib.elem config.services.gitlab-runner-vm.package config.systemd.packages;
+      unit = unit config "gitlab-runner-vm";
+      gitlabRunner = config.services.gitlab-runner-vm.settings.gitlab-runner
+        == lib.getExe config.services.gitlab-runner-vm.gitlabRunnerPackage;
+      poweroffCommand = config.services.gitlab-runner-vm.settings.poweroff-command;
+    };
+    mounts = {
+      config = mount config config.gitlabRunnerVm.runner.configDisk.mountPoint;
+      scratch = mount config config.gitlabRunnerVm.runner.scratchDisk.mountPoint;
+    };
+    dockerDataRoot = config.virtualisation.docker.daemon.settings.data-root or null;
+    services = lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "runner-" n) config.systemd.services);
+    cloudInit = {
+      inherit (config.services.cloud-init) enable;
+      datasources = config.services.cloud-init.settings.datasource_list or null;
+      modules = config.services.cloud-init.settings.cloud_init_modules or null;
+    };
+    qemuGuest = config.services.qemuGuest.enable;
+    ssh = { inherit (config.services.openssh) enable; inherit (config.services.openssh.settings) PasswordAuthentication KbdInteractiveAuthentication; };
+    nixChannel = config.nix.channel.enable;
+    machineId = config.environment.etc ? machine-id;
+    failedAssertions = failedAssertions config;
+    inherit (config) warnings;
+  };
+
+  # The images of `nix build .#<name>` on each system.
+  images = lib.genAttrs systems (system:
+    lib.mapAttrs
+      (_: p: {
+        inherit (p) filePath;
+        system = p.config.nixpkgs.hostPlatform.system;
+        label = p.config.system.nixos.label;
+        partitionTableType = p.config.gitlabRunnerVm.kubevirt.partitionTableType or null;
+        amazonInit = p.config.virtualisation.amazon-init.enable or null;
+        ec2Efi = p.config.ec2.efi or null;
+        gceEfi = p.config.virtualisation.googleComputeImage.efi or null;
+        doRebuildFromUserData = p.config.virtualisation.digitalOcean.rebuildFromUserData or null;
+        cloudInitDatasources = p.config.services.cloud-init.settings.datasource_list or null;
+      })
+      (lib.filterAttrs (_: p: p ? config) flake.packages.${system}));
+
+  # A user's module of their own: every profile choice overridden without lib.mkForce.
+  overridden = extend runnerX86 {
+    virtualisation.docker.enable = false;
+    virtualisation.podman.enable = false;
+    security.sudo.wheelNeedsPassword = true;
+    programs.nix-ld.enable = false;
+    boot.kernel.sysctl."vm.swappiness" = 60;
+    documentation.man.enable = true;
+    services.openssh.settings.PasswordAuthentication = true;
+    gitlabRunnerVm.base.user = "ci";
+    services.gitlab-runner-vm = {
+      settings.runner-user = "jobs";
+      settings.config = "/etc/gitlab-runner-vm/runner.json";
+    };
+    users.users.jobs.isNormalUser = true;
+  };
+
+  # The options of the first releases still work, with a warning each.
+  oldNames = extend runnerX86 {
+    baseImage.user = "ci";
+    runnerImage.scratchDisk.enable = false;
+    kubevirtImage.compress = false;
+    services.gitlab-runner-vm.failureDelay = 7;
+    services.gitlab-runner-vm.runnerUser = "ci";
+  };
+
+  # Settings: the agent's flags by name, typed or freeform.
+  settings = extend runnerX86 {
+    services.gitlab-runner-vm = {
+      powerOff = false;
+      extraPackages = [ runnerX86.pkgs.hello ];
+      settings = {
+        stop-timeout = 100;
+        some-future-flag = "a value";
+        a-future-switch = true;
+        a-future-count = 3;
+        a-future-default = null;
+      };
+    };
+  };
+
+  # nixosModules.default alone, in a configuration of the user's own.
+  standalone = runnerX86.pkgs.nixos [
+    flake.nixosModules.default
+    {
+      services.gitlab-runner-vm.enable = true;
+      users.users.runner.isNormalUser = true;
+      fileSystems."/" = { device = "/dev/vda"; fsType = "ext4"; };
+      boot.loader.grub.device = "/dev/vda";
+      system.stateVersion = "26.05";
+    }
+  ];
+
+  circleci = flake.nixosConfigurations.circleci-amazon.config;
+  proxmox = flake.nixosConfigurations.proxmox-template.config;
+in
+{
+  inherit images;
+  packages = lib.genAttrs systems (system: lib.attrNames flake.packages.${system});
+  runner = lib.genAttrs systems (system: runner flake.packages.${system}.nixos-runner.config);
+  runnerAmazon = runner flake.nixosConfigurations.runner-amazon.config;
+  base = {
+    agent = flake.nixosConfigurations.nixos-base.config.services ? gitlab-runner-vm;
+    ciUser = flake.nixosConfigurations.nixos-base.config.gitlabRunnerVm.base.user;
+  };
+  overridden = {
+    docker = overridden.virtualisation.docker.enable;
+    podman = overridden.virtualisation.podman.enable;
+    sudoPassword = overridden.security.sudo.wheelNeedsPassword;
+    nixLd = overridden.programs.nix-ld.enable;
+    swappiness = overridden.boot.kernel.sysctl."vm.swappiness";
+    man = overridden.documentation.man.enable;
+    passwordAuthentication = overridden.services.openssh.settings.PasswordAuthentication;
+    inherit (overridden.services.gitlab-runner-vm) dockerExecutor;
+    ciUserGroups = overridden.users.users.ci.extraGroups;
+    environment = (unit overridden "gitlab-runner-vm").environment;
+    failedAssertions = failedAssertions overridden;
+  };
+  oldNames = {
+    ciUser = oldNames.gitlabRunnerVm.base.user;
+    scratch = oldNames.gitlabRunnerVm.runner.scratchDisk.enable;
+    compress = oldNames.gitlabRunnerVm.kubevirt.compress;
+    failureDelay = oldNames.services.gitlab-runner-vm.settings.failure-delay;
+    runnerUser = oldNames.services.gitlab-runner-vm.settings.runner-user;
+    inherit (oldNames) warnings;
+    failedAssertions = failedAssertions oldNames;
+  };
+  settings = {
+    unit = unit settings "gitlab-runner-vm";
+    inherit (settings.services.gitlab-runner-vm.settings) poweroff-command;
+    failedAssertions = failedAssertions settings;
+  };
+  standalone = {
+    unit = unit standalone.config "gitlab-runner-vm";
+    unitFromPackage = lib.elem standalone.config.services.gitlab-runner-vm.package standalone.config.systemd.packages;
+    packageName = lib.getName standalone.config.services.gitlab-runner-vm.package;
+    failedAssertions = failedAssertions standalone.config;
+    toplevel = standalone.config.system.build.toplevel.drvPath;
+  };
+  circleci = {
+    ciUser = circleci.gitlabRunnerVm.base.user;
+    users = lib.attrNames (lib.filterAttrs (_: u: u.isNormalUser) circleci.users.users);
+    circleciGroups = circleci.users.users.circleci.extraGroups;
+    display = circleci.environment.variables.DISPLAY;
+    xvfb = unit circleci "xvfb";
+    agent = circleci.services.gitlab-runner-vm.enable or false;
+  };
+  proxmox = {
+    inherit (proxmox.gitlabRunnerVm.proxmoxTemplate) adminUser;
+    users = lib.attrNames (lib.filterAttrs (_: u: u.isNormalUser) proxmox.users.users);
+    cloudInit = { inherit (proxmox.services.cloud-init) enable; network = proxmox.services.cloud-init.network.enable; };
+    defaultUser = proxmox.services.cloud-init.settings.system_info.default_user.name;
+    permitRootLogin = proxmox.services.openssh.settings.PermitRootLogin;
+  };
+  # The agent's package: the same derivation wherever it is used.
+  package = {
+    overlay = flake.packages.x86_64-linux.gitlab-runner-vm.drvPath;
+    check = flake.checks.x86_64-linux.gitlab-runner-vm.drvPath;
+    image = flake.nixosConfigurations.nixos-runner.config.services.gitlab-runner-vm.package.drvPath;
+    standalone = standalone.config.services.gitlab-runner-vm.package.drvPath;
+    postInstall = flake.packages.x86_64-linux.gitlab-runner-vm.postInstall;
+  };
+  # An image's system is a default: extendModules moves it to aarch64-linux.
+  moved = (extend runnerX86 { nixpkgs.hostPlatform = "aarch64-linux"; }).image.fileName;
+}
