@@ -4,7 +4,8 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -363,45 +364,63 @@ async fn rejected_token_403_starts_no_runner_and_powers_off_after_the_failure_de
     );
 }
 
+/// Answers each request with the next of `answers` (the last one again once they run out) and
+/// records when each request came.
+struct Timed {
+    answers: Vec<ResponseTemplate>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl wiremock::Respond for Timed {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let mut arrivals = self.arrivals.lock().unwrap();
+        arrivals.push(Instant::now());
+        let i = (arrivals.len() - 1).min(self.answers.len() - 1);
+        self.answers[i].clone()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn server_errors_and_429_with_retry_after_are_retried_until_success() {
+async fn server_errors_and_429_are_retried_no_sooner_than_the_floor_and_retry_after() {
     let mut h = Harness::new().await;
-    // First a 503, then a 429 asking for 1 s, then success.
+    // A 503 without a hint, then a 429 asking for 2 s (longer than the 1 s floor, so that the
+    // two waits tell the floor from Retry-After), then success.
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
     wiremock::Mock::given(method("POST"))
         .and(path("/api/v4/runners/verify"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
+        .respond_with(Timed {
+            answers: vec![
+                ResponseTemplate::new(503),
+                ResponseTemplate::new(429)
+                    .insert_header("Retry-After", "2")
+                    .set_body_json(
+                        json!({"message": "Executing database migrations. Please retry later."}),
+                    ),
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"id": 7, "token": TOKEN, "token_expires_at": null})),
+            ],
+            arrivals: arrivals.clone(),
+        })
         .with_priority(1)
-        .mount(&h.server)
-        .await;
-    wiremock::Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("Retry-After", "1")
-                .set_body_json(
-                    json!({"message": "Executing database migrations. Please retry later."}),
-                ),
-        )
-        .up_to_n_times(1)
-        .with_priority(2)
         .mount(&h.server)
         .await;
     h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
 
-    let verify = h.requests("POST", "/api/v4/runners/verify").await;
-    assert_eq!(verify.len(), 3, "{}", h.log());
-    // Retry-After was honoured: the third attempt came at least 1 s after the second.
-    let log = h.log();
-    assert!(log.contains("503") && log.contains("429"), "{log}");
-    let wait: f64 = log
-        .split("retry 2 in ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|secs| secs.parse().ok())
-        .unwrap_or_else(|| panic!("no second retry logged:\n{log}"));
-    assert!(wait >= 1.0, "{log}");
+    let at = arrivals.lock().unwrap().clone();
+    assert_eq!(at.len(), 3, "{}", h.log());
+    let floor = at[1] - at[0];
+    let retry_after = at[2] - at[1];
+    assert!(
+        floor >= Duration::from_secs(1),
+        "retried {floor:?} after the 503, sooner than the 1 s floor\n{}",
+        h.log()
+    );
+    assert!(
+        retry_after >= Duration::from_secs(2),
+        "retried {retry_after:?} after the 429, before its Retry-After: 2\n{}",
+        h.log()
+    );
     assert_eq!(h.runner_invocations().len(), 1);
     assert!(h.powered_off());
 }

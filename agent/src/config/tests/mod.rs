@@ -48,8 +48,8 @@ fn only_error(text: &str) -> Problem {
 }
 
 #[test]
-fn the_seed_example_is_valid_with_a_warning_for_tags() {
-    let v = check(fixture!("seed"));
+fn a_glrt_token_config_with_tags_is_valid_with_a_warning_that_tags_are_ignored() {
+    let v = check(fixture!("runner-token-with-tags"));
     let config = v.config.expect("valid");
     assert_eq!(config.name, "nixos-runner-001");
     assert_eq!(config.url, "https://gitlab.example.com");
