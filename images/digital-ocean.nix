@@ -1,14 +1,30 @@
 # DigitalOcean custom image format (x86_64): nixpkgs' DigitalOcean configuration (metadata, SSH
 # keys, do-agent), gzipped qcow2, no nixpkgs channel. User-data may carry runner tokens, so the
 # rebuild from user-data (a Nix expression in user-data becomes the system) is off.
-{ config, lib, pkgs, modulesPath, ... }:
+{ config, lib, options, pkgs, modulesPath, ... }:
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
+  runner = config.services.gitlab-runner-vm.enable or false;
+  doAgent = runner && config.services.do-agent.enable;
 in
 {
   imports = [ (modulesPath + "/virtualisation/digital-ocean-image.nix") ];
 
   virtualisation.digitalOcean.rebuildFromUserData = false;
+
+  # do-agent (metrics) reads the droplet's metadata. In runner images, which keep users other
+  # than root away from it (nixos-modules/hardening.nix), it runs as a user of its own instead
+  # of a dynamic one, so that the firewall lets it through by name.
+  systemd.services.do-agent.serviceConfig = lib.mkIf doAgent {
+    DynamicUser = lib.mkForce false;
+    User = "do-agent";
+    Group = "do-agent";
+  };
+  users.users.do-agent = lib.mkIf doAgent {
+    isSystemUser = true;
+    group = "do-agent";
+  };
+  users.groups.do-agent = lib.mkIf doAgent { };
 
   system.build.digitalOceanImage = lib.mkForce (diskImage {
     name = "digital-ocean-image";
@@ -24,4 +40,8 @@ in
       message = "images/digital-ocean.nix writes gzip only; leave virtualisation.digitalOceanImage.compressionMethod at \"gzip\".";
     }
   ];
+}
+  # Only where the runner profile (and so the option) is there.
+  // lib.optionalAttrs (options ? gitlabRunnerVm.runner.metadataFirewall) {
+  gitlabRunnerVm.runner.metadataFirewall.allowedUsers = lib.mkIf doAgent [ "do-agent" ];
 }

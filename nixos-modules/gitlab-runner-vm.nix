@@ -215,6 +215,10 @@ in
 
     systemd.services.gitlab-runner-vm = {
       wantedBy = [ "multi-user.target" ];
+      # Stopped before what jobs use (systemd stops in reverse start order): on a shutdown the
+      # agent aborts the job and deregisters while Docker and Podman still run.
+      after = lib.optionals cfg.dockerExecutor [ "docker.service" "docker.socket" ]
+        ++ lib.optional config.virtualisation.podman.enable "podman.socket";
       # A configuration switch on a held debug VM must not kill a running job.
       restartIfChanged = false;
       path = [
