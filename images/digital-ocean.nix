@@ -1,7 +1,7 @@
 # DigitalOcean custom image format (x86_64): nixpkgs' DigitalOcean configuration (metadata, SSH
 # keys, do-agent), gzipped qcow2, no nixpkgs channel. User-data may carry runner tokens, so the
 # rebuild from user-data (a Nix expression in user-data becomes the system) is off.
-{ config, lib, options, pkgs, modulesPath, ... }:
+{ config, lib, pkgs, modulesPath, ... }:
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
   runner = config.services.gitlab-runner-vm.enable or false;
@@ -40,8 +40,4 @@ in
       message = "images/digital-ocean.nix writes gzip only; leave virtualisation.digitalOceanImage.compressionMethod at \"gzip\".";
     }
   ];
-}
-  # Only where the runner profile (and so the option) is there.
-  // lib.optionalAttrs (options ? gitlabRunnerVm.runner.metadataFirewall) {
-  gitlabRunnerVm.runner.metadataFirewall.allowedUsers = lib.mkIf doAgent [ "do-agent" ];
 }

@@ -76,11 +76,12 @@ in
       };
       allowedUsers = mkOption {
         type = types.listOf types.str;
-        default = [ "root" ];
-        example = [ "root" "do-agent" ];
+        default = [ "root" ] ++ lib.optional (config.services.do-agent.enable && config.users.users ? do-agent) "do-agent";
+        defaultText = lib.literalExpression ''[ "root" ] ++ lib.optional (config.services.do-agent.enable && config.users.users ? do-agent) "do-agent"'';
         description = ''
           Users whose processes still reach the metadata service: the platform's own agents
-          (cloud-init, the guest agents) run as root.
+          (cloud-init, the guest agents) run as root; DigitalOcean's do-agent runs as its own
+          user in the runner image (images/digital-ocean.nix).
         '';
       };
     };
