@@ -118,7 +118,8 @@ in
           register-timeout = seconds 300 "Deadline in seconds for registration, retries included.";
           deregister-timeout = seconds 30 "Deadline in seconds for deregistration, retries included.";
           stop-timeout = seconds 40 "Seconds gitlab-runner gets to stop after SIGTERM.";
-          hold-max = seconds 86400 "Longest hold in seconds after the keep file's last modification.";
+          hold-max = seconds 14400 "Longest hold in seconds, from its start; touching the keep file never extends it further.";
+          hold-extend = seconds 3600 "Seconds a hold lasts after its start or the keep file's last modification, whichever is later.";
         };
       };
     };
