@@ -288,19 +288,81 @@ async fn keep_file_holds_after_deregistration_until_released() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn hold_ends_at_hold_max_after_the_keep_file_was_last_modified() {
+async fn hold_ends_hold_extend_after_it_began_when_the_keep_file_is_older() {
     let mut h = Harness::new().await;
     std::fs::write(h.keep_file(), "").unwrap();
-    h.start_glrt(json!({}), FakeRunner::default(), &["--hold-max", "2"])
-        .await;
+    // A keep file from long ago (a debug image makes it at boot) still gets --hold-extend.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(h.keep_file())
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let started = std::time::Instant::now();
+    h.start_glrt(
+        json!({}),
+        FakeRunner::default(),
+        &["--hold-max", "60", "--hold-extend", "2"],
+    )
+    .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "{}",
+        h.log()
+    );
     assert!(h.powered_off());
     assert!(
         h.keep_file().exists(),
         "the operator's keep file is left alone"
     );
     assert!(
-        h.log().contains("hold ended: hold-max reached"),
+        h.log().contains("hold ended: its deadline passed"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_touch_loop_does_not_hold_past_hold_max() {
+    let mut h = Harness::new().await;
+    std::fs::write(h.keep_file(), "").unwrap();
+    let keep = h.keep_file().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A job's background `touch` loop, every 200 ms.
+    let toucher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::File::options()
+                    .write(true)
+                    .open(&keep)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    h.start_glrt(
+        json!({}),
+        FakeRunner::default(),
+        &["--hold-max", "3", "--hold-extend", "2"],
+    )
+    .await;
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(60), h.wait_exit()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    toucher.join().unwrap();
+    let status = exited.expect("the touch loop held the VM past --hold-max");
+    assert!(status.success(), "{}", h.log());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "{}",
+        h.log()
+    );
+    assert!(h.powered_off());
+    assert!(
+        h.log().contains("hold ended: its deadline passed"),
         "{}",
         h.log()
     );

@@ -401,6 +401,7 @@ fn durations_beyond_ten_years_are_refused_on_the_command_line() {
     };
     for (flag, env) in [
         ("--hold-max", "GITLAB_RUNNER_VM_HOLD_MAX"),
+        ("--hold-extend", "GITLAB_RUNNER_VM_HOLD_EXTEND"),
         ("--register-timeout", "GITLAB_RUNNER_VM_REGISTER_TIMEOUT"),
         ("--stop-timeout", "GITLAB_RUNNER_VM_STOP_TIMEOUT"),
     ] {

@@ -90,6 +90,38 @@ SECRET_SCHEMA = {
 }
 SECRET_VALIDATOR = jsonschema.Draft7Validator(SECRET_SCHEMA)
 
+# The part of a networking.k8s.io/v1 NetworkPolicy the examples use, strict like the rest.
+LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": STRING_MAP},
+}
+NETWORK_POLICY_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": SECRET_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["podSelector"],
+            "additionalProperties": False,
+            "properties": {
+                "podSelector": LABEL_SELECTOR,
+                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+                "ingress": {"type": "array", "maxItems": 0},
+                "egress": {"type": "array", "maxItems": 0},
+            },
+        },
+    },
+}
+NETWORK_POLICY_VALIDATOR = jsonschema.Draft7Validator(NETWORK_POLICY_SCHEMA)
+# What a runner VM may write to the node's disk beyond the scratch disk's capacity: the
+# containerDisk's overlay (up to the image's virtual size), plus a margin for logs.
+EPHEMERAL_MARGIN_GI = 2
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading and validating
@@ -150,10 +182,11 @@ def validate(doc, base=DEFAULT_SCHEMAS):
     """All problems of one document, as strings; an empty list means valid."""
     if not isinstance(doc, dict):
         return ["a document is not a mapping"]
-    if (doc.get("apiVersion"), doc.get("kind")) == ("v1", "Secret"):
+    core = {("v1", "Secret"): SECRET_VALIDATOR, ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICY_VALIDATOR}
+    if (doc.get("apiVersion"), doc.get("kind")) in core:
         return [
             f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
-            for e in SECRET_VALIDATOR.iter_errors(doc)
+            for e in core[(doc.get("apiVersion"), doc.get("kind"))].iter_errors(doc)
         ]
     path = schema_file(doc, base)
     if not path.is_file():
@@ -440,8 +473,9 @@ def test_vm_rules_no_schema_holds(evaluated_runner_image):
             need(devices.get("rng") == {}, "needs a virtio RNG (devices.rng: {})")
             need(devices.get("autoattachGraphicsDevice") is False, "autoattachGraphicsDevice must be false")
             need(
-                devices.get("interfaces") == [{"name": "default", "masquerade": {}}],
-                "needs exactly one interface: {name: default, masquerade: {}}",
+                devices.get("interfaces") == [{"name": "default", "masquerade": {}, "ports": [{"name": "ssh", "port": 22}]}],
+                "needs exactly one interface: {name: default, masquerade: {}, ports: [{name: ssh, port: 22}]} "
+                "(masquerade without ports forwards every port, also those job containers publish)",
             )
             need(tmpl.get("networks") == [{"name": "default", "pod": {}}], "needs the pod network named default")
             need("guestAgentPing" in get(tmpl, "readinessProbe", {}), "readiness must use guestAgentPing")
@@ -469,6 +503,57 @@ def test_vm_rules_no_schema_holds(evaluated_runner_image):
                 f"the config disk's label must stay {CONFIG_DISK_LABEL}",
             )
             need("capacity" in roles["scratch"][1]["emptyDisk"], "the scratch emptyDisk needs a capacity")
+    assert not problems, "\n".join(problems)
+
+
+def quantity_gi(text):
+    m = re.fullmatch(r"(\d+)(Gi|Mi|Ti)", str(text))
+    assert m, f"cannot read the quantity {text!r}"
+    return int(m.group(1)) * {"Mi": 1 / 1024, "Gi": 1, "Ti": 1024}[m.group(2)]
+
+
+def test_ephemeral_storage_covers_what_a_vm_may_write():
+    """Requests (and equal limits) cover the scratch disk plus the root overlay, so that disk
+    pressure does not evict runner pods first."""
+    try:
+        root_gi = runner_image()["diskSizeMiB"] / 1024
+    except Skip:
+        root_gi = 20  # the runner image's documented size (images/kubevirt.nix)
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            tmpl = spec["template"]["spec"]
+            requests = get(tmpl, "domain.resources.requests", {})
+            limits = get(tmpl, "domain.resources.limits", {})
+            scratch = quantity_gi(disk_roles(spec)["scratch"][1]["emptyDisk"]["capacity"])
+            needed = scratch + root_gi + EPHEMERAL_MARGIN_GI
+            request = requests.get("ephemeral-storage")
+            if request is None or quantity_gi(request) < needed:
+                problems.append(f"{where}: ephemeral-storage request {request} < scratch {scratch}Gi + root {root_gi:g}Gi + {EPHEMERAL_MARGIN_GI}Gi")
+            if limits.get("ephemeral-storage") != request:
+                problems.append(f"{where}: ephemeral-storage limit {limits.get('ephemeral-storage')} is not the request {request}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_network_policy_denies_ingress_to_every_runner_vm():
+    policies = [(p, d) for p in manifest_files() for d in load_docs(p) if d.get("kind") == "NetworkPolicy"]
+    assert policies, "no NetworkPolicy in examples/kubevirt"
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            pod_labels = get(spec, "template.metadata.labels", {})
+            denying = [
+                d for _p, d in policies
+                if "Ingress" in get(d, "spec.policyTypes", [])
+                and get(d, "spec.ingress", []) == []
+                and all(pod_labels.get(k) == v for k, v in get(d, "spec.podSelector.matchLabels", {}).items())
+                and get(d, "spec.podSelector.matchLabels")
+            ]
+            if not denying:
+                problems.append(f"{where}: no NetworkPolicy denies ingress to its pods (labels {pod_labels})")
+    for path, d in policies:
+        if get(d, "spec.egress") is not None or "Egress" in get(d, "spec.policyTypes", []):
+            problems.append(f"{rel(path)}: NetworkPolicy {get(d, 'metadata.name')} restricts egress; jobs need the network")
     assert not problems, "\n".join(problems)
 
 
@@ -653,6 +738,8 @@ def test_the_runner_image_mounts_the_config_disk_by_id_as_iso9660(runner_image):
     assert mount["device"] == f"/dev/disk/by-id/virtio-{disk['serial']}", f"the config disk is mounted from {mount['device']}"
     assert mount["fsType"] == "iso9660", f"the config disk is mounted as {mount['fsType']}, KubeVirt presents a Secret as ISO 9660"
     assert {"ro", "nofail"} <= set(mount["options"]), f"the config disk's mount options are {mount['options']}: ro and nofail expected"
+    # KubeVirt's ISO keeps the Secret file's 0644 in Rock Ridge: the mount must override it.
+    assert {"overriderockperms", "mode=0400", "dmode=0500"} <= set(mount["options"]), f"runner.json is readable by every user: {mount['options']}"
 
 
 def test_ssh_and_job_user_is_the_ci_user_of_the_image(runner_image):

@@ -123,7 +123,8 @@ def agent_dropin(scenario):
         "GITLAB_RUNNER_VM_REGISTER_TIMEOUT": "300",
         "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT": "30",
         "GITLAB_RUNNER_VM_STOP_TIMEOUT": "40",
-        "GITLAB_RUNNER_VM_HOLD_MAX": "86400",
+        "GITLAB_RUNNER_VM_HOLD_MAX": "14400",
+        "GITLAB_RUNNER_VM_HOLD_EXTEND": "3600",
     }
     lines = ["# As nixos-modules/gitlab-runner-vm.nix and runner.nix configure the unit.",
              "[Unit]", f"After={mount}", "", "[Service]"]
