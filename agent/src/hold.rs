@@ -57,8 +57,9 @@ fn forever() -> SystemTime {
 }
 
 /// The deadline of a hold that begins now, if the keep file exists and has not expired.
-pub fn deadline(keep_file: &Path, hold_max: Duration) -> Option<SystemTime> {
-    hold_state(modified(keep_file).ok()?, hold_max, SystemTime::now()).ok()
+pub fn deadline(keep_file: &Path, limits: HoldLimits) -> Option<SystemTime> {
+    let now = SystemTime::now();
+    hold_state(now, modified(keep_file).ok()?, limits, now).ok()
 }
 
 pub fn keep_file_exists(keep_file: &Path) -> bool {

@@ -43,12 +43,16 @@ impl Agent {
         }
     }
 
+    fn hold_limits(&self) -> hold::HoldLimits {
+        hold::HoldLimits {
+            max: Duration::from_secs(self.args.hold_max),
+            extend: Duration::from_secs(self.args.hold_extend),
+        }
+    }
+
     fn holding(&mut self, teardown: Teardown) -> Next {
         // Shown from the hold's first status.json on, not only once its step has begun.
-        self.hold_deadline = hold::deadline(
-            &self.args.keep_file,
-            Duration::from_secs(self.args.hold_max),
-        );
+        self.hold_deadline = hold::deadline(&self.args.keep_file, self.hold_limits());
         let detail = format!(
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.args.keep_file.display()
@@ -138,10 +142,7 @@ impl Agent {
     /// hold's start), and never past `--hold-max` after the hold's start.
     pub(super) async fn hold(&mut self, teardown: Teardown) -> Next {
         let keep_file = self.args.keep_file.clone();
-        let limits = hold::HoldLimits {
-            max: Duration::from_secs(self.args.hold_max),
-            extend: Duration::from_secs(self.args.hold_extend),
-        };
+        let limits = self.hold_limits();
         let interrupts = self.interrupts.clone();
         let held = hold::hold(&keep_file, limits, |deadline| {
             self.hold_deadline = Some(deadline);
