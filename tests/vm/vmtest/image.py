@@ -100,10 +100,6 @@ def installed_unit_text():
 
 
 POWEROFF_REAL = "/bin/systemctl poweroff"
-# What the NixOS module set with services.gitlab-runner-vm.powerOff = false (debug images) until
-# the agent had --no-poweroff; the module now sets GITLAB_RUNNER_VM_NO_POWEROFF=true instead.
-POWEROFF_DISABLED = ("echo 'gitlab-runner-vm: power-off is disabled in this image "
-                     "(services.gitlab-runner-vm.powerOff = false); the VM stays up'")
 
 
 def agent_dropin(scenario):
@@ -117,7 +113,7 @@ def agent_dropin(scenario):
         "GITLAB_RUNNER_VM_KEEP_FILE": "/etc/keep-runner",
         "GITLAB_RUNNER_VM_GITLAB_RUNNER": "/usr/local/bin/gitlab-runner",
         "GITLAB_RUNNER_VM_RUNNER_USER": "runner",
-        "GITLAB_RUNNER_VM_POWEROFF_COMMAND": POWEROFF_DISABLED if scenario.poweroff_disabled else POWEROFF_REAL,
+        "GITLAB_RUNNER_VM_POWEROFF_COMMAND": POWEROFF_REAL,
         "GITLAB_RUNNER_VM_FAILURE_DELAY": str(FAILURE_DELAY if scenario.failure_delay else 60),
         "GITLAB_RUNNER_VM_CONFIG_WAIT": "300",
         "GITLAB_RUNNER_VM_REGISTER_TIMEOUT": "300",
@@ -126,6 +122,9 @@ def agent_dropin(scenario):
         "GITLAB_RUNNER_VM_HOLD_MAX": "14400",
         "GITLAB_RUNNER_VM_HOLD_EXTEND": "3600",
     }
+    if scenario.poweroff_disabled:
+        # services.gitlab-runner-vm.powerOff = false (debug images) sets the agent's --no-poweroff.
+        env["GITLAB_RUNNER_VM_NO_POWEROFF"] = "true"
     lines = ["# As nixos-modules/gitlab-runner-vm.nix and runner.nix configure the unit.",
              "[Unit]", f"After={mount}", "", "[Service]"]
     lines += [f'Environment="{k}={v}"' for k, v in env.items()]
