@@ -9,7 +9,7 @@ import re
 import pytest
 
 from vmtest.config import GUEST_UNIT, MSG_UNIT_STARTED, PHASES, SYSTEM_ID, UNIT
-from vmtest.evidence import Evidence, is_subsequence
+from vmtest.evidence import MULTI, Evidence, is_subsequence
 from vmtest.fake_gitlab import (is_deregistration, is_job_end, is_job_request, is_job_start,
                                 is_runner_deletion, is_verify)
 from vmtest.image import installed_unit_text
@@ -309,19 +309,31 @@ def show(entry):
     return f"[{entry.get('PHASE', '-')}] {(entry.get('MESSAGE') or '')[:100]!r}"
 
 
+def field_problems(entry):
+    """What is wrong with an entry's PHASE, RUNNER and SYSTEM_ID fields, as words."""
+    problems = [f"no {f}" for f in FIELDS if f not in entry]
+    problems += [f"{f} {len(values)} times ({', '.join(values)})"
+                 for f, values in entry.get(MULTI, {}).items() if f in FIELDS]
+    if "PHASE" in entry and entry["PHASE"] not in PHASES:
+        problems.append(f"PHASE={entry['PHASE']!r}")
+    return problems
+
+
 def test_every_agent_journal_entry_carries_phase_runner_and_system_id(ev, expect):
     """every journal entry of the unit from the agent process carries PHASE (a known phase),
-    RUNNER and SYSTEM_ID
+    RUNNER and SYSTEM_ID, each once
 
     The entries: _SYSTEMD_UNIT is the unit and _PID an agent process's (Evidence.
     agent_process_entries): what it logs and what reaches its stdout and stderr, forwarded
-    gitlab-runner output included. What the values must be is the next two tests' business."""
+    gitlab-runner output and the power-off command's output included. A field given twice (two
+    nested spans, say) is as wrong as a missing one: the entry names two phases. What the
+    values must be is the next two tests' business."""
     entries = ev.agent_process_entries()
-    bad = [e for e in entries if any(f not in e for f in FIELDS) or e.get("PHASE") not in PHASES]
-    lacking = sorted({f for e in bad for f in FIELDS if f not in e})
+    bad = [(e, field_problems(e)) for e in entries if field_problems(e)]
+    kinds = sorted({p.split(" (")[0].split("=")[0] for _, ps in bad for p in ps})
     expect(entries and not bad,
-           f"{len(entries) - len(bad)} of {len(entries)} entries" + (
-               f"; {len(bad)} lack {', '.join(lacking) or 'a known PHASE'}, first: {show(bad[0])}"
+           f"{len(entries) - len(bad)} of {len(entries)} entries right" + (
+               f"; {len(bad)} with {', '.join(kinds)}; first: {', '.join(bad[0][1])} in {show(bad[0][0])}"
                if bad else ""))
 
 

@@ -65,12 +65,32 @@ class Collector:
         return guest_time + self.offsets()[0]
 
 
+# The key under which a journal entry (as Evidence reads it) holds {field: [values]} for its
+# fields that came with more than one value (journalctl -o json prints those as arrays); the
+# field itself keeps its first value.
+MULTI = "_VMTEST_MULTI_VALUED"
+
+
+def is_binary(value):
+    """journalctl -o json prints a field that is not valid UTF-8 as an array of byte values."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
+
+
 def field_text(value):
     if isinstance(value, list):
-        if value and all(isinstance(v, int) for v in value):
+        if is_binary(value):
             return bytes(value).decode("utf-8", "replace")
         return field_text(value[0]) if value else ""
     return value
+
+
+def read_entry(entry):
+    out = {k: field_text(v) for k, v in entry.items()}
+    multi = {k: [field_text(x) for x in v] for k, v in entry.items()
+             if isinstance(v, list) and not is_binary(v) and len(v) > 1}
+    if multi:
+        out[MULTI] = multi
+    return out
 
 
 class Evidence:
@@ -85,7 +105,7 @@ class Evidence:
                         entry = json.loads(line)
                     except ValueError:
                         continue
-                    self.journal.append({k: field_text(v) for k, v in entry.items()})
+                    self.journal.append(read_entry(entry))
         self.show = self._properties("show.txt")
         self.status_log = self._status_log()
 
