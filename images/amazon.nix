@@ -17,42 +17,56 @@ in
 {
   imports = [ (modulesPath + "/../maintainers/scripts/ec2/amazon-image.nix") ];
 
-  virtualisation.amazon-init.enable = false;
-  ec2.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
-  # The tool set does not fit the format's 4 GiB default; the EBS volume sets the real size.
-  virtualisation.diskSize = lib.mkDefault "auto";
-
-  system.build.amazonImage = lib.mkForce (diskImage {
-    name = config.image.baseName;
-    inherit (config.amazonImage) contents format;
-    partitionTableType = if config.ec2.efi then "efi" else "legacy+gpt";
-    postVM = ''
-      mkdir -p $out/nix-support
-      echo "file ${config.amazonImage.format} $diskImage" >> $out/nix-support/hydra-build-products
-
-      logical_bytes=$(${qemu-img} info --output json "$diskImage" | ${jq} '."virtual-size"')
-      ${jq} -n \
-        --arg system_version ${lib.escapeShellArg config.system.nixos.version} \
-        --arg system ${lib.escapeShellArg pkgs.stdenv.hostPlatform.system} \
-        --arg logical_bytes "$logical_bytes" \
-        --arg boot_mode ${if config.ec2.efi then "uefi" else "legacy-bios"} \
-        --arg file "$diskImage" \
-        '{}
-        | .label = $system_version
-        | .boot_mode = $boot_mode
-        | .system = $system
-        | .logical_bytes = $logical_bytes
-        | .file = $file
-        | .disks.root.logical_bytes = $logical_bytes
-        | .disks.root.file = $file
-        ' > $out/nix-support/image-info.json
+  options.gitlabRunnerVm.amazon.ssmAgent = lib.mkOption {
+    type = lib.types.bool;
+    default = !(config.services.gitlab-runner-vm.enable or false);
+    defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable";
+    description = ''
+      Whether amazon-ssm-agent runs (Session Manager and Run Command: a root shell for whoever
+      holds the IAM permissions). Off in runner images, on in the others as in Amazon's AMIs.
     '';
-  });
+  };
 
-  assertions = [
-    {
-      assertion = !config.ec2.zfs.enable;
-      message = "images/amazon.nix builds ext4 images only; ec2.zfs.enable is not supported here.";
-    }
-  ];
+  config = {
+    virtualisation.amazon-init.enable = false;
+    # nixpkgs' amazon configuration sets it to true without mkDefault.
+    services.amazon-ssm-agent.enable = lib.mkOverride 90 config.gitlabRunnerVm.amazon.ssmAgent;
+    ec2.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
+    # The tool set does not fit the format's 4 GiB default; the EBS volume sets the real size.
+    virtualisation.diskSize = lib.mkDefault "auto";
+
+    system.build.amazonImage = lib.mkForce (diskImage {
+      name = config.image.baseName;
+      inherit (config.amazonImage) contents format;
+      partitionTableType = if config.ec2.efi then "efi" else "legacy+gpt";
+      postVM = ''
+        mkdir -p $out/nix-support
+        echo "file ${config.amazonImage.format} $diskImage" >> $out/nix-support/hydra-build-products
+
+        logical_bytes=$(${qemu-img} info --output json "$diskImage" | ${jq} '."virtual-size"')
+        ${jq} -n \
+          --arg system_version ${lib.escapeShellArg config.system.nixos.version} \
+          --arg system ${lib.escapeShellArg pkgs.stdenv.hostPlatform.system} \
+          --arg logical_bytes "$logical_bytes" \
+          --arg boot_mode ${if config.ec2.efi then "uefi" else "legacy-bios"} \
+          --arg file "$diskImage" \
+          '{}
+          | .label = $system_version
+          | .boot_mode = $boot_mode
+          | .system = $system
+          | .logical_bytes = $logical_bytes
+          | .file = $file
+          | .disks.root.logical_bytes = $logical_bytes
+          | .disks.root.file = $file
+          ' > $out/nix-support/image-info.json
+      '';
+    });
+
+    assertions = [
+      {
+        assertion = !config.ec2.zfs.enable;
+        message = "images/amazon.nix builds ext4 images only; ec2.zfs.enable is not supported here.";
+      }
+    ];
+  };
 }

@@ -4,11 +4,27 @@
 { config, lib, pkgs, modulesPath, ... }:
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
+  runner = config.services.gitlab-runner-vm.enable or false;
+  doAgent = runner && config.services.do-agent.enable;
 in
 {
   imports = [ (modulesPath + "/virtualisation/digital-ocean-image.nix") ];
 
   virtualisation.digitalOcean.rebuildFromUserData = false;
+
+  # do-agent (metrics) reads the droplet's metadata. In runner images, which keep users other
+  # than root away from it (nixos-modules/hardening.nix), it runs as a user of its own instead
+  # of a dynamic one, so that the firewall lets it through by name.
+  systemd.services.do-agent.serviceConfig = lib.mkIf doAgent {
+    DynamicUser = lib.mkForce false;
+    User = "do-agent";
+    Group = "do-agent";
+  };
+  users.users.do-agent = lib.mkIf doAgent {
+    isSystemUser = true;
+    group = "do-agent";
+  };
+  users.groups.do-agent = lib.mkIf doAgent { };
 
   system.build.digitalOceanImage = lib.mkForce (diskImage {
     name = "digital-ocean-image";

@@ -4,25 +4,81 @@
 { config, lib, pkgs, modulesPath, ... }:
 let
   cfg = config.virtualisation.googleComputeImage;
+  gce = config.gitlabRunnerVm.gce;
+  runner = config.services.gitlab-runner-vm.enable or false;
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
 in
 {
   imports = [ (modulesPath + "/virtualisation/google-compute-image.nix") ];
 
-  virtualisation.googleComputeImage.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
+  # Access paths of nixpkgs' GCE configuration that a runner image (where user-data is data and
+  # SSH keys go to the CI user) leaves off unless asked: each one is root for whoever controls
+  # the instance's metadata or IAM, besides the SSH key.
+  options.gitlabRunnerVm.gce = {
+    startupScripts = lib.mkOption {
+      type = lib.types.bool;
+      default = !runner;
+      defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable";
+      description = "Whether metadata `startup-script`s and `shutdown-script`s run (as root).";
+    };
+    osLogin = lib.mkOption {
+      type = lib.types.bool;
+      default = !runner;
+      defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable";
+      description = "Whether OS Login (IAM users, admin sudo with roles/compute.osAdminLogin) is on.";
+    };
+    accountsDaemon = lib.mkOption {
+      type = lib.types.bool;
+      default = !runner && config.users.mutableUsers;
+      defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable && config.users.mutableUsers";
+      description = ''
+        Whether the guest agent creates a sudo user for each `user:key` of the `ssh-keys`
+        metadata. Off in runner images: cloud-init gives keys for the CI user (`runner:KEY`)
+        to that user.
+      '';
+    };
+  };
 
-  system.build.googleComputeImage = lib.mkForce (diskImage {
-    name = "google-compute-image";
-    format = "raw";
-    inherit (cfg) contents;
-    partitionTableType = if cfg.efi then "efi" else "legacy";
-    memSize = cfg.buildMemSize;
-    postVM = ''
-      PATH=$PATH:${lib.makeBinPath [ pkgs.gnutar pkgs.gzip ]}
-      cd $out
-      mv "$diskImage" disk.raw
-      tar --sparse --create disk.raw | gzip -${toString cfg.compressionLevel} > ${config.image.fileName}
-      rm disk.raw
-    '';
-  });
+  config = {
+    virtualisation.googleComputeImage.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
+
+    security.googleOsLogin.enable = lib.mkOverride 90 gce.osLogin;
+    systemd.services.google-startup-scripts.enable = lib.mkDefault gce.startupScripts;
+    systemd.services.google-shutdown-scripts.enable = lib.mkDefault gce.startupScripts;
+    # nixpkgs writes this file whole, with accounts_daemon = users.mutableUsers.
+    environment.etc."default/instance_configs.cfg".text = lib.mkIf (!gce.accountsDaemon && config.users.mutableUsers) (lib.mkForce ''
+      [Accounts]
+      useradd_cmd = useradd -m -s /run/current-system/sw/bin/bash -p * {user}
+
+      [Daemons]
+      accounts_daemon = false
+
+      [InstanceSetup]
+      set_host_keys = false
+
+      [MetadataScripts]
+      default_shell = ${pkgs.stdenv.shell}
+      startup = ${lib.boolToString gce.startupScripts}
+      shutdown = ${lib.boolToString gce.startupScripts}
+
+      [NetworkInterfaces]
+      dhclient_script = ${pkgs.google-guest-configs}/bin/google-dhclient-script
+      setup = false
+    '');
+
+    system.build.googleComputeImage = lib.mkForce (diskImage {
+      name = "google-compute-image";
+      format = "raw";
+      inherit (cfg) contents;
+      partitionTableType = if cfg.efi then "efi" else "legacy";
+      memSize = cfg.buildMemSize;
+      postVM = ''
+        PATH=$PATH:${lib.makeBinPath [ pkgs.gnutar pkgs.gzip ]}
+        cd $out
+        mv "$diskImage" disk.raw
+        tar --sparse --create disk.raw | gzip -${toString cfg.compressionLevel} > ${config.image.fileName}
+        rm disk.raw
+      '';
+    });
+  };
 }

@@ -33,6 +33,18 @@ in
         only; needed on aarch64) or `hybrid` (GPT booting with either firmware).
       '';
     };
+    cloudInit = lib.mkOption {
+      type = lib.types.bool;
+      default = !(config.services.gitlab-runner-vm.enable or false);
+      defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable";
+      description = ''
+        Whether cloud-init runs, for SSH keys and settings from a cloudInitNoCloud or
+        cloudInitConfigDrive volume. Off in runner images, which take runner.json from their
+        config disk and SSH keys from the QEMU guest agent (accessCredentials): without a
+        cloud-init volume it would only fail at every boot. When on, a VM without such a volume
+        falls back to cloud-init's `None` data source and boots clean.
+      '';
+    };
     compress = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -66,11 +78,11 @@ in
 
     services.qemuGuest.enable = lib.mkDefault true;
     services.openssh.enable = lib.mkDefault true;
-    # SSH keys (and, for runner images, runner.json) from a cloudInitNoCloud or
-    # cloudInitConfigDrive volume; both are local disks, so nothing is probed on the network.
+    # SSH keys from a cloudInitNoCloud or cloudInitConfigDrive volume; both are local disks, so
+    # nothing is probed on the network. `None` last: no such volume is not an error.
     services.cloud-init = {
-      enable = lib.mkDefault true;
-      settings.datasource_list = lib.mkDefault [ "NoCloud" "ConfigDrive" ];
+      enable = lib.mkDefault cfg.cloudInit;
+      settings.datasource_list = lib.mkDefault [ "NoCloud" "ConfigDrive" "None" ];
     };
 
     system.nixos.tags = [ "kubevirt" ];

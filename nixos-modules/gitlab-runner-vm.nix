@@ -118,7 +118,8 @@ in
           register-timeout = seconds 300 "Deadline in seconds for registration, retries included.";
           deregister-timeout = seconds 30 "Deadline in seconds for deregistration, retries included.";
           stop-timeout = seconds 40 "Seconds gitlab-runner gets to stop after SIGTERM.";
-          hold-max = seconds 86400 "Longest hold in seconds after the keep file's last modification.";
+          hold-max = seconds 14400 "Longest hold in seconds, from its start; touching the keep file never extends it further.";
+          hold-extend = seconds 3600 "Seconds a hold lasts after its start or the keep file's last modification, whichever is later.";
         };
       };
     };
@@ -215,6 +216,10 @@ in
 
     systemd.services.gitlab-runner-vm = {
       wantedBy = [ "multi-user.target" ];
+      # Stopped before what jobs use (systemd stops in reverse start order): on a shutdown the
+      # agent aborts the job and deregisters while Docker and Podman still run.
+      after = lib.optionals cfg.dockerExecutor [ "docker.service" "docker.socket" ]
+        ++ lib.optional config.virtualisation.podman.enable "podman.socket";
       # A configuration switch on a held debug VM must not kill a running job.
       restartIfChanged = false;
       path = [

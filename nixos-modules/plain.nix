@@ -2,27 +2,32 @@
 # no agent, no CI tool set, no nixpkgs channel. SSH takes keys only; the keys are the platform's,
 # which the image format's own services give root at boot (the EC2 key pair, the Droplet's SSH
 # keys). Nothing else logs in.
-{ lib, ... }:
+{ lib, options, ... }:
 {
-  system.stateVersion = lib.mkDefault "25.11";
+  config = lib.mkMerge [
+    {
+      system.stateVersion = lib.mkDefault "25.11";
 
-  services.openssh = {
-    enable = lib.mkDefault true;
-    settings = {
-      PasswordAuthentication = lib.mkDefault false;
-      KbdInteractiveAuthentication = lib.mkDefault false;
-      PermitRootLogin = lib.mkDefault "prohibit-password";
-    };
-  };
+      services.openssh = {
+        enable = lib.mkDefault true;
+        settings = {
+          PasswordAuthentication = lib.mkDefault false;
+          KbdInteractiveAuthentication = lib.mkDefault false;
+          PermitRootLogin = lib.mkDefault "prohibit-password";
+        };
+      };
 
-  # nixpkgs' amazon image runs the SSM agent (a way in through AWS Session Manager, with a user
-  # of its own), and sets it with normal priority: off here, so SSH stays the only way in.
-  # `services.amazon-ssm-agent.enable = lib.mkForce true;` brings it back.
-  services.amazon-ssm-agent.enable = lib.mkForce false;
+      # The image holds no channel (images/disk-image.nix): administer it from a flake.
+      nix.channel.enable = lib.mkDefault false;
+      nix.settings.experimental-features = [ "nix-command" "flakes" ];
 
-  # The image holds no channel (images/disk-image.nix): administer it from a flake.
-  nix.channel.enable = lib.mkDefault false;
-  nix.settings.experimental-features = [ "nix-command" "flakes" ];
-
-  time.timeZone = lib.mkDefault "UTC";
+      time.timeZone = lib.mkDefault "UTC";
+    }
+    # AWS: no SSM agent (Session Manager and Run Command, a root shell for whoever holds the IAM
+    # permissions), so SSH stays the only way in; `gitlabRunnerVm.amazon.ssmAgent = true` brings
+    # it back.
+    (lib.optionalAttrs (options ? gitlabRunnerVm.amazon.ssmAgent) {
+      gitlabRunnerVm.amazon.ssmAgent = lib.mkDefault false;
+    })
+  ];
 }

@@ -125,9 +125,12 @@ pub struct RunArgs {
     /// Seconds gitlab-runner gets to abort its job after SIGTERM before it is killed
     #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", value_parser = seconds, default_value_t = 40)]
     pub stop_timeout: u64,
-    /// Seconds a hold lasts after the keep file's last modification
-    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_parser = seconds, default_value_t = 86400)]
+    /// Longest hold in seconds, from its start: touching the keep file never extends it further
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_parser = seconds, default_value_t = 14400)]
     pub hold_max: u64,
+    /// Seconds a hold lasts after its start or the keep file's last modification, whichever is later
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_parser = seconds, default_value_t = 3600)]
+    pub hold_extend: u64,
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! The operator's "keep this VM": while the keep file exists the VM stays up. The hold ends when
-//! the file is removed, or `hold_max` after its last modification (touching it extends the
-//! hold). Watched with inotify; the only timer is the deadline itself.
+//! the file is removed, or at its deadline: `hold_extend` after the later of the hold's start and
+//! the file's last modification (touching it extends the hold), but never later than `hold_max`
+//! after the hold began, however often the file is touched. So no job (a background `touch`
+//! loop) can park a VM for longer than the ceiling. Watched with inotify; the only timer is the
+//! deadline itself.
 
 use std::io;
 use std::path::Path;
@@ -16,20 +19,30 @@ pub enum HoldEnd {
     Expired,
 }
 
-/// The pure part: given the keep file's modification time (None: it is gone), is the hold over,
-/// and otherwise until when does it last?
+/// How long a hold lasts: `extend` after the hold's start or the keep file's last modification,
+/// whichever is later, and at most `max` after the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    pub max: Duration,
+    pub extend: Duration,
+}
+
+/// The pure part: given when the hold began and the keep file's modification time (None: it is
+/// gone), is the hold over, and otherwise until when does it last?
 pub fn hold_state(
+    started: SystemTime,
     modified: Option<SystemTime>,
-    hold_max: Duration,
+    limits: HoldLimits,
     now: SystemTime,
 ) -> Result<SystemTime, HoldEnd> {
     let Some(modified) = modified else {
         return Err(HoldEnd::Released);
     };
-    // A hold too long for the clock lasts until the file is removed.
-    let Some(deadline) = modified.checked_add(hold_max) else {
-        return Ok(forever());
-    };
+    // A time too late for the clock means "until the file is removed".
+    let at = |base: SystemTime, span| base.checked_add(span).unwrap_or_else(forever);
+    let ceiling = at(started, limits.max);
+    let touched = at(modified.max(started), limits.extend);
+    let deadline = touched.min(ceiling).min(forever());
     if now >= deadline {
         Err(HoldEnd::Expired)
     } else {
@@ -41,6 +54,12 @@ pub fn hold_state(
 /// any VM's life and still representable in status.json.
 fn forever() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
+}
+
+/// The deadline of a hold that begins now, if the keep file exists and has not expired.
+pub fn deadline(keep_file: &Path, limits: HoldLimits) -> Option<SystemTime> {
+    let now = SystemTime::now();
+    hold_state(now, modified(keep_file).ok()?, limits, now).ok()
 }
 
 pub fn keep_file_exists(keep_file: &Path) -> bool {
@@ -76,10 +95,11 @@ pub async fn keep_file_created(keep_file: &Path) -> io::Result<()> {
 /// deadline (for status.json).
 pub async fn hold(
     keep_file: &Path,
-    hold_max: Duration,
+    limits: HoldLimits,
     mut on_deadline: impl FnMut(SystemTime),
 ) -> io::Result<HoldEnd> {
     let dir = keep_file.parent().unwrap_or(Path::new("/"));
+    let started = SystemTime::now();
     let mut last_deadline = None;
     loop {
         let watch = DirWatch::new(
@@ -92,7 +112,7 @@ pub async fn hold(
                 | AddWatchFlags::IN_CLOSE_WRITE
                 | AddWatchFlags::IN_MODIFY,
         )?;
-        let deadline = match hold_state(modified(keep_file)?, hold_max, SystemTime::now()) {
+        let deadline = match hold_state(started, modified(keep_file)?, limits, SystemTime::now()) {
             Err(end) => return Ok(end),
             Ok(deadline) => deadline,
         };
@@ -114,17 +134,70 @@ pub async fn hold(
 mod tests {
     use super::*;
 
+    fn limits(max: u64, extend: u64) -> HoldLimits {
+        HoldLimits {
+            max: Duration::from_secs(max),
+            extend: Duration::from_secs(extend),
+        }
+    }
+
     #[test]
     fn hold_state_decisions() {
         let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
-        let max = Duration::from_secs(100);
-        assert_eq!(hold_state(None, max, t(5)), Err(HoldEnd::Released));
-        assert_eq!(hold_state(Some(t(0)), max, t(50)), Ok(t(100)));
-        assert_eq!(hold_state(Some(t(0)), max, t(100)), Err(HoldEnd::Expired));
-        // Touching the file moves the deadline.
-        assert_eq!(hold_state(Some(t(90)), max, t(100)), Ok(t(190)));
-        // A deadline beyond the clock's range holds until removal, it does not panic.
-        assert_eq!(hold_state(Some(t(0)), Duration::MAX, t(100)), Ok(forever()));
+        let l = limits(100, 30);
+        // The hold began at 10.
+        assert_eq!(hold_state(t(10), None, l, t(15)), Err(HoldEnd::Released));
+        // A file older than the hold: `extend` from the hold's start.
+        assert_eq!(hold_state(t(10), Some(t(0)), l, t(15)), Ok(t(40)));
+        assert_eq!(
+            hold_state(t(10), Some(t(0)), l, t(40)),
+            Err(HoldEnd::Expired)
+        );
+        // Touching the file moves the deadline...
+        assert_eq!(hold_state(t(10), Some(t(35)), l, t(36)), Ok(t(65)));
+        // ...but never past `max` after the hold's start, however recent the touch.
+        assert_eq!(hold_state(t(10), Some(t(95)), l, t(96)), Ok(t(110)));
+        assert_eq!(
+            hold_state(t(10), Some(t(109)), l, t(110)),
+            Err(HoldEnd::Expired)
+        );
+        // `extend` longer than `max`: the ceiling wins.
+        assert_eq!(
+            hold_state(t(10), Some(t(10)), limits(20, 30), t(11)),
+            Ok(t(30))
+        );
+        // Spans beyond the clock's range hold until removal, they do not panic.
+        assert_eq!(
+            hold_state(
+                t(0),
+                Some(t(0)),
+                HoldLimits {
+                    max: Duration::MAX,
+                    extend: Duration::MAX
+                },
+                t(100)
+            ),
+            Ok(forever())
+        );
+    }
+
+    #[test]
+    fn a_touch_loop_cannot_pass_the_ceiling() {
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let l = limits(14_400, 3_600);
+        let mut now = 0;
+        // The file touched every minute from the hold's start on.
+        loop {
+            match hold_state(t(0), Some(t(now)), l, t(now)) {
+                Ok(deadline) => assert!(deadline <= t(14_400)),
+                Err(end) => {
+                    assert_eq!(end, HoldEnd::Expired);
+                    break;
+                }
+            }
+            now += 60;
+        }
+        assert_eq!(now, 14_400);
     }
 
     #[tokio::test]
@@ -142,7 +215,7 @@ mod tests {
         let mut deadlines = Vec::new();
         let end = tokio::time::timeout(
             Duration::from_secs(10),
-            hold(&keep, Duration::from_secs(3600), |d| deadlines.push(d)),
+            hold(&keep, limits(3600, 3600), |d| deadlines.push(d)),
         )
         .await
         .unwrap()
@@ -179,7 +252,14 @@ mod tests {
         std::fs::write(&keep, "").unwrap();
         let end = tokio::time::timeout(
             Duration::from_secs(10),
-            hold(&keep, Duration::from_millis(300), |_| {}),
+            hold(
+                &keep,
+                HoldLimits {
+                    max: Duration::from_secs(3600),
+                    extend: Duration::from_millis(300),
+                },
+                |_| {},
+            ),
         )
         .await
         .unwrap()

@@ -418,48 +418,85 @@ mod tests {
         );
     }
 
-    #[test]
-    fn started_and_teardown_phases() {
-        let started: Vec<_> = Phase::ALL.into_iter().filter(|p| p.is_started()).collect();
-        assert_eq!(
-            started,
-            [
-                Running,
-                Draining,
-                Deregistering,
-                Holding,
-                PoweringOff,
-                Failed,
-                Stopping
-            ]
-        );
-        let teardown: Vec<_> = Phase::ALL.into_iter().filter(|p| p.is_teardown()).collect();
-        assert_eq!(
-            teardown,
-            [Deregistering, Holding, PoweringOff, Failed, Stopping]
-        );
+    /// Every phase reachable from `from` by legal transitions, `from` included.
+    fn reachable(from: Phase) -> Vec<Phase> {
+        let mut seen = vec![from];
+        let mut i = 0;
+        while let Some(&p) = seen.get(i) {
+            for to in Phase::ALL {
+                if p.can_go_to(to) && !seen.contains(&to) {
+                    seen.push(to);
+                }
+            }
+            i += 1;
+        }
+        seen
     }
 
     #[test]
-    fn phase_names_are_the_documented_ones() {
-        let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "waiting-for-config",
-                "registering",
-                "running",
-                "draining",
-                "deregistering",
-                "holding",
-                "powering-off",
-                "failed",
-                "stopping"
-            ]
-        );
-        assert_eq!(
-            serde_json::to_string(&PoweringOff).unwrap(),
-            "\"powering-off\""
-        );
+    fn ready_is_sent_once_gitlab_runner_runs_and_never_taken_back() {
+        // Before the config is read and while registering, gitlab-runner has not run: no READY.
+        assert!(!WaitingForConfig.is_started());
+        assert!(!Registering.is_started());
+        // From `running` on, and in every phase a run that never got there can end in (so that
+        // systemd never sees an exit before READY=1), the unit counts as started.
+        for from in Phase::ALL.into_iter().filter(|p| p.is_started()) {
+            for to in reachable(from) {
+                assert!(to.is_started(), "{from} is started but {to} is not");
+            }
+        }
+        for p in [Running, Failed, PoweringOff, Holding, Stopping] {
+            assert!(p.is_started(), "{p}: the agent may exit from here");
+        }
+    }
+
+    #[test]
+    fn a_begun_teardown_is_never_left_for_a_fresh_start() {
+        // A failure, a stop and the start of deregistration begin the teardown, and a phase
+        // that a restarted agent resumes as teardown leads only to teardown phases.
+        for p in [Failed, Stopping, Deregistering] {
+            assert!(p.is_teardown(), "{p}");
+        }
+        for p in Phase::ALL.into_iter().filter(|p| p.is_teardown()) {
+            for to in reachable(p) {
+                assert!(to.is_teardown(), "{to} after {p} is not a teardown phase");
+            }
+        }
+        // Before gitlab-runner ends nothing is torn down yet (on_start decides those restarts).
+        for p in [WaitingForConfig, Registering, Running, Draining] {
+            assert!(!p.is_teardown(), "{p}");
+        }
+    }
+
+    /// The phase names of README.md's table ("What the agent does, step by step"), in order.
+    fn readme_phases() -> Vec<&'static str> {
+        let readme = include_str!("../../README.md");
+        let names: Vec<_> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| Phase |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|row| row.split('|').nth(1).unwrap().trim().trim_matches('`'))
+            .collect();
+        assert!(!names.is_empty(), "no '| Phase |' table in README.md");
+        names
+    }
+
+    #[test]
+    fn phase_names_are_the_ones_the_readme_documents() {
+        let documented = readme_phases();
+        let mut names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+        let mut sorted = documented.clone();
+        names.sort();
+        sorted.sort();
+        assert_eq!(names, sorted, "README.md documents {documented:?}");
+        // status.json (serde) spells them as STATUS= and the journal (Display) do.
+        for p in Phase::ALL {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+            assert_eq!(
+                serde_json::from_value::<Phase>(p.as_str().into()).unwrap(),
+                p
+            );
+        }
     }
 }

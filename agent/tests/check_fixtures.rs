@@ -64,15 +64,15 @@ fn check_prints_what_each_fixture_expects() {
 }
 
 #[test]
-fn the_seed_example_is_valid_and_warns_about_tags() {
-    let (ok, text) = check("seed.json");
+fn a_glrt_token_config_with_tags_is_valid_and_warns_that_tags_are_ignored() {
+    let (ok, text) = check("runner-token-with-tags.json");
     assert!(ok, "{text}");
     assert_eq!(
         text,
         "warning: $.tags: is ignored with a glrt- runner authentication token: GitLab stores it \
          with the runner; fix: set it on the runner in GitLab (Settings > CI/CD > Runners > Edit) \
          and remove it here\n\
-         ok: seed.json is valid (runner nixos-runner-001, token credential glrt-…xxxx, shell \
+         ok: runner-token-with-tags.json is valid (runner nixos-runner-001, token credential glrt-…xxxx, shell \
          executor, 1 job(s), url https://gitlab.example.com)\n"
     );
 }

@@ -26,7 +26,7 @@ fn check(config: &str) -> (bool, String) {
 }
 
 #[test]
-fn check_accepts_the_seed_example_with_a_warning_for_tags() {
+fn check_accepts_a_glrt_config_and_warns_that_its_tags_are_ignored() {
     let (ok, out) = check(
         r#"{"name": "nixos-runner-001", "url": "https://gitlab.example.com", "token": "glrt-xxxxxxxxxxxxxxxxxxxxx", "tags": ["nixos", "docker", "nix"], "executor": "shell"}"#,
     );

@@ -4,7 +4,8 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -287,19 +288,81 @@ async fn keep_file_holds_after_deregistration_until_released() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn hold_ends_at_hold_max_after_the_keep_file_was_last_modified() {
+async fn hold_ends_hold_extend_after_it_began_when_the_keep_file_is_older() {
     let mut h = Harness::new().await;
     std::fs::write(h.keep_file(), "").unwrap();
-    h.start_glrt(json!({}), FakeRunner::default(), &["--hold-max", "2"])
-        .await;
+    // A keep file from long ago (a debug image makes it at boot) still gets --hold-extend.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options()
+        .write(true)
+        .open(h.keep_file())
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let started = std::time::Instant::now();
+    h.start_glrt(
+        json!({}),
+        FakeRunner::default(),
+        &["--hold-max", "60", "--hold-extend", "2"],
+    )
+    .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "{}",
+        h.log()
+    );
     assert!(h.powered_off());
     assert!(
         h.keep_file().exists(),
         "the operator's keep file is left alone"
     );
     assert!(
-        h.log().contains("hold ended: hold-max reached"),
+        h.log().contains("hold ended: its deadline passed"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_touch_loop_does_not_hold_past_hold_max() {
+    let mut h = Harness::new().await;
+    std::fs::write(h.keep_file(), "").unwrap();
+    let keep = h.keep_file().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A job's background `touch` loop, every 200 ms.
+    let toucher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::File::options()
+                    .write(true)
+                    .open(&keep)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    h.start_glrt(
+        json!({}),
+        FakeRunner::default(),
+        &["--hold-max", "3", "--hold-extend", "2"],
+    )
+    .await;
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(60), h.wait_exit()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    toucher.join().unwrap();
+    let status = exited.expect("the touch loop held the VM past --hold-max");
+    assert!(status.success(), "{}", h.log());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "{}",
+        h.log()
+    );
+    assert!(h.powered_off());
+    assert!(
+        h.log().contains("hold ended: its deadline passed"),
         "{}",
         h.log()
     );
@@ -363,45 +426,63 @@ async fn rejected_token_403_starts_no_runner_and_powers_off_after_the_failure_de
     );
 }
 
+/// Answers each request with the next of `answers` (the last one again once they run out) and
+/// records when each request came.
+struct Timed {
+    answers: Vec<ResponseTemplate>,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl wiremock::Respond for Timed {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let mut arrivals = self.arrivals.lock().unwrap();
+        arrivals.push(Instant::now());
+        let i = (arrivals.len() - 1).min(self.answers.len() - 1);
+        self.answers[i].clone()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn server_errors_and_429_with_retry_after_are_retried_until_success() {
+async fn server_errors_and_429_are_retried_no_sooner_than_the_floor_and_retry_after() {
     let mut h = Harness::new().await;
-    // First a 503, then a 429 asking for 1 s, then success.
+    // A 503 without a hint, then a 429 asking for 2 s (longer than the 1 s floor, so that the
+    // two waits tell the floor from Retry-After), then success.
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
     wiremock::Mock::given(method("POST"))
         .and(path("/api/v4/runners/verify"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
+        .respond_with(Timed {
+            answers: vec![
+                ResponseTemplate::new(503),
+                ResponseTemplate::new(429)
+                    .insert_header("Retry-After", "2")
+                    .set_body_json(
+                        json!({"message": "Executing database migrations. Please retry later."}),
+                    ),
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"id": 7, "token": TOKEN, "token_expires_at": null})),
+            ],
+            arrivals: arrivals.clone(),
+        })
         .with_priority(1)
-        .mount(&h.server)
-        .await;
-    wiremock::Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("Retry-After", "1")
-                .set_body_json(
-                    json!({"message": "Executing database migrations. Please retry later."}),
-                ),
-        )
-        .up_to_n_times(1)
-        .with_priority(2)
         .mount(&h.server)
         .await;
     h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
 
-    let verify = h.requests("POST", "/api/v4/runners/verify").await;
-    assert_eq!(verify.len(), 3, "{}", h.log());
-    // Retry-After was honoured: the third attempt came at least 1 s after the second.
-    let log = h.log();
-    assert!(log.contains("503") && log.contains("429"), "{log}");
-    let wait: f64 = log
-        .split("retry 2 in ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|secs| secs.parse().ok())
-        .unwrap_or_else(|| panic!("no second retry logged:\n{log}"));
-    assert!(wait >= 1.0, "{log}");
+    let at = arrivals.lock().unwrap().clone();
+    assert_eq!(at.len(), 3, "{}", h.log());
+    let floor = at[1] - at[0];
+    let retry_after = at[2] - at[1];
+    assert!(
+        floor >= Duration::from_secs(1),
+        "retried {floor:?} after the 503, sooner than the 1 s floor\n{}",
+        h.log()
+    );
+    assert!(
+        retry_after >= Duration::from_secs(2),
+        "retried {retry_after:?} after the 429, before its Retry-After: 2\n{}",
+        h.log()
+    );
     assert_eq!(h.runner_invocations().len(), 1);
     assert!(h.powered_off());
 }

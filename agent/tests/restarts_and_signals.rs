@@ -401,6 +401,7 @@ fn durations_beyond_ten_years_are_refused_on_the_command_line() {
     };
     for (flag, env) in [
         ("--hold-max", "GITLAB_RUNNER_VM_HOLD_MAX"),
+        ("--hold-extend", "GITLAB_RUNNER_VM_HOLD_EXTEND"),
         ("--register-timeout", "GITLAB_RUNNER_VM_REGISTER_TIMEOUT"),
         ("--stop-timeout", "GITLAB_RUNNER_VM_STOP_TIMEOUT"),
     ] {
@@ -415,4 +416,25 @@ fn durations_beyond_ten_years_are_refused_on_the_command_line() {
         let out = cmd.env(env, "315360001").output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{env}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_log_line_carries_its_phase_runner_and_system_id_once() {
+    let mut h = Harness::new().await;
+    h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let log = h.log();
+    let system_id = h.system_id_file();
+    let mut forwarded = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        assert_eq!(line.matches("agent{").count(), 1, "{line}\n{log}");
+        assert!(line.contains("phase="), "{line}");
+        if line.contains("gitlab-runner: fake gitlab-runner") {
+            forwarded += 1;
+            assert!(line.contains("phase=\"running\""), "{line}");
+            assert!(line.contains("runner=\"vm-test\""), "{line}");
+            assert!(line.contains(&system_id), "{line}");
+        }
+    }
+    assert!(forwarded >= 2, "{log}");
 }

@@ -27,4 +27,5 @@ in
   ciUser = config.gitlabRunnerVm.base.user;
   normalUsers = builtins.attrNames (lib.filterAttrs (_: user: user.isNormalUser) config.users.users);
   qemuGuest = config.services.qemuGuest.enable;
+  diskSizeMiB = config.virtualisation.diskSize;
 }

@@ -133,7 +133,7 @@ def check_firmware_and_clouds(facts):
 
             if name in KUBEVIRT:
                 need(image["partitionTableType"] == ("efi" if aarch64 else "hybrid"), f"partition table {image['partitionTableType']}")
-                need(image["cloudInitDatasources"] == ["NoCloud", "ConfigDrive"], f"cloud-init probes {image['cloudInitDatasources']}")
+                need(image["cloudInitDatasources"] == ["NoCloud", "ConfigDrive", "None"], f"cloud-init probes {image['cloudInitDatasources']} (None last, or a VM without a cloud-init volume boots degraded)")
             if name == "amazon" or name.endswith("-amazon"):
                 need(image["amazonInit"] is False, "amazon-init runs user-data")
                 need(image["ec2Efi"] is aarch64, f"ec2.efi is {image['ec2Efi']}")
@@ -157,7 +157,8 @@ def runner_problems(where, runner, kubevirt=True):
     config_disk, scratch_disk = runner["configDisk"], runner["scratchDisk"]
     need(mounts["config"].get("device") == f"/dev/disk/by-id/virtio-{config_disk['serial']}", f"config disk device {mounts['config'].get('device')}")
     need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
-    need({"ro", "nofail"} <= set(mounts["config"].get("options", [])), f"config disk options {mounts['config'].get('options')}")
+    need({"ro", "nofail", "overriderockperms", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
+         f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
     need(scratch_disk["enable"] and mounts["scratch"].get("device") == f"/dev/disk/by-id/virtio-{scratch_disk['serial']}", f"scratch disk {mounts['scratch']}")
     need(mounts["scratch"].get("fsType") == "ext4" and mounts["scratch"].get("autoFormat"), "scratch disk is not formatted ext4 on first use")
     need("nofail" in mounts["scratch"].get("options", []), "scratch disk is not nofail")
@@ -178,9 +179,35 @@ def runner_problems(where, runner, kubevirt=True):
     need(all(k.startswith(ENV_PREFIX) for k in env), f"unexpected variables {sorted(k for k in env if not k.startswith(ENV_PREFIX))}")
     need("multi-user.target" in unit["wantedBy"], "the unit is not wanted by multi-user.target")
     need("runner\\x2dinfo.mount" in unit["after"] and "runner-scratch.service" in unit["after"], f"the unit is ordered after {unit['after']}")
+    need({"docker.service", "podman.socket"} <= set(unit["after"]), f"the agent is not stopped before Docker and Podman: after {unit['after']}")
     need({"gitlab-runner", "git", "docker"} <= set(unit["path"]), f"the unit's path {unit['path']}")
-    need(set(runner["services"]) == {"runner-scratch", "runner-info-user-data"}, f"services {runner['services']}")
-    need(runner["cloudInit"]["enable"] and "scripts-user" not in (runner["cloudInit"]["modules"] or []), f"cloud-init {runner['cloudInit']}")
+    if kubevirt:
+        need(set(runner["services"]) == {"runner-scratch"}, f"services {runner['services']}")
+        need(not runner["cloudInit"]["enable"], f"cloud-init runs on KubeVirt without a volume for it: {runner['cloudInit']}")
+    else:
+        need(set(runner["services"]) == {"runner-scratch", "runner-info-user-data"}, f"services {runner['services']}")
+        need(runner["cloudInit"]["enable"] and "scripts-user" not in (runner["cloudInit"]["modules"] or []), f"cloud-init {runner['cloudInit']}")
+        c = runner["access"]["cloudInit"]
+        need(c["allowUserdata"] is False, "cloud-init interprets user-data (and quotes JSON on the console)")
+        need((c["users"], c["disableRoot"], c["defaultUser"]) == (["default"], True, runner["ciUser"]), f"cloud-init's keys go to {c}")
+    need(runner["paths"] == ["/tmp", "/var/tmp", "/var/lib/containers", runner["users"][runner["ciUser"]]["home"]], f"on the scratch disk: {runner['paths']}")
+    su = runner["scratchUnit"]
+    need(su.get("DefaultDependencies") is False and "local-fs.target" in su.get("before", []) and "local-fs.target" in su.get("wantedBy", []),
+         f"the scratch binds are not made before local-fs.target: {su}")
+    need({"docker.service", "podman.socket", "gitlab-runner-vm.service"} <= set(su.get("before", [])), f"runner-scratch before {su.get('before')}")
+    need(runner["docker"] == {"logDriver": "local", "logOpts": {"max-size": "10m", "max-file": "2"}}, f"Docker logs {runner['docker']}")
+    n = runner["nix"]
+    need(n["trustedUsers"] and set(n["trustedUsers"]) == {"root"}, f"Nix trusted users {n['trustedUsers']}")
+    need(n["sourceIsSet"] and not n["registryNixpkgs"] and n["nixPath"] == [] and not n["registryRefersToSource"] and not n["nixPathRefersToSource"],
+         f"the image's nixpkgs is pinned (and in its closure) although pinNixpkgs is false: {n}")
+    a = runner["access"]
+    need(a["PermitRootLogin"] == "no", f"PermitRootLogin {a['PermitRootLogin']}")
+    fw = a["firewall"]
+    need(fw["enable"] and not fw["nftables"] and fw["allowedTCPPorts"] == [22] and a["sshPorts"] == [22]
+         and not (fw["allowedUDPPorts"] or fw["allowedTCPPortRanges"] or fw["allowedUDPPortRanges"]), f"firewall {({k: v for k, v in fw.items() if 'Commands' not in k})}")
+    need(a["ssmAgent"] is False, "amazon-ssm-agent runs")
+    need(a["osLogin"] is False, "OS Login is on")
+    need(a["gceStartupScripts"] in (None, False), "GCE startup scripts run")
     need(runner["qemuGuest"] or not kubevirt, "no QEMU guest agent (KubeVirt readiness and SSH keys need it)")
     need(runner["ssh"] == {"enable": True, "PasswordAuthentication": False, "KbdInteractiveAuthentication": False}, f"SSH {runner['ssh']}")
     need(runner["nixChannel"] is False, "the image has a nixpkgs channel")
@@ -194,8 +221,80 @@ def check_runner_image(facts):
     problems = []
     for system in SYSTEMS:
         problems += runner_problems(f"nixos-runner {system}", facts["runner"][system])
-    problems += runner_problems("runner-amazon", facts["runnerAmazon"], kubevirt=False)
     assert not problems, "\n".join(problems)
+
+
+def firewall_rules(script):
+    """The iptables commands the evaluated firewall script runs, with a stand-in iptables."""
+    if shutil.which("bash") is None:
+        raise Skip("no bash")
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        stub = f"""
+iptables() {{ echo "iptables $*" >> {log}; }}
+ip6tables() {{ echo "ip6tables $*" >> {log}; }}
+"""
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", stub + script], capture_output=True, text=True)
+        assert run.returncode == 0, f"the firewall script failed: {run.stderr}"
+        return [line.replace(" -w", "") for line in log.read_text().splitlines()]
+
+
+def metadata_problems(where, runner):
+    problems = []
+    rules = firewall_rules(runner["access"]["firewall"]["extraCommands"])
+    allowed = runner["access"]["metadataFirewall"]["allowedUsers"]
+    for address in ("169.254.169.254", "fd00:ec2::254"):
+        t = "ip6tables" if ":" in address else "iptables"
+        expected = [
+            f"{t} -t raw -I PREROUTING -j runner-metadata-fwd",
+            f"{t} -I OUTPUT -j runner-metadata-out",
+            f"{t} -t raw -A runner-metadata-fwd -d {address} -j DROP",
+            f"{t} -A runner-metadata-out -d {address} -j REJECT",
+        ] + [f"{t} -A runner-metadata-out -d {address} -m owner --uid-owner {u} -j RETURN" for u in allowed]
+        for rule in expected:
+            if rule not in rules:
+                problems.append(f"{where}: the firewall does not run `{rule}`")
+        mine = [r for r in rules if f"-d {address}" in r]
+        # Only DNS and NTP pass before the drop/reject, and root (or a listed agent) in OUTPUT.
+        for r in mine:
+            if "-j RETURN" in r and not ("--uid-owner" in r or "--dport 53" in r or "--dports 53,123" in r):
+                problems.append(f"{where}: unexpected exception `{r}`")
+    return problems
+
+
+def check_jobs_cannot_reach_the_metadata_service(facts):
+    problems = []
+    for where, runner in [("runner-amazon", facts["runnerAmazon"]), ("runner-gce", facts["runnerGce"]),
+                          ("runner-digital-ocean", facts["runnerDo"]), ("nixos-runner", facts["runner"]["x86_64-linux"])]:
+        problems += metadata_problems(where, runner)
+    assert facts["runnerDo"]["access"]["doAgent"] == {"enable": True, "user": "do-agent"}, facts["runnerDo"]["access"]["doAgent"]
+    assert "do-agent" in facts["runnerDo"]["access"]["metadataFirewall"]["allowedUsers"]
+    stop = firewall_rules(facts["runnerAmazon"]["access"]["firewall"]["extraStopCommands"])
+    assert "iptables -D OUTPUT -j runner-metadata-out" in stop and "ip6tables -t raw -D PREROUTING -j runner-metadata-fwd" in stop, stop
+    assert not problems, "\n".join(problems)
+
+
+def check_cloud_runner_images(facts):
+    problems = []
+    for name in ("runnerAmazon", "runnerGce", "runnerDo"):
+        problems += runner_problems(name, facts[name], kubevirt=False)
+    g = facts["runnerGce"]["access"]["gceInstanceConfigs"]
+    if "accounts_daemon = false" not in g or "startup = false" not in g:
+        problems.append(f"runner-gce: the guest agent makes users or runs scripts from metadata:\n{g}")
+    assert not problems, "\n".join(problems)
+
+
+def check_options_open_what_runner_images_close(facts):
+    o = facts["opened"]
+    assert o["amazon"]["ssmAgent"] and o["amazon"]["PermitRootLogin"] == "prohibit-password" and o["amazon"]["cloudInit"]["disableRoot"] is False, o["amazon"]
+    assert o["gce"]["osLogin"] and o["gce"]["gceStartupScripts"] and "accounts_daemon = true" in o["gce"]["gceInstanceConfigs"], o["gce"]
+    assert o["kubevirtCloudInit"] is True, "gitlabRunnerVm.kubevirt.cloudInit = true does not turn cloud-init on"
+    assert "runner" in o["trusted"], f"nixTrustedUser = true: trusted users {o['trusted']}"
+    p = o["pinned"]
+    assert p["registryNixpkgs"] and p["nixPath"] and p["registryRefersToSource"] and p["nixPathRefersToSource"], f"pinNixpkgs = true pins nothing: {p}"
+    b = facts["baseImage"]
+    assert b["circleciAmazonSsm"] and b["circleciGceStartupScripts"], f"the CircleCI images lost their platform agents: {b}"
+    assert b["access"]["cloudInit"]["enable"], "the KubeVirt base image has no cloud-init"
 
 
 def check_user_overrides_without_mkforce(facts):

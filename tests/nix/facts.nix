@@ -22,6 +22,56 @@ let
     inherit (config.fileSystems.${point}) device fsType options autoFormat;
   };
 
+  # Who can get in, and what jobs can reach: SSH, the firewall (its evaluated script, run by
+  # check-facts.py against a stand-in iptables), cloud-init's users, the platforms' agents.
+  access = config: {
+    firewall = {
+      inherit (config.networking.firewall) enable allowedTCPPorts allowedUDPPorts allowedTCPPortRanges allowedUDPPortRanges extraCommands extraStopCommands;
+      nftables = config.networking.nftables.enable;
+    };
+    metadataFirewall = config.gitlabRunnerVm.runner.metadataFirewall or null;
+    inherit (config.services.openssh.settings) PermitRootLogin;
+    sshOpenFirewall = config.services.openssh.openFirewall;
+    sshPorts = config.services.openssh.ports;
+    cloudInit = {
+      inherit (config.services.cloud-init) enable;
+      users = config.services.cloud-init.settings.users or null;
+      disableRoot = config.services.cloud-init.settings.disable_root or null;
+      defaultUser = config.services.cloud-init.settings.system_info.default_user.name or null;
+      allowUserdata = config.services.cloud-init.settings.allow_userdata or true;
+      datasources = config.services.cloud-init.settings.datasource_list or null;
+    };
+    ssmAgent = config.services.amazon-ssm-agent.enable;
+    osLogin = config.security.googleOsLogin.enable;
+    gceStartupScripts = config.systemd.services.google-startup-scripts.enable or null;
+    gceInstanceConfigs = config.environment.etc."default/instance_configs.cfg".text or null;
+    doAgent = {
+      enable = config.services.do-agent.enable;
+      user = config.systemd.services.do-agent.serviceConfig.User or null;
+    };
+  };
+
+  # Nix for jobs: trusted users, and whether the image's nixpkgs source is pinned (and so in
+  # its closure): the registry file's and NIX_PATH's string context name it when it is.
+  nixFacts = config:
+    let
+      registryText = config.environment.etc."nix/registry.json".text or "";
+      source = config.nixpkgs.flake.source;
+      sourcePath = if source == null then null else builtins.unsafeDiscardStringContext (toString source);
+      refersToSource = value:
+        sourcePath != null && (lib.hasInfix sourcePath value
+        || lib.any (p: lib.hasInfix (baseNameOf sourcePath) p) (lib.attrNames (builtins.getContext value)));
+    in
+    {
+      trustedUsers = config.nix.settings.trusted-users;
+      registryNixpkgs = config.nix.registry ? nixpkgs;
+      inherit (config.nix) nixPath;
+      inherit (config.nixpkgs.flake) setFlakeRegistry setNixPath;
+      sourceIsSet = source != null;
+      registryRefersToSource = refersToSource registryText;
+      nixPathRefersToSource = refersToSource (toString (config.environment.sessionVariables.NIX_PATH or ""));
+    };
+
   # A configuration plus a user's module.
   extend = nixos: module: (nixos.extendModules { modules = [ module ]; }).config;
 
@@ -55,6 +105,16 @@ let
     qemuGuest = config.services.qemuGuest.enable;
     ssh = { inherit (config.services.openssh) enable; inherit (config.services.openssh.settings) PasswordAuthentication KbdInteractiveAuthentication; };
     nixChannel = config.nix.channel.enable;
+    inherit (config.gitlabRunnerVm.runner.scratchDisk) paths;
+    scratchUnit = lib.optionalAttrs (config.systemd.services ? runner-scratch) (unit config "runner-scratch" // {
+      inherit (config.systemd.services.runner-scratch.unitConfig) DefaultDependencies;
+    });
+    access = access config;
+    nix = nixFacts config;
+    docker = {
+      logDriver = config.virtualisation.docker.daemon.settings.log-driver;
+      logOpts = config.virtualisation.docker.daemon.settings.log-opts or null;
+    };
     machineId = config.environment.etc ? machine-id;
     failedAssertions = failedAssertions config;
     inherit (config) warnings;
@@ -137,6 +197,26 @@ in
   packages = lib.genAttrs systems (system: lib.attrNames flake.packages.${system});
   runner = lib.genAttrs systems (system: runner flake.packages.${system}.nixos-runner.config);
   runnerAmazon = runner flake.nixosConfigurations.runner-amazon.config;
+  runnerGce = runner flake.nixosConfigurations.runner-gce.config;
+  runnerDo = runner flake.nixosConfigurations.runner-digital-ocean.config;
+  # The same images with the options that open what they close.
+  opened = {
+    amazon = access (extend flake.nixosConfigurations.runner-amazon {
+      gitlabRunnerVm.amazon.ssmAgent = true;
+      gitlabRunnerVm.runner.rootLogin = true;
+    });
+    gce = access (extend flake.nixosConfigurations.runner-gce {
+      gitlabRunnerVm.gce = { startupScripts = true; osLogin = true; accountsDaemon = true; };
+    });
+    kubevirtCloudInit = (extend runnerX86 { gitlabRunnerVm.kubevirt.cloudInit = true; }).services.cloud-init.enable;
+    trusted = (extend runnerX86 { gitlabRunnerVm.base.nixTrustedUser = true; }).nix.settings.trusted-users;
+    pinned = nixFacts (extend runnerX86 { gitlabRunnerVm.base.pinNixpkgs = true; });
+  };
+  baseImage = {
+    access = access flake.nixosConfigurations.nixos-base.config;
+    circleciAmazonSsm = flake.nixosConfigurations.circleci-amazon.config.services.amazon-ssm-agent.enable;
+    circleciGceStartupScripts = flake.nixosConfigurations.circleci-gce.config.systemd.services.google-startup-scripts.enable;
+  };
   base = {
     agent = flake.nixosConfigurations.nixos-base.config.services ? gitlab-runner-vm;
     ciUser = flake.nixosConfigurations.nixos-base.config.gitlabRunnerVm.base.user;

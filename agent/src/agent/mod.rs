@@ -155,7 +155,10 @@ impl Agent {
     }
 
     fn span_in(&self, phase: Phase) -> tracing::Span {
+        // A root span: created inside another step's span it would otherwise be its child, and
+        // journald would get every field twice.
         tracing::info_span!(
+            parent: None,
             "agent",
             phase = phase.as_str(),
             runner = secret::scrub(self.shown.runner.as_deref().unwrap_or("")),

@@ -43,7 +43,16 @@ impl Agent {
         }
     }
 
-    fn holding(&self, teardown: Teardown) -> Next {
+    fn hold_limits(&self) -> hold::HoldLimits {
+        hold::HoldLimits {
+            max: Duration::from_secs(self.args.hold_max),
+            extend: Duration::from_secs(self.args.hold_extend),
+        }
+    }
+
+    fn holding(&mut self, teardown: Teardown) -> Next {
+        // Shown from the hold's first status.json on, not only once its step has begun.
+        self.hold_deadline = hold::deadline(&self.args.keep_file, self.hold_limits());
         let detail = format!(
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.args.keep_file.display()
@@ -129,16 +138,18 @@ impl Agent {
         self.write_status();
     }
 
-    /// holding: until the keep file is removed or `--hold-max` after its last change.
+    /// holding: until the keep file is removed, or `--hold-extend` after its last change (or the
+    /// hold's start), and never past `--hold-max` after the hold's start.
     pub(super) async fn hold(&mut self, teardown: Teardown) -> Next {
         let keep_file = self.args.keep_file.clone();
-        let hold_max = Duration::from_secs(self.args.hold_max);
+        let limits = self.hold_limits();
         let interrupts = self.interrupts.clone();
-        let held = hold::hold(&keep_file, hold_max, |deadline| {
+        let held = hold::hold(&keep_file, limits, |deadline| {
             self.hold_deadline = Some(deadline);
             tracing::info!(
-                "the hold lasts until {} at most (--hold-max after the keep file's last change)",
-                status::fmt_time(deadline)
+                "the hold lasts until {} at most (touching {} extends it by --hold-extend, up to --hold-max after the hold began)",
+                status::fmt_time(deadline),
+                keep_file.display()
             );
             self.write_status();
         });
@@ -148,7 +159,9 @@ impl Agent {
         self.hold_deadline = None;
         match end {
             Ok(HoldEnd::Released) => tracing::info!("hold ended: keep file removed"),
-            Ok(HoldEnd::Expired) => tracing::info!("hold ended: hold-max reached"),
+            Ok(HoldEnd::Expired) => {
+                tracing::info!("hold ended: its deadline passed (--hold-extend, --hold-max)")
+            }
             Err(e) => tracing::error!("cannot watch {}: {e}; ending the hold", keep_file.display()),
         }
         self.powering_off(teardown)

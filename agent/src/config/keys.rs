@@ -3,6 +3,8 @@
 //! lists of keys that only some credentials use are derived.
 
 use super::node::{Node, Problems};
+use Kind::{Boolean, Integer, Object, Text, TextList};
+use Use::{AccessToken, Credential, GitLab, Vm};
 
 /// What a key's value is; the reads check it (in debug builds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,9 +40,6 @@ pub(super) struct Key {
 const fn key(name: &'static str, kind: Kind, used: Use) -> Key {
     Key { name, kind, used }
 }
-
-use Kind::*;
-use Use::*;
 
 pub(super) const NAME: Key = key("name", Text, Vm);
 pub(super) const URL: Key = key("url", Text, Vm);

@@ -290,8 +290,7 @@ fn runner_config(
 }
 
 fn name(root: &Node<'_>, default_name: &str, p: &mut Problems) -> String {
-    let node = root.get(&keys::NAME);
-    let given = node.as_ref().and_then(|n| n.string(p));
+    let given = root.get(&keys::NAME).and_then(|n| n.string(p));
     let name = given.unwrap_or(default_name).to_string();
     if name.chars().any(char::is_control) {
         // A NUL cannot be passed to gitlab-runner's -r at all; a newline splits log lines.

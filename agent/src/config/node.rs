@@ -97,7 +97,7 @@ impl<'a> Node<'a> {
     }
 
     pub fn has(&self, key: &Key) -> bool {
-        self.get(key).is_some()
+        self.value.get(key.name).is_some()
     }
 
     pub fn error(&self, p: &mut Problems, message: impl Into<String>, fix: impl Into<String>) {

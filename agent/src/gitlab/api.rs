@@ -67,6 +67,7 @@ impl<F: Future> IntoFuture for Call<F> {
         self.future
     }
 }
+
 impl Client {
     /// `POST /runners/verify`: checks a `glrt-` token and creates (or heartbeats) the runner
     /// manager for `system_id`.

@@ -73,6 +73,7 @@ impl Request<'_> {
         }
     }
 }
+
 impl Client {
     /// `base_url` is the GitLab base URL (`https://gitlab.example.com`); `ca_file` a PEM bundle
     /// trusted in addition to the system roots, as gitlab-runner does with `tls-ca-file`.

@@ -313,3 +313,106 @@ async fn a_create_in_flight_is_never_cut_at_the_deadline() {
         })
     ));
 }
+
+/// The times of a call's attempts, in paused time: `failures` 503s without a hint, then success.
+async fn attempt_times(failures: u32) -> Vec<Instant> {
+    let times = std::sync::Mutex::new(Vec::new());
+    let calls = AtomicU32::new(0);
+    let op = scripted(Endpoint::Verify, &calls, |n| {
+        times.lock().unwrap().push(Instant::now());
+        if n <= failures {
+            Err(status(Endpoint::Verify, 503))
+        } else {
+            Ok(())
+        }
+    });
+    with_retries("test", Instant::now() + Duration::from_secs(3600), op)
+        .await
+        .unwrap();
+    times.into_inner().unwrap()
+}
+
+/// Without a hint, retry n waits the floor plus at most `BASE * 2^(n-1)`, up to `CAP`: the
+/// documented 1 s base, not a later step of the doubling.
+#[tokio::test(start_paused = true)]
+async fn without_a_hint_the_jitter_doubles_from_the_base() {
+    for _ in 0..4 {
+        let times = attempt_times(6).await;
+        for (n, pair) in times.windows(2).enumerate() {
+            let ceiling = backoff::BASE.saturating_mul(1 << n).min(backoff::CAP);
+            let wait = pair[1] - pair[0];
+            assert!(
+                wait >= backoff::MIN_WAIT && wait <= backoff::MIN_WAIT + ceiling,
+                "retry {}: {wait:?}",
+                n + 1
+            );
+        }
+    }
+}
+
+/// VMs that failed together must not come back together: the waits are random.
+#[tokio::test(start_paused = true)]
+async fn waits_are_randomised() {
+    let mut first_waits = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let times = attempt_times(1).await;
+        first_waits.insert(times[1] - times[0]);
+    }
+    assert!(first_waits.len() > 1, "{first_waits:?}");
+}
+
+/// The log line of a retry says when it goes past the deadline, and only then.
+#[tokio::test(start_paused = true)]
+async fn a_retry_past_the_deadline_says_so() {
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let logged = || String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+
+    let calls = AtomicU32::new(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let within = scripted(Endpoint::Verify, &calls, |n| {
+        if n == 1 {
+            Err(throttled(Endpoint::Verify, 5))
+        } else {
+            Ok(())
+        }
+    });
+    with_retries("verify", deadline, within).await.unwrap();
+    let log = logged();
+    assert!(log.contains("verify: GitLab answered 429"), "{log}");
+    assert!(log.contains("; retry 1 in "), "{log}");
+    assert!(!log.contains("past the deadline"), "{log}");
+
+    let calls = AtomicU32::new(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let past = scripted(Endpoint::DeleteManager, &calls, |n| {
+        if n == 1 {
+            Err(throttled(Endpoint::DeleteManager, 40))
+        } else {
+            Ok(Deletion::Deleted)
+        }
+    });
+    with_retries("deregister", deadline, past).await.unwrap();
+    let log = logged();
+    assert!(
+        log.contains(" s (past the deadline: a throttled deletion keeps trying for up to 600 s)"),
+        "{log}"
+    );
+    assert_eq!(log.matches("past the deadline").count(), 1, "{log}");
+}

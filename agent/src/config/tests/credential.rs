@@ -141,3 +141,16 @@ fn credential_kinds_keep_their_names_in_status_json() {
     .collect();
     assert_eq!(kinds, CredentialKind::ALL);
 }
+
+#[test]
+fn runner_types_have_gitlabs_names() {
+    let names: Vec<_> = [
+        RunnerType::Instance,
+        RunnerType::Group(1),
+        RunnerType::Project(2),
+    ]
+    .iter()
+    .map(RunnerType::api_name)
+    .collect();
+    assert_eq!(names, ["instance_type", "group_type", "project_type"]);
+}

@@ -48,8 +48,8 @@ fn only_error(text: &str) -> Problem {
 }
 
 #[test]
-fn the_seed_example_is_valid_with_a_warning_for_tags() {
-    let v = check(fixture!("seed"));
+fn a_glrt_token_config_with_tags_is_valid_with_a_warning_that_tags_are_ignored() {
+    let v = check(fixture!("runner-token-with-tags"));
     let config = v.config.expect("valid");
     assert_eq!(config.name, "nixos-runner-001");
     assert_eq!(config.url, "https://gitlab.example.com");
@@ -105,6 +105,15 @@ fn durations_and_counts_beyond_what_the_runner_accepts_are_refused() {
         assert_eq!(p.path, format!("$.{key}"));
         assert!(p.message.contains("above the maximum"), "{p}");
     }
+    // Durations name their unit and what the maximum is.
+    assert_eq!(
+        only_error(fixture!("max-lifetime-above-ten-years")).message,
+        "is 315360001, above the maximum 315360000 s (ten years)"
+    );
+    assert_eq!(
+        only_error(fixture!("max-jobs-above-u32")).message,
+        "is 4294967296, above the maximum 4294967295"
+    );
     let config = check(fixture!("limits-at-maximum")).config.unwrap();
     let ten_years = Duration::from_secs(MAX_SECONDS);
     assert_eq!(config.max_lifetime, Some(ten_years));

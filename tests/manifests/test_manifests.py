@@ -1,5 +1,5 @@
-#!/usr/bin/env python3
-"""Checks of the KubeVirt manifests: vm-template.yaml and examples/kubevirt/*.yaml.
+"""Checks of the KubeVirt manifests: vm-template.yaml and examples/kubevirt/*.yaml, as pytest
+tests (tests/manifests/run runs them).
 
 1. Schemas: every document validates against ../shared/schemas/kubevirt/v1.9.0 (KubeVirt kinds;
    the single VirtualMachine also against datreeio-v1.6.2) or against the small strict schema
@@ -15,8 +15,6 @@
    readiness and SSH keys use, and the grace period covers the unit's stop timeout. Skipped,
    with the reason, on a machine that cannot evaluate the flake.
 5. The example runner.json passes the agent's own `gitlab-runner-vm check` (when it is built).
-
-Prints one line per check and a closing "N passed, N failed" line; exits 1 if any check failed.
 """
 
 import copy
@@ -24,11 +22,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,9 +91,37 @@ SECRET_SCHEMA = {
 }
 SECRET_VALIDATOR = jsonschema.Draft7Validator(SECRET_SCHEMA)
 
-
-class Skip(Exception):
-    """A check that cannot run here (says why)."""
+# The part of a networking.k8s.io/v1 NetworkPolicy the examples use, strict like the rest.
+LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": STRING_MAP},
+}
+NETWORK_POLICY_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": SECRET_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["podSelector"],
+            "additionalProperties": False,
+            "properties": {
+                "podSelector": LABEL_SELECTOR,
+                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+                "ingress": {"type": "array", "maxItems": 0},
+                "egress": {"type": "array", "maxItems": 0},
+            },
+        },
+    },
+}
+NETWORK_POLICY_VALIDATOR = jsonschema.Draft7Validator(NETWORK_POLICY_SCHEMA)
+# What a runner VM may write to the node's disk beyond the scratch disk's capacity: the
+# containerDisk's overlay (up to the image's virtual size), plus a margin for logs.
+EPHEMERAL_MARGIN_GI = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,10 +183,11 @@ def validate(doc, base=DEFAULT_SCHEMAS):
     """All problems of one document, as strings; an empty list means valid."""
     if not isinstance(doc, dict):
         return ["a document is not a mapping"]
-    if (doc.get("apiVersion"), doc.get("kind")) == ("v1", "Secret"):
+    core = {("v1", "Secret"): SECRET_VALIDATOR, ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICY_VALIDATOR}
+    if (doc.get("apiVersion"), doc.get("kind")) in core:
         return [
             f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
-            for e in SECRET_VALIDATOR.iter_errors(doc)
+            for e in core[(doc.get("apiVersion"), doc.get("kind"))].iter_errors(doc)
         ]
     path = schema_file(doc, base)
     if not path.is_file():
@@ -236,41 +263,47 @@ def systemd_seconds(text):
     return total
 
 
-def unit_timeout_stop():
-    """The unit's TimeoutStopSec: agent/dist's, or the runner image's when its module raises it."""
+def unit_timeout_stop(image):
+    """The unit's TimeoutStopSec: agent/dist's, or the runner image's (when it was evaluated)
+    when its module raises it."""
     if not UNIT.is_file():
         raise AssertionError(f"{rel(UNIT)} is missing: the grace period is checked against its TimeoutStopSec")
     m = re.search(r"^TimeoutStopSec=(.+)$", UNIT.read_text(), re.M)
     assert m, f"{rel(UNIT)} sets no TimeoutStopSec"
     seconds = systemd_seconds(m.group(1).strip())
-    try:
-        raised = runner_image()["agent"]["timeoutStopSec"]
-    except Skip:
-        raised = None
+    raised = image["agent"]["timeoutStopSec"] if image else None
     return max(seconds, systemd_seconds(raised)) if raised else seconds
 
 
 RUNNER_IMAGE_FACTS = Path(__file__).resolve().parent / "runner-image.nix"
 EVAL_JSON = ROOT / "tests" / "nix" / "eval-json"
-_runner_image = []
 
 
-def runner_image():
-    """The runner image as NixOS evaluated it (tests/manifests/runner-image.nix), once per run.
+@pytest.fixture(scope="session")
+def evaluated_runner_image():
+    """(the runner image as NixOS evaluated it (tests/manifests/runner-image.nix), None) once
+    per session, or (None, why not) on a machine that cannot evaluate it.
 
     Evaluated with the user's Nix when it has flakes, else with ../shared/nix-eval (see
     tests/nix/evaluator.sh); a machine with neither skips the checks that need it.
     """
-    if not _runner_image:
-        if not EVAL_JSON.is_file():
-            raise AssertionError(f"{rel(EVAL_JSON)} is missing: it evaluates the NixOS modules")
-        run = subprocess.run([str(EVAL_JSON), str(RUNNER_IMAGE_FACTS)], capture_output=True, text=True)
-        if run.returncode == 3:
-            raise Skip(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "no Nix evaluator")
-        if run.returncode != 0:
-            raise AssertionError(f"evaluating {rel(RUNNER_IMAGE_FACTS)} failed:\n{run.stderr[-3000:]}")
-        _runner_image.append(json.loads(run.stdout))
-    return _runner_image[0]
+    if not EVAL_JSON.is_file():
+        raise AssertionError(f"{rel(EVAL_JSON)} is missing: it evaluates the NixOS modules")
+    run = subprocess.run([str(EVAL_JSON), str(RUNNER_IMAGE_FACTS)], capture_output=True, text=True)
+    if run.returncode == 3:
+        return None, run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "no Nix evaluator"
+    if run.returncode != 0:
+        raise AssertionError(f"evaluating {rel(RUNNER_IMAGE_FACTS)} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout), None
+
+
+@pytest.fixture
+def runner_image(evaluated_runner_image):
+    """The evaluated runner image; a test that needs it is skipped, with the reason, without."""
+    image, why_not = evaluated_runner_image
+    if image is None:
+        pytest.skip(why_not)
+    return image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +388,7 @@ def test_every_document_validates_against_v1_9_0():
 def test_schema_copies_match_shared():
     """The copied schemas are byte for byte the ones in shared/ (when it is there)."""
     if not SHARED_SCHEMAS.is_dir():
-        raise Skip("shared/schemas/kubevirt is not beside the repository")
+        pytest.skip("shared/schemas/kubevirt is not beside the repository")
     for copy in sorted(SCHEMAS.glob("*/*/*.json")):
         original = SHARED_SCHEMAS / copy.relative_to(SCHEMAS)
         assert original.read_bytes() == copy.read_bytes(), f"{copy} differs from {original}"
@@ -414,8 +447,8 @@ def test_every_field_name_misspelled_is_rejected():
     assert not survivors, "misspelling these fields still validates:\n" + "\n".join(survivors)
 
 
-def test_vm_rules_no_schema_holds():
-    timeout_stop = unit_timeout_stop()
+def test_vm_rules_no_schema_holds(evaluated_runner_image):
+    timeout_stop = unit_timeout_stop(evaluated_runner_image[0])
     problems = []
     for path in manifest_files():
         for where, spec, _labels in vm_specs(path):
@@ -441,8 +474,9 @@ def test_vm_rules_no_schema_holds():
             need(devices.get("rng") == {}, "needs a virtio RNG (devices.rng: {})")
             need(devices.get("autoattachGraphicsDevice") is False, "autoattachGraphicsDevice must be false")
             need(
-                devices.get("interfaces") == [{"name": "default", "masquerade": {}}],
-                "needs exactly one interface: {name: default, masquerade: {}}",
+                devices.get("interfaces") == [{"name": "default", "masquerade": {}, "ports": [{"name": "ssh", "port": 22}]}],
+                "needs exactly one interface: {name: default, masquerade: {}, ports: [{name: ssh, port: 22}]} "
+                "(masquerade without ports forwards every port, also those job containers publish)",
             )
             need(tmpl.get("networks") == [{"name": "default", "pod": {}}], "needs the pod network named default")
             need("guestAgentPing" in get(tmpl, "readinessProbe", {}), "readiness must use guestAgentPing")
@@ -470,6 +504,57 @@ def test_vm_rules_no_schema_holds():
                 f"the config disk's label must stay {CONFIG_DISK_LABEL}",
             )
             need("capacity" in roles["scratch"][1]["emptyDisk"], "the scratch emptyDisk needs a capacity")
+    assert not problems, "\n".join(problems)
+
+
+def quantity_gi(text):
+    m = re.fullmatch(r"(\d+)(Gi|Mi|Ti)", str(text))
+    assert m, f"cannot read the quantity {text!r}"
+    return int(m.group(1)) * {"Mi": 1 / 1024, "Gi": 1, "Ti": 1024}[m.group(2)]
+
+
+def test_ephemeral_storage_covers_what_a_vm_may_write():
+    """Requests (and equal limits) cover the scratch disk plus the root overlay, so that disk
+    pressure does not evict runner pods first."""
+    try:
+        root_gi = runner_image()["diskSizeMiB"] / 1024
+    except Skip:
+        root_gi = 20  # the runner image's documented size (images/kubevirt.nix)
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            tmpl = spec["template"]["spec"]
+            requests = get(tmpl, "domain.resources.requests", {})
+            limits = get(tmpl, "domain.resources.limits", {})
+            scratch = quantity_gi(disk_roles(spec)["scratch"][1]["emptyDisk"]["capacity"])
+            needed = scratch + root_gi + EPHEMERAL_MARGIN_GI
+            request = requests.get("ephemeral-storage")
+            if request is None or quantity_gi(request) < needed:
+                problems.append(f"{where}: ephemeral-storage request {request} < scratch {scratch}Gi + root {root_gi:g}Gi + {EPHEMERAL_MARGIN_GI}Gi")
+            if limits.get("ephemeral-storage") != request:
+                problems.append(f"{where}: ephemeral-storage limit {limits.get('ephemeral-storage')} is not the request {request}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_network_policy_denies_ingress_to_every_runner_vm():
+    policies = [(p, d) for p in manifest_files() for d in load_docs(p) if d.get("kind") == "NetworkPolicy"]
+    assert policies, "no NetworkPolicy in examples/kubevirt"
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            pod_labels = get(spec, "template.metadata.labels", {})
+            denying = [
+                d for _p, d in policies
+                if "Ingress" in get(d, "spec.policyTypes", [])
+                and get(d, "spec.ingress", []) == []
+                and all(pod_labels.get(k) == v for k, v in get(d, "spec.podSelector.matchLabels", {}).items())
+                and get(d, "spec.podSelector.matchLabels")
+            ]
+            if not denying:
+                problems.append(f"{where}: no NetworkPolicy denies ingress to its pods (labels {pod_labels})")
+    for path, d in policies:
+        if get(d, "spec.egress") is not None or "Egress" in get(d, "spec.policyTypes", []):
+            problems.append(f"{rel(path)}: NetworkPolicy {get(d, 'metadata.name')} restricts egress; jobs need the network")
     assert not problems, "\n".join(problems)
 
 
@@ -529,7 +614,7 @@ def _agent_binary():
 def test_agent_accepts_the_example_runner_json():
     binary = _agent_binary()
     if binary is None:
-        raise Skip("no built gitlab-runner-vm in target/ (tests/run builds it with cargo test first)")
+        pytest.skip("no built gitlab-runner-vm in target/ (tests/run builds it with cargo test first)")
     problems = []
     for path in manifest_files():
         for name, secret in secrets_of(load_docs(path)).items():
@@ -611,8 +696,8 @@ def test_readme_has_the_deploy_sizing_and_debug_sections():
         assert re.search(rf"^{re.escape(heading)}\s*$", text, re.M), f"README.md lacks the section {heading!r}"
 
 
-def test_disk_serials_and_mount_points_agree_with_the_runner_image():
-    image = runner_image()
+def test_disk_serials_and_mount_points_agree_with_the_runner_image(runner_image):
+    image = runner_image
     # The contract with the NixOS side.
     assert image["configDisk"]["serial"] == "runner-info", f"the runner image's config disk serial is {image['configDisk']['serial']!r}"
     assert image["scratchDisk"]["serial"] == "scratch", f"the runner image's scratch disk serial is {image['scratchDisk']['serial']!r}"
@@ -637,8 +722,8 @@ def test_disk_serials_and_mount_points_agree_with_the_runner_image():
     assert not problems, "\n".join(problems)
 
 
-def test_the_agent_reads_the_secret_key_where_the_config_disk_is_mounted():
-    image = runner_image()
+def test_the_agent_reads_the_secret_key_where_the_config_disk_is_mounted(runner_image):
+    image = runner_image
     guest_path = image["configDisk"]["mountPoint"].rstrip("/") + "/" + CONFIG_KEY
     agent_config = image["agent"]["config"]
     assert image["agent"]["enable"], "the runner image does not run the agent"
@@ -648,16 +733,18 @@ def test_the_agent_reads_the_secret_key_where_the_config_disk_is_mounted():
     )
 
 
-def test_the_runner_image_mounts_the_config_disk_by_id_as_iso9660():
-    disk = runner_image()["configDisk"]
+def test_the_runner_image_mounts_the_config_disk_by_id_as_iso9660(runner_image):
+    disk = runner_image["configDisk"]
     mount = disk["mount"]
     assert mount["device"] == f"/dev/disk/by-id/virtio-{disk['serial']}", f"the config disk is mounted from {mount['device']}"
     assert mount["fsType"] == "iso9660", f"the config disk is mounted as {mount['fsType']}, KubeVirt presents a Secret as ISO 9660"
     assert {"ro", "nofail"} <= set(mount["options"]), f"the config disk's mount options are {mount['options']}: ro and nofail expected"
+    # KubeVirt's ISO keeps the Secret file's 0644 in Rock Ridge: the mount must override it.
+    assert {"overriderockperms", "mode=0400", "dmode=0500"} <= set(mount["options"]), f"runner.json is readable by every user: {mount['options']}"
 
 
-def test_ssh_and_job_user_is_the_ci_user_of_the_image():
-    image = runner_image()
+def test_ssh_and_job_user_is_the_ci_user_of_the_image(runner_image):
+    image = runner_image
     ci_user = image["ciUser"]
     assert ci_user in image["normalUsers"], f"the runner image defines users {image['normalUsers']}, not the CI user {ci_user!r}"
     assert image["agent"]["runnerUser"] == ci_user, f"the runner image runs jobs as {image['agent']['runnerUser']!r}, its CI user is {ci_user!r}"
@@ -671,41 +758,11 @@ def test_ssh_and_job_user_is_the_ci_user_of_the_image():
     assert not problems, "\n".join(problems)
 
 
-def test_the_kubevirt_image_runs_the_guest_agent():
+def test_the_kubevirt_image_runs_the_guest_agent(runner_image):
     """Readiness (guestAgentPing) and the SSH keys of accessCredentials need qemu-guest-agent."""
-    assert runner_image()["qemuGuest"], "the runner image does not enable services.qemuGuest"
+    assert runner_image["qemuGuest"], "the runner image does not enable services.qemuGuest"
 
 
 def test_systemd_time_spans():
     assert systemd_seconds("90s") == 90 and systemd_seconds("1min 30s") == 90 and systemd_seconds("90") == 90
 
-
-# ---------------------------------------------------------------------------------------------
-
-
-def main():
-    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
-    passed = failed = skipped = 0
-    for name, fn in tests:
-        try:
-            fn()
-        except Skip as e:
-            skipped += 1
-            print(f"skip {name}: {e}")
-        except AssertionError as e:
-            failed += 1
-            message = str(e) or "assertion failed"
-            print(f"FAIL {name}:\n  " + message.replace("\n", "\n  "))
-        except Exception as e:  # a crash in a check is a failure of that check
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-        else:
-            passed += 1
-            print(f"ok   {name}")
-    summary = f"{passed} passed, {failed} failed"
-    print(summary + (f", {skipped} skipped" if skipped else ""))
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

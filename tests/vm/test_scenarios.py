@@ -1,0 +1,497 @@
+"""The expectations of the VM system test, one test each, parametrised by the scenarios they
+apply to (vmtest/scenarios.py; each scenario's VM boots once, see conftest.py). The first ones
+judge the steps driven from outside while the VM ran (with their time bounds), then what the
+fake GitLab saw, how the VM ended, and the evidence from inside the guest."""
+
+import json
+import re
+
+import pytest
+
+from vmtest.config import GUEST_UNIT, MSG_UNIT_STARTED, PHASES, SYSTEM_ID, UNIT
+from vmtest.evidence import MULTI, Evidence, is_subsequence
+from vmtest.fake_gitlab import (is_deregistration, is_job_end, is_job_request, is_job_start,
+                                is_runner_deletion, is_verify)
+from vmtest.image import installed_unit_text
+
+
+def applies(pred):
+    """The scenarios an expectation applies to."""
+    def mark(test):
+        test.applies = pred
+        return test
+    return mark
+
+
+def accepted(sc):
+    return sc.accepted
+
+
+def rejected(sc):
+    return not sc.accepted
+
+
+def one_job_to_its_end(sc):
+    return sc.accepted and not sc.powerdown_in_job
+
+
+def power_button(sc):
+    return sc.keep_file or sc.powerdown_in_job or sc.poweroff_disabled
+
+
+@pytest.fixture
+def ev(run):
+    """The guest's evidence; an expectation on it fails when there is none."""
+    if not run.evidence.present:
+        pytest.fail("no evidence from the guest (see test_the_guest_sent_its_evidence)", pytrace=False)
+    return run.evidence
+
+
+def step(run, expect, key):
+    ok, what, detail = run.step_result(key)
+    expect(ok, detail, check=what)
+
+
+# ---- the steps driven from outside, with their time bounds -------------------------------------
+
+@applies(accepted)
+def test_a_job_started(run, expect):
+    """a job started (PUT /jobs/:id state=running)"""
+    step(run, expect, "job started")
+
+
+@applies(lambda sc: sc.powerdown_in_job)
+def test_the_job_was_still_running_at_the_power_button(run, expect):
+    """the job was still running when the power button was pressed"""
+    step(run, expect, "job running at the power button")
+
+
+@applies(lambda sc: sc.accepted and not sc.powerdown_in_job)
+def test_the_agent_deregistered_after_the_job(run, expect):
+    """the agent called DELETE /runners/managers"""
+    step(run, expect, "deregistered")
+
+
+@applies(lambda sc: one_job_to_its_end(sc) and not sc.keep_file)
+def test_the_vm_powered_itself_off_after_deregistration(run, expect):
+    """the VM powered itself off after deregistration"""
+    step(run, expect, "powered off")
+
+
+@applies(lambda sc: sc.keep_file)
+def test_the_keep_file_held_the_vm_after_deregistration(run, expect):
+    """the VM was still running after deregistration (held by /etc/keep-runner)"""
+    step(run, expect, "held")
+
+
+@applies(rejected)
+def test_the_agent_called_verify(run, expect):
+    """the agent called POST /runners/verify"""
+    step(run, expect, "verify")
+
+
+@applies(lambda sc: rejected(sc) and not sc.poweroff_disabled)
+def test_the_vm_powered_itself_off_after_the_failure_delay(run, expect):
+    """the VM powered itself off after the failure delay"""
+    step(run, expect, "powered off")
+
+
+@applies(lambda sc: sc.poweroff_disabled)
+def test_with_power_off_disabled_the_vm_stayed_up_after_the_failure(run, expect):
+    """the VM was still up after the rejected verify (power-off disabled)"""
+    step(run, expect, "stayed up")
+
+
+@applies(power_button)
+def test_the_power_button_stopped_the_vm_within_the_grace_period(run, expect):
+    """system_powerdown stopped the VM within the grace period"""
+    step(run, expect, "power button")
+
+
+# ---- what the fake GitLab saw ------------------------------------------------------------------
+
+def test_one_verify_with_the_runners_token(run, expect):
+    """one POST /runners/verify with the runner's token"""
+    verify = run.all(is_verify)
+    expect(len(verify) == 1 and verify[0]["token_ok"], f"{len(verify)} seen")
+
+
+def test_verify_carried_a_system_id(run, expect):
+    """verify carried a system id r_ + 12 alphanumerics"""
+    expect(run.system_id and SYSTEM_ID.fullmatch(run.system_id), str(run.system_id))
+
+
+def test_verify_carried_info(run, expect):
+    """verify carried info {...}"""
+    verify = run.all(is_verify)
+    expect(verify and isinstance(verify[0]["body"].get("info"), dict),
+           json.dumps(verify[0]["body"].get("info")) if verify else "no verify")
+
+
+def test_the_fleets_runner_was_never_deleted(run, expect):
+    """never DELETE /runners (it would remove the runner of the whole fleet)"""
+    deletions = run.all(is_runner_deletion)
+    expect(not deletions, f"{len(deletions)} DELETE /runners")
+
+
+@applies(accepted)
+def test_the_token_was_accepted(run, expect):
+    """the token was accepted (200)"""
+    verify = run.all(is_verify)
+    expect(verify and verify[0]["status"] == 200, str(verify[0]["status"]) if verify else "no verify")
+
+
+@applies(accepted)
+def test_every_job_request_came_with_the_token_and_system_id_of_verify(run, expect):
+    """every job request came with the same token and system id as verify"""
+    job_reqs = run.all(is_job_request)
+    expect(job_reqs and all(r["body"].get("system_id") == run.system_id and r["token_ok"] for r in job_reqs),
+           f"{len(job_reqs)} request(s)")
+
+
+@applies(accepted)
+def test_the_job_was_requested_after_verify(run, expect):
+    """the job was requested after verify"""
+    verify, job_reqs = run.all(is_verify), run.all(is_job_request)
+    expect(run.first(is_job_start) and job_reqs and verify and job_reqs[0]["t"] >= verify[0]["t"],
+           f"{len(job_reqs)} job request(s), {len(verify)} verify")
+
+
+def successful_deregistrations(run):
+    return [r for r in run.all(is_deregistration) if r["status"] == 204]
+
+
+@applies(accepted)
+def test_the_manager_was_deleted(run, expect):
+    """the manager was deleted (DELETE /runners/managers, same system id, 204)"""
+    dereg, ok = run.all(is_deregistration), successful_deregistrations(run)
+    extra = [r["status"] for r in dereg if r["status"] != 204]
+    if extra:
+        print(f"    note: {len(extra)} further DELETE /runners/managers answered {extra} (already gone)")
+    expect(len(ok) == 1 and ok[0]["body"].get("system_id") == run.system_id and ok[0]["token_ok"],
+           ", ".join(str(r["status"]) for r in dereg) or "none")
+
+
+@applies(accepted)
+def test_deregistration_came_after_the_job_ended(run, expect):
+    """deregistration came after the job ended"""
+    ok, job_end = successful_deregistrations(run), run.first(is_job_end)
+    expect(ok and job_end and ok[0]["t"] >= job_end["t"],
+           f"{ok[0]['t'] - job_end['t']:.1f} s after" if ok and job_end else "no job end or no deletion")
+
+
+@applies(lambda sc: sc.powerdown_in_job)
+def test_gitlab_runner_got_sigterm_and_reported_the_job_interrupted(run, expect):
+    """gitlab-runner got SIGTERM: the job was reported failed, runner_interrupted"""
+    job_end = run.first(is_job_end)
+    expect(job_end and job_end["body"].get("state") == "failed"
+           and job_end["body"].get("failure_reason") == "runner_interrupted",
+           str(job_end["body"] if job_end else None))
+
+
+@applies(lambda sc: sc.powerdown_in_job)
+def test_the_manager_was_deleted_after_the_power_button(run, expect):
+    """the manager was deleted after the power button was pressed"""
+    ok, pressed = successful_deregistrations(run), run.vm.t_powerdown
+    expect(ok and pressed and ok[0]["t"] >= pressed,
+           f"{ok[0]['t'] - pressed:.1f} s after" if ok and pressed else "no deletion or no press")
+
+
+@applies(one_job_to_its_end)
+def test_the_job_succeeded(run, expect):
+    """the job succeeded"""
+    job_end = run.first(is_job_end)
+    expect(job_end and job_end["body"].get("state") == "success", str(job_end["body"] if job_end else None))
+
+
+@applies(one_job_to_its_end)
+def test_exactly_one_job_request(run, expect):
+    """exactly one job request (--max-builds 1)"""
+    expect(len(run.all(is_job_request)) == 1, f"{len(run.all(is_job_request))}")
+
+
+@applies(rejected)
+def test_the_token_was_rejected(run, expect):
+    """the token was rejected (403)"""
+    verify = run.all(is_verify)
+    expect(verify and verify[0]["status"] == 403, str(verify[0]["status"]) if verify else "no verify")
+
+
+@applies(rejected)
+def test_no_job_was_requested(run, expect):
+    """no job was requested"""
+    expect(not run.all(is_job_request), f"{len(run.all(is_job_request))} request(s)")
+
+
+@applies(rejected)
+def test_no_manager_was_deleted(run, expect):
+    """no manager was deleted (any DELETE /runners/managers answered 403/404)"""
+    dereg = run.all(is_deregistration)
+    expect(all(r["status"] in (403, 404) for r in dereg), f"{len(dereg)} DELETE(s)")
+
+
+# ---- how the VM ended --------------------------------------------------------------------------
+
+def test_qemu_exited_by_itself_with_status_0(run, expect):
+    """qemu exited by itself, status 0"""
+    vm = run.vm
+    expect(not vm.destroyed and vm.proc.returncode == 0,
+           "destroyed by the test" if vm.destroyed else f"status {vm.proc.returncode}")
+
+
+def test_the_guest_shut_itself_down(run, expect):
+    """the guest shut itself down (QMP SHUTDOWN: guest-shutdown)"""
+    _, shutdown = run.vm.shutdown_event()
+    expect(shutdown.get("guest") is True and shutdown.get("reason") == "guest-shutdown", json.dumps(shutdown))
+
+
+def test_the_guest_kernel_powered_off(run, expect):
+    """the guest kernel powered off (serial console: 'reboot: Power down')"""
+    expect("reboot: Power down" in run.vm.console(), "")
+
+
+# ---- the evidence from inside the guest: the unit and the config disk --------------------------
+
+def test_the_guest_sent_its_evidence(run, expect):
+    """the guest sent its evidence (clock at boot, journal at shutdown)"""
+    expect(run.evidence.present and run.collector.hello,
+           f"clock handshake: {'yes' if run.collector.hello else 'no'}, "
+           f"journal: {'yes' if run.evidence.present else 'no'}")
+
+
+def test_systemd_ran_the_canonical_unit_unchanged(ev, expect):
+    """systemd ran agent/dist/gitlab-runner-vm.service unchanged but for the binary's path"""
+    dump = ev.text("unit.txt")
+    fragment = dump.split(f"/systemd/system/{UNIT}\n", 1)[-1].split("\n# /etc/", 1)[0]
+    expect(fragment.strip() == installed_unit_text().strip(), "")
+
+
+def test_the_unit_came_from_the_package_directory_with_the_module_like_dropin(ev, expect):
+    """the unit came from lib/systemd/system with the module-like drop-in"""
+    # /lib is /usr/lib on Debian bookworm (merged /usr); systemd names the first in its path.
+    expect(ev.show.get("FragmentPath") in (GUEST_UNIT, GUEST_UNIT.replace("/usr/lib/", "/lib/"))
+           and ev.show.get("DropInPaths", "").endswith(f"/{UNIT}.d/overrides.conf"),
+           f"{ev.show.get('FragmentPath')} + {ev.show.get('DropInPaths')}")
+
+
+def test_type_notify_and_killmode_mixed(ev, expect):
+    """Type=notify, KillMode=mixed"""
+    expect(ev.show.get("Type") == "notify" and ev.show.get("KillMode") == "mixed",
+           f"Type={ev.show.get('Type')} KillMode={ev.show.get('KillMode')}")
+
+
+def test_runner_info_is_the_read_only_iso_config_disk(ev, expect):
+    """/runner-info is the ISO 9660 config disk, mounted read-only"""
+    mounts = json.loads(ev.text("findmnt.json") or "{}").get("filesystems", [])
+    m = mounts[0] if mounts else {}
+    expect(m.get("fstype") == "iso9660" and "ro" in (m.get("options") or "").split(","),
+           f"{m.get('source')} {m.get('fstype')} {m.get('options')} label={m.get('label')}")
+
+
+def test_the_mount_unit_mounted_it(ev, expect):
+    """the mount unit runner\\x2dinfo.mount mounted it"""
+    expect(ev.first(lambda e: e.get("UNIT") == "runner\\x2dinfo.mount" and e.get("MESSAGE_ID") == MSG_UNIT_STARTED),
+           "")
+
+
+# ---- the agent's journal -----------------------------------------------------------------------
+
+def test_the_agent_logged_to_the_journal(ev, expect):
+    """the agent logged to the journal (SYSLOG_IDENTIFIER=gitlab-runner-vm)"""
+    agent = ev.agent_entries()
+    expect(agent, f"{len(agent)} entries")
+
+
+FIELDS = ("PHASE", "RUNNER", "SYSTEM_ID")
+
+
+def show(entry):
+    return f"[{entry.get('PHASE', '-')}] {(entry.get('MESSAGE') or '')[:100]!r}"
+
+
+def field_problems(entry):
+    """What is wrong with an entry's PHASE, RUNNER and SYSTEM_ID fields, as words."""
+    problems = [f"no {f}" for f in FIELDS if f not in entry]
+    problems += [f"{f} {len(values)} times ({', '.join(values)})"
+                 for f, values in entry.get(MULTI, {}).items() if f in FIELDS]
+    if "PHASE" in entry and entry["PHASE"] not in PHASES:
+        problems.append(f"PHASE={entry['PHASE']!r}")
+    return problems
+
+
+def test_every_agent_journal_entry_carries_phase_runner_and_system_id(ev, expect):
+    """every journal entry of the unit from the agent process carries PHASE (a known phase),
+    RUNNER and SYSTEM_ID, each once
+
+    The entries: _SYSTEMD_UNIT is the unit and _PID an agent process's (Evidence.
+    agent_process_entries): what it logs and what reaches its stdout and stderr, forwarded
+    gitlab-runner output and the power-off command's output included. A field given twice (two
+    nested spans, say) is as wrong as a missing one: the entry names two phases. What the
+    values must be is the next two tests' business."""
+    entries = ev.agent_process_entries()
+    bad = [(e, field_problems(e)) for e in entries if field_problems(e)]
+    kinds = sorted({p.split(" (")[0].split("=")[0] for _, ps in bad for p in ps})
+    expect(entries and not bad,
+           f"{len(entries) - len(bad)} of {len(entries)} entries right" + (
+               f"; {len(bad)} with {', '.join(kinds)}; first: {', '.join(bad[0][1])} in {show(bad[0][0])}"
+               if bad else ""))
+
+
+def test_runner_is_the_runners_name_once_runner_json_is_read(run, ev, expect):
+    """RUNNER is the runner's name in every agent entry that has it, empty only while
+    waiting-for-config (before runner.json is read)"""
+    entries = [e for e in ev.agent_process_entries() if "RUNNER" in e]
+    bad = [e for e in entries if e["RUNNER"] != run.name
+           and not (e["RUNNER"] == "" and e.get("PHASE") == "waiting-for-config")]
+    named = [e for e in entries if e["RUNNER"] == run.name]
+    expect(named and not bad, f"{run.name} in {len(named)} of {len(entries)} entries" + (
+        f"; {len(bad)} wrong, first: RUNNER={bad[0]['RUNNER']!r} {show(bad[0])}" if bad else ""))
+
+
+def test_system_id_is_the_one_gitlab_saw_once_registering(run, ev, expect):
+    """SYSTEM_ID is the system id GitLab saw in every agent entry that has it, empty only while
+    waiting-for-config or registering (before the id is written)"""
+    entries = [e for e in ev.agent_process_entries() if "SYSTEM_ID" in e]
+    bad = [e for e in entries if e["SYSTEM_ID"] != run.system_id
+           and not (e["SYSTEM_ID"] == "" and e.get("PHASE") in ("waiting-for-config", "registering"))]
+    with_id = [e for e in entries if run.system_id and e["SYSTEM_ID"] == run.system_id]
+    expect(with_id and not bad, f"{run.system_id} in {len(with_id)} of {len(entries)} entries" + (
+        f"; {len(bad)} wrong, first: SYSTEM_ID={bad[0]['SYSTEM_ID']!r} {show(bad[0])}" if bad else ""))
+
+
+def test_the_journals_phases_follow_the_scenario(run, ev, expect):
+    """the journal's phases went the scenario's way"""
+    sc, jphases = run.sc, ev.journal_phases()
+    expect(is_subsequence(sc.expect_phases, jphases) and not set(sc.forbid_phases) & set(jphases),
+           " -> ".join(jphases), check=f"the journal's phases went {' -> '.join(sc.expect_phases)}")
+
+
+# ---- what systemd saw of the agent -------------------------------------------------------------
+
+def status_names(ev):
+    return [text.split(":", 1)[0] for _, text in ev.status_phases()]
+
+
+def test_every_status_text_is_a_known_phase_and_its_detail(ev, expect):
+    """every StatusText was '<phase>: <detail>' with a known phase"""
+    sphases = ev.status_phases()
+    expect(sphases and all(n in PHASES and ": " in text for n, (_, text) in zip(status_names(ev), sphases)),
+           " | ".join(t for _, t in sphases))
+
+
+def test_status_text_follows_the_phases(run, ev, expect):
+    """systemctl show -p StatusText followed the phases"""
+    names = status_names(ev)
+    merged = [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+    key_phase = "running" if run.sc.accepted else "failed"
+    expect(merged and is_subsequence(merged, ev.journal_phases()) and key_phase in merged,
+           " -> ".join(merged),
+           check=f"systemctl show -p StatusText followed the phases (including {key_phase})")
+
+
+@applies(accepted)
+def test_the_unit_reached_ready(ev, expect):
+    """the unit reached READY (active; systemd logged 'Started')"""
+    expect(ev.ready_time() is not None and ev.unit_message(MSG_UNIT_STARTED) is not None, "")
+
+
+@applies(accepted)
+def test_ready_came_once_gitlab_runner_was_running(ev, expect):
+    """READY came once gitlab-runner was running"""
+    started = ev.unit_message(MSG_UNIT_STARTED)
+    first_running = ev.first_agent(lambda e: e.get("PHASE") == "running")
+    expect(first_running and started and Evidence.rt(started) >= Evidence.rt(first_running),
+           f"{Evidence.rt(started) - Evidence.rt(first_running):.2f} s after"
+           if first_running and started else "")
+
+
+@applies(rejected)
+def test_ready_was_not_sent_before_the_failure(ev, expect):
+    """READY was not sent before the failure"""
+    started = ev.unit_message(MSG_UNIT_STARTED)
+    failed = ev.first_agent(lambda e: e.get("PHASE") == "failed")
+    expect(failed and (started is None or Evidence.rt(started) >= Evidence.rt(failed)),
+           "no failed phase in the journal" if not failed else "")
+
+
+@applies(rejected)
+def test_the_agent_logged_an_error_naming_the_403(ev, expect):
+    """the agent logged an error naming the 403"""
+    err = ev.first_agent(lambda e: e.get("PRIORITY") in ("0", "1", "2", "3") and "403" in e.get("MESSAGE", ""))
+    expect(err, (err or {}).get("MESSAGE", "")[:160])
+
+
+def test_the_unit_ended_cleanly(ev, expect):
+    """the unit ended cleanly: the agent exited 0 and systemd recorded Result=success"""
+    # A Type=notify service whose main process exits before READY=1 ends in Result=protocol,
+    # even with status 0, and Restart=on-failure then starts the agent again.
+    expect(ev.show.get("Result") == "success" and ev.show.get("ExecMainStatus") == "0",
+           f"Result={ev.show.get('Result')} ExecMainCode={ev.show.get('ExecMainCode')} "
+           f"ExecMainStatus={ev.show.get('ExecMainStatus')}")
+
+
+def test_systemd_never_had_to_kill_the_agent(ev, expect):
+    """systemd never had to kill the agent"""
+    killed = ev.first(lambda e: e.get("UNIT") == UNIT and e.get("_PID") == "1"
+                      and re.search(r"timed out|Killing process|SIGKILL", e.get("MESSAGE", "")))
+    expect(killed is None, (killed or {}).get("MESSAGE", ""))
+
+
+# ---- the agent's state files: written before any GitLab call, owned by the runner user ---------
+
+def test_runner_system_id_file_is_0600_and_the_runner_users(ev, expect):
+    """.runner_system_id is 0600 and the runner user's"""
+    sid = ev.state_files().get(".runner_system_id")
+    expect(sid and sid[0] == "600" and sid[1] == "runner", " ".join(sid or ["missing"]))
+
+
+def test_runner_system_id_file_holds_the_system_id(run, ev, expect):
+    """.runner_system_id holds the system id, no newline"""
+    expect(ev.text("runner_system_id") == run.system_id, repr(ev.text("runner_system_id")))
+
+
+def test_config_toml_is_the_runner_users(ev, expect):
+    """config.toml is the runner user's"""
+    cfg = ev.state_files().get("config.toml")
+    expect(cfg and cfg[1] == "runner", " ".join(cfg or ["missing"]))
+
+
+# ---- gitlab-runner as the fake one saw itself started ------------------------------------------
+
+@applies(accepted)
+def test_gitlab_runner_ran_as_run_single_with_its_output_in_the_agents_log(run, ev, expect):
+    """gitlab-runner ran as run-single -c <state>/config.toml -r <name> --max-builds 1
+    --wait-timeout 600, its output in the agent's log"""
+    fake = ev.fake_runner_output()
+    expect(any(f"-r {run.name} --max-builds 1 --wait-timeout 600" in m for m in fake),
+           next((m for m in fake if "run-single" in m), "no output of the fake gitlab-runner in the journal"))
+
+
+@applies(accepted)
+def test_gitlab_runner_ran_as_the_runner_user(ev, expect):
+    """gitlab-runner ran as the runner user"""
+    fake = ev.fake_runner_output()
+    expect(any("user=runner " in m for m in fake), next((m for m in fake if "user=" in m), "no user= line"))
+
+
+@applies(accepted)
+def test_gitlab_runner_got_a_scrubbed_environment(ev, expect):
+    """gitlab-runner got a scrubbed environment"""
+    env_line = next((m for m in ev.fake_runner_output() if "environment:" in m), "")
+    names = set(env_line.split("environment:", 1)[-1].split())
+    allowed = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "PWD"}  # PWD: set by sh itself
+    expect(env_line and names <= allowed, " ".join(sorted(names)))
+
+
+@applies(lambda sc: sc.accepted and sc.keep_file)
+def test_the_keep_file_was_still_there_at_shutdown(ev, expect):
+    """/etc/keep-runner was still there at shutdown"""
+    expect(ev.text("keep-runner").strip() == "present", ev.text("keep-runner").strip())
+
+
+@applies(lambda sc: sc.accepted and (sc.keep_file or sc.powerdown_in_job))
+def test_logind_handled_the_power_button(ev, expect):
+    """systemd-logind handled the ACPI power button"""
+    key = ev.first(lambda e: e.get("SYSLOG_IDENTIFIER") == "systemd-logind"
+                   and "Power key pressed" in e.get("MESSAGE", ""))
+    expect(key, (key or {}).get("MESSAGE", ""))

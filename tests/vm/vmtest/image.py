@@ -1,0 +1,185 @@
+"""The guest's disks: the cached Debian root file system (build-rootfs), the root disk made
+from it for one scenario, and runner.json on an ISO 9660 disk as KubeVirt presents a Secret."""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+
+from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, CONFIG_SERIAL, FAILURE_DELAY, GUEST_AGENT,
+                     GUEST_FILES, GUEST_UNIT, REPO, ROOT_LABEL, UNIT, UNIT_PLACEHOLDER, UNIT_SRC,
+                     log)
+
+
+def systemd_escape_path(path):
+    """`systemd-escape -p PATH` for the plain ASCII paths used here."""
+    out = []
+    for i, ch in enumerate(path.strip("/")):
+        if ch == "/":
+            out.append("-")
+        elif ch.isalnum() or ch in ":_" or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.append("\\x%02x" % ord(ch))
+    return "".join(out) or "-"
+
+
+# ---- the cached root file system -------------------------------------------------------------
+
+def base_key():
+    with open(BUILD_ROOTFS, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def ensure_base():
+    """The cached tree for the current build-rootfs, built if missing. Returns (dir, seconds
+    spent building it or None when it was cached)."""
+    os.makedirs(CACHE, exist_ok=True)
+    dest = os.path.join(CACHE, f"base-{base_key()}")
+    with open(os.path.join(CACHE, "base.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(os.path.join(dest, "rootfs")):
+            return dest, None
+        log(f"cold cache: building the Debian root file system into {os.path.relpath(dest, REPO)}")
+        started = time.time()
+        subprocess.run([BUILD_ROOTFS, dest], check=True)
+        seconds = time.time() - started
+        log(f"root file system built in {seconds:.0f} s")
+        for old in os.listdir(CACHE):
+            if old.startswith("base-") and old != os.path.basename(dest):
+                shutil.rmtree(os.path.join(CACHE, old), ignore_errors=True)
+        return dest, seconds
+
+
+# ---- the guest's root disk -------------------------------------------------------------------
+
+class Tree:
+    """A hard-link copy of the cached tree that files are added to. Every write replaces the
+    directory entry instead of writing through it, so the cache is never modified."""
+
+    def __init__(self, base_rootfs, path):
+        self.path = path
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(["cp", "-al", base_rootfs, path], check=True)
+
+    def _target(self, guest_path):
+        full = os.path.join(self.path, guest_path.lstrip("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if os.path.lexists(full):
+            os.unlink(full)
+        return full
+
+    def put(self, guest_path, data, mode=0o644, owner=(0, 0)):
+        full = self._target(guest_path)
+        with open(full, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode())
+        os.chown(full, *owner)
+        os.chmod(full, mode)
+
+    def put_file(self, guest_path, host_path, mode):
+        with open(host_path, "rb") as f:
+            self.put(guest_path, f.read(), mode)
+
+    def link(self, guest_path, target):
+        os.symlink(target, self._target(guest_path))
+
+    def enable(self, unit, unit_path, target):
+        self.link(f"/etc/systemd/system/{target}.wants/{unit}", unit_path)
+
+
+def installed_unit_text():
+    """The canonical unit with only the Nix package's substitution (nix/package.nix)."""
+    with open(UNIT_SRC) as f:
+        text = f.read()
+    if UNIT_PLACEHOLDER not in text:
+        raise SystemExit(f"{UNIT_SRC} no longer mentions {UNIT_PLACEHOLDER}: update tests/vm/vmtest")
+    return text.replace(UNIT_PLACEHOLDER, GUEST_AGENT)
+
+
+POWEROFF_REAL = "/bin/systemctl poweroff"
+
+
+def agent_dropin(scenario):
+    """What the NixOS module (nixos-modules/gitlab-runner-vm.nix) adds to the unit: its ordering
+    after the config mount and the agent's flags as environment variables, module defaults
+    except for a short failure delay where a scenario waits for it."""
+    mount = systemd_escape_path("/runner-info") + ".mount"
+    env = {
+        "GITLAB_RUNNER_VM_CONFIG": "/runner-info/runner.json",
+        "GITLAB_RUNNER_VM_STATE_DIR": "/run/gitlab-runner-vm",
+        "GITLAB_RUNNER_VM_KEEP_FILE": "/etc/keep-runner",
+        "GITLAB_RUNNER_VM_GITLAB_RUNNER": "/usr/local/bin/gitlab-runner",
+        "GITLAB_RUNNER_VM_RUNNER_USER": "runner",
+        "GITLAB_RUNNER_VM_POWEROFF_COMMAND": POWEROFF_REAL,
+        "GITLAB_RUNNER_VM_FAILURE_DELAY": str(FAILURE_DELAY if scenario.failure_delay else 60),
+        "GITLAB_RUNNER_VM_CONFIG_WAIT": "300",
+        "GITLAB_RUNNER_VM_REGISTER_TIMEOUT": "300",
+        "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT": "30",
+        "GITLAB_RUNNER_VM_STOP_TIMEOUT": "40",
+        "GITLAB_RUNNER_VM_HOLD_MAX": "14400",
+        "GITLAB_RUNNER_VM_HOLD_EXTEND": "3600",
+    }
+    if scenario.poweroff_disabled:
+        # services.gitlab-runner-vm.powerOff = false (debug images) sets the agent's --no-poweroff.
+        env["GITLAB_RUNNER_VM_NO_POWEROFF"] = "true"
+    lines = ["# As nixos-modules/gitlab-runner-vm.nix and runner.nix configure the unit.",
+             "[Unit]", f"After={mount}", "", "[Service]"]
+    lines += [f'Environment="{k}={v}"' for k, v in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+def build_root_image(base, scenario, workdir):
+    """The guest's root disk: the cached tree plus the agent, its unit and the test's files."""
+    tree = Tree(os.path.join(base, "rootfs"), os.path.join(workdir, "tree"))
+    sysd = "/etc/systemd/system"
+    # The agent, as a package installs it (systemd.packages: the unit in lib/systemd/system),
+    # wanted by multi-user.target and configured by a drop-in, as the NixOS module does.
+    tree.put_file(GUEST_AGENT, AGENT_BIN, 0o755)
+    tree.put(GUEST_UNIT, installed_unit_text())
+    tree.enable(UNIT, GUEST_UNIT, "multi-user.target")
+    tree.put(f"{sysd}/{UNIT}.d/overrides.conf", agent_dropin(scenario))
+    # /runner-info, as the NixOS runner module declares it (see guest/runner-info.mount).
+    mount = systemd_escape_path("/runner-info") + ".mount"
+    device = systemd_escape_path(f"/dev/disk/by-id/virtio-{CONFIG_SERIAL}") + ".device"
+    tree.put_file(f"{sysd}/{mount}", os.path.join(GUEST_FILES, "runner-info.mount"), 0o644)
+    tree.enable(mount, f"../{mount}", "local-fs.target")
+    tree.put_file(f"{sysd}/{device}.d/50-device-timeout.conf",
+                  os.path.join(GUEST_FILES, "runner-info.device-timeout.conf"), 0o644)
+    # The fake gitlab-runner, and the evidence helpers.
+    tree.put_file("/usr/local/bin/gitlab-runner", os.path.join(GUEST_FILES, "gitlab-runner"), 0o755)
+    for helper in ("vmtest-status-watch", "vmtest-evidence"):
+        tree.put_file(f"/usr/local/libexec/vmtest/{helper}", os.path.join(GUEST_FILES, helper), 0o755)
+        tree.put_file(f"{sysd}/{helper}.service", os.path.join(GUEST_FILES, f"{helper}.service"), 0o644)
+        tree.enable(f"{helper}.service", f"{sysd}/{helper}.service", "multi-user.target")
+    if scenario.keep_file:
+        tree.put("/etc/keep-runner", "Held by the VM system test (scenario b).\n")
+
+    image = os.path.join(workdir, "root.img")
+    used = int(subprocess.run(["du", "-sk", tree.path], check=True, capture_output=True,
+                              text=True).stdout.split()[0])
+    size_mb = max(1024, used // 1024 * 2)
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", tree.path, image], check=True)
+    shutil.rmtree(tree.path)
+    return image
+
+
+def build_config_iso(runner_json, workdir):
+    """runner.json as KubeVirt presents a Secret: one file per key at the root of an ISO 9660
+    image (Joliet + Rock Ridge), volume label cfgdata (virt-launcher's default)."""
+    src = os.path.join(workdir, "secret")
+    os.makedirs(src)
+    with open(os.path.join(src, "runner.json"), "w") as f:
+        json.dump(runner_json, f, indent=2)
+    # 0644 is the mode a Kubernetes secret volume gives its files by default (defaultMode).
+    os.chmod(os.path.join(src, "runner.json"), 0o644)
+    iso = os.path.join(workdir, "runner-info.iso")
+    subprocess.run(["xorrisofs", "-quiet", "-output", iso, "-follow-links", "-volid", "cfgdata",
+                    "-joliet", "-rock", src], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    shutil.rmtree(src)
+    return iso

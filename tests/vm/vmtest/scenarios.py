@@ -1,0 +1,236 @@
+"""The scenarios, and running one: build the guest's disks, start the fake GitLab, the evidence
+collector and qemu, drive the VM from outside as the scenario says (the power button, waits with
+time bounds), and keep everything for the expectations (tests/vm/test_scenarios.py) to judge."""
+
+import json
+import os
+import secrets
+import shutil
+import string
+import time
+from dataclasses import dataclass, field
+
+from . import image
+from .config import (AFTER_FAILURE_OBSERVE, BOOT_TO_JOB_MAX, FAILURE_DELAY, GITLAB_ADDR, GRACE,
+                     HOLD_OBSERVE, JOB_SECONDS, LONG_JOB_SECONDS, POWERDOWN_AFTER_JOB_START,
+                     POWEROFF_MAX, REPO, RUNS, log)
+from .evidence import Collector, Evidence
+from .fake_gitlab import FakeGitLab, is_deregistration, is_job_end, is_job_start, is_verify
+from .qemu import VM
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    verify_status: int = 200
+    job_seconds: int = JOB_SECONDS
+    keep_file: bool = False
+    failure_delay: bool = False
+    poweroff_disabled: bool = False
+    powerdown_in_job: bool = False
+    expect_phases: list = field(default_factory=list)
+    forbid_phases: list = field(default_factory=list)
+
+    @property
+    def accepted(self):
+        """Whether GitLab accepts the token (else it rejects it with 403)."""
+        return self.verify_status == 200
+
+
+SCENARIOS = {
+    "a": Scenario("a", "happy path: one job, deregistration, power-off by the VM itself",
+                  expect_phases=["registering", "running", "deregistering", "powering-off"],
+                  forbid_phases=["failed", "holding", "stopping"]),
+    "b": Scenario("b", "/etc/keep-runner: held after deregistration, ACPI power button stops it",
+                  keep_file=True,
+                  expect_phases=["registering", "running", "deregistering", "holding", "stopping"],
+                  forbid_phases=["failed", "powering-off"]),
+    "c": Scenario("c", "ACPI power button during a job: SIGTERM, deregistration, stop within grace",
+                  job_seconds=LONG_JOB_SECONDS, powerdown_in_job=True,
+                  expect_phases=["registering", "running", "stopping"],
+                  forbid_phases=["failed", "powering-off", "holding"]),
+    "d": Scenario("d", "rejected token: no job, power-off after the failure delay",
+                  verify_status=403, failure_delay=True,
+                  expect_phases=["registering", "failed", "powering-off"],
+                  forbid_phases=["running", "holding", "stopping"]),
+    # The regression test for agents that exit before READY=1 after a failure: systemd then
+    # records Result=protocol and Restart=on-failure starts the agent again, every RestartSec +
+    # failure delay, with a new system id and a new registration.
+    "e": Scenario("e", "power-off disabled (NixOS powerOff = false), rejected token: the agent "
+                  "ends once and stays ended; the ACPI power button stops the VM",
+                  verify_status=403, failure_delay=True, poweroff_disabled=True,
+                  expect_phases=["registering", "failed", "powering-off"],
+                  forbid_phases=["running", "holding"]),
+}
+
+
+class Run:
+    """One scenario's VM, from boot to its end, and everything it left: the requests the fake
+    GitLab saw, the guest's evidence, and the outcome of each step driven from outside."""
+
+    def __init__(self, sc):
+        self.sc = sc
+        self.out = os.path.join(RUNS, sc.key)
+        self.name = f"vmtest-{sc.key}-{secrets.token_hex(3)}"
+        self.token = "glrt-vmtest" + "".join(secrets.choice(string.ascii_letters + string.digits)
+                                             for _ in range(16))
+        self.steps = {}              # step -> (ok, what, detail), in the order they were taken
+        self.image_seconds = None
+        self.vm = self.gitlab = self.collector = self.evidence = None
+
+    @property
+    def runner_json(self):
+        return {"name": self.name, "url": f"http://{GITLAB_ADDR}", "token": self.token,
+                "executor": "shell", "max_jobs": 1, "idle_timeout": 600}
+
+    # -- a step driven from outside: recorded now, judged by its test -------------------------
+
+    def step(self, key, ok, what, detail=""):
+        self.steps[key] = (bool(ok), what, detail)
+        print(f"    [{'ok  ' if ok else 'FAIL'}] {what}" + (f"  ({detail})" if detail else ""), flush=True)
+        return bool(ok)
+
+    def step_result(self, key):
+        """(ok, what, detail) of a step, or a failure naming the step that stopped the run
+        before it."""
+        if key in self.steps:
+            return self.steps[key]
+        failed = [what for ok, what, _ in self.steps.values() if not ok]
+        return False, key, "not reached" + (f": the run stopped after '{failed[0]}' failed" if failed else "")
+
+    # -- what the fake GitLab saw ---------------------------------------------------------------
+
+    @property
+    def requests(self):
+        return self.gitlab.requests
+
+    def all(self, pred):
+        return [r for r in self.requests if pred(r)]
+
+    def first(self, pred):
+        return next((r for r in self.requests if pred(r)), None)
+
+    @property
+    def system_id(self):
+        """The system id of the first verify, as GitLab saw it."""
+        verify = self.all(is_verify)
+        return verify[0]["body"].get("system_id") if verify else None
+
+    def execute(self, base, kvm):
+        shutil.rmtree(self.out, ignore_errors=True)
+        os.makedirs(self.out)
+        sc = self.sc
+        log(f"scenario {sc.key}: {sc.title}")
+        t = time.time()
+        root_image = image.build_root_image(base, sc, self.out)
+        iso = image.build_config_iso(self.runner_json, self.out)
+        self.image_seconds = time.time() - t
+        self.gitlab = FakeGitLab(os.path.join(self.out, "gitlab-requests.jsonl"), self.token,
+                                 verify_status=sc.verify_status, job_seconds=sc.job_seconds)
+        self.collector = Collector(os.path.join(self.out, "evidence"))
+        try:
+            self.vm = VM(self.out, base, root_image, iso, self.gitlab.port, self.collector.port, kvm)
+            log(f"  qemu started ({'KVM' if kvm else 'TCG, emulated'}); images built in "
+                f"{self.image_seconds:.1f} s")
+            drive(self)
+        finally:
+            if self.vm:
+                self.vm.close()
+            self.gitlab.close()
+            self.collector.close()
+            # The evidence upload ends before power-off; give the last bytes a moment to land.
+            self.collector.done.wait(2)
+            for path in (root_image, iso):
+                os.unlink(path)
+        self.evidence = Evidence(self.collector.outdir)
+        self.print_requests()
+        log(f"scenario {sc.key}: VM done in {self.seconds:.0f} s; evidence in "
+            f"{os.path.relpath(self.out, REPO)}")
+
+    @property
+    def seconds(self):
+        if self.vm is None:
+            return 0
+        return (self.vm.t_exit or time.time()) - self.vm.t_start
+
+    def print_requests(self):
+        print("  what the fake GitLab saw:", flush=True)
+        for r in self.requests:
+            state = r["body"].get("state", "")
+            print(f"    {r['t'] - self.vm.t_start:7.2f} s  {r['method']:6} {r['path']} -> {r['status']}"
+                  f"{'  ' + state if state else ''}", flush=True)
+
+    def agent_status_json(self):
+        if self.evidence is None or not self.evidence.present:
+            return None
+        try:
+            return json.loads(self.evidence.text("status-command.json"))
+        except ValueError:
+            return self.evidence.text("status-command.json")[:2000]
+
+    def guest_clock_drift(self):
+        offsets = self.collector.offsets() if self.collector else []
+        return round(offsets[-1] - offsets[0], 3) if len(offsets) > 1 else None
+
+
+def drive(run):
+    """What happens to the running VM from outside, per scenario, with the time bounds."""
+    sc, vm, gitlab = run.sc, run.vm, run.gitlab
+    if not sc.accepted:
+        verify = gitlab.wait_for(is_verify, BOOT_TO_JOB_MAX, vm)
+        if not run.step("verify", verify is not None, "the agent called POST /runners/verify"):
+            return
+        if sc.poweroff_disabled:
+            observe = FAILURE_DELAY + AFTER_FAILURE_OBSERVE
+            up = not vm.wait(observe)
+            if not run.step("stayed up", up, f"the VM was still up {observe} s after the "
+                            "rejected verify (power-off disabled)"):
+                return
+            vm.powerdown()
+            stopped = vm.wait(GRACE)
+            run.step("power button", stopped, f"system_powerdown stopped the VM within {GRACE} s",
+                     f"{vm.t_exit - vm.t_powerdown:.1f} s" if stopped else "destroyed")
+            return
+        bound = FAILURE_DELAY + POWEROFF_MAX
+        exited = vm.wait(bound)
+        after = vm.t_exit - verify["t"] if exited else None
+        run.step("powered off", exited and FAILURE_DELAY <= after <= bound,
+                 f"the VM powered itself off between the failure delay ({FAILURE_DELAY} s) "
+                 f"and {bound} s after the rejected verify",
+                 f"{after:.1f} s" if exited else f"still up after {bound} s")
+        return
+
+    job_start = gitlab.wait_for(is_job_start, BOOT_TO_JOB_MAX, vm)
+    if not run.step("job started", job_start is not None, "a job started (PUT /jobs/:id state=running)",
+                    f"{job_start['t'] - vm.t_start:.1f} s after qemu start" if job_start else
+                    f"none within {BOOT_TO_JOB_MAX} s"):
+        return
+
+    if sc.powerdown_in_job:
+        time.sleep(POWERDOWN_AFTER_JOB_START)
+        run.step("job running at the power button", not gitlab.find("PUT", job_start["path"], is_job_end),
+                 "the job was still running when the power button was pressed")
+        vm.powerdown()
+        stopped = vm.wait(GRACE)
+        run.step("power button", stopped, f"the VM stopped within the grace period ({GRACE} s) "
+                 "after system_powerdown", f"{vm.t_exit - vm.t_powerdown:.1f} s" if stopped else
+                 "destroyed after the grace period, as KubeVirt would")
+        return
+
+    dereg = gitlab.wait_for(is_deregistration, sc.job_seconds + POWEROFF_MAX, vm)
+    if not run.step("deregistered", dereg is not None, "the agent called DELETE /runners/managers"):
+        return
+    if sc.keep_file:
+        still_up = not vm.wait(HOLD_OBSERVE)
+        if not run.step("held", still_up, f"the VM was still running {HOLD_OBSERVE} s after "
+                        "deregistration (held by /etc/keep-runner)"):
+            return
+        vm.powerdown()
+        stopped = vm.wait(GRACE)
+        run.step("power button", stopped, f"system_powerdown stopped the held VM within {GRACE} s",
+                 f"{vm.t_exit - vm.t_powerdown:.1f} s" if stopped else "destroyed")
+        return
+    exited = vm.wait(POWEROFF_MAX)
+    run.step("powered off", exited, f"the VM powered itself off within {POWEROFF_MAX} s of "
+             "deregistration", f"{vm.t_exit - dereg['t']:.1f} s" if exited else "")
