@@ -21,7 +21,8 @@
 #   COUNT        Droplets to keep (default 2; 0 lets the fleet drain: finished ones are not replaced)
 #   RUNNER_JSON  runner.json given to every Droplet as user-data (default ./runner.json)
 #   TAG          tag marking the fleet's Droplets, prefix of their names (default gitlab-runners)
-#   SSH_KEYS     optional comma-separated SSH key ids or fingerprints (root may log in with them)
+#   SSH_KEYS     optional comma-separated SSH key ids or fingerprints (the CI user `runner` may
+#                log in with them)
 #   VPC_UUID     optional VPC
 #   INTERVAL     seconds between runs of `watch` (default 60)
 # doctl's own settings apply (DIGITALOCEAN_ACCESS_TOKEN, `doctl auth`). The token needs to read,

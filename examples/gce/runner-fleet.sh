@@ -25,6 +25,8 @@
 #   DISK_TYPE     default pd-balanced (c4a needs hyperdisk-balanced)
 #   NETWORK, SUBNET  network and subnetwork (default: the project's default network)
 #   NO_ADDRESS    1: no external IP (the subnet then needs Cloud NAT to reach GitLab)
+#   SSH_PUBLIC_KEY  optional public key file: the CI user `runner` may log in with it (the
+#                 image takes `ssh-keys` metadata entries `runner:KEY` at boot)
 # gcloud's own settings (project, account) apply: CLOUDSDK_CORE_PROJECT, `gcloud config`.
 set -euo pipefail
 
@@ -42,8 +44,17 @@ need() {
 # Creates a new instance template and prints its name.
 create_template() {
   need IMAGE
-  local runner_json=${RUNNER_JSON:-runner.json} name
+  local runner_json=${RUNNER_JSON:-runner.json} name metadata keys=
   [ -r "$runner_json" ] || die "cannot read $runner_json (set RUNNER_JSON)"
+  # runner.json; the image copies JSON user-data to /runner-info/runner.json (mode 0600) and
+  # runs nothing from it.
+  metadata=user-data=$runner_json
+  if [ -n "${SSH_PUBLIC_KEY:-}" ]; then
+    [ -r "$SSH_PUBLIC_KEY" ] || die "cannot read $SSH_PUBLIC_KEY (SSH_PUBLIC_KEY)"
+    keys=$(mktemp)
+    printf 'runner:%s\n' "$(head -n 1 "$SSH_PUBLIC_KEY")" >"$keys"
+    metadata+=,ssh-keys=$keys
+  fi
   # Template names are unique and kept while VMs use them: time of creation and a random part.
   name=$fleet-$(date -u +%Y%m%d-%H%M%S)-$(printf '%04x' "$RANDOM")
   local args=(
@@ -51,9 +62,7 @@ create_template() {
     --image "$IMAGE"
     --boot-disk-size "${DISK_SIZE:-50GB}"
     --boot-disk-type "${DISK_TYPE:-pd-balanced}"
-    # runner.json; the image copies JSON user-data to /runner-info/runner.json (mode 0600)
-    # and runs nothing from it.
-    --metadata-from-file "user-data=$runner_json"
+    --metadata-from-file "$metadata"
     # No service account: jobs get no Google Cloud credentials from the metadata server.
     --no-service-account
     --no-scopes
@@ -64,7 +73,10 @@ create_template() {
   [ -z "${NETWORK:-}" ] || args+=(--network "$NETWORK")
   [ -z "${SUBNET:-}" ] || args+=(--subnet "$SUBNET")
   [ "${NO_ADDRESS:-0}" != 1 ] || args+=(--no-address)
-  gcloud compute instance-templates create "$name" "${args[@]}" >&2
+  local status=0
+  gcloud compute instance-templates create "$name" "${args[@]}" >&2 || status=$?
+  [ -z "$keys" ] || rm -f "$keys"
+  [ "$status" -eq 0 ] || exit "$status"
   echo "$name"
 }
 

@@ -172,6 +172,8 @@ class Fake:
         self.log = self.tmp / "calls.jsonl"
         self.state = self.tmp / "state.json"
         self.aws_calls = []
+        self.tmpdir = self.tmp / "tmpdir"
+        self.tmpdir.mkdir()
 
     def set_state(self, state):
         self.state.write_text(json.dumps(state))
@@ -188,6 +190,7 @@ class Fake:
             "FAKE_STATE": str(self.state),
             "FAKE_HOME": str(self.tmp),
             "POLL_INTERVAL": "0",
+            "TMPDIR": str(self.tmpdir),
         }
         if REAL_GCLOUD:
             e["REAL_GCLOUD"] = REAL_GCLOUD
@@ -303,6 +306,7 @@ def test_gce_runner_fleet():
         name = tpl[4]
         assert re.fullmatch(r"gitlab-runners-[0-9]{8}-[0-9]{6}-[0-9a-f]{4}", name), name
         assert opt(tpl, "--metadata-from-file") == "user-data=runner.json"
+        assert fake.get_state()["metadata"][name] == {"user-data": runner_json.read_text()}, "no SSH key unless asked"
         assert "--no-service-account" in tpl and "--no-scopes" in tpl, "jobs must get no Google credentials"
         assert opt(tpl, "--image") == "runner-gce-x86-64"
         (mig,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "create")
@@ -312,8 +316,13 @@ def test_gce_runner_fleet():
         assert opt(mig, "--default-action-on-vm-failure") == "repair", "stopped VMs must be recreated"
         assert "--force-update-on-repair" in mig
 
-        _, calls = fake.run(script, "update", env={**env, "IMAGE": "runner-gce-v2"})
+        key = Path(tmp) / "id_ed25519.pub"
+        key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyExampleKeyExampleKeyExampleKeyEx ops@example.com\n")
+        _, calls = fake.run(script, "update", env={**env, "IMAGE": "runner-gce-v2", "SSH_PUBLIC_KEY": str(key)})
         (tpl2,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        metadata = fake.get_state()["metadata"][tpl2[4]]
+        assert metadata["ssh-keys"] == "runner:" + key.read_text(), metadata
+        assert not list(fake.tmpdir.iterdir()), "the script left temporary files behind"
         (sit,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "set-instance-template")
         assert opt(sit, "--template") == tpl2[4] != name
 

@@ -90,6 +90,13 @@ def gcloud(args, state):
     validate_with_real_gcloud(args)
     if args[:3] == ["compute", "instance-templates", "create"]:
         state.setdefault("templates", []).append(args[3])
+        # The files of --metadata-from-file, read now: the script may delete them afterwards.
+        files = {}
+        for item in (option(args, "--metadata-from-file") or "").split(","):
+            key, _, path = item.partition("=")
+            with open(path) as f:
+                files[key] = f.read()
+        state.setdefault("metadata", {})[args[3]] = files
         # gcloud prints the new template as a table on stdout.
         print("NAME  MACHINE_TYPE  PREEMPTIBLE  CREATION_TIMESTAMP")
         print(f"{args[3]}  e2-standard-4")
