@@ -113,7 +113,7 @@ impl Agent {
                 runner_started: prev.runner_started,
             };
             if lifecycle::on_start(Some(previous_run), &self.boot_id) == StartDecision::TearDown {
-                let teardown = self.resume(prev);
+                let teardown = self.span().in_scope(|| self.resume(prev));
                 let next = self.teardown(teardown);
                 return self.enter(next);
             }
@@ -131,7 +131,9 @@ impl Agent {
         self.lc.transition(phase, SystemTime::now())?;
         if let State::Failed(error, _) = &state {
             let line = error.with_fix();
-            tracing::error!(parent: &self.span(), "{line}");
+            // Entered, not given as `parent:`: journald takes the fields of the entered span.
+            let _in_phase = self.span().entered();
+            tracing::error!("{line}");
             self.last_error = Some(line);
         }
         self.publish(&detail);
@@ -144,7 +146,8 @@ impl Agent {
     fn publish(&mut self, detail: &str) {
         let text = format!("{}: {detail}", self.lc.phase());
         systemd::status(&secret::scrub(&text));
-        tracing::info!(parent: &self.span(), "{text}");
+        let _in_phase = self.span().entered();
+        tracing::info!("{text}");
         self.write_status();
     }
 
