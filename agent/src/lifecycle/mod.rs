@@ -1,0 +1,248 @@
+//! The agent's lifecycle as an explicit state machine: phases, the legal transitions between
+//! them, and the pure decisions that pick the next phase. No I/O happens here; the driver in
+//! `agent.rs` performs the work of each phase and asks this module where to go next.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    WaitingForConfig,
+    Registering,
+    Running,
+    Draining,
+    Deregistering,
+    Holding,
+    PoweringOff,
+    Failed,
+    Stopping,
+}
+
+impl Phase {
+    #[cfg(test)]
+    pub const ALL: [Phase; 9] = [
+        Phase::WaitingForConfig,
+        Phase::Registering,
+        Phase::Running,
+        Phase::Draining,
+        Phase::Deregistering,
+        Phase::Holding,
+        Phase::PoweringOff,
+        Phase::Failed,
+        Phase::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::WaitingForConfig => "waiting-for-config",
+            Phase::Registering => "registering",
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Deregistering => "deregistering",
+            Phase::Holding => "holding",
+            Phase::PoweringOff => "powering-off",
+            Phase::Failed => "failed",
+            Phase::Stopping => "stopping",
+        }
+    }
+
+    /// Whether systemd may consider the unit started in this phase. READY=1 is sent once
+    /// gitlab-runner runs, or when the run ends before that: a Type=notify service whose main
+    /// process exits without READY=1 fails with result "protocol" and is restarted.
+    pub fn is_started(self) -> bool {
+        !matches!(self, Phase::WaitingForConfig | Phase::Registering)
+    }
+
+    /// Phases that a restarted agent must resume as teardown rather than start over from.
+    pub fn is_teardown(self) -> bool {
+        matches!(
+            self,
+            Phase::Failed
+                | Phase::Deregistering
+                | Phase::Holding
+                | Phase::PoweringOff
+                | Phase::Stopping
+        )
+    }
+
+    /// The edges of the lifecycle. Everything not listed is a bug in the driver.
+    pub fn can_go_to(self, to: Phase) -> bool {
+        use Phase::*;
+        match (self, to) {
+            // Stopping (SIGTERM: the VM is being shut down from outside) is reachable from
+            // every phase except itself, and nothing leaves it.
+            (Stopping, _) => false,
+            (_, Stopping) => true,
+            (WaitingForConfig, Registering | Failed) => true,
+            // A restarted agent that finds this boot's registration or teardown resumes the
+            // teardown at once.
+            (WaitingForConfig, Deregistering | Holding | PoweringOff) => true,
+            // Registering -> Deregistering: a drain asked for before gitlab-runner started.
+            (Registering, Running | Deregistering | Failed) => true,
+            (Running, Draining | Deregistering | Failed) => true,
+            (Draining, Deregistering | Failed) => true,
+            (Failed, Deregistering | Holding | PoweringOff) => true,
+            (Deregistering, Holding | PoweringOff) => true,
+            (Holding, PoweringOff) => true,
+            // The keep file created during the failure delay still holds the VM.
+            (PoweringOff, Holding) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("illegal lifecycle transition: {from} -> {to}")]
+pub struct IllegalTransition {
+    pub from: Phase,
+    pub to: Phase,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub phase: Phase,
+    #[serde(with = "crate::status::rfc3339")]
+    pub at: SystemTime,
+}
+
+/// The current phase, and what has happened so far in this boot.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    phase: Phase,
+    pub timeline: Vec<TimelineEntry>,
+    /// GitLab knows this VM (verify succeeded or a runner was created): it must be deregistered.
+    pub registered: bool,
+    pub deregistered: bool,
+    /// gitlab-runner was started in this boot: a restarted agent must never start another.
+    pub runner_started: bool,
+    /// When the run failed, if it did; the power-off waits until `failure_delay` after it.
+    pub failed_at: Option<SystemTime>,
+}
+
+impl Lifecycle {
+    pub fn new(now: SystemTime) -> Self {
+        Lifecycle {
+            phase: Phase::WaitingForConfig,
+            timeline: vec![TimelineEntry {
+                phase: Phase::WaitingForConfig,
+                at: now,
+            }],
+            registered: false,
+            deregistered: false,
+            runner_started: false,
+            failed_at: None,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn since(&self) -> SystemTime {
+        self.timeline
+            .last()
+            .map(|e| e.at)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// Moves to `to` if the edge exists; the caller then publishes the new status.
+    pub fn transition(&mut self, to: Phase, now: SystemTime) -> Result<(), IllegalTransition> {
+        if !self.phase.can_go_to(to) {
+            return Err(IllegalTransition {
+                from: self.phase,
+                to,
+            });
+        }
+        if to == Phase::Failed {
+            self.failed_at = Some(now);
+        }
+        self.phase = to;
+        self.timeline.push(TimelineEntry { phase: to, at: now });
+        Ok(())
+    }
+
+    /// Where teardown starts: deregistration if GitLab still knows this VM, else straight to
+    /// the hold check.
+    pub fn needs_deregistration(&self) -> bool {
+        self.registered && !self.deregistered
+    }
+}
+
+/// After deregistration (or when there was nothing to deregister): hold while the keep file
+/// exists, otherwise power off.
+pub fn after_deregistration(keep_file_exists: bool) -> Phase {
+    if keep_file_exists {
+        Phase::Holding
+    } else {
+        Phase::PoweringOff
+    }
+}
+
+/// How long to wait before running the power-off command: a failed run keeps the VM up until
+/// `failure_delay` after the failure (so an operator can read the error, and a fleet with a
+/// broken configuration does not boot VMs in a tight loop); a hold that lasted longer than that
+/// needs no further wait.
+pub fn poweroff_wait(
+    failed_at: Option<SystemTime>,
+    failure_delay: Duration,
+    now: SystemTime,
+) -> Duration {
+    match failed_at {
+        // A delay too long for the clock never ends: wait as long as a sleep can.
+        Some(at) => match at.checked_add(failure_delay) {
+            Some(end) => end.duration_since(now).unwrap_or(Duration::ZERO),
+            None => Duration::MAX,
+        },
+        None => Duration::ZERO,
+    }
+}
+
+/// What a starting agent learns from a status.json it finds in its state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartDecision {
+    /// Nothing of this boot: run the whole lifecycle.
+    Fresh,
+    /// This boot already registered or started gitlab-runner (the agent crashed or was
+    /// restarted): never start another gitlab-runner; deregister and power off.
+    TearDown,
+}
+
+/// What the previous run of this agent left in status.json.
+#[derive(Debug, Clone, Copy)]
+pub struct Previous<'a> {
+    pub boot_id: &'a str,
+    pub phase: Phase,
+    pub registered: bool,
+    pub runner_started: bool,
+}
+
+/// A previous run of this boot that registered, started gitlab-runner, began its teardown (a
+/// power-off command that failed, say) or was killed while registering (its request may have
+/// reached GitLab; creating a runner is not idempotent) is resumed as teardown: no second
+/// registration, no second gitlab-runner.
+pub fn on_start(previous: Option<Previous<'_>>, current_boot_id: &str) -> StartDecision {
+    match previous {
+        Some(p)
+            if p.boot_id == current_boot_id
+                && (p.registered
+                    || p.runner_started
+                    || p.phase == Phase::Registering
+                    || p.phase.is_teardown()) =>
+        {
+            StartDecision::TearDown
+        }
+        _ => StartDecision::Fresh,
+    }
+}
+
+#[cfg(test)]
+mod tests;
