@@ -419,6 +419,22 @@ def check_the_agent_reads_every_variable_the_module_sets(facts):
     assert not unknown, f"the module sets variables the agent does not read: {unknown}"
 
 
+def check_the_module_keeps_the_agents_defaults(facts):
+    """Every whole-number setting the module gives the runner image (the timeouts and holds) is
+    the agent's own default: the clap definitions are the one place defaults are decided."""
+    binary = agent_binary()
+    if binary is None:
+        raise Skip("no built gitlab-runner-vm in target/ (tests/run builds it with cargo test first)")
+    help_text = subprocess.run([str(binary), "run", "--help"], capture_output=True, text=True, check=True).stdout
+    defaults = dict(re.findall(r"\[env: (GITLAB_RUNNER_VM_[A-Z0-9_]+)=\] \[default: (\d+)\]", help_text))
+    assert defaults, "`gitlab-runner-vm run --help` shows no numeric defaults"
+    env = facts["runner"]["x86_64-linux"]["agent"]["unit"]["environment"]
+    differ = {k: (env[k], defaults[k]) for k in defaults if k in env and env[k] != defaults[k]}
+    assert not differ, f"module value != agent default: {differ}"
+    missing = sorted(k for k in defaults if k not in env)
+    assert not missing, f"the module does not document these flags' defaults: {missing}"
+
+
 def main():
     facts = json.loads(Path(sys.argv[1]).read_text())
     checks = [(name[len("check_"):].replace("_", " "), fn) for name, fn in globals().items() if name.startswith("check_") and callable(fn)]
