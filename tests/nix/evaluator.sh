@@ -15,6 +15,12 @@
 
 repo_root=$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)
 nix_eval_dir=${NIX_EVAL_DIR:-$repo_root/../shared/nix-eval}
+# A clean clone made elsewhere (a CI run in a scratch directory) of a local checkout: nix-eval is
+# then beside the checkout it was cloned from.
+origin=$(git -C "$repo_root" config --get remote.origin.url 2>/dev/null || true)
+if [ -z "${NIX_EVAL_DIR:-}" ] && [ ! -d "$nix_eval_dir" ] && [ -d "$origin/../shared/nix-eval" ]; then
+  nix_eval_dir=$origin/../shared/nix-eval
+fi
 nix_eval_home=${NIX_EVAL_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/nix-eval}
 
 # The user's Nix has flakes: `nix` runs and its experimental-features include flakes (Nix 2.18
