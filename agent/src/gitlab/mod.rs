@@ -8,7 +8,7 @@
 //! - `retry`: `with_retries`, the deadline and attempt bounds, waits from `crate::backoff`.
 //!
 //! The client is tested in-process against a fresh wiremock server per test (`mock_tests`), and
-//! the retry policy in paused time (`retry_tests.rs`).
+//! the retry policy in paused time (`retry/tests.rs`, `retry/wait_tests.rs`).
 
 mod api;
 mod client;

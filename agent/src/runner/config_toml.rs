@@ -88,8 +88,18 @@ mod tests {
         assert_eq!(runner["tls-ca-file"].as_str(), Some("/etc/ca.pem"));
         assert_eq!(runner["docker"]["image"].as_str(), Some("alpine:3.20"));
         assert_eq!(runner["docker"]["privileged"].as_bool(), Some(true));
+        assert_eq!(runner["docker"]["volumes"][0].as_str(), Some("/cache"));
         assert_eq!(runner["environment"][0].as_str(), Some("FOO=bar"));
         let shell = render_config_toml(&sample_config(Executor::Shell), &Secret::new("glrt-xyz"));
         assert!(!shell.contains("[runners.docker]"));
+        // No volumes: none written, gitlab-runner's default stays.
+        let mut no_volumes = sample_config(Executor::Docker);
+        if let Some(docker) = &mut no_volumes.docker {
+            docker.volumes.clear();
+        }
+        let text = render_config_toml(&no_volumes, &Secret::new("glrt-xyz"));
+        let table: toml::Table = text.parse().unwrap();
+        let docker = &table["runners"].as_array().unwrap()[0]["docker"];
+        assert_eq!(docker.get("volumes"), None, "{text}");
     }
 }

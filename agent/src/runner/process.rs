@@ -233,4 +233,59 @@ mod tests {
             ]
         );
     }
+
+    /// Only root switches users; anyone may run gitlab-runner as themselves.
+    #[test]
+    fn the_runner_user_is_the_agents_own_unless_root() {
+        let me = RunnerUser::resolve(None).unwrap();
+        assert_eq!(me.uid, Uid::current());
+        let Ok(Some(nobody)) = User::from_name("nobody") else {
+            return;
+        };
+        let other = RunnerUser::resolve(Some("nobody"));
+        if Uid::current().is_root() {
+            let other = other.unwrap();
+            assert_eq!((other.uid, other.gid), (nobody.uid, nobody.gid));
+            assert!(other.groups.contains(&nobody.gid), "{:?}", other.groups);
+        } else {
+            let err = format!("{:#}", other.unwrap_err());
+            assert!(err.contains("only root can switch users"), "{err}");
+        }
+        let err = RunnerUser::resolve(Some("no-such-user-xyz")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    /// Run as root, gitlab-runner runs as the runner user, not as root.
+    #[tokio::test]
+    async fn spawn_switches_to_the_runner_user() {
+        if !Uid::current().is_root() {
+            return;
+        }
+        let Ok(user) = RunnerUser::resolve(Some("nobody")) else {
+            return;
+        };
+        let script = "while read -r k v rest; do case $k in Uid:|Gid:) echo $k $v;; esac; done < /proc/self/status";
+        let args = ["-c".to_string(), script.to_string()];
+        let child = spawn(Path::new("/bin/sh"), &args, &user, &[]).unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("Uid: {}\nGid: {}\n", user.uid, user.gid)
+        );
+    }
+
+    #[tokio::test]
+    async fn send_signal_reaches_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "read -r line"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        send_signal(child.id().unwrap(), Signal::SIGTERM).unwrap();
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.signal(), Some(Signal::SIGTERM as i32), "{status:?}");
+    }
 }

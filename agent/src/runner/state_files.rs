@@ -99,6 +99,17 @@ mod tests {
         assert!(!is_valid_system_id("r_abcdefghij-l"));
     }
 
+    /// Every character of the alphabet comes up: a narrow alphabet would make the ids of a
+    /// large fleet collide into one runner manager.
+    #[test]
+    fn system_ids_use_the_whole_alphabet() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            seen.extend(generate_system_id().unwrap()[2..].chars());
+        }
+        assert_eq!(seen.len(), 62, "{seen:?}");
+    }
+
     #[test]
     fn state_files_are_private_and_read_back() {
         let dir = tempfile::tempdir().unwrap();

@@ -123,7 +123,8 @@ async fn a_message_is_cut_at_a_character_count() {
     }
 }
 
-/// Network errors name the URL, but not the user info a base URL may carry.
+/// Network errors name the URL and every cause, but not the user info a base URL may carry
+/// (reqwest leaves it out; the scrub would catch it otherwise).
 #[tokio::test]
 async fn a_network_error_shows_no_user_info() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -138,5 +139,13 @@ async fn a_network_error_shows_no_user_info() {
         panic!("{err:?}")
     };
     assert!(!detail.contains("s3cr3t"), "{detail}");
+    // The whole chain of causes, down to the system's reason.
+    assert!(
+        detail.starts_with(&format!(
+            "error sending request for url (http://{addr}/api/v4/runners/verify): "
+        )),
+        "{detail}"
+    );
+    assert!(detail.contains("Connection refused"), "{detail}");
     assert!(!err.to_string().contains("user:"), "{err}");
 }

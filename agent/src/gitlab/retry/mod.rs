@@ -123,5 +123,6 @@ fn random_u64() -> u64 {
 }
 
 #[cfg(test)]
-#[path = "retry_tests.rs"]
 mod tests;
+#[cfg(test)]
+mod wait_tests;
