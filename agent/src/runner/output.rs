@@ -76,6 +76,11 @@ impl LineSplitter {
             while next + 3 > at && next > 1 && self.buf[next] & 0xC0 == 0x80 {
                 next -= 1;
             }
+            if self.buf[next] & 0xC0 == 0x80 {
+                // Four continuation bytes in a row are no UTF-8 character: cut where we were,
+                // rather than walk back through a binary blob a few bytes per record.
+                next = at;
+            }
             for whole in &self.keep_whole {
                 // The longest prefix of `whole` that the part before the cut ends with.
                 if let Some(k) = (1..whole.len().min(next))
@@ -177,6 +182,14 @@ mod tests {
         // One chunk far larger than the cap is split too.
         let lines = split(1000, &[], &[&long[..5000]]);
         assert_eq!(lines.iter().map(Vec::len).collect::<Vec<_>>(), [1000; 5]);
+    }
+
+    #[test]
+    fn bytes_that_are_no_utf8_are_cut_at_the_cap_not_byte_by_byte() {
+        let blob = vec![0x80u8; 64];
+        let lines = split(16, &[], &[&blob, b"\n"]);
+        let sizes: Vec<usize> = lines.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [16, 16, 16, 16], "{lines:?}");
     }
 
     #[test]
