@@ -248,15 +248,7 @@ fn deletion(result: Result<(u16, Value), ApiError>) -> Result<Deletion, ApiError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn status(endpoint: Endpoint, status: u16) -> ApiError {
-        ApiError::Status {
-            endpoint,
-            status,
-            message: "x".into(),
-            retry_hint: None,
-        }
-    }
+    use crate::gitlab::error::tests::status;
 
     #[test]
     fn deletion_treats_403_and_404_as_gone() {

@@ -193,10 +193,11 @@ fn explain(endpoint: Endpoint, status: u16) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn status(endpoint: Endpoint, status: u16) -> ApiError {
+    /// A status error with a placeholder message, for tests of what a status leads to.
+    pub(in crate::gitlab) fn status(endpoint: Endpoint, status: u16) -> ApiError {
         ApiError::Status {
             endpoint,
             status,
