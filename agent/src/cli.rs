@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::metadata::{ConfigSource, DEFAULT_DMI_DIR, DEFAULT_METADATA_URL};
+
 pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
 pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
 pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
@@ -79,6 +81,21 @@ pub struct RunArgs {
     /// runner.json
     #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// Where runner.json comes from: the file, a platform's metadata service (written to
+    /// --config), or auto (the platform recognised from DMI/SMBIOS, else the file)
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_CONFIG_SOURCE",
+        value_enum,
+        default_value = "file"
+    )]
+    pub config_source: ConfigSource,
+    /// The metadata service's base URL (all platforms serve it at the link-local address)
+    #[arg(long, env = "GITLAB_RUNNER_VM_METADATA_URL", default_value = DEFAULT_METADATA_URL)]
+    pub metadata_url: String,
+    /// Where the DMI/SMBIOS strings that recognise the platform are read
+    #[arg(long, env = "GITLAB_RUNNER_VM_DMI_DIR", default_value = DEFAULT_DMI_DIR)]
+    pub dmi_dir: PathBuf,
     /// Where status.json, config.toml and the runner system id live (one boot only)
     #[arg(long, env = "GITLAB_RUNNER_VM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

@@ -10,6 +10,7 @@ mod gitlab;
 mod hold;
 mod lifecycle;
 mod logging;
+mod metadata;
 mod power;
 mod registration;
 mod runner;

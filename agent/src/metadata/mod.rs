@@ -1,0 +1,186 @@
+//! The cloud platform the VM runs on, and where runner.json comes from. A platform is told
+//! (`--config-source aws|gce|digitalocean`) or recognised from DMI/SMBIOS (`auto`), the way
+//! cloud-init's ds-identify does it: from files the firmware wrote, without probing a network
+//! the VM may not be on.
+
+use std::path::Path;
+
+/// Where DMI/SMBIOS strings are read (`--dmi-dir` points tests at a fixture directory).
+pub const DEFAULT_DMI_DIR: &str = "/sys/class/dmi/id";
+/// Every platform serves its metadata here (link-local; GCE's metadata.google.internal is it too).
+pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
+
+/// A platform with a metadata service the agent knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    Aws,
+    Gce,
+    DigitalOcean,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Aws => "aws",
+            Platform::Gce => "gce",
+            Platform::DigitalOcean => "digitalocean",
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--config-source`: where runner.json comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigSource {
+    /// The file at `--config` (a config disk: KubeVirt, Proxmox, QEMU)
+    File,
+    /// EC2 user-data over IMDSv2
+    Aws,
+    /// GCE's `user-data` instance attribute
+    Gce,
+    /// DigitalOcean's user-data
+    #[value(name = "digitalocean")]
+    DigitalOcean,
+    /// The platform recognised from DMI/SMBIOS; the file when none is
+    Auto,
+}
+
+impl ConfigSource {
+    /// The platform whose metadata service serves runner.json; None: the file.
+    pub fn platform(self, dmi_dir: &Path) -> Option<Platform> {
+        match self {
+            ConfigSource::File => None,
+            ConfigSource::Aws => Some(Platform::Aws),
+            ConfigSource::Gce => Some(Platform::Gce),
+            ConfigSource::DigitalOcean => Some(Platform::DigitalOcean),
+            ConfigSource::Auto => detect(&Dmi::read(dmi_dir)),
+        }
+    }
+}
+
+/// The DMI strings that tell platforms apart (absent or unreadable ones are empty).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dmi {
+    pub sys_vendor: String,
+    pub product_name: String,
+    pub product_version: String,
+    pub product_serial: String,
+    pub product_uuid: String,
+    pub bios_vendor: String,
+    pub chassis_asset_tag: String,
+}
+
+impl Dmi {
+    pub fn read(dir: &Path) -> Dmi {
+        // Small sysfs files; a fixture that is not one (a FIFO, a huge file) reads as empty.
+        let field = |name: &str| {
+            crate::files::read_text(&dir.join(name), 4096)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        Dmi {
+            sys_vendor: field("sys_vendor"),
+            product_name: field("product_name"),
+            product_version: field("product_version"),
+            product_serial: field("product_serial"),
+            product_uuid: field("product_uuid"),
+            bios_vendor: field("bios_vendor"),
+            chassis_asset_tag: field("chassis_asset_tag"),
+        }
+    }
+}
+
+/// The platform these DMI strings describe, if it is one the agent knows.
+pub fn detect(dmi: &Dmi) -> Option<Platform> {
+    let starts_ec2 = |s: &str| s.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ec2"));
+    if dmi.sys_vendor == "Amazon EC2"
+        || dmi.bios_vendor == "Amazon EC2"
+        // Xen-based instances: the vendor is Xen, the UUID and serial start with ec2.
+        || (starts_ec2(&dmi.product_uuid) && starts_ec2(&dmi.product_serial))
+        || dmi.product_version.to_ascii_lowercase().contains("amazon")
+    {
+        return Some(Platform::Aws);
+    }
+    if dmi.product_name == "Google Compute Engine"
+        || dmi.sys_vendor == "Google"
+        || dmi.product_serial.starts_with("GoogleCloud-")
+    {
+        return Some(Platform::Gce);
+    }
+    if dmi.sys_vendor == "DigitalOcean" {
+        return Some(Platform::DigitalOcean);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dmi(sys_vendor: &str, product_name: &str) -> Dmi {
+        Dmi {
+            sys_vendor: sys_vendor.into(),
+            product_name: product_name.into(),
+            ..Dmi::default()
+        }
+    }
+
+    #[test]
+    fn nitro_graviton_and_xen_instances_are_aws() {
+        assert_eq!(detect(&dmi("Amazon EC2", "m7g.large")), Some(Platform::Aws));
+        let xen = Dmi {
+            sys_vendor: "Xen".into(),
+            product_name: "HVM domU".into(),
+            product_version: "4.11.amazon".into(),
+            product_uuid: "EC2E1916-9099-7CAF-FD21-012345678901".into(),
+            product_serial: "ec2e1916-9099-7caf-fd21-012345678901".into(),
+            ..Dmi::default()
+        };
+        assert_eq!(detect(&xen), Some(Platform::Aws));
+    }
+
+    #[test]
+    fn gce_and_digitalocean_are_recognised() {
+        assert_eq!(
+            detect(&dmi("Google", "Google Compute Engine")),
+            Some(Platform::Gce)
+        );
+        assert_eq!(
+            detect(&dmi("DigitalOcean", "Droplet")),
+            Some(Platform::DigitalOcean)
+        );
+    }
+
+    #[test]
+    fn kubevirt_qemu_and_proxmox_are_no_platform() {
+        assert_eq!(detect(&dmi("KubeVirt", "None")), None);
+        assert_eq!(detect(&dmi("QEMU", "Standard PC (Q35 + ICH9, 2009)")), None);
+        assert_eq!(detect(&Dmi::default()), None);
+        // A plain Xen host whose UUID merely starts with "ec2" by chance is not EC2.
+        let xen = Dmi {
+            sys_vendor: "Xen".into(),
+            product_uuid: "ec2a0000-0000-0000-0000-000000000000".into(),
+            product_serial: "0000".into(),
+            ..Dmi::default()
+        };
+        assert_eq!(detect(&xen), None);
+    }
+
+    #[test]
+    fn auto_reads_the_dmi_directory_and_a_told_source_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ConfigSource::Auto.platform(dir.path()), None);
+        std::fs::write(dir.path().join("sys_vendor"), "DigitalOcean\n").unwrap();
+        assert_eq!(
+            ConfigSource::Auto.platform(dir.path()),
+            Some(Platform::DigitalOcean)
+        );
+        assert_eq!(ConfigSource::Gce.platform(dir.path()), Some(Platform::Gce));
+        assert_eq!(ConfigSource::File.platform(dir.path()), None);
+    }
+}
