@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::metadata::{ConfigSource, DEFAULT_DMI_DIR, DEFAULT_METADATA_URL};
+use crate::preemption::WatchPreemption;
 
 pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
 pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
@@ -96,6 +97,15 @@ pub struct RunArgs {
     /// Where the DMI/SMBIOS strings that recognise the platform are read
     #[arg(long, env = "GITLAB_RUNNER_VM_DMI_DIR", default_value = DEFAULT_DMI_DIR)]
     pub dmi_dir: PathBuf,
+    /// Act on the platform's preemption and maintenance notices (drain; abort the job in time
+    /// to deregister before the VM goes away): auto is on for aws and gce
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_WATCH_PREEMPTION",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub watch_preemption: WatchPreemption,
     /// Where status.json, config.toml and the runner system id live (one boot only)
     #[arg(long, env = "GITLAB_RUNNER_VM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

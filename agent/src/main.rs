@@ -12,6 +12,7 @@ mod lifecycle;
 mod logging;
 mod metadata;
 mod power;
+mod preemption;
 mod registration;
 mod runner;
 mod secret;

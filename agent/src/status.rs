@@ -35,6 +35,9 @@ pub struct Status {
     pub hold_deadline: Option<SystemTime>,
     #[serde(with = "rfc3339_opt", default)]
     pub poweroff_at: Option<SystemTime>,
+    /// The preemption or maintenance notice acted on (absent: none, or an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preemption: Option<crate::preemption::Notice>,
 }
 
 pub fn path_in(state_dir: &Path) -> PathBuf {
@@ -124,6 +127,17 @@ pub fn render(status: &Status, now: SystemTime) -> String {
     if let Some(at) = status.poweroff_at {
         line(&mut out, "power-off at:", &fmt_time(at));
     }
+    if let Some(notice) = &status.preemption {
+        line(
+            &mut out,
+            "notice:",
+            &format!(
+                "{} (received {})",
+                notice.describe(now),
+                fmt_time(notice.received)
+            ),
+        );
+    }
     if let Some(err) = &status.last_error {
         line(&mut out, "last error:", err);
     }
@@ -205,6 +219,7 @@ mod tests {
             last_error: None,
             hold_deadline: Some(t0 + Duration::from_secs(3600)),
             poweroff_at: None,
+            preemption: None,
         }
     }
 

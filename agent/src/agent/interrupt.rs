@@ -1,10 +1,12 @@
-//! What the outside world asks for by signal, and the one helper that lets any wait be cut
-//! short by it.
+//! What the outside world asks for by signal (or, for a drain, by a preemption notice), and the
+//! one helper that lets any wait be cut short by it.
 
 use std::future::Future;
 
 use anyhow::Context;
 use tokio::sync::watch;
+
+use crate::preemption::Notice;
 
 /// Only ever escalates: None < Drain < Stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -17,7 +19,7 @@ pub enum Interrupt {
 }
 
 #[derive(Clone)]
-pub struct Interrupts(watch::Receiver<Interrupt>);
+pub struct Interrupts(watch::Receiver<Interrupt>, Option<watch::Receiver<Option<Notice>>>);
 
 impl Interrupts {
     /// Starts listening for SIGTERM, SIGINT and SIGUSR1.
@@ -43,17 +45,51 @@ impl Interrupts {
                 });
             }
         });
-        Ok(Interrupts(rx))
+        Ok(Interrupts(rx, None))
+    }
+
+    /// A preemption notice counts as a drain (no new job); what more it asks (the abort before
+    /// its deadline, no hold) the steps read from `notice()`.
+    pub fn with_notices(mut self, notices: watch::Receiver<Option<Notice>>) -> Self {
+        self.1 = Some(notices);
+        self
     }
 
     pub fn current(&self) -> Interrupt {
-        *self.0.borrow()
+        let signalled = *self.0.borrow();
+        match self.notice() {
+            Some(_) => signalled.max(Interrupt::Drain),
+            None => signalled,
+        }
+    }
+
+    /// The most urgent preemption notice so far.
+    pub fn notice(&self) -> Option<Notice> {
+        self.1.as_ref().and_then(|rx| rx.borrow().clone())
     }
 
     /// Resolves once an interrupt of at least `level` was asked for.
     pub async fn reached(&self, level: Interrupt) {
         let mut rx = self.0.clone();
-        if rx.wait_for(|i| *i >= level).await.is_err() {
+        let signalled = async {
+            if rx.wait_for(|i| *i >= level).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = signalled => {}
+            _ = self.notice_other_than(None), if level <= Interrupt::Drain => {}
+        }
+    }
+
+    /// Resolves once the notice differs from `seen` (never without a watcher).
+    pub async fn notice_other_than(&self, seen: Option<&Notice>) {
+        let Some(rx) = &self.1 else {
+            return std::future::pending().await;
+        };
+        let mut rx = rx.clone();
+        if rx.wait_for(|n| n.as_ref() != seen).await.is_err() {
+            // The watcher ended: the notice it left is all there will be.
             std::future::pending::<()>().await;
         }
     }

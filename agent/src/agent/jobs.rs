@@ -1,17 +1,21 @@
-//! running and draining: gitlab-runner `run-single` until it exits. A drain (SIGUSR1 or
-//! `max_lifetime`) sends it SIGQUIT: finish the current job, take no new one.
+//! running and draining: gitlab-runner `run-single` until it exits. A drain (SIGUSR1,
+//! `max_lifetime` or a preemption notice) sends it SIGQUIT: finish the current job, take no new
+//! one. A notice with a deadline then sends SIGTERM when `preemption::plan` says, so that
+//! gitlab-runner aborts and reports the job while the VM can still deregister.
 
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::process::Child;
+use tokio::time::Instant;
 
 use nix::sys::signal::Signal;
 
-use super::Agent;
 use super::error::AgentError;
+use super::{Agent, deadline_after};
 use super::interrupt::Interrupt;
 use super::state::{Job, Next, State, failed};
+use crate::preemption::{self, Action, Notice};
 use crate::runner;
 
 impl Agent {
@@ -24,7 +28,10 @@ impl Agent {
                 return self.stopping(Some(job.child), job.teardown);
             }
             exit = job.child.wait() => return self.jobs_ended(exit, job, false).await,
-            _ = self.interrupts.reached(Interrupt::Drain) => "drain requested (SIGUSR1)".to_string(),
+            _ = self.interrupts.reached(Interrupt::Drain) => match self.interrupts.notice() {
+                Some(notice) => notice.describe(SystemTime::now()),
+                None => "drain requested (SIGUSR1)".to_string(),
+            },
             _ = sleep_until_opt(job.lifetime_end) => {
                 format!("max_lifetime of {} s reached", job.max_lifetime_seconds)
             }
@@ -39,16 +46,61 @@ impl Agent {
         (State::Draining(job), detail)
     }
 
-    /// draining: until gitlab-runner exits, or a stop.
+    /// draining: until gitlab-runner exits, a stop, or the abort a preemption notice plans
+    /// (a notice may come, or grow more urgent, while draining).
     pub(super) async fn finish_jobs(&mut self, mut job: Job) -> Next {
-        match self
-            .interrupts
-            .unless(Interrupt::Stop, job.child.wait())
-            .await
-        {
-            Some(exit) => self.jobs_ended(exit, job, true).await,
-            None => self.stopping(Some(job.child), job.teardown),
+        let quit_sent = Instant::now();
+        loop {
+            let notice = self.interrupts.notice();
+            let abort_at = notice
+                .as_ref()
+                .and_then(|n| self.abort_time(n, quit_sent));
+            let interrupts = self.interrupts.clone();
+            tokio::select! {
+                biased;
+                _ = interrupts.reached(Interrupt::Stop) => {
+                    return self.stopping(Some(job.child), job.teardown);
+                }
+                exit = job.child.wait() => return self.jobs_ended(exit, job, true).await,
+                _ = sleep_until_opt(abort_at) => {
+                    let notice = notice.expect("an abort time comes from a notice");
+                    return self.abort_jobs(job, &notice).await;
+                }
+                _ = interrupts.notice_other_than(notice.as_ref()) => {}
+            }
         }
+    }
+
+    /// When the notice wants gitlab-runner aborted: what `plan` says, but never sooner than
+    /// `QUIT_TERM_GAP` after the SIGQUIT.
+    fn abort_time(&self, notice: &Notice, quit_sent: Instant) -> Option<Instant> {
+        let reserve =
+            Duration::from_secs(self.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
+        match preemption::plan(notice, SystemTime::now(), reserve) {
+            Action::Drain => None,
+            Action::DrainThenAbort { after } => {
+                Some(deadline_after(after).max(quit_sent + preemption::QUIT_TERM_GAP))
+            }
+        }
+    }
+
+    /// SIGTERM to gitlab-runner within the notice's time (it aborts the job and reports it as
+    /// a runner system failure), then the teardown: whatever its exit, this is no failure.
+    async fn abort_jobs(&mut self, mut job: Job, notice: &Notice) -> Next {
+        let now = SystemTime::now();
+        let budget = preemption::abort_budget(
+            notice,
+            now,
+            Duration::from_secs(self.args.stop_timeout),
+        );
+        tracing::warn!(
+            "{}: aborting the job now, so that gitlab-runner reports it (failure reason runner_system_failure) and the VM deregisters in time; gitlab-runner gets {} s",
+            notice.describe(now),
+            budget.as_secs()
+        );
+        stop_child(&mut job.child, budget).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), job.forwarding).await;
+        self.teardown(job.teardown)
     }
 
     async fn jobs_ended(

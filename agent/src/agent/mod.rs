@@ -32,12 +32,19 @@ use crate::cli::RunArgs;
 use crate::config::CredentialKind;
 use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
 use crate::status::{self, Status};
-use crate::{secret, systemd};
+use crate::{preemption, secret, systemd};
 use interrupt::{Interrupt, Interrupts};
 use state::{Next, State};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let mut agent = Agent::new(absolute_paths(args)?, Interrupts::listen()?);
+    let args = absolute_paths(args)?;
+    let mut interrupts = Interrupts::listen()?;
+    let watcher = watch_preemption(&args);
+    if let Some(w) = &watcher {
+        interrupts = interrupts.with_notices(w.notices.clone());
+    }
+    let mut agent = Agent::new(args, interrupts);
+    agent.watcher = watcher.map(|w| w.task);
     systemd::spawn_watchdog();
     let mut state = agent.start()?;
     loop {
@@ -79,6 +86,8 @@ struct Agent {
     last_error: Option<String>,
     hold_deadline: Option<SystemTime>,
     poweroff_at: Option<SystemTime>,
+    /// The preemption watcher's task, ended with the run.
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -93,6 +102,7 @@ impl Agent {
             last_error: None,
             hold_deadline: None,
             poweroff_at: None,
+            watcher: None,
         }
     }
 
@@ -195,6 +205,7 @@ impl Agent {
             last_error: self.last_error.clone(),
             hold_deadline: self.hold_deadline,
             poweroff_at: self.poweroff_at,
+            preemption: self.interrupts.notice(),
         };
         status::write(&self.args.state_dir, &status)
     }
@@ -202,6 +213,21 @@ impl Agent {
     fn interrupt(&self) -> Interrupt {
         self.interrupts.current()
     }
+}
+
+/// The preemption watcher `--watch-preemption` asks for, started for the whole run (a notice
+/// during registering means gitlab-runner never starts; during a hold, the hold ends).
+fn watch_preemption(args: &RunArgs) -> Option<preemption::Watcher> {
+    let platform = match args.watch_preemption {
+        preemption::WatchPreemption::Off => None,
+        _ => args.config_source.platform(&args.dmi_dir),
+    };
+    let (watched, warning) =
+        preemption::watched_platform(args.watch_preemption, args.config_source, platform);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    preemption::start(watched?, &args.metadata_url)
 }
 
 /// `now + wait`, or a deadline far beyond any VM's life when that overflows the clock.

@@ -17,6 +17,7 @@ use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Phase};
+use crate::preemption::{self, Notice};
 use crate::registration::{Registered, Target, possibly_created};
 use crate::status::{self, Status};
 use crate::{power, runner, systemd};
@@ -37,6 +38,10 @@ impl Agent {
     /// Once GitLab was told (or there was nothing to tell): hold while the keep file exists,
     /// else power off.
     fn after_deregistration(&mut self, teardown: Teardown) -> Next {
+        if self.vm_goes_away() {
+            // The platform takes the VM at the notice's deadline: a hold would not last.
+            return self.powering_off(teardown);
+        }
         match lifecycle::after_deregistration(hold::keep_file_exists(&self.args.keep_file)) {
             Phase::Holding => self.holding(teardown),
             _ => self.powering_off(teardown),
@@ -62,11 +67,16 @@ impl Agent {
 
     fn powering_off(&mut self, teardown: Teardown) -> Next {
         let now = SystemTime::now();
-        let wait = lifecycle::poweroff_wait(
-            self.lc.failed_at,
-            Duration::from_secs(self.args.failure_delay),
-            now,
-        );
+        let wait = if self.vm_goes_away() {
+            // No boot loop to slow down: the platform ends this VM anyway.
+            Duration::ZERO
+        } else {
+            lifecycle::poweroff_wait(
+                self.lc.failed_at,
+                Duration::from_secs(self.args.failure_delay),
+                now,
+            )
+        };
         self.poweroff_at = now.checked_add(wait);
         let action = if self.args.no_poweroff {
             "exiting without power-off (--no-poweroff)".to_string()
@@ -117,7 +127,12 @@ impl Agent {
             return;
         };
         let what = registered.describe();
-        let deadline = deadline_after(Duration::from_secs(self.args.deregister_timeout));
+        let budget = preemption::deregister_budget(
+            self.interrupts.notice().as_ref(),
+            SystemTime::now(),
+            Duration::from_secs(self.args.deregister_timeout),
+        );
+        let deadline = deadline_after(budget);
         match registered.deregister(deadline).await {
             Ok(Deletion::Deleted) => {
                 self.lc.deregistered = true;
@@ -153,8 +168,28 @@ impl Agent {
             );
             self.write_status();
         });
+        let going_away = async {
+            loop {
+                let seen = interrupts.notice();
+                if seen.as_ref().is_some_and(Notice::vm_goes_away) {
+                    return;
+                }
+                interrupts.notice_other_than(seen.as_ref()).await;
+            }
+        };
+        let held = async {
+            tokio::select! {
+                end = held => Some(end),
+                _ = going_away => None,
+            }
+        };
         let Some(end) = interrupts.unless(Interrupt::Stop, held).await else {
             return self.stopping(None, teardown);
+        };
+        let Some(end) = end else {
+            self.hold_deadline = None;
+            tracing::warn!("hold ended: a preemption notice says the VM goes away");
+            return self.powering_off(teardown);
         };
         self.hold_deadline = None;
         match end {
@@ -175,20 +210,25 @@ impl Agent {
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO);
         let keep_file = self.args.keep_file.clone();
+        let interrupts = self.interrupts.clone();
+        let seen = interrupts.notice();
         let waited = self.interrupts.unless(Interrupt::Stop, async {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => false,
                 Ok(()) = hold::keep_file_created(&keep_file), if !wait.is_zero() => true,
+                // A notice ends the failure delay (checked again below).
+                _ = interrupts.notice_other_than(seen.as_ref()), if !wait.is_zero() => false,
             }
         });
         match waited.await {
             None => return self.stopping(None, teardown),
-            Some(true) => {
+            Some(true) if !self.vm_goes_away() => {
                 self.poweroff_at = None;
                 return self.holding(teardown);
             }
-            Some(false) => {}
+            Some(_) => {}
         }
+        self.end_watcher();
         systemd::stopping();
         if self.args.no_poweroff {
             tracing::info!(
@@ -213,9 +253,14 @@ impl Agent {
     /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
     /// powering off (the platform is already doing that).
     pub(super) async fn stop(&mut self, stop: Stop) -> Next {
+        self.end_watcher();
         systemd::stopping();
         if let Some(mut child) = stop.child {
-            stop_child(&mut child, Duration::from_secs(self.args.stop_timeout)).await;
+            let mut timeout = Duration::from_secs(self.args.stop_timeout);
+            if let Some(notice) = self.interrupts.notice() {
+                timeout = preemption::abort_budget(&notice, SystemTime::now(), timeout);
+            }
+            stop_child(&mut child, timeout).await;
         }
         if self.lc.needs_deregistration() {
             self.delete_from_gitlab(&stop.teardown).await;
@@ -290,6 +335,21 @@ impl Agent {
         };
         self.last_error = prev.last_error;
         Teardown { registered }
+    }
+}
+
+impl Agent {
+    /// A preemption or maintenance notice with a deadline came: no hold, no failure delay.
+    fn vm_goes_away(&self) -> bool {
+        self.interrupts
+            .notice()
+            .is_some_and(|notice| notice.vm_goes_away())
+    }
+
+    fn end_watcher(&mut self) {
+        if let Some(task) = self.watcher.take() {
+            task.abort();
+        }
     }
 }
 

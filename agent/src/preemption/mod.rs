@@ -1,0 +1,241 @@
+//! Preemption and maintenance notices: the warning a cloud gives before it takes the VM away,
+//! turned into a graceful stop instead of a job killed mid-flight.
+//!
+//! - AWS: the Spot `instance-action` (terminate, stop or hibernate at a given time, about two
+//!   minutes ahead) and the rebalance recommendation (an elevated risk, no deadline), polled
+//!   over IMDSv2 no more often than every 5 s, as AWS recommends.
+//! - GCE: `instance/preempted` (TRUE about 30 s before a Spot or preemptible VM is stopped) and
+//!   `instance/maintenance-event` (TERMINATE_ON_HOST_MAINTENANCE about 60 s ahead; a live
+//!   migration is logged, not acted on), each a long poll (`wait_for_change` with the last ETag).
+//!
+//! On a notice the agent drains at once (no new job); when the deadline leaves no more time than
+//! gitlab-runner's abort and the deregistration need (`plan`), gitlab-runner gets SIGTERM, so
+//! that it reports the job as failed by the system (`runner_system_failure`, which a job can
+//! `retry`), then the VM deregisters and powers off without a hold.
+//!
+//! What is not a notice stays none: a 404, an error status, HTML, a body that is not UTF-8 or
+//! too large, an unknown value. A broken metadata service is no evidence that the VM goes away,
+//! and acting on it would abort the jobs of a whole fleet; the platform's own shutdown still
+//! reaches the agent as SIGTERM (stopping). Each kind of trouble is logged once per endpoint.
+//!
+//! This file holds the decisions (pure); `parse` reads answers (pure), `http` is the only I/O,
+//! `watch` runs the loops.
+
+mod http;
+mod parse;
+mod watch;
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::metadata::{ConfigSource, Platform};
+
+pub use watch::{Watcher, start};
+
+/// Time kept at the end of a notice's warning for the deregistration (one DELETE to GitLab).
+pub const DEREGISTER_RESERVE: Duration = Duration::from_secs(10);
+/// gitlab-runner always gets at least this long to abort its job after SIGTERM, however close
+/// the deadline: a job aborted and reported beats one that merely vanishes.
+pub const MIN_ABORT: Duration = Duration::from_secs(3);
+/// Between SIGQUIT and SIGTERM: run-single reads signals from an unbuffered channel, and a
+/// SIGTERM that arrives while it is still logging the SIGQUIT would be dropped.
+pub const QUIT_TERM_GAP: Duration = Duration::from_secs(1);
+
+/// `--watch-preemption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WatchPreemption {
+    /// On when the platform (told by --config-source, or recognised) is aws or gce
+    Auto,
+    /// Watch the platform's notices (aws, gce); a warning elsewhere
+    On,
+    /// Never watch
+    Off,
+}
+
+/// The platform whose notices are watched, and a warning when `on` finds none to watch.
+pub fn watched_platform(
+    mode: WatchPreemption,
+    source: ConfigSource,
+    platform: Option<Platform>,
+) -> (Option<Platform>, Option<String>) {
+    let with_notices = platform.filter(|p| matches!(p, Platform::Aws | Platform::Gce));
+    match mode {
+        WatchPreemption::Off => (None, None),
+        WatchPreemption::Auto => (with_notices, None),
+        WatchPreemption::On => match (with_notices, platform) {
+            (Some(p), _) => (Some(p), None),
+            (None, Some(other)) => (
+                None,
+                Some(format!(
+                    "--watch-preemption on: {other} gives no preemption notice the agent knows; nothing is watched"
+                )),
+            ),
+            (None, None) => (
+                None,
+                Some(format!(
+                    "--watch-preemption on: no platform with notices (--config-source {}{}); nothing is watched: set --config-source aws or gce",
+                    source_name(source),
+                    if source == ConfigSource::Auto {
+                        ", and DMI/SMBIOS names none"
+                    } else {
+                        ""
+                    }
+                )),
+            ),
+        },
+    }
+}
+
+fn source_name(source: ConfigSource) -> &'static str {
+    match source {
+        ConfigSource::File => "file",
+        ConfigSource::Aws => "aws",
+        ConfigSource::Gce => "gce",
+        ConfigSource::DigitalOcean => "digitalocean",
+        ConfigSource::Auto => "auto",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoticeKind {
+    /// AWS Spot `instance-action`: terminate, stop or hibernate at a time.
+    SpotInterruption,
+    /// AWS rebalance recommendation: an elevated risk of interruption, no deadline.
+    RebalanceRecommendation,
+    /// GCE `preempted` TRUE: the VM stops in about 30 s.
+    Preemption,
+    /// GCE `maintenance-event` TERMINATE_ON_HOST_MAINTENANCE: the VM stops in about 60 s.
+    HostMaintenance,
+}
+
+impl NoticeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::SpotInterruption => "spot-interruption",
+            NoticeKind::RebalanceRecommendation => "rebalance-recommendation",
+            NoticeKind::Preemption => "preemption",
+            NoticeKind::HostMaintenance => "host-maintenance",
+        }
+    }
+}
+
+/// A notice as status.json shows it. `detail` is built from recognised values only, never
+/// copied from the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub platform: String,
+    pub kind: NoticeKind,
+    pub detail: String,
+    #[serde(with = "crate::status::rfc3339")]
+    pub received: SystemTime,
+    /// When the VM goes away; None: no deadline (drain only).
+    #[serde(with = "crate::status::rfc3339_opt", default)]
+    pub deadline: Option<SystemTime>,
+}
+
+impl Notice {
+    /// The VM is going away: no hold, no failure delay.
+    pub fn vm_goes_away(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    /// One line for the journal and status: kind, platform, detail, deadline and how far it is.
+    pub fn describe(&self, now: SystemTime) -> String {
+        let head = format!(
+            "{} {} notice ({})",
+            self.platform,
+            self.kind.as_str(),
+            self.detail
+        );
+        match self.deadline {
+            Some(deadline) => format!(
+                "{head}: the VM goes away at {} ({})",
+                crate::status::fmt_time(deadline),
+                seconds_left(deadline, now)
+            ),
+            None => format!("{head}: no deadline"),
+        }
+    }
+}
+
+/// "in N s", or "now" once it has passed.
+pub fn seconds_left(deadline: SystemTime, now: SystemTime) -> String {
+    match deadline.duration_since(now) {
+        Ok(left) if left.as_secs() > 0 => format!("in {} s", left.as_secs()),
+        _ => "now".into(),
+    }
+}
+
+/// Whether `new` should replace `current` as the notice the agent acts on: any notice beats
+/// none, a deadline beats none, an earlier deadline beats a later one. The same notice read
+/// again (AWS keeps answering it) replaces nothing, so it is logged once.
+pub fn more_urgent(current: Option<&Notice>, new: &Notice) -> bool {
+    match (current.and_then(|c| c.deadline), new.deadline, current) {
+        (_, _, None) => true,
+        (None, Some(_), _) => true,
+        (Some(old), Some(new), _) => new < old,
+        (_, None, _) => false,
+    }
+}
+
+/// What a notice asks of the running jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// No new job; the current one may finish (no deadline).
+    Drain,
+    /// No new job, and after `after` (zero: at once) SIGTERM to gitlab-runner, so that it
+    /// aborts and reports the job and the VM deregisters before the deadline.
+    DrainThenAbort { after: Duration },
+}
+
+/// `reserve`: what must be left before the deadline when the abort begins, i.e. gitlab-runner's
+/// `--stop-timeout` plus `DEREGISTER_RESERVE`. A notice nearer than that (GCE's 30 s) aborts at
+/// once; a farther one (AWS's two minutes with the default `--stop-timeout`) lets the job run on
+/// until `deadline - reserve`, in case it finishes by then. A deadline already past (a clock
+/// behind the platform's) aborts at once.
+pub fn plan(notice: &Notice, now: SystemTime, reserve: Duration) -> Action {
+    let Some(deadline) = notice.deadline else {
+        return Action::Drain;
+    };
+    let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+    Action::DrainThenAbort {
+        after: left.saturating_sub(reserve),
+    }
+}
+
+/// How long gitlab-runner may take to abort after SIGTERM: `--stop-timeout`, but never so long
+/// that the deregistration's reserve is eaten, and never less than `MIN_ABORT`.
+pub fn abort_budget(notice: &Notice, now: SystemTime, stop_timeout: Duration) -> Duration {
+    match notice.deadline {
+        None => stop_timeout,
+        Some(deadline) => {
+            let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+            stop_timeout
+                .min(left.saturating_sub(DEREGISTER_RESERVE))
+                .max(MIN_ABORT.min(stop_timeout))
+        }
+    }
+}
+
+/// How long the deregistration may take: `--deregister-timeout`, within what is left before the
+/// deadline (at least a few seconds: the VM may outlive its notice, and trying costs nothing).
+pub fn deregister_budget(
+    notice: Option<&Notice>,
+    now: SystemTime,
+    deregister_timeout: Duration,
+) -> Duration {
+    match notice.and_then(|n| n.deadline) {
+        None => deregister_timeout,
+        Some(deadline) => {
+            let left = deadline.duration_since(now).unwrap_or(Duration::ZERO);
+            deregister_timeout.min(left.max(MIN_ABORT))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod mock_tests;
