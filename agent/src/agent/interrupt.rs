@@ -19,7 +19,10 @@ pub enum Interrupt {
 }
 
 #[derive(Clone)]
-pub struct Interrupts(watch::Receiver<Interrupt>, Option<watch::Receiver<Option<Notice>>>);
+pub struct Interrupts(
+    watch::Receiver<Interrupt>,
+    Option<watch::Receiver<Option<Notice>>>,
+);
 
 impl Interrupts {
     /// Starts listening for SIGTERM, SIGINT and SIGUSR1.

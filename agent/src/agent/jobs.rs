@@ -12,9 +12,9 @@ use tokio::time::Instant;
 use nix::sys::signal::Signal;
 
 use super::error::AgentError;
-use super::{Agent, deadline_after};
 use super::interrupt::Interrupt;
 use super::state::{Job, Next, State, failed};
+use super::{Agent, deadline_after};
 use crate::preemption::{self, Action, Notice};
 use crate::runner;
 
@@ -52,9 +52,7 @@ impl Agent {
         let quit_sent = Instant::now();
         loop {
             let notice = self.interrupts.notice();
-            let abort_at = notice
-                .as_ref()
-                .and_then(|n| self.abort_time(n, quit_sent));
+            let abort_at = notice.as_ref().and_then(|n| self.abort_time(n, quit_sent));
             let interrupts = self.interrupts.clone();
             tokio::select! {
                 biased;
@@ -74,8 +72,7 @@ impl Agent {
     /// When the notice wants gitlab-runner aborted: what `plan` says, but never sooner than
     /// `QUIT_TERM_GAP` after the SIGQUIT.
     fn abort_time(&self, notice: &Notice, quit_sent: Instant) -> Option<Instant> {
-        let reserve =
-            Duration::from_secs(self.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
+        let reserve = Duration::from_secs(self.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
         match preemption::plan(notice, SystemTime::now(), reserve) {
             Action::Drain => None,
             Action::DrainThenAbort { after } => {
@@ -88,11 +85,8 @@ impl Agent {
     /// a runner system failure), then the teardown: whatever its exit, this is no failure.
     async fn abort_jobs(&mut self, mut job: Job, notice: &Notice) -> Next {
         let now = SystemTime::now();
-        let budget = preemption::abort_budget(
-            notice,
-            now,
-            Duration::from_secs(self.args.stop_timeout),
-        );
+        let budget =
+            preemption::abort_budget(notice, now, Duration::from_secs(self.args.stop_timeout));
         tracing::warn!(
             "{}: aborting the job now, so that gitlab-runner reports it (failure reason runner_system_failure) and the VM deregisters in time; gitlab-runner gets {} s",
             notice.describe(now),

@@ -92,9 +92,11 @@ impl Agent {
         if self.interrupt() == Interrupt::Drain {
             // gitlab-runner killed by a SIGQUIT that arrives before it installs its handlers
             // would count as a failed run; a drain asked for before the start means no start.
-            tracing::info!(
-                "drain requested before gitlab-runner started: not starting it, tearing down"
-            );
+            let why = match self.interrupts.notice() {
+                Some(_) => "a preemption notice came",
+                None => "drain requested",
+            };
+            tracing::info!("{why} before gitlab-runner started: not starting it, tearing down");
             return self.teardown(teardown);
         }
         self.start_runner(&config, &user, teardown)

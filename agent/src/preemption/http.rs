@@ -74,11 +74,9 @@ impl MetadataHttp {
         key: &str,
         wait: Option<(Option<&str>, u64)>,
     ) -> Result<Answer, String> {
-        let mut url = reqwest::Url::parse(&format!(
-            "{}/computeMetadata/v1/instance/{key}",
-            self.base
-        ))
-        .map_err(|e| format!("a bad metadata URL ({e})"))?;
+        let mut url =
+            reqwest::Url::parse(&format!("{}/computeMetadata/v1/instance/{key}", self.base))
+                .map_err(|e| format!("a bad metadata URL ({e})"))?;
         if let Some((etag, seconds)) = wait {
             let mut query = url.query_pairs_mut();
             query

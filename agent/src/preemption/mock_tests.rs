@@ -179,9 +179,10 @@ async fn aws_asks_with_an_imdsv2_token_no_more_often_than_every_5_s() {
     // The notice comes at the next poll.
     Mock::given(method("GET"))
         .and(path(INSTANCE_ACTION))
-        .respond_with(ResponseTemplate::new(200).set_body_string(
-            r#"{"action": "terminate", "time": "2026-11-30T17:02:00Z"}"#,
-        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string(r#"{"action": "terminate", "time": "2026-11-30T17:02:00Z"}"#),
+        )
         .with_priority(1)
         .mount(&server)
         .await;

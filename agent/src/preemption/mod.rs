@@ -236,6 +236,6 @@ pub fn deregister_budget(
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod mock_tests;
+#[cfg(test)]
+mod tests;

@@ -36,9 +36,13 @@ fn a_spot_notice_is_read_with_its_action_and_time() {
     assert_eq!(n.platform, "aws");
     // stop is a deadline as well; hibernation starts at once.
     let stop = br#"{"action":"stop","time":"2026-11-30T17:02:00Z","extra":1}"#;
-    assert!(matches!(parse::aws_instance_action(stop, t0()), Reading::Notice(n) if n.deadline == Some(t0() + secs(120))));
+    assert!(
+        matches!(parse::aws_instance_action(stop, t0()), Reading::Notice(n) if n.deadline == Some(t0() + secs(120)))
+    );
     let hibernate = br#"{"action":"hibernate","time":"2026-11-30T17:02:00Z"}"#;
-    assert!(matches!(parse::aws_instance_action(hibernate, t0()), Reading::Notice(n) if n.deadline == Some(t0())));
+    assert!(
+        matches!(parse::aws_instance_action(hibernate, t0()), Reading::Notice(n) if n.deadline == Some(t0()))
+    );
 }
 
 #[test]
@@ -119,7 +123,10 @@ fn an_unrecognised_body_is_logged_short_escaped_and_scrubbed() {
         panic!()
     };
     assert_eq!(text, "10 bytes, not UTF-8");
-    let body = format!("\u{1b}[31mglrt-abcdefghijklmnopqrstuvwxyz {}", "x".repeat(5000));
+    let body = format!(
+        "\u{1b}[31mglrt-abcdefghijklmnopqrstuvwxyz {}",
+        "x".repeat(5000)
+    );
     let Reading::Unrecognised(text) = parse::gce_preempted(body.as_bytes(), t0()) else {
         panic!()
     };
@@ -189,8 +196,11 @@ fn the_most_urgent_notice_wins_and_a_repeat_is_no_news() {
 #[test]
 fn auto_watches_aws_and_gce_only_and_on_warns_elsewhere() {
     use crate::metadata::{ConfigSource, Platform};
-    let (watched, warning) =
-        watched_platform(WatchPreemption::Auto, ConfigSource::Aws, Some(Platform::Aws));
+    let (watched, warning) = watched_platform(
+        WatchPreemption::Auto,
+        ConfigSource::Aws,
+        Some(Platform::Aws),
+    );
     assert_eq!((watched, warning), (Some(Platform::Aws), None));
     let (watched, warning) = watched_platform(
         WatchPreemption::Auto,
@@ -214,7 +224,11 @@ fn auto_watches_aws_and_gce_only_and_on_warns_elsewhere() {
         Some(Platform::DigitalOcean),
     );
     assert_eq!(watched, None);
-    assert!(warning.unwrap().contains("digitalocean gives no preemption notice"));
+    assert!(
+        warning
+            .unwrap()
+            .contains("digitalocean gives no preemption notice")
+    );
 }
 
 #[test]

@@ -77,7 +77,7 @@ fn offer(tx: &watch::Sender<Option<Notice>>, notice: Notice) {
     });
     if accepted {
         let action = if notice.vm_goes_away() {
-            "no new job; the current one is aborted and reported in time to deregister before the deadline"
+            "no new job; a job still running as the deadline nears is aborted and reported, in time to deregister"
         } else {
             "no new job; the current one may finish"
         };
@@ -112,11 +112,9 @@ impl Complaints {
     /// A non-200 answer or a failed request, by kind.
     fn bad_answer(&mut self, result: &Result<Answer, String>) {
         match result {
-            Ok(answer) if answer.status == 200 => {
-                self.complain("too large", || {
-                    format!("more than {} bytes", super::http::MAX_BODY)
-                })
-            }
+            Ok(answer) if answer.status == 200 => self.complain("too large", || {
+                format!("more than {} bytes", super::http::MAX_BODY)
+            }),
             Ok(answer) => {
                 let status = answer.status;
                 self.complain(&format!("status {status}"), || format!("HTTP {status}"))
@@ -146,7 +144,10 @@ async fn watch_aws(http: MetadataHttp, tx: watch::Sender<Option<Notice>>) {
     loop {
         let started = Instant::now();
         let mut ok = true;
-        if token.as_ref().is_none_or(|(_, at)| at.elapsed() > token_life) {
+        if token
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() > token_life)
+        {
             token = None;
             let result = http.aws_token().await;
             match &result {
@@ -209,11 +210,7 @@ fn is_token(body: &[u8]) -> bool {
 }
 
 /// Acts on a reading; false when it was not this endpoint's answer.
-fn take(
-    reading: Reading,
-    complaints: &mut Complaints,
-    tx: &watch::Sender<Option<Notice>>,
-) -> bool {
+fn take(reading: Reading, complaints: &mut Complaints, tx: &watch::Sender<Option<Notice>>) -> bool {
     match reading {
         Reading::Quiet => true,
         Reading::Notice(notice) => {
@@ -235,7 +232,12 @@ fn take(
 async fn watch_gce(http: MetadataHttp, tx: watch::Sender<Option<Notice>>) {
     tokio::join!(
         watch_gce_key(&http, "preempted", parse::gce_preempted, &tx),
-        watch_gce_key(&http, "maintenance-event", parse::gce_maintenance_event, &tx),
+        watch_gce_key(
+            &http,
+            "maintenance-event",
+            parse::gce_maintenance_event,
+            &tx
+        ),
     );
 }
 
