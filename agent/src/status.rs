@@ -235,6 +235,34 @@ mod tests {
         assert!(!dir.path().join(".status.json.tmp").exists());
     }
 
+    fn notice(at: SystemTime) -> crate::preemption::Notice {
+        crate::preemption::Notice {
+            platform: "gce".into(),
+            kind: crate::preemption::NoticeKind::Preemption,
+            detail: "instance/preempted TRUE".into(),
+            received: at,
+            deadline: Some(at + Duration::from_secs(30)),
+        }
+    }
+
+    #[test]
+    fn a_notice_is_shown_with_its_deadline_and_kept_in_the_file() {
+        let mut s = sample();
+        s.preemption = Some(notice(s.since));
+        let text = render(&s, s.since + Duration::from_secs(5));
+        assert!(
+            text.contains("notice:         gce preemption notice (instance/preempted TRUE): the VM goes away at 2027-01-15T08:00:30.000Z (in 25 s) (received 2027-01-15T08:00:00.000Z)"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &s).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), s);
+        // Without a notice the key is absent, as in the files of older agents.
+        write(dir.path(), &sample()).unwrap();
+        let raw = fs::read_to_string(path_in(dir.path())).unwrap();
+        assert!(!raw.contains("preemption"), "{raw}");
+    }
+
     #[test]
     fn render_explains_the_hold() {
         let s = sample();
@@ -252,6 +280,7 @@ mod tests {
         let mut s = sample();
         s.poweroff_at = Some(s.since);
         s.last_error = Some("x".into());
+        s.preemption = Some(notice(s.since));
         let text = render(&s, s.since);
         let labelled: Vec<&str> = text
             .lines()

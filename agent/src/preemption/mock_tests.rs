@@ -279,3 +279,35 @@ async fn an_unreachable_service_is_no_notice() {
     assert!(!w.task.is_finished());
     w.task.abort();
 }
+
+#[tokio::test]
+async fn a_stalled_endpoint_times_out_and_the_watch_goes_on() {
+    let server = MockServer::start().await;
+    answer(
+        &server,
+        "PUT",
+        "/latest/api/token",
+        ResponseTemplate::new(200).set_body_string("tok-1"),
+    )
+    .await;
+    answer(
+        &server,
+        "GET",
+        INSTANCE_ACTION,
+        ResponseTemplate::new(200)
+            .set_body_string(r#"{"action": "terminate", "time": "2026-11-30T17:02:00Z"}"#)
+            .set_delay(Duration::from_secs(120)),
+    )
+    .await;
+    answer(&server, "GET", REBALANCE, ResponseTemplate::new(404)).await;
+    let mut w = start(Platform::Aws, &server.uri()).unwrap();
+    // The stalled answer is given up after 5 s (never read as a notice); the next endpoint
+    // is asked then.
+    assert_eq!(
+        notice_within(&mut w.notices, Duration::from_secs(7)).await,
+        None
+    );
+    assert_eq!(requests(&server, REBALANCE).await.len(), 1);
+    assert!(!w.task.is_finished());
+    w.task.abort();
+}
