@@ -444,3 +444,29 @@ async fn on_without_a_platform_warns_and_off_watches_nothing() {
         let _: Value = h.status();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_during_a_drain_still_aborts_the_job_in_time() {
+    let mut h = Harness::new().await;
+    let meta = MockServer::start().await;
+    set_up(&h, &meta).await;
+    quiet_gce(&meta).await;
+    let runner = write_runner(&h, 60);
+    start_with(&mut h, &runner, "gce", &meta, &["--stop-timeout", "20"]);
+    h.wait_until("the job", |h| h.read("runner-started").is_some())
+        .await;
+    // An operator's drain first: the job may finish...
+    send_signal(h.agent_pid(), 10);
+    h.wait_until("the drain", |h| h.runner_signals() == "QUIT\n")
+        .await;
+    // ...until the VM is preempted: no second SIGQUIT, a SIGTERM.
+    announce(&meta, PREEMPTED, "TRUE".into()).await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_eq!(h.runner_signals(), "QUIT\nTERM\n", "{}", h.log());
+    assert_eq!(
+        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+        1
+    );
+    assert!(h.powered_off());
+    assert_eq!(h.status()["preemption"]["kind"], "preemption");
+}
