@@ -470,3 +470,53 @@ async fn a_notice_during_a_drain_still_aborts_the_job_in_time() {
     assert!(h.powered_off());
     assert_eq!(h.status()["preemption"]["kind"], "preemption");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_ends_a_hold_under_way() {
+    let mut h = Harness::new().await;
+    let meta = MockServer::start().await;
+    set_up(&h, &meta).await;
+    quiet_gce(&meta).await;
+    std::fs::write(h.keep_file(), "").unwrap();
+    let runner = write_runner(&h, 0);
+    start(&mut h, &runner, "gce", &meta);
+    h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
+        .await;
+    announce(&meta, PREEMPTED, "TRUE".into()).await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(h.keep_file().exists(), "the keep file is the operator's");
+    let p = phases(&h);
+    assert_eq!(&p[p.len() - 2..], ["holding", "powering-off"], "{p:?}");
+    assert!(
+        h.log().contains("hold ended: a preemption notice"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_ends_the_failure_delay() {
+    let mut h = Harness::new().await;
+    let meta = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v4/runners/verify"))
+        .respond_with(ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})))
+        .with_priority(1)
+        .mount(&h.server)
+        .await;
+    set_up(&h, &meta).await;
+    quiet_gce(&meta).await;
+    let runner = write_runner(&h, 0);
+    // Without the notice the power-off would wait 10 minutes.
+    start_with(&mut h, &runner, "gce", &meta, &["--failure-delay", "600"]);
+    h.wait_until("the failure delay", |h| {
+        h.phase().as_deref() == Some("powering-off")
+    })
+    .await;
+    announce(&meta, PREEMPTED, "TRUE".into()).await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(h.runner_invocations().is_empty());
+    assert!(h.status()["last_error"].as_str().unwrap().contains("403"));
+}

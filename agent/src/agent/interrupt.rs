@@ -85,6 +85,17 @@ impl Interrupts {
         }
     }
 
+    /// Resolves once a notice says that the VM goes away (one with a deadline).
+    pub async fn vm_goes_away(&self) {
+        loop {
+            let seen = self.notice();
+            if seen.as_ref().is_some_and(Notice::vm_goes_away) {
+                return;
+            }
+            self.notice_other_than(seen.as_ref()).await;
+        }
+    }
+
     /// Resolves once the notice differs from `seen` (never without a watcher).
     pub async fn notice_other_than(&self, seen: Option<&Notice>) {
         let Some(rx) = &self.1 else {

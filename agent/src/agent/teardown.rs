@@ -17,7 +17,7 @@ use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Phase};
-use crate::preemption::{self, Notice};
+use crate::preemption;
 use crate::registration::{Registered, Target, possibly_created};
 use crate::status::{self, Status};
 use crate::{power, runner, systemd};
@@ -168,19 +168,10 @@ impl Agent {
             );
             self.write_status();
         });
-        let going_away = async {
-            loop {
-                let seen = interrupts.notice();
-                if seen.as_ref().is_some_and(Notice::vm_goes_away) {
-                    return;
-                }
-                interrupts.notice_other_than(seen.as_ref()).await;
-            }
-        };
         let held = async {
             tokio::select! {
                 end = held => Some(end),
-                _ = going_away => None,
+                _ = interrupts.vm_goes_away() => None,
             }
         };
         let Some(end) = interrupts.unless(Interrupt::Stop, held).await else {
@@ -211,13 +202,12 @@ impl Agent {
             .unwrap_or(Duration::ZERO);
         let keep_file = self.args.keep_file.clone();
         let interrupts = self.interrupts.clone();
-        let seen = interrupts.notice();
         let waited = self.interrupts.unless(Interrupt::Stop, async {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => false,
                 Ok(()) = hold::keep_file_created(&keep_file), if !wait.is_zero() => true,
-                // A notice ends the failure delay (checked again below).
-                _ = interrupts.notice_other_than(seen.as_ref()), if !wait.is_zero() => false,
+                // The platform ends the VM anyway: no boot loop to slow down.
+                _ = interrupts.vm_goes_away(), if !wait.is_zero() => false,
             }
         });
         match waited.await {
