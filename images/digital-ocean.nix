@@ -12,6 +12,9 @@ in
 
   virtualisation.digitalOcean.rebuildFromUserData = false;
 
+  # The agent names the runner after the host name, which nixpkgs' DigitalOcean module sets.
+  systemd.services.gitlab-runner-vm.after = lib.mkIf (runner && config.systemd.services ? digitalocean-set-hostname) [ "digitalocean-set-hostname.service" ];
+
   # do-agent (metrics) reads the droplet's metadata. In runner images, which keep users other
   # than root away from it (nixos-modules/hardening.nix), it runs as a user of its own instead
   # of a dynamic one, so that the firewall lets it through by name.

@@ -88,6 +88,16 @@ in
             default = "/runner-info/runner.json";
             description = "Path of runner.json, read at boot.";
           };
+          config-source = mkOption {
+            type = types.enum [ "file" "aws" "gce" "digitalocean" "auto" ];
+            default = "file";
+            description = ''
+              Where runner.json comes from: `file` reads `config` (a config disk); `aws`, `gce`
+              and `digitalocean` fetch the instance's user-data from the platform's metadata
+              service and write it to `config` (0600) first; `auto` recognises the platform
+              from DMI/SMBIOS, and reads the file when it is none of them.
+            '';
+          };
           keep-file = mkOption {
             type = types.str;
             default = "/etc/keep-runner";
