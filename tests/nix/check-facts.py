@@ -481,7 +481,9 @@ def check_the_module_keeps_the_agents_defaults(facts):
     if binary is None:
         raise Skip("no built gitlab-runner-vm in target/ (tests/run builds it with cargo test first)")
     help_text = subprocess.run([str(binary), "run", "--help"], capture_output=True, text=True, check=True).stdout
-    defaults = dict(re.findall(r"\[env: (GITLAB_RUNNER_VM_[A-Z0-9_]+)=\] \[default: (\d+)\]", help_text))
+    # One line in short help, two in long help (which clap prints for every flag once one flag
+    # documents its possible values, as --config-source does).
+    defaults = dict(re.findall(r"\[env: (GITLAB_RUNNER_VM_[A-Z0-9_]+)=\]\s*\[default: (\d+)\]", help_text))
     assert defaults, "`gitlab-runner-vm run --help` shows no numeric defaults"
     env = facts["runner"]["x86_64-linux"]["agent"]["unit"]["environment"]
     differ = {k: (env[k], defaults[k]) for k in defaults if k in env and env[k] != defaults[k]}
