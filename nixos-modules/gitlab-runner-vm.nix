@@ -86,7 +86,7 @@ in
           config = mkOption {
             type = types.str;
             default = "/runner-info/runner.json";
-            description = "Path of runner.json, read at boot.";
+            description = "Path of runner.json, read at boot (and written first when `config-source` fetches it).";
           };
           config-source = mkOption {
             type = types.enum [ "file" "aws" "gce" "digitalocean" "auto" ];
