@@ -34,7 +34,8 @@ in
     services.amazon-ssm-agent.enable = lib.mkOverride 90 config.gitlabRunnerVm.amazon.ssmAgent;
     ec2.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
     # The agent names the runner after the host name, which nixpkgs' apply-ec2-data sets.
-    systemd.services.gitlab-runner-vm.after = lib.mkIf runner [ "apply-ec2-data.service" ];
+    # (mkIf on the whole set: a plain image must not get a gitlab-runner-vm unit at all.)
+    systemd.services = lib.mkIf runner { gitlab-runner-vm.after = [ "apply-ec2-data.service" ]; };
     # The tool set does not fit the format's 4 GiB default; the EBS volume sets the real size.
     virtualisation.diskSize = lib.mkDefault "auto";
 
