@@ -25,10 +25,10 @@
         proxmox-image = ./images/proxmox.nix;
       };
 
-      # Runner images on clouds without a config disk take runner.json from user-data.
-      cloudUserData = datasource: {
-        services.cloud-init.enable = true;
-        gitlabRunnerVm.runner.userData.datasources = [ datasource ];
+      # Runner images on clouds without a config disk: the agent fetches runner.json from the
+      # instance's user-data (no cloud-init), and the platform's SSH keys for the CI user.
+      metadataConfig = platform: {
+        services.gitlab-runner-vm.settings.config-source = platform;
       };
 
       # Every image: its modules, the attribute of its build, and the systems it exists for.
@@ -42,11 +42,11 @@
           build = "kubevirtImage";
         };
         runner-amazon = {
-          modules = [ modules.runner modules.amazon-image (cloudUserData "Ec2") ];
+          modules = [ modules.runner modules.amazon-image (metadataConfig "aws") ];
           build = "amazonImage";
         };
         runner-gce = {
-          modules = [ modules.runner modules.google-compute-image (cloudUserData "GCE") ];
+          modules = [ modules.runner modules.google-compute-image (metadataConfig "gce") ];
           build = "googleComputeImage";
         };
         circleci-amazon = {
@@ -63,7 +63,7 @@
           systems = [ "x86_64-linux" ];
         };
         runner-digital-ocean = {
-          modules = [ modules.runner modules.digital-ocean-image (cloudUserData "DigitalOcean") ];
+          modules = [ modules.runner modules.digital-ocean-image (metadataConfig "digitalocean") ];
           build = "digitalOceanImage";
           systems = [ "x86_64-linux" ];
         };

@@ -17,7 +17,7 @@ SECTIONS = [
     ("gitlabRunnerVm.base", "`nixosModules.base`",
      "The CI tool set, users, SSH, Nix and kernel settings of every CI image. Imported by `.runner` and `.circleci`."),
     ("gitlabRunnerVm.runner", "`nixosModules.runner`",
-     "The runner image: base plus the agent, the config and scratch disks, runner.json from cloud-init user-data."),
+     "The runner image: base plus the agent, the config and scratch disks, on clouds runner.json from user-data and SSH keys from the metadata service, through the agent."),
     ("gitlabRunnerVm.circleci", "`nixosModules.circleci`", "The CircleCI machine image: base plus Xvfb and browsers."),
     ("gitlabRunnerVm.proxmoxTemplate", "`nixosModules.proxmox-template`", "The Proxmox VE golden template."),
     ("gitlabRunnerVm.kubevirt", "`nixosModules.kubevirt-image`", "The KubeVirt qcow2 image format."),

@@ -11,6 +11,7 @@
 { config, lib, pkgs, modulesPath, ... }:
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
+  runner = config.services.gitlab-runner-vm.enable or false;
   jq = lib.getExe pkgs.jq;
   qemu-img = lib.getExe' pkgs.qemu-utils "qemu-img";
 in
@@ -32,6 +33,9 @@ in
     # nixpkgs' amazon configuration sets it to true without mkDefault.
     services.amazon-ssm-agent.enable = lib.mkOverride 90 config.gitlabRunnerVm.amazon.ssmAgent;
     ec2.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
+    # The agent names the runner after the host name, which nixpkgs' apply-ec2-data sets.
+    # (mkIf on the whole set: a plain image must not get a gitlab-runner-vm unit at all.)
+    systemd.services = lib.mkIf runner { gitlab-runner-vm.after = [ "apply-ec2-data.service" ]; };
     # The tool set does not fit the format's 4 GiB default; the EBS volume sets the real size.
     virtualisation.diskSize = lib.mkDefault "auto";
 

@@ -12,14 +12,21 @@ in
 
   virtualisation.digitalOcean.rebuildFromUserData = false;
 
-  # do-agent (metrics) reads the droplet's metadata. In runner images, which keep users other
-  # than root away from it (nixos-modules/hardening.nix), it runs as a user of its own instead
-  # of a dynamic one, so that the firewall lets it through by name.
-  systemd.services.do-agent.serviceConfig = lib.mkIf doAgent {
-    DynamicUser = lib.mkForce false;
-    User = "do-agent";
-    Group = "do-agent";
-  };
+  systemd.services = lib.mkMerge [
+    # do-agent (metrics) reads the droplet's metadata. In runner images, which keep users other
+    # than root away from it (nixos-modules/hardening.nix), it runs as a user of its own
+    # instead of a dynamic one, so that the firewall lets it through by name.
+    {
+      do-agent.serviceConfig = lib.mkIf doAgent {
+        DynamicUser = lib.mkForce false;
+        User = "do-agent";
+        Group = "do-agent";
+      };
+    }
+    # The agent names the runner after the host name, which nixpkgs' DigitalOcean module sets.
+    # (mkIf on the whole set: a plain image must not get a gitlab-runner-vm unit at all.)
+    (lib.mkIf runner { gitlab-runner-vm.after = [ "digitalocean-set-hostname.service" ]; })
+  ];
   users.users.do-agent = lib.mkIf doAgent {
     isSystemUser = true;
     group = "do-agent";

@@ -33,14 +33,38 @@ in
       defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable && config.users.mutableUsers";
       description = ''
         Whether the guest agent creates a sudo user for each `user:key` of the `ssh-keys`
-        metadata. Off in runner images: cloud-init gives keys for the CI user (`runner:KEY`)
-        to that user.
+        metadata. Off in runner images: `gitlab-runner-vm ssh-keys` gives the keys for the CI
+        user (`runner:KEY`) to that user (gitlabRunnerVm.runner.platformSshKeys).
       '';
     };
   };
 
   config = {
     virtualisation.googleComputeImage.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
+
+    # The host name: nixpkgs leaves it to DHCP, whose client may not set it without polkit
+    # (off here), and the guest agent of nixpkgs (20230821) does not set it. As nixpkgs does
+    # for EC2 and DigitalOcean: the instance's name, from the metadata service, as root (the
+    # runner images' metadata firewall lets root through). The agent names the runner after it.
+    systemd.services.gce-set-hostname = lib.mkIf (config.networking.hostName == "") {
+      description = "Set the host name to the GCE instance's name";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      before = lib.optional runner "gitlab-runner-vm.service";
+      path = [ pkgs.curl config.systemd.package ];
+      script = ''
+        name=$(curl -fsS --retry 5 --retry-connrefused --retry-delay 1 --max-time 10 \
+          -H 'Metadata-Flavor: Google' \
+          http://169.254.169.254/computeMetadata/v1/instance/hostname)
+        # The short name, as cloud-init sets it: <instance>.<zone>.c.<project>.internal
+        hostnamectl hostname --transient "''${name%%.*}"
+      '';
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+    };
 
     security.googleOsLogin.enable = lib.mkOverride 90 gce.osLogin;
     systemd.services.google-startup-scripts.enable = lib.mkDefault gce.startupScripts;

@@ -86,7 +86,17 @@ in
           config = mkOption {
             type = types.str;
             default = "/runner-info/runner.json";
-            description = "Path of runner.json, read at boot.";
+            description = "Path of runner.json, read at boot (and written first when `config-source` fetches it).";
+          };
+          config-source = mkOption {
+            type = types.enum [ "file" "aws" "gce" "digitalocean" "auto" ];
+            default = "file";
+            description = ''
+              Where runner.json comes from: `file` reads `config` (a config disk); `aws`, `gce`
+              and `digitalocean` fetch the instance's user-data from the platform's metadata
+              service and write it to `config` (0600) first; `auto` recognises the platform
+              from DMI/SMBIOS, and reads the file when it is none of them.
+            '';
           };
           keep-file = mkOption {
             type = types.str;

@@ -6,7 +6,8 @@
 #   from local processes of users other than root (and `allowedUsers`) rejected in OUTPUT.
 #   DNS (53) and NTP (123) stay open: GCE serves both at the metadata address;
 # - the firewall is on (GCE turns it off by default) with only SSH open;
-# - SSH: no root login; cloud-init gives the platform's keys to the CI user, not root.
+# - SSH: no root login; the platform's keys go to the CI user, not root (runner.nix's
+#   gitlab-runner-vm-ssh-keys on clouds; cloud-init's default user where cloud-init runs).
 #
 # Imported by runner.nix, so it applies to every runner image; each setting is an option or a
 # default a user's module overrides (PermitRootLogin with lib.mkForce: the amazon format sets it).
@@ -79,9 +80,10 @@ in
         default = [ "root" ] ++ lib.optional (config.services.do-agent.enable && config.users.users ? do-agent) "do-agent";
         defaultText = lib.literalExpression ''[ "root" ] ++ lib.optional (config.services.do-agent.enable && config.users.users ? do-agent) "do-agent"'';
         description = ''
-          Users whose processes still reach the metadata service: the platform's own agents
-          (cloud-init, the guest agents) run as root; DigitalOcean's do-agent runs as its own
-          user in the runner image (images/digital-ocean.nix).
+          Users whose processes still reach the metadata service: gitlab-runner-vm (which
+          fetches runner.json and SSH keys there) and the platform's own units and guest
+          agents run as root; DigitalOcean's do-agent runs as its own user in the runner image
+          (images/digital-ocean.nix).
         '';
       };
     };
@@ -105,9 +107,27 @@ in
       # The amazon format sets "prohibit-password" without mkDefault, hence the stronger priority.
       services.openssh.settings.PermitRootLogin = lib.mkOverride 90 (if config.gitlabRunnerVm.runner.rootLogin then "prohibit-password" else "no");
 
-      # cloud-init's keys (EC2 key pair, GCE ssh-keys, DigitalOcean keys) go to the CI user,
-      # cloud-init's "default" user; root gets none.
+      # Where a runner image runs cloud-init (the cloud images do not; a KubeVirt runner with
+      # gitlabRunnerVm.kubevirt.cloudInit does): its keys go to the CI user, cloud-init's
+      # "default" user, root gets none, and user-data is data. cloud-init stores it but neither
+      # runs nor parses it, so it quotes none of it (its "Unhandled non-multipart" warning did,
+      # on the console): no scripts, cloud-config or part handlers.
       services.cloud-init.settings = lib.mkIf config.services.cloud-init.enable {
+        allow_userdata = false;
+        # Data only: keys, host name, files, partition growth. No bootcmd, runcmd or user
+        # scripts, no phone-home or power-state-change, no password changes.
+        cloud_init_modules = [
+          "migrator"
+          "seed_random"
+          "write-files"
+          "growpart"
+          "resizefs"
+          "update_hostname"
+          "resolv_conf"
+          "users-groups"
+        ];
+        cloud_config_modules = [ "ssh" ];
+        cloud_final_modules = [ "ssh-authkey-fingerprints" "final-message" ];
         users = [ "default" ];
         disable_root = !config.gitlabRunnerVm.runner.rootLogin;
         system_info = {

@@ -7,11 +7,13 @@
 #   without it still boots, and the agent waits for the file, then fails clearly), readable by
 #   root only whatever modes the image's Rock Ridge entries carry (KubeVirt keeps the Secret
 #   file's 0644).
-# - Clouds without such a disk (AWS, GCE, DigitalOcean): the instance's user-data, fetched by
-#   cloud-init. JSON user-data is copied to /runner-info/runner.json (mode 0600). User-data is
-#   data here: cloud-init stores it but does not interpret it (`allow_userdata: false`), so it
-#   runs no scripts, cloud-config or part handlers from it and prints none of it to the console;
-#   nothing rebuilds the system from it.
+# - Clouds without such a disk (AWS, GCE, DigitalOcean): the instance's user-data, which the
+#   agent fetches from the platform's metadata service itself (`settings.config-source`) and
+#   writes to /run/runner-info/runner.json (0600, in a 0700 directory: root's only, and on a
+#   tmpfs, so the token never reaches the instance's disk). No cloud-init: user-data is data,
+#   never run, and nothing rebuilds the system from it. The platform's SSH keys go to the CI
+#   user through `gitlab-runner-vm ssh-keys` (/run/ssh-keys/<user>); host name and partition
+#   growth come from nixpkgs' platform modules (images/).
 #
 # An optional scratch disk (serial `scratch`, e.g. a KubeVirt emptyDisk) is formatted on first use
 # and holds what jobs write: Docker's data, builds, /tmp, /var/tmp, Podman's storage and the CI
@@ -25,6 +27,12 @@ let
   agent = config.services.gitlab-runner-vm;
   mountUnit = path: "${utils.escapeSystemdPath path}.mount";
   configMount = mountUnit cfg.configDisk.mountPoint;
+  # The platforms whose metadata service serves runner.json (the agent's --config-source).
+  metadataSource = lib.elem agent.settings.config-source [ "aws" "gce" "digitalocean" ];
+  sshKeysDir = "/run/ssh-keys";
+  # With runner.json from a file, the keys still come from whichever platform the VM is on.
+  sshKeysSource = if metadataSource then agent.settings.config-source else "auto";
+  sshKeyUsers = [ config.gitlabRunnerVm.base.user ] ++ lib.optional config.gitlabRunnerVm.runner.rootLogin "root";
   scratchMount = mountUnit cfg.scratchDisk.mountPoint;
   builds = lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds";
   scratch = lib.escapeShellArg cfg.scratchDisk.mountPoint;
@@ -48,14 +56,15 @@ let
     cfg.scratchDisk.paths;
   runnerUser = lib.escapeShellArg agent.settings.runner-user;
   runnerHome = lib.escapeShellArg config.users.users.${agent.settings.runner-user}.home;
-  mounts = {
-    ${cfg.configDisk.mountPoint} = {
-      device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
-      fsType = "iso9660";
-      # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
-      options = [ "ro" "nofail" "x-systemd.device-timeout=10s" "overriderockperms" "mode=0400" "dmode=0500" ];
-    };
-  }
+  mounts = lib.optionalAttrs cfg.configDisk.enable
+    {
+      ${cfg.configDisk.mountPoint} = {
+        device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
+        fsType = "iso9660";
+        # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
+        options = [ "ro" "nofail" "x-systemd.device-timeout=10s" "overriderockperms" "mode=0400" "dmode=0500" ];
+      };
+    }
   // lib.optionalAttrs cfg.scratchDisk.enable {
     ${cfg.scratchDisk.mountPoint} = {
       device = "/dev/disk/by-id/virtio-${cfg.scratchDisk.serial}";
@@ -72,10 +81,28 @@ in
     ./gitlab-runner-vm.nix
     ./hardening.nix
     (lib.mkRenamedOptionModule [ "runnerImage" ] [ "gitlabRunnerVm" "runner" ])
+    (lib.mkRemovedOptionModule [ "gitlabRunnerVm" "runner" "userData" ] ''
+      cloud-init no longer copies user-data to runner.json: the agent fetches the instance's
+      user-data from the metadata service itself. Set
+      services.gitlab-runner-vm.settings.config-source = "aws", "gce" or "digitalocean"
+      (the runner-amazon, runner-gce and runner-digital-ocean images do), and leave
+      services.cloud-init off.
+    '')
   ];
 
   options.gitlabRunnerVm.runner = {
     configDisk = {
+      enable = mkOption {
+        type = types.bool;
+        default = !metadataSource;
+        defaultText = lib.literalExpression ''!(lib.elem config.services.gitlab-runner-vm.settings.config-source [ "aws" "gce" "digitalocean" ])'';
+        description = ''
+          Whether runner.json comes from a config disk (KubeVirt, Proxmox, QEMU), mounted at
+          `mountPoint`. Off when the agent fetches it from a cloud's metadata service: those
+          clouds attach no such disk, and waiting for it would delay the agent by the disk's
+          device timeout. The agent then writes runner.json to /run/runner-info/runner.json.
+        '';
+      };
       serial = mkOption {
         type = types.str;
         default = "runner-info";
@@ -128,25 +155,18 @@ in
       };
     };
 
-    userData = {
-      enable = mkOption {
-        type = types.bool;
-        default = config.services.cloud-init.enable;
-        defaultText = lib.literalExpression "config.services.cloud-init.enable";
-        description = ''
-          Whether JSON user-data fetched by cloud-init becomes runner.json when no config disk
-          provides one (cloud-init itself is enabled by the image format). cloud-init then
-          stores user-data without interpreting it (`allow_userdata: false`: no scripts,
-          cloud-config or part handlers, and nothing of it on the console) and applies only the
-          platform's metadata: host name, SSH keys (to the CI user), partition growth.
-        '';
-      };
-      datasources = mkOption {
-        type = types.listOf types.str;
-        default = [ "NoCloud" "ConfigDrive" ];
-        example = [ "Ec2" ];
-        description = "cloud-init `datasource_list`: the platforms probed for user-data.";
-      };
+    platformSshKeys = mkOption {
+      type = types.bool;
+      default = metadataSource;
+      defaultText = lib.literalExpression ''lib.elem config.services.gitlab-runner-vm.settings.config-source [ "aws" "gce" "digitalocean" ]'';
+      description = ''
+        Whether the platform's SSH public keys (the EC2 key pair, GCE `ssh-keys` metadata for
+        the CI user, the Droplet's keys) are given to the CI user (and root with `rootLogin`)
+        at boot: `gitlab-runner-vm ssh-keys` fetches them from the metadata service of
+        `settings.config-source` into /run/ssh-keys/<user>, which sshd reads besides the
+        usual files. sshd does not wait for them: a login before they arrive is refused, the
+        next one works.
+      '';
     };
   };
 
@@ -156,7 +176,7 @@ in
         enable = lib.mkDefault true;
         settings = {
           runner-user = lib.mkDefault config.gitlabRunnerVm.base.user;
-          config = lib.mkDefault "${cfg.configDisk.mountPoint}/runner.json";
+          config = lib.mkDefault (if cfg.configDisk.enable then "${cfg.configDisk.mountPoint}/runner.json" else "/run/runner-info/runner.json");
         };
       };
 
@@ -201,59 +221,45 @@ in
       };
 
       systemd.services.gitlab-runner-vm = {
-        after = [ configMount ] ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
+        after = lib.optional cfg.configDisk.enable configMount ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
         wants = lib.optional cfg.scratchDisk.enable "runner-scratch.service";
       };
 
-      # ---- runner.json from cloud-init user-data ---------------------------------------------------
-      services.cloud-init.settings = mkIf cfg.userData.enable {
-        datasource_list = cfg.userData.datasources;
-        # User-data is runner.json, which runner-info-user-data takes from user-data.txt; cloud-init
-        # stores it there but neither runs nor parses it, so it quotes none of it (its "Unhandled
-        # non-multipart" warning did, on the console).
-        allow_userdata = false;
-        # Data only: keys, host name, files, partition growth. No bootcmd, runcmd or user
-        # scripts, no phone-home or power-state-change, no password changes.
-        cloud_init_modules = [
-          "migrator"
-          "seed_random"
-          "write-files"
-          "growpart"
-          "resizefs"
-          "update_hostname"
-          "resolv_conf"
-          "users-groups"
-        ];
-        cloud_config_modules = [ "ssh" ];
-        cloud_final_modules = [ "ssh-authkey-fingerprints" "final-message" ];
-      };
+      # ---- runner.json and SSH keys from the cloud's metadata service -----------------------------
+      # The agent (root) writes runner.json here (0600); tmpfs, so it ends with the VM.
+      systemd.tmpfiles.rules = lib.optional (!cfg.configDisk.enable) "d /run/runner-info 0700 root root -";
 
-      systemd.services.runner-info-user-data = mkIf cfg.userData.enable {
-        description = "Take runner.json from cloud-init user-data when no config disk provides it";
+      # sshd reads the AuthorizedKeysFile list at each login, so it need not wait for the keys.
+      services.openssh.authorizedKeysFiles = lib.mkIf cfg.platformSshKeys [ "${sshKeysDir}/%u" ];
+      systemd.services.gitlab-runner-vm-ssh-keys = mkIf cfg.platformSshKeys {
+        description = "Give the platform's SSH keys to ${lib.concatStringsSep " and " sshKeyUsers}";
         wantedBy = [ "multi-user.target" ];
-        wants = [ "cloud-init.service" ];
-        after = [ "cloud-init.service" configMount ];
-        before = [ "gitlab-runner-vm.service" ];
-        path = [ pkgs.jq ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        # The agent's own metadata settings (a test points --metadata-url elsewhere).
+        environment = lib.filterAttrs (name: _: lib.elem name [ "GITLAB_RUNNER_VM_METADATA_URL" "GITLAB_RUNNER_VM_DMI_DIR" ])
+          config.systemd.services.gitlab-runner-vm.environment;
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
-          UMask = "0077";
+          # As root: the metadata firewall (hardening.nix) lets root's processes through only.
+          ExecStart = map
+            (user: "${lib.getExe agent.package} ssh-keys --user ${user} --config-source ${sshKeysSource} --authorized-keys-dir ${sshKeysDir}")
+            sshKeyUsers;
+          # /run/ssh-keys, root's 0755 as sshd's StrictModes wants; kept after the unit stops.
+          RuntimeDirectory = baseNameOf sshKeysDir;
+          RuntimeDirectoryMode = "0755";
+          RuntimeDirectoryPreserve = true;
+          # It parses what the network says: nothing beyond writing that directory.
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          PrivateDevices = true;
+          NoNewPrivileges = true;
+          CapabilityBoundingSet = "";
+          RestrictAddressFamilies = "AF_INET AF_INET6 AF_UNIX";
+          TimeoutStartSec = "5min";
         };
-        script = ''
-          target=${lib.escapeShellArg agent.settings.config}
-          userdata=/var/lib/cloud/instance/user-data.txt
-          if [ -e "$target" ]; then
-            echo "$target exists; user-data is not used"
-          elif [ ! -s "$userdata" ]; then
-            echo "no user-data; $target must come from a config disk"
-          elif jq -e 'type == "object"' "$userdata" >/dev/null 2>&1; then
-            install -D -m 0600 "$userdata" "$target"
-            echo "runner.json taken from user-data"
-          else
-            echo "user-data is not a JSON object, so not a runner.json"
-          fi
-        '';
       };
 
       # ---- Nothing unique in the image ---------------------------------------------------------------

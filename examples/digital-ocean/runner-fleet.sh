@@ -72,8 +72,8 @@ reconcile() {
     --region "$REGION"
     --size "${SIZE:-s-2vcpu-4gb}"
     --tag-names "$tag"
-    # runner.json; the image copies JSON user-data to /runner-info/runner.json (mode 0600) and
-    # runs nothing from it.
+    # runner.json; the agent reads the user-data as runner.json and writes it to
+    # /run/runner-info/runner.json (mode 0600); nothing runs it.
     --user-data-file "$runner_json"
     --format "ID,Name" --no-header
   )

@@ -46,8 +46,8 @@ create_template() {
   need IMAGE
   local runner_json=${RUNNER_JSON:-runner.json} name metadata keys=
   [ -r "$runner_json" ] || die "cannot read $runner_json (set RUNNER_JSON)"
-  # runner.json; the image copies JSON user-data to /runner-info/runner.json (mode 0600) and
-  # runs nothing from it.
+  # runner.json; the agent reads the user-data as runner.json and writes it to
+  # /run/runner-info/runner.json (mode 0600); nothing runs it.
   metadata=user-data=$runner_json
   if [ -n "${SSH_PUBLIC_KEY:-}" ]; then
     [ -r "$SSH_PUBLIC_KEY" ] || die "cannot read $SSH_PUBLIC_KEY (SSH_PUBLIC_KEY)"

@@ -41,7 +41,11 @@ EXTENSIONS = {
 }
 X86_ONLY = {"digital-ocean", "runner-digital-ocean", "proxmox-template"}
 KUBEVIRT = {"nixos-base", "nixos-runner", "default"}
-CLOUD_DATASOURCES = {"runner-amazon": ["Ec2"], "runner-gce": ["GCE"], "runner-digital-ocean": ["DigitalOcean"]}
+# The cloud runner images: where the agent fetches runner.json (no cloud-init).
+CLOUD_SOURCES = {"runner-amazon": "aws", "runner-gce": "gce", "runner-digital-ocean": "digitalocean"}
+# The unit that sets each cloud's host name, which the agent names the runner after.
+CLOUD_HOSTNAME_UNITS = {"runner-amazon": "apply-ec2-data.service", "runner-digital-ocean": "digitalocean-set-hostname.service"}
+SSH_KEYS_DIR = "/run/ssh-keys"
 
 
 class Skip(Exception):
@@ -141,8 +145,13 @@ def check_firmware_and_clouds(facts):
                 need(image["gceEfi"] is aarch64, f"googleComputeImage.efi is {image['gceEfi']}")
             if name in ("digital-ocean", "runner-digital-ocean"):
                 need(image["doRebuildFromUserData"] is False, "rebuilds the system from user-data")
-            if name in CLOUD_DATASOURCES:
-                need(image["cloudInitDatasources"] == CLOUD_DATASOURCES[name], f"cloud-init probes {image['cloudInitDatasources']}")
+            if name in CLOUD_SOURCES:
+                need(not image["cloudInitUnits"], f"cloud-init units {image['cloudInitUnits']}")
+                need(image["configSource"] == CLOUD_SOURCES[name], f"the agent's config source is {image['configSource']}, not {CLOUD_SOURCES[name]}")
+                if name in CLOUD_HOSTNAME_UNITS:
+                    need(CLOUD_HOSTNAME_UNITS[name] in image["agentAfter"], f"the agent may name the runner before {CLOUD_HOSTNAME_UNITS[name]} sets the host name")
+            if name in ("nixos-runner", "default"):
+                need(image["configSource"] == "file", f"the KubeVirt runner's config source is {image['configSource']}")
     assert not problems, "\n".join(problems)
 
 
@@ -155,10 +164,16 @@ def runner_problems(where, runner, kubevirt=True):
 
     agent, unit, mounts = runner["agent"], runner["agent"]["unit"], runner["mounts"]
     config_disk, scratch_disk = runner["configDisk"], runner["scratchDisk"]
-    need(mounts["config"].get("device") == f"/dev/disk/by-id/virtio-{config_disk['serial']}", f"config disk device {mounts['config'].get('device')}")
-    need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
-    need({"ro", "nofail", "overriderockperms", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
-         f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
+    if kubevirt:
+        need(config_disk["enable"], "no config disk")
+        need(mounts["config"].get("device") == f"/dev/disk/by-id/virtio-{config_disk['serial']}", f"config disk device {mounts['config'].get('device')}")
+        need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
+        need({"ro", "nofail", "overriderockperms", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
+             f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
+    else:
+        # No disk to wait for: the agent writes runner.json from user-data into a root-only tmpfs directory.
+        need(not config_disk["enable"] and mounts["config"] == {}, f"a config disk is mounted on a cloud: {mounts['config']}")
+        need(runner["runnerInfoTmpfiles"] == ["d /run/runner-info 0700 root root -"], f"/run/runner-info is not root's only: {runner['runnerInfoTmpfiles']}")
     need(scratch_disk["enable"] and mounts["scratch"].get("device") == f"/dev/disk/by-id/virtio-{scratch_disk['serial']}", f"scratch disk {mounts['scratch']}")
     need(mounts["scratch"].get("fsType") == "ext4" and mounts["scratch"].get("autoFormat"), "scratch disk is not formatted ext4 on first use")
     need("nofail" in mounts["scratch"].get("options", []), "scratch disk is not nofail")
@@ -168,7 +183,8 @@ def runner_problems(where, runner, kubevirt=True):
     need(agent["gitlabRunner"], "the agent does not start the module's gitlab-runner package")
     need(agent["poweroffCommand"].endswith("/bin/systemctl poweroff"), f"power-off command {agent['poweroffCommand']!r}")
     settings = agent["settings"]
-    need(settings["config"] == config_disk["mountPoint"] + "/runner.json", f"the agent reads {settings['config']}, not runner.json on the config disk")
+    expected_config = config_disk["mountPoint"] + "/runner.json" if kubevirt else "/run/runner-info/runner.json"
+    need(settings["config"] == expected_config, f"the agent reads {settings['config']}, not {expected_config}")
     need(settings["runner-user"] == runner["ciUser"], f"jobs run as {settings['runner-user']}, the CI user is {runner['ciUser']}")
     user = runner["users"].get(settings["runner-user"], {})
     need(user.get("isNormalUser") and "docker" in user.get("extraGroups", []), f"runner user {settings['runner-user']}: {user}")
@@ -178,18 +194,20 @@ def runner_problems(where, runner, kubevirt=True):
     need(env_name("no-poweroff") not in env, "power-off is disabled")
     need(all(k.startswith(ENV_PREFIX) for k in env), f"unexpected variables {sorted(k for k in env if not k.startswith(ENV_PREFIX))}")
     need("multi-user.target" in unit["wantedBy"], "the unit is not wanted by multi-user.target")
-    need("runner\\x2dinfo.mount" in unit["after"] and "runner-scratch.service" in unit["after"], f"the unit is ordered after {unit['after']}")
+    need(("runner\\x2dinfo.mount" in unit["after"]) == kubevirt and "runner-scratch.service" in unit["after"], f"the unit is ordered after {unit['after']}")
     need({"docker.service", "podman.socket"} <= set(unit["after"]), f"the agent is not stopped before Docker and Podman: after {unit['after']}")
     need({"gitlab-runner", "git", "docker"} <= set(unit["path"]), f"the unit's path {unit['path']}")
+    need(set(runner["services"]) == {"runner-scratch"}, f"services {runner['services']}")
+    c = runner["cloudInit"]
+    need(not c["enable"] and not c["units"] and not c["packages"] and not c["unitsRunningIt"], f"cloud-init is in the system: {c}")
+    # Python stays: the CI tool set carries python3 for jobs (base/tools.nix); nothing else runs it.
+    need(not c["unitsRunningPython"], f"units run Python: {c['unitsRunningPython']}")
+    keys = runner["sshKeys"]
     if kubevirt:
-        need(set(runner["services"]) == {"runner-scratch"}, f"services {runner['services']}")
-        need(not runner["cloudInit"]["enable"], f"cloud-init runs on KubeVirt without a volume for it: {runner['cloudInit']}")
+        need(not runner["platformSshKeys"] and keys["unit"] == {}, f"KubeVirt's keys come from the guest agent, not {keys['unit']}")
     else:
-        need(set(runner["services"]) == {"runner-scratch", "runner-info-user-data"}, f"services {runner['services']}")
-        need(runner["cloudInit"]["enable"] and "scripts-user" not in (runner["cloudInit"]["modules"] or []), f"cloud-init {runner['cloudInit']}")
-        c = runner["access"]["cloudInit"]
-        need(c["allowUserdata"] is False, "cloud-init interprets user-data (and quotes JSON on the console)")
-        need((c["users"], c["disableRoot"], c["defaultUser"]) == (["default"], True, runner["ciUser"]), f"cloud-init's keys go to {c}")
+        need(runner["platformSshKeys"], "the platform's SSH keys do not reach the CI user")
+        need(ssh_keys_problems(keys, settings["config-source"], [runner["ciUser"]]) == [], ssh_keys_problems(keys, settings["config-source"], [runner["ciUser"]]))
     need(runner["paths"] == ["/tmp", "/var/tmp", "/var/lib/containers", runner["users"][runner["ciUser"]]["home"]], f"on the scratch disk: {runner['paths']}")
     su = runner["scratchUnit"]
     need(su.get("DefaultDependencies") is False and "local-fs.target" in su.get("before", []) and "local-fs.target" in su.get("wantedBy", []),
@@ -214,6 +232,28 @@ def runner_problems(where, runner, kubevirt=True):
     need(runner["machineId"] is False, "the image bakes in /etc/machine-id")
     need(not runner["failedAssertions"], f"failed assertions: {runner['failedAssertions']}")
     need(not runner["warnings"], f"warnings: {runner['warnings']}")
+    return problems
+
+
+def ssh_keys_problems(keys, source, users):
+    """The SSH keys unit fetches the platform's keys for exactly `users` into /run/ssh-keys/<user>."""
+    problems = []
+    unit = keys["unit"]
+    if not unit:
+        return ["no gitlab-runner-vm-ssh-keys unit"]
+    expected = [f"ssh-keys --user {u} --config-source {source} --authorized-keys-dir {SSH_KEYS_DIR}" for u in users]
+    got = [re.sub(r"^/nix/store/[a-z0-9]{32}-gitlab-runner-vm-[^/]+/bin/gitlab-runner-vm ", "", e) for e in unit["execStart"]]
+    if got != expected:
+        problems.append(f"the unit runs {unit['execStart']}, expected gitlab-runner-vm {expected}")
+    sc = unit["serviceConfig"]
+    if (sc.get("Type"), sc.get("RuntimeDirectory"), sc.get("RuntimeDirectoryMode"), sc.get("User", "root")) != ("oneshot", "ssh-keys", "0755", "root"):
+        problems.append(f"not a oneshot as root writing a 0755 /run/ssh-keys (sshd's StrictModes): {sc}")
+    if "network-online.target" not in unit["after"] or "multi-user.target" not in unit["wantedBy"]:
+        problems.append(f"not run at boot once the network is up: after {unit['after']}, wanted by {unit['wantedBy']}")
+    if "sshd.service" in unit["before"]:
+        problems.append("sshd waits for the metadata service")
+    if f"{SSH_KEYS_DIR}/%u" not in keys["authorizedKeysFiles"]:
+        problems.append(f"sshd does not read {SSH_KEYS_DIR}/%u: AuthorizedKeysFile {keys['authorizedKeysFiles']}")
     return problems
 
 
@@ -278,6 +318,9 @@ def check_cloud_runner_images(facts):
     problems = []
     for name in ("runnerAmazon", "runnerGce", "runnerDo"):
         problems += runner_problems(name, facts[name], kubevirt=False)
+    h = facts["runnerGce"]["gceSetHostname"]
+    if "gitlab-runner-vm.service" not in h.get("before", []) or "network-online.target" not in h.get("after", []):
+        problems.append(f"runner-gce: the agent may name the runner before gce-set-hostname sets the host name: {h}")
     g = facts["runnerGce"]["access"]["gceInstanceConfigs"]
     if "accounts_daemon = false" not in g or "startup = false" not in g:
         problems.append(f"runner-gce: the guest agent makes users or runs scripts from metadata:\n{g}")
@@ -286,9 +329,16 @@ def check_cloud_runner_images(facts):
 
 def check_options_open_what_runner_images_close(facts):
     o = facts["opened"]
-    assert o["amazon"]["ssmAgent"] and o["amazon"]["PermitRootLogin"] == "prohibit-password" and o["amazon"]["cloudInit"]["disableRoot"] is False, o["amazon"]
+    assert o["amazon"]["ssmAgent"] and o["amazon"]["PermitRootLogin"] == "prohibit-password", o["amazon"]
+    problems = ssh_keys_problems(o["amazon"]["sshKeys"], "aws", ["runner", "root"])
+    assert not problems, f"rootLogin = true: root does not get the platform's keys: {problems}"
     assert o["gce"]["osLogin"] and o["gce"]["gceStartupScripts"] and "accounts_daemon = true" in o["gce"]["gceInstanceConfigs"], o["gce"]
-    assert o["kubevirtCloudInit"] is True, "gitlabRunnerVm.kubevirt.cloudInit = true does not turn cloud-init on"
+    c = o["kubevirtCloudInit"]
+    assert c["enable"] is True, "gitlabRunnerVm.kubevirt.cloudInit = true does not turn cloud-init on"
+    # A runner image that runs cloud-init keeps it data-only, its keys for the CI user.
+    assert c["allowUserdata"] is False and "scripts-user" not in c["modules"], f"cloud-init interprets user-data: {c}"
+    assert (c["users"], c["disableRoot"], c["defaultUser"]) == (["default"], True, "runner"), f"cloud-init's keys go to {c}"
+    assert c["datasources"] == ["NoCloud", "ConfigDrive", "None"], f"cloud-init probes {c['datasources']}"
     assert "runner" in o["trusted"], f"nixTrustedUser = true: trusted users {o['trusted']}"
     p = o["pinned"]
     assert p["registryNixpkgs"] and p["nixPath"] and p["registryRefersToSource"] and p["nixPathRefersToSource"], f"pinNixpkgs = true pins nothing: {p}"
@@ -308,6 +358,11 @@ def check_user_overrides_without_mkforce(facts):
     assert not wrong, f"a user's plain definitions did not win: {wrong}"
     env = o["environment"]
     assert env[env_name("runner-user")] == "jobs" and env[env_name("config")] == "/etc/gitlab-runner-vm/runner.json", env
+
+
+def check_removed_user_data_options_say_what_to_do(facts):
+    messages = facts["removedUserData"]
+    assert len(messages) == 1 and "gitlabRunnerVm.runner.userData" in messages[0] and "config-source" in messages[0], messages
 
 
 def check_old_option_names(facts):
@@ -426,7 +481,9 @@ def check_the_module_keeps_the_agents_defaults(facts):
     if binary is None:
         raise Skip("no built gitlab-runner-vm in target/ (tests/run builds it with cargo test first)")
     help_text = subprocess.run([str(binary), "run", "--help"], capture_output=True, text=True, check=True).stdout
-    defaults = dict(re.findall(r"\[env: (GITLAB_RUNNER_VM_[A-Z0-9_]+)=\] \[default: (\d+)\]", help_text))
+    # One line in short help, two in long help (which clap prints for every flag once one flag
+    # documents its possible values, as --config-source does).
+    defaults = dict(re.findall(r"\[env: (GITLAB_RUNNER_VM_[A-Z0-9_]+)=\]\s*\[default: (\d+)\]", help_text))
     assert defaults, "`gitlab-runner-vm run --help` shows no numeric defaults"
     env = facts["runner"]["x86_64-linux"]["agent"]["unit"]["environment"]
     differ = {k: (env[k], defaults[k]) for k in defaults if k in env and env[k] != defaults[k]}

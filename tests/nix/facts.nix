@@ -18,6 +18,31 @@ let
       config.systemd.services.${name}.serviceConfig;
   };
 
+  # cloud-init anywhere in a system: its units, its package, units that run it (or Python), by
+  # a store path of it (/nix/store/<hash>-cloud-init-<version>) in their command, script or path.
+  cloudInitFacts = config:
+    let
+      runs = what: lib.attrNames (lib.filterAttrs
+        (_: s: s.enable && lib.hasInfix what (toString (s.serviceConfig.ExecStart or "") + s.script + toString (map toString s.path)))
+        config.systemd.services);
+    in
+    {
+      inherit (config.services.cloud-init) enable;
+      units = lib.filter (n: lib.hasPrefix "cloud-" n || lib.hasInfix "cloud-init" n) (lib.attrNames config.systemd.units);
+      packages = lib.filter (lib.hasInfix "cloud-init") (map lib.getName (config.environment.systemPackages ++ config.systemd.packages));
+      unitsRunningIt = runs "-cloud-init-";
+      unitsRunningPython = runs "-python3-";
+      pythonPackages = lib.filter (lib.hasPrefix "python") (map lib.getName config.environment.systemPackages);
+    };
+
+  # The platform's SSH keys: the unit that fetches them and where sshd looks.
+  sshKeysFacts = config: {
+    unit = lib.optionalAttrs (config.systemd.services ? gitlab-runner-vm-ssh-keys) (unit config "gitlab-runner-vm-ssh-keys" // {
+      execStart = lib.toList config.systemd.services.gitlab-runner-vm-ssh-keys.serviceConfig.ExecStart;
+    });
+    inherit (config.services.openssh) authorizedKeysFiles;
+  };
+
   mount = config: point: lib.optionalAttrs (config.fileSystems ? ${point}) {
     inherit (config.fileSystems.${point}) device fsType options autoFormat;
   };
@@ -40,7 +65,9 @@ let
       defaultUser = config.services.cloud-init.settings.system_info.default_user.name or null;
       allowUserdata = config.services.cloud-init.settings.allow_userdata or true;
       datasources = config.services.cloud-init.settings.datasource_list or null;
+      modules = config.services.cloud-init.settings.cloud_init_modules or null;
     };
+    sshKeys = sshKeysFacts config;
     ssmAgent = config.services.amazon-ssm-agent.enable;
     osLogin = config.security.googleOsLogin.enable;
     gceStartupScripts = config.systemd.services.google-startup-scripts.enable or null;
@@ -77,7 +104,13 @@ let
 
   runner = config: {
     inherit (config.gitlabRunnerVm.runner) configDisk scratchDisk;
-    userData = { inherit (config.gitlabRunnerVm.runner.userData) enable datasources; };
+    inherit (config.gitlabRunnerVm.runner) platformSshKeys;
+    runnerInfoTmpfiles = lib.filter (lib.hasInfix "/runner-info") config.systemd.tmpfiles.rules;
+    sshKeys = sshKeysFacts config;
+    hostName = config.networking.hostName;
+    gceSetHostname = lib.optionalAttrs (config.systemd.services ? gce-set-hostname) {
+      inherit (config.systemd.services.gce-set-hostname) before after wantedBy;
+    };
     ciUser = config.gitlabRunnerVm.base.user;
     users = lib.mapAttrs (_: u: { inherit (u) isNormalUser extraGroups home; })
       (lib.filterAttrs (_: u: u.isNormalUser) config.users.users);
@@ -97,11 +130,7 @@ let
     };
     dockerDataRoot = config.virtualisation.docker.daemon.settings.data-root or null;
     services = lib.attrNames (lib.filterAttrs (n: _: lib.hasPrefix "runner-" n) config.systemd.services);
-    cloudInit = {
-      inherit (config.services.cloud-init) enable;
-      datasources = config.services.cloud-init.settings.datasource_list or null;
-      modules = config.services.cloud-init.settings.cloud_init_modules or null;
-    };
+    cloudInit = cloudInitFacts config;
     qemuGuest = config.services.qemuGuest.enable;
     ssh = { inherit (config.services.openssh) enable; inherit (config.services.openssh.settings) PasswordAuthentication KbdInteractiveAuthentication; };
     nixChannel = config.nix.channel.enable;
@@ -133,6 +162,9 @@ let
         gceEfi = p.config.virtualisation.googleComputeImage.efi or null;
         doRebuildFromUserData = p.config.virtualisation.digitalOcean.rebuildFromUserData or null;
         cloudInitDatasources = p.config.services.cloud-init.settings.datasource_list or null;
+        cloudInitUnits = (cloudInitFacts p.config).units;
+        configSource = p.config.services.gitlab-runner-vm.settings.config-source or null;
+        agentAfter = p.config.systemd.services.gitlab-runner-vm.after or [ ];
       })
       (lib.filterAttrs (_: p: p ? config) flake.packages.${system}));
 
@@ -152,6 +184,9 @@ let
     };
     users.users.jobs.isNormalUser = true;
   };
+
+  # The cloud-init user-data options, removed: a definition fails with what to do instead.
+  removedUserData = failedAssertions (extend runnerX86 { gitlabRunnerVm.runner.userData.datasources = [ "Ec2" ]; });
 
   # The options of the first releases still work, with a warning each.
   oldNames = extend runnerX86 {
@@ -208,7 +243,7 @@ in
     gce = access (extend flake.nixosConfigurations.runner-gce {
       gitlabRunnerVm.gce = { startupScripts = true; osLogin = true; accountsDaemon = true; };
     });
-    kubevirtCloudInit = (extend runnerX86 { gitlabRunnerVm.kubevirt.cloudInit = true; }).services.cloud-init.enable;
+    kubevirtCloudInit = (access (extend runnerX86 { gitlabRunnerVm.kubevirt.cloudInit = true; })).cloudInit;
     trusted = (extend runnerX86 { gitlabRunnerVm.base.nixTrustedUser = true; }).nix.settings.trusted-users;
     pinned = nixFacts (extend runnerX86 { gitlabRunnerVm.base.pinNixpkgs = true; });
   };
@@ -234,6 +269,7 @@ in
     environment = (unit overridden "gitlab-runner-vm").environment;
     failedAssertions = failedAssertions overridden;
   };
+  inherit removedUserData;
   oldNames = {
     ciUser = oldNames.gitlabRunnerVm.base.user;
     scratch = oldNames.gitlabRunnerVm.runner.scratchDisk.enable;

@@ -62,17 +62,11 @@ let
     };
   };
 
-  # A cloud runner's user-data: runner.json on one line, so that a warning quoting its first
-  # line would quote the token. As cloud-init's NoCloud data source reads it (label cidata).
+  # A cloud runner's user-data: runner.json on one line, so that a message quoting its first
+  # line would quote the token.
   cloudToken = "glrt-x.x.x.x.x.x.x.x.x.x.x.x.x.x";
-  userDataIso = pkgs.runCommand "user-data.iso" { nativeBuildInputs = [ pkgs.xorriso ]; } ''
-    mkdir seed
-    cat > seed/user-data <<'JSON'
-    ${builtins.toJSON { token = cloudToken; url = "http://gitlab"; executor = "shell"; max_jobs = 1; idle_timeout = 300; }}
-    JSON
-    printf 'instance-id: runner-test\nlocal-hostname: runner\n' > seed/meta-data
-    xorriso -as mkisofs -quiet -J -R -V cidata -o $out seed
-  '';
+  userData = pkgs.writeText "user-data" (builtins.toJSON { token = cloudToken; url = "http://gitlab"; executor = "shell"; max_jobs = 1; idle_timeout = 300; });
+  keyPairKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbUr2/vf4pyrTwMy0qnzsmIv5GuUDlfCNGXd1oBHGkp key-pair";
 
   # The fake GitLab saw a request with this method and path.
   seen = method: path: ''grep -F '"method": "${method}", "path": "${path}"' /var/lib/fake-gitlab/requests.jsonl'';
@@ -153,56 +147,67 @@ in
     '';
   };
 
-  # A cloud runner image (runner.nix with cloud-init and user-data, as runner-amazon, runner-gce
-  # and digital-ocean are; NoCloud stands in for their metadata services): the JSON user-data
-  # becomes runner.json, and nothing of it reaches the console or the journal.
+  # A cloud runner image as runner-amazon is (config-source aws, no cloud-init), its metadata
+  # service a fake IMDSv2 on node `gitlab` (fake-imds.py, port 8254): runner.json comes from
+  # the user-data, the key pair's key reaches the CI user, and nothing of the user-data reaches
+  # the console or the journal.
   vm-cloud-user-data = pkgs.testers.runNixOSTest {
     name = "gitlab-runner-vm-cloud-user-data";
     nodes = {
-      gitlab = gitlabNode;
+      gitlab = lib.recursiveUpdate gitlabNode {
+        networking.firewall.allowedTCPPorts = [ 80 8254 ];
+        systemd.services.fake-imds = {
+          wantedBy = [ "multi-user.target" ];
+          environment.STATE_DIR = "/var/lib/fake-imds";
+          serviceConfig.ExecStart = "${pkgs.python3.interpreter} ${./fake-imds.py} 8254 ${userData} ${lib.escapeShellArg keyPairKey}";
+        };
+      };
       runner = {
         imports = [ modules.runner ];
         gitlabRunnerVm.base.tools.enable = false;
-        gitlabRunnerVm.runner.userData.datasources = [ "NoCloud" ];
-        services.cloud-init.enable = true;
         services.gitlab-runner-vm.settings = {
+          config-source = "aws";
+          metadata-url = "http://gitlab:8254";
           failure-delay = 5;
           config-wait = 60;
         };
         virtualisation = {
           memorySize = 2048;
           cores = 2;
-          qemu.drives = lib.mkAfter [
-            {
-              name = "cidata";
-              file = "${userDataIso}";
-              driveExtraOpts = {
-                format = "raw";
-                readonly = "on";
-              };
-            }
-          ];
         };
       };
     };
     testScript = ''
       gitlab.start()
       gitlab.wait_for_open_port(80)
+      gitlab.wait_for_open_port(8254)
       runner.start()
 
-      with subtest("runner.json comes from the user-data, readable by root only"):
-          runner.wait_for_unit("runner-info-user-data.service")
-          runner.succeed("[ $(stat -c %a /runner-info/runner.json) = 600 ]")
+      with subtest("runner.json comes from the user-data over IMDSv2, readable by root only"):
           gitlab.wait_until_succeeds("${seen "POST" "/api/v4/runners/verify"}", timeout=300)
+          gitlab.succeed("""grep -F '"method": "PUT", "path": "/latest/api/token"' /var/lib/fake-imds/requests.jsonl""")
+          gitlab.succeed("""grep -F '"path": "/latest/user-data", "token": true' /var/lib/fake-imds/requests.jsonl""")
+          runner.succeed("[ $(stat -c %a /run/runner-info/runner.json) = 600 ]")
+          runner.succeed("[ $(stat -c %a:%U /run/runner-info) = 700:root ]")
+          runner.fail("su runner -s /bin/sh -c 'cat /run/runner-info/runner.json'")
+
+      with subtest("no cloud-init, no config disk to wait for"):
+          runner.fail("systemctl cat cloud-init.service")
+          runner.succeed("systemctl cat gitlab-runner-vm.service")
+          runner.fail("systemctl cat 'runner\\x2dinfo.mount'")
+
+      with subtest("the key pair's key goes to the CI user, in a file sshd reads"):
+          runner.wait_for_unit("gitlab-runner-vm-ssh-keys.service")
+          runner.succeed("grep -qF '${keyPairKey}' /run/ssh-keys/runner")
+          runner.succeed("[ $(stat -c %a:%U /run/ssh-keys/runner) = 644:root ]")
+          runner.succeed("sshd -T -C user=runner,host=h,addr=127.0.0.1 | grep -i '^authorizedkeysfile .*/run/ssh-keys/'")
 
       with subtest("no token characters on the console or in any log"):
           token = "${cloudToken}"
-          # The console shows what the units print (StandardOutput=journal+console) and the
-          # kernel's messages: all of it is in the journal too.
+          # The console shows what the units print and the kernel's messages: all of it is in
+          # the journal too.
           for piece in [token[i:i + 8] for i in range(0, len(token) - 8)]:
               runner.fail(f"journalctl -b --no-pager | grep -F -- '{piece}'")
-              runner.fail(f"cat /var/log/cloud-init*.log | grep -F -- '{piece}'")
-          runner.fail("journalctl -b --no-pager | grep -F 'non-multipart'")
     '';
   };
 }
