@@ -148,6 +148,10 @@ pub struct RunArgs {
     /// Seconds a hold lasts after its start or the keep file's last modification, whichever is later
     #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_parser = seconds, default_value_t = 3600)]
     pub hold_extend: u64,
+    /// Where milestones and failures are written, one line each, for reading from outside the
+    /// VM (the serial console); `off` for nowhere. When it cannot be opened, /dev/kmsg
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONSOLE", default_value = crate::console::DEFAULT)]
+    pub console: PathBuf,
 }
 
 #[cfg(test)]

@@ -2,8 +2,10 @@
 
 mod agent;
 mod backoff;
+mod boot_record;
 mod cli;
 mod config;
+mod console;
 mod files;
 mod fswatch;
 mod gitlab;

@@ -5,10 +5,12 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::lifecycle::{Phase, TimelineEntry};
 
@@ -35,6 +37,54 @@ pub struct Status {
     pub hold_deadline: Option<SystemTime>,
     #[serde(with = "rfc3339_opt", default)]
     pub poweroff_at: Option<SystemTime>,
+    /// When each milestone of this boot happened (`boot_record`).
+    #[serde(default)]
+    pub boot_record: BootRecord,
+    /// The runner token's expiry, as GitLab gave it at registration.
+    #[serde(with = "rfc3339_opt", default)]
+    pub token_expires_at: Option<SystemTime>,
+    /// It expires soon, or GitLab's date could not be read.
+    #[serde(default)]
+    pub token_warning: Option<String>,
+}
+
+/// status.json as last written, shared by the agent's steps and the task that forwards
+/// gitlab-runner's output (which amends the boot record as jobs start and end), so that
+/// neither writes an older status over the other's.
+#[derive(Debug, Clone)]
+pub struct Published {
+    state_dir: PathBuf,
+    last: Arc<Mutex<Option<Status>>>,
+}
+
+impl Published {
+    pub fn new(state_dir: &Path) -> Self {
+        Published {
+            state_dir: state_dir.to_path_buf(),
+            last: Arc::default(),
+        }
+    }
+
+    /// Writes the status made by `make`, which runs while no one else writes.
+    pub fn write(&self, make: impl FnOnce() -> Status) -> io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let status = make();
+        let written = write(&self.state_dir, &status);
+        *last = Some(status);
+        written
+    }
+
+    /// Changes the last status written and writes it again; nothing before the first write.
+    pub fn amend(&self, change: impl FnOnce(&mut Status)) -> io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match last.as_mut() {
+            Some(status) => {
+                change(status);
+                write(&self.state_dir, status)
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 pub fn path_in(state_dir: &Path) -> PathBuf {
@@ -127,6 +177,13 @@ pub fn render(status: &Status, now: SystemTime) -> String {
     if let Some(err) = &status.last_error {
         line(&mut out, "last error:", err);
     }
+    if let Some(at) = status.token_expires_at {
+        line(&mut out, "token expires:", &fmt_time(at));
+    }
+    if let Some(warning) = &status.token_warning {
+        line(&mut out, "token warning:", warning);
+    }
+    line(&mut out, "boot record:", &status.boot_record.summary());
     out.push_str("timeline:\n");
     for entry in &status.timeline {
         out.push_str(&format!("  {}  {}\n", fmt_time(entry.at), entry.phase));
@@ -205,6 +262,9 @@ mod tests {
             last_error: None,
             hold_deadline: Some(t0 + Duration::from_secs(3600)),
             poweroff_at: None,
+            boot_record: BootRecord::default(),
+            token_expires_at: None,
+            token_warning: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! directory alone.
 
 use std::process::ExitCode;
+use std::sync::PoisonError;
 use std::time::{Duration, SystemTime};
 
 use tokio::process::Child;
@@ -13,6 +14,7 @@ use super::interrupt::Interrupt;
 use super::jobs::stop_child;
 use super::state::{Next, State, Stop, Teardown};
 use super::{Agent, Shown, deadline_after};
+use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
@@ -57,6 +59,11 @@ impl Agent {
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.args.keep_file.display()
         );
+        let until = self
+            .hold_deadline
+            .map(|at| format!(", {} at most", status::fmt_time(at)))
+            .unwrap_or_default();
+        self.milestone(&format!("holding: {detail}{until}"));
         (State::Holding(teardown), detail)
     }
 
@@ -87,6 +94,7 @@ impl Agent {
 
     pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
         let detail = "stop requested (SIGTERM): aborting, deregistering, exiting".to_string();
+        self.milestone(&format!("stopping: {detail}"));
         (State::Stopping(Stop { child, teardown }), detail)
     }
 
@@ -122,16 +130,23 @@ impl Agent {
             Ok(Deletion::Deleted) => {
                 self.lc.deregistered = true;
                 tracing::info!("deregistered: {what} deleted from GitLab");
+                self.mark(BootRecord::deregistered);
+                self.milestone(&format!("deregistered: {what} deleted from GitLab"));
             }
             Ok(Deletion::AlreadyGone) => {
                 self.lc.deregistered = true;
                 tracing::info!("deregistered: {what} was already gone from GitLab");
+                self.mark(BootRecord::deregistered);
+                self.milestone(&format!(
+                    "deregistered: {what} was already gone from GitLab"
+                ));
             }
             Err(e) => {
                 let message = format!(
                     "could not delete {what} from GitLab ({e}); powering off anyway: GitLab removes managers it has not seen for 7 days, or delete it under Settings > CI/CD > Runners"
                 );
                 tracing::warn!("{message}");
+                self.console.failure(&message);
                 self.last_error = Some(message);
             }
         }
@@ -194,8 +209,12 @@ impl Agent {
             tracing::info!(
                 "power-off is disabled (--no-poweroff); the VM stays up and the agent exits"
             );
+            self.milestone("exiting without power-off (--no-poweroff); the VM stays up");
+            self.end_of_boot("no-poweroff").await;
             return exit(ExitCode::SUCCESS);
         }
+        self.milestone("powering off");
+        self.end_of_boot("poweroff").await;
         match power::power_off(&self.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
                 tracing::info!("power-off requested");
@@ -203,11 +222,28 @@ impl Agent {
             }
             Err(e) => {
                 tracing::error!("{e:#}");
+                self.console.failure(&format!("power-off failed: {e:#}"));
+                self.console.flush(CONSOLE_FLUSH).await;
                 self.last_error = Some(format!("{e:#}"));
                 self.write_status();
                 exit(ExitCode::FAILURE)
             }
         }
+    }
+
+    /// The end of this boot's run: the boot record to the journal (one structured entry),
+    /// status.json and the console, whose lines are out before the power-off cuts them.
+    async fn end_of_boot(&mut self, ended_by: &str) {
+        self.mark(|record, at| record.ended(at, ended_by));
+        let record = self
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        record.log();
+        self.milestone(&format!("boot record: {}", record.summary()));
+        self.write_status();
+        self.console.flush(CONSOLE_FLUSH).await;
     }
 
     /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
@@ -221,6 +257,8 @@ impl Agent {
             self.delete_from_gitlab(&stop.teardown).await;
         }
         tracing::info!("stopped");
+        self.milestone("stopped");
+        self.end_of_boot("stop").await;
         exit(ExitCode::SUCCESS)
     }
 
@@ -289,9 +327,21 @@ impl Agent {
             gitlab_url: prev.gitlab_url,
         };
         self.last_error = prev.last_error;
+        self.token_expires_at = prev.token_expires_at;
+        self.token_warning = prev.token_warning;
+        // The boot's record goes on; jobs that ran are over (gitlab-runner is not ours anymore).
+        let mut record = prev.boot_record;
+        record.running_jobs.clear();
+        if let Some(started) = self.record.lock().ok().and_then(|r| r.boot_to_agent_ms) {
+            record.agent_started(started);
+        }
+        *self.record.lock().unwrap_or_else(PoisonError::into_inner) = record;
         Teardown { registered }
     }
 }
+
+/// How long the last console lines may hold the power-off up.
+const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
 fn exit(code: ExitCode) -> Next {
     (State::Exit(code), String::new())
