@@ -50,7 +50,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole lifecycle (what the systemd unit starts)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate runner.json: one line per problem, exit 1 if any is an error
     Check {
         #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]

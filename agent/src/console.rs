@@ -212,6 +212,8 @@ impl Console {
         if inner.tx.try_send(Request::Flush(done)).is_ok() {
             let _ = tokio::time::timeout(timeout, written).await;
         }
+        // The last chance to say that lines were lost.
+        inner.report_trouble();
     }
 }
 

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(agent::run(args)) {
+            match runtime.block_on(agent::run(*args)) {
                 Ok(code) => code,
                 Err(e) => {
                     tracing::error!("{e:#}");

@@ -149,7 +149,13 @@ exit {code}
         ] {
             cmd.env(format!("GITLAB_RUNNER_VM_{key}"), value);
         }
-        // Console lines go to a file of the test, never to the machine's console.
+        // Console lines go to a file of the test, never to the machine's console (nor, as the
+        // fallback for a console that cannot be opened, to its kernel log).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("console"))
+            .unwrap();
         cmd.env("GITLAB_RUNNER_VM_CONSOLE", self.path("console"));
         let poweroff = format!("echo poweroff >> {}", self.path("poweroff").display());
         cmd.env("GITLAB_RUNNER_VM_POWEROFF_COMMAND", poweroff);
