@@ -281,6 +281,56 @@ mod tests {
     }
 
     #[test]
+    fn an_amendment_keeps_the_rest_of_the_last_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let published = Published::new(dir.path());
+        // Nothing to amend before the first write.
+        published.amend(|s| s.boot_record.jobs = 9).unwrap();
+        assert!(read(dir.path()).is_err());
+        published.write(sample).unwrap();
+        published
+            .amend(|s| s.boot_record.job_started(42, 1500))
+            .unwrap();
+        let shown = read(dir.path()).unwrap();
+        assert_eq!(shown.boot_record.jobs, 1);
+        assert_eq!(shown.boot_record.first_job_start_ms, Some(1500));
+        assert_eq!(shown.phase, Phase::Holding);
+        // The next write from the agent carries what it makes; the amendment was the record's.
+        let mut next = sample();
+        next.phase = Phase::PoweringOff;
+        published.write(|| next).unwrap();
+        assert_eq!(read(dir.path()).unwrap().phase, Phase::PoweringOff);
+    }
+
+    #[test]
+    fn the_token_expiry_and_the_boot_record_are_shown() {
+        let mut s = sample();
+        s.token_expires_at = Some(s.since + Duration::from_secs(7200));
+        s.token_warning = Some("the runner token expires at ...".into());
+        s.boot_record.agent_started(1200);
+        let text = render(&s, s.since);
+        assert!(
+            text.contains("token expires:  2027-01-15T10:00:00.000Z"),
+            "{text}"
+        );
+        assert!(
+            text.contains("token warning:  the runner token expires"),
+            "{text}"
+        );
+        assert!(
+            text.contains("boot record:    boot_to_agent_ms=1200 "),
+            "{text}"
+        );
+        // An older status.json without these fields still reads.
+        let mut raw: serde_json::Value = serde_json::to_value(&s).unwrap();
+        for key in ["boot_record", "token_expires_at", "token_warning"] {
+            raw.as_object_mut().unwrap().remove(key);
+        }
+        let old: Status = serde_json::from_value(raw).unwrap();
+        assert_eq!(old.boot_record, crate::boot_record::BootRecord::default());
+    }
+
+    #[test]
     fn render_explains_the_hold() {
         let s = sample();
         let text = render(&s, s.since + Duration::from_secs(90));

@@ -385,3 +385,46 @@ async fn a_garbage_expiry_is_a_warning_not_a_failure() {
         assert!(h.status()["token_expires_at"].is_null());
     }
 }
+
+/// A runner created for this VM whose token has already expired (by this VM's clock): no job,
+/// and the runner is deleted again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_created_runners_expired_token_fails_and_the_runner_is_deleted() {
+    let mut h = Harness::new().await;
+    let created = "glrt-t3_created.by.access.token";
+    let past = iso(SystemTime::now() - Duration::from_secs(3600));
+    mount(
+        &h.server,
+        "POST",
+        "/api/v4/user/runners",
+        ResponseTemplate::new(201)
+            .set_body_json(json!({"id": 9171, "token": created, "token_expires_at": past})),
+    )
+    .await;
+    mount(
+        &h.server,
+        "DELETE",
+        "/api/v4/runners",
+        ResponseTemplate::new(204),
+    )
+    .await;
+    h.write_config(
+        json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "instance_type"}),
+    );
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.runner_invocations().is_empty());
+    let deleted = h.requests("DELETE", "/api/v4/runners").await;
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(body(&deleted[0])["token"], created);
+    assert!(
+        h.status()["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("expired at"),
+        "{}",
+        h.status()
+    );
+    assert!(!h.all_output().contains("created.by.access"));
+}
