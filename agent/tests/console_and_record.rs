@@ -19,6 +19,7 @@ fn write_job_printing_runner(h: &Harness, job_seconds: u32, outcome_line: &str) 
     let script = format!(
         r#"#!/bin/sh
 echo "$*" >> {dir}/runner-invocations
+echo $$ > {dir}/runner-pid
 printf 'Runtime platform                                    \033[0;m  arch\033[0;m=amd64 os\033[0;m=linux\n' >&2
 printf 'Checking for jobs... received                       \033[0;m  job\033[0;m=4242 repo_url\033[0;m=https://gitlab.example.com/g/p.git runner\033[0;m=abcdefgh\n' >&2
 touch {dir}/job-started
@@ -427,4 +428,51 @@ async fn a_created_runners_expired_token_fails_and_the_runner_is_deleted() {
         h.status()
     );
     assert!(!h.all_output().contains("created.by.access"));
+}
+
+/// An agent killed mid-job and restarted by systemd: the record of the boot goes on (its first
+/// start, registration and job stay), the job that died with it is no longer running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_keeps_the_boots_record() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = write_job_printing_runner(&h, 60, SUCCEEDED);
+    h.start(&runner, &[]);
+    h.wait_until("the job's start in status.json", |h| {
+        h.phase().as_deref() == Some("running")
+            && h.status()["boot_record"]["first_job_start_ms"].is_u64()
+    })
+    .await;
+    let before = h.status()["boot_record"].clone();
+    // As systemd would: the agent dies at once, then the rest of the unit.
+    send_signal(h.agent_pid(), 9);
+    h.wait_exit().await;
+    let runner_pid: i32 = h.read("runner-pid").unwrap().trim().parse().unwrap();
+    send_signal(runner_pid, 9);
+
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    let after = &h.status()["boot_record"];
+    for key in [
+        "boot_to_agent_ms",
+        "config_found_ms",
+        "registered_ms",
+        "first_job_start_ms",
+        "jobs",
+    ] {
+        assert_eq!(after[key], before[key], "{key}: {before} then {after}");
+    }
+    assert!(after.get("running_jobs").is_none(), "{after}");
+    assert!(after["deregistered_ms"].is_u64(), "{after}");
+    assert!(after["poweroff_ms"].is_u64(), "{after}");
+    assert_eq!(h.runner_invocations().len(), 1);
+    assert_in_order(
+        &console_lines(&h),
+        &[
+            "gitlab-runner-vm: job 4242 started",
+            "gitlab-runner-vm: deregistered: ",
+            "gitlab-runner-vm: boot record: ",
+        ],
+    );
 }
