@@ -54,22 +54,41 @@ pub fn target(flag: &Path) -> Option<&Path> {
 /// One console line, as written: prefix, the text scrubbed of tokens, every control
 /// character (newlines, escape sequences) made a space, cut to `MAX_LINE` bytes.
 pub fn format_line(text: &str) -> String {
+    let mut line = String::from(PREFIX);
+    line.push_str(&one_line(text, MAX_LINE - PREFIX.len()));
+    line
+}
+
+/// The failure's line: `failed: <error>; fix: <fix>`, where a long error (GitLab's message,
+/// say) is cut rather than the fix, which is what the operator needs.
+pub fn failure_text(error: &str, fix: &str) -> String {
+    let room = MAX_LINE - PREFIX.len() - "failed: ; fix: ".len();
+    let fix = one_line(fix, room - room / 3);
+    let error = one_line(error, room - fix.len());
+    format!("failed: {error}; fix: {fix}")
+}
+
+/// `text` scrubbed of tokens, control characters made spaces (runs of them one), cut to `max`
+/// bytes with an ellipsis.
+fn one_line(text: &str, max: usize) -> String {
     let scrubbed = secret::scrub(text);
-    let mut line = String::with_capacity(PREFIX.len() + scrubbed.len().min(MAX_LINE));
-    line.push_str(PREFIX);
+    let mut line = String::with_capacity(scrubbed.len());
     let mut last_space = false;
     for c in scrubbed.trim().chars() {
         let c = if c.is_control() { ' ' } else { c };
-        // Runs of spaces (a multi-line error made one line) become one.
         if c == ' ' && last_space {
             continue;
         }
         last_space = c == ' ';
-        if line.len() + c.len_utf8() > MAX_LINE - '…'.len_utf8() {
-            line.push('…');
-            return line;
-        }
         line.push(c);
+    }
+    if line.len() > max {
+        let mut cut = max.saturating_sub('…'.len_utf8());
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
     }
     line
 }
@@ -343,6 +362,21 @@ mod tests {
         assert!(long.len() <= MAX_LINE, "{}", long.len());
         assert!(long.ends_with("é…"), "{long}");
         assert!(!format_line("a\u{85}b\u{7f}c").contains(['\u{85}', '\u{7f}']));
+    }
+
+    #[test]
+    fn a_long_failure_keeps_its_fix() {
+        let error = format!("GitLab answered 403 to verify: {}", "blah ".repeat(200));
+        let fix = "create a runner in GitLab (Settings > CI/CD > Runners > New runner) and put its glrt- token in runner.json";
+        let line = format_line(&failure_text(&error, fix));
+        assert!(line.len() <= MAX_LINE, "{}", line.len());
+        assert!(
+            line.starts_with("gitlab-runner-vm: failed: GitLab answered 403"),
+            "{line}"
+        );
+        assert!(line.ends_with(&format!("…; fix: {fix}")), "{line}");
+        let short = failure_text("bad\nthing", "do x");
+        assert_eq!(short, "failed: bad thing; fix: do x");
     }
 
     #[test]

@@ -161,7 +161,8 @@ impl Agent {
             let _in_phase = self.span().entered();
             tracing::error!("{line}");
             self.mark(BootRecord::failed);
-            self.console.failure(&format!("failed: {line}"));
+            self.console
+                .failure(&console::failure_text(&error.to_string(), &error.fix()));
             self.last_error = Some(line);
         }
         self.publish(&detail);
