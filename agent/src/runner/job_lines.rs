@@ -191,6 +191,23 @@ mod tests {
     }
 
     #[test]
+    fn odd_bytes_elsewhere_in_the_line_do_not_matter() {
+        // Non-UTF-8 bytes reach the parser as U+FFFD (the forwarder decodes lossily).
+        let bytes = b"Checking for jobs... received  job=77 repo_url=https://x/\xff\xfe.git runner=\x1b[31";
+        let line = String::from_utf8_lossy(bytes);
+        assert_eq!(parse(&line), Some(JobLine::Started { job: 77 }));
+        let huge = format!("Job succeeded  job=78 {}", "x".repeat(100_000));
+        assert_eq!(
+            parse(&huge),
+            Some(JobLine::Finished {
+                job: 78,
+                outcome: Outcome::Succeeded
+            })
+        );
+        assert_eq!(parse("Job succeeded  job=99999999999999999999999"), None);
+    }
+
+    #[test]
     fn other_lines_and_look_alikes_are_no_events() {
         for line in [
             "",
