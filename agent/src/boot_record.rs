@@ -104,6 +104,15 @@ impl BootRecord {
         Some(at.saturating_sub(started))
     }
 
+    /// gitlab-runner ended (or was stopped) with jobs it never reported the end of: they end
+    /// now, as failed. Each job and how long it ran.
+    pub fn abandon_running(&mut self, at: u64) -> Vec<(u64, u64)> {
+        let jobs: Vec<_> = self.running_jobs.iter().map(|j| j.job).collect();
+        jobs.into_iter()
+            .filter_map(|job| Some((job, self.job_finished(job, at, false)?)))
+            .collect()
+    }
+
     /// `key=value` for every field, `-` for what did not happen: the message of the journal
     /// entry and the console line.
     pub fn summary(&self) -> String {
@@ -178,6 +187,17 @@ mod tests {
             "boot_to_agent_ms=1200 config_found_ms=1300 registered_ms=1500 jobs=2 jobs_failed=1 first_job_start_ms=2000 last_job_end_ms=9000 deregistered_ms=9100 failed_ms=- poweroff_ms=9200 ended_by=poweroff"
         );
         assert!(r.running_jobs.is_empty());
+    }
+
+    #[test]
+    fn jobs_never_reported_ended_end_as_failed() {
+        let mut r = BootRecord::default();
+        r.job_started(7, 2000);
+        assert_eq!(r.abandon_running(2500), [(7, 500)]);
+        assert_eq!((r.jobs, r.jobs_failed), (1, 1));
+        assert_eq!(r.last_job_end_ms, Some(2500));
+        assert!(r.abandon_running(3000).is_empty());
+        assert_eq!(r.last_job_end_ms, Some(2500));
     }
 
     #[test]

@@ -476,3 +476,49 @@ async fn a_restarted_agent_keeps_the_boots_record() {
         ],
     );
 }
+
+/// A job gitlab-runner never reports the end of, because the VM is stopped, or because it ends
+/// without saying: the record ends it (failed), and the console says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_without_an_end_line_ends_in_the_record() {
+    // Stopped (SIGTERM) mid-job.
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = write_job_printing_runner(&h, 60, SUCCEEDED);
+    h.start(&runner, &[]);
+    h.wait_until("the job", |h| h.read("job-started").is_some())
+        .await;
+    h.wait_until("the job's start in status.json", |h| {
+        h.status()["boot_record"]["jobs"] == 1
+    })
+    .await;
+    send_signal(h.agent_pid(), 15);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_in_order(
+        &console_lines(&h),
+        &[
+            "gitlab-runner-vm: job 4242 started",
+            "gitlab-runner-vm: stopping: ",
+            "gitlab-runner-vm: job 4242 aborted by the stop, after ",
+            "gitlab-runner-vm: boot record: ",
+        ],
+    );
+    let record = &h.status()["boot_record"];
+    assert_eq!(record["jobs_failed"], 1, "{record}");
+    assert!(record["last_job_end_ms"].is_u64(), "{record}");
+    assert_eq!(record["ended_by"], "stop");
+
+    // gitlab-runner exits after a job it never reported the end of.
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = write_job_printing_runner(&h, 0, "gitlab-runner: something else");
+    h.start(&runner, &[]);
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_in_order(
+        &console_lines(&h),
+        &["gitlab-runner-vm: job 4242 gitlab-runner ended without reporting its end, after "],
+    );
+    assert_eq!(h.status()["boot_record"]["jobs_failed"], 1);
+}

@@ -27,6 +27,7 @@ impl Agent {
     /// Where teardown starts: deregistration if GitLab (may) know this VM, else the hold if the
     /// keep file exists, else the power-off.
     pub(super) fn teardown(&mut self, teardown: Teardown) -> Next {
+        self.end_running_jobs("gitlab-runner ended without reporting its end");
         if self.lc.needs_deregistration() {
             return (
                 State::Deregistering(teardown),
@@ -231,6 +232,21 @@ impl Agent {
         }
     }
 
+    /// Jobs gitlab-runner started and never reported the end of: in the record they end now.
+    fn end_running_jobs(&mut self, why: &str) {
+        let now = crate::boot_record::now_ms();
+        let ended = self
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .abandon_running(now);
+        for (job, ms) in ended {
+            let text = format!("job {job} {why}, after {}", crate::boot_record::seconds(ms));
+            tracing::warn!("{text}");
+            self.milestone(&text);
+        }
+    }
+
     /// The end of this boot's run: the boot record to the journal (one structured entry),
     /// status.json and the console, whose lines are out before the power-off cuts them.
     async fn end_of_boot(&mut self, ended_by: &str) {
@@ -252,6 +268,7 @@ impl Agent {
         systemd::stopping();
         if let Some(mut child) = stop.child {
             stop_child(&mut child, Duration::from_secs(self.args.stop_timeout)).await;
+            self.end_running_jobs("aborted by the stop");
         }
         if self.lc.needs_deregistration() {
             self.delete_from_gitlab(&stop.teardown).await;

@@ -193,7 +193,8 @@ mod tests {
     #[test]
     fn odd_bytes_elsewhere_in_the_line_do_not_matter() {
         // Non-UTF-8 bytes reach the parser as U+FFFD (the forwarder decodes lossily).
-        let bytes = b"Checking for jobs... received  job=77 repo_url=https://x/\xff\xfe.git runner=\x1b[31";
+        let bytes =
+            b"Checking for jobs... received  job=77 repo_url=https://x/\xff\xfe.git runner=\x1b[31";
         let line = String::from_utf8_lossy(bytes);
         assert_eq!(parse(&line), Some(JobLine::Started { job: 77 }));
         let huge = format!("Job succeeded  job=78 {}", "x".repeat(100_000));
