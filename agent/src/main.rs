@@ -12,6 +12,9 @@ mod gitlab;
 mod hold;
 mod lifecycle;
 mod logging;
+// The shared ground of issue 12: the config providers (another branch) use it. Drop this at
+// the merge.
+#[allow(dead_code)]
 mod metadata;
 mod power;
 mod registration;
