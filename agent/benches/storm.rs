@@ -214,7 +214,9 @@ async fn storm(s: Settings) -> Outcome {
             .arg(home.join("keep-runner"))
             .arg("--gitlab-runner")
             .arg(&runner)
-            .args(["--poweroff-command", "true", "--failure-delay", "1"]);
+            .args(["--poweroff-command", "true", "--failure-delay", "1"])
+            // 200 agents on one machine: never its console.
+            .args(["--console", "off"]);
         for (key, _) in std::env::vars() {
             if key.starts_with("GITLAB_RUNNER_VM_")
                 || key == "NOTIFY_SOCKET"

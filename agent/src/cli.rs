@@ -53,7 +53,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole lifecycle (what the systemd unit starts)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate runner.json: one line per problem, exit 1 if any is an error
     Check {
         #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -160,6 +160,10 @@ pub struct RunArgs {
     /// Seconds a hold lasts after its start or the keep file's last modification, whichever is later
     #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_parser = seconds, default_value_t = 3600)]
     pub hold_extend: u64,
+    /// Where milestones and failures are written, one line each, for reading from outside the
+    /// VM (the serial console); `off` for nowhere. When it cannot be opened, /dev/kmsg
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONSOLE", default_value = crate::console::DEFAULT)]
+    pub console: PathBuf,
 }
 
 #[cfg(test)]

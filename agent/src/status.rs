@@ -5,10 +5,12 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::lifecycle::{Phase, TimelineEntry};
 
@@ -38,6 +40,54 @@ pub struct Status {
     /// The preemption or maintenance notice acted on (absent: none, or an older agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preemption: Option<crate::preemption::Notice>,
+    /// When each milestone of this boot happened (`boot_record`).
+    #[serde(default)]
+    pub boot_record: BootRecord,
+    /// The runner token's expiry, as GitLab gave it at registration.
+    #[serde(with = "rfc3339_opt", default)]
+    pub token_expires_at: Option<SystemTime>,
+    /// It expires soon, or GitLab's date could not be read.
+    #[serde(default)]
+    pub token_warning: Option<String>,
+}
+
+/// status.json as last written, shared by the agent's steps and the task that forwards
+/// gitlab-runner's output (which amends the boot record as jobs start and end), so that
+/// neither writes an older status over the other's.
+#[derive(Debug, Clone)]
+pub struct Published {
+    state_dir: PathBuf,
+    last: Arc<Mutex<Option<Status>>>,
+}
+
+impl Published {
+    pub fn new(state_dir: &Path) -> Self {
+        Published {
+            state_dir: state_dir.to_path_buf(),
+            last: Arc::default(),
+        }
+    }
+
+    /// Writes the status made by `make`, which runs while no one else writes.
+    pub fn write(&self, make: impl FnOnce() -> Status) -> io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let status = make();
+        let written = write(&self.state_dir, &status);
+        *last = Some(status);
+        written
+    }
+
+    /// Changes the last status written and writes it again; nothing before the first write.
+    pub fn amend(&self, change: impl FnOnce(&mut Status)) -> io::Result<()> {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        match last.as_mut() {
+            Some(status) => {
+                change(status);
+                write(&self.state_dir, status)
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 pub fn path_in(state_dir: &Path) -> PathBuf {
@@ -141,6 +191,13 @@ pub fn render(status: &Status, now: SystemTime) -> String {
     if let Some(err) = &status.last_error {
         line(&mut out, "last error:", err);
     }
+    if let Some(at) = status.token_expires_at {
+        line(&mut out, "token expires:", &fmt_time(at));
+    }
+    if let Some(warning) = &status.token_warning {
+        line(&mut out, "token warning:", warning);
+    }
+    line(&mut out, "boot record:", &status.boot_record.summary());
     out.push_str("timeline:\n");
     for entry in &status.timeline {
         out.push_str(&format!("  {}  {}\n", fmt_time(entry.at), entry.phase));
@@ -220,6 +277,9 @@ mod tests {
             hold_deadline: Some(t0 + Duration::from_secs(3600)),
             poweroff_at: None,
             preemption: None,
+            boot_record: BootRecord::default(),
+            token_expires_at: None,
+            token_warning: None,
         }
     }
 
@@ -261,6 +321,56 @@ mod tests {
         write(dir.path(), &sample()).unwrap();
         let raw = fs::read_to_string(path_in(dir.path())).unwrap();
         assert!(!raw.contains("preemption"), "{raw}");
+    }
+
+    #[test]
+    fn an_amendment_keeps_the_rest_of_the_last_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let published = Published::new(dir.path());
+        // Nothing to amend before the first write.
+        published.amend(|s| s.boot_record.jobs = 9).unwrap();
+        assert!(read(dir.path()).is_err());
+        published.write(sample).unwrap();
+        published
+            .amend(|s| s.boot_record.job_started(42, 1500))
+            .unwrap();
+        let shown = read(dir.path()).unwrap();
+        assert_eq!(shown.boot_record.jobs, 1);
+        assert_eq!(shown.boot_record.first_job_start_ms, Some(1500));
+        assert_eq!(shown.phase, Phase::Holding);
+        // The next write from the agent carries what it makes; the amendment was the record's.
+        let mut next = sample();
+        next.phase = Phase::PoweringOff;
+        published.write(|| next).unwrap();
+        assert_eq!(read(dir.path()).unwrap().phase, Phase::PoweringOff);
+    }
+
+    #[test]
+    fn the_token_expiry_and_the_boot_record_are_shown() {
+        let mut s = sample();
+        s.token_expires_at = Some(s.since + Duration::from_secs(7200));
+        s.token_warning = Some("the runner token expires at ...".into());
+        s.boot_record.agent_started(1200);
+        let text = render(&s, s.since);
+        assert!(
+            text.contains("token expires:  2027-01-15T10:00:00.000Z"),
+            "{text}"
+        );
+        assert!(
+            text.contains("token warning:  the runner token expires"),
+            "{text}"
+        );
+        assert!(
+            text.contains("boot record:    boot_to_agent_ms=1200 "),
+            "{text}"
+        );
+        // An older status.json without these fields still reads.
+        let mut raw: serde_json::Value = serde_json::to_value(&s).unwrap();
+        for key in ["boot_record", "token_expires_at", "token_warning"] {
+            raw.as_object_mut().unwrap().remove(key);
+        }
+        let old: Status = serde_json::from_value(raw).unwrap();
+        assert_eq!(old.boot_record, crate::boot_record::BootRecord::default());
     }
 
     #[test]

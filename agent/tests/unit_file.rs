@@ -113,6 +113,30 @@ fn no_sandboxing_that_takes_devices_or_mounts_from_jobs() {
     }
 }
 
+/// `--console` writes /dev/console (root's only), or /dev/kmsg when that cannot be opened: the
+/// agent runs as root, and nothing in the unit takes either device away.
+#[test]
+fn the_agent_may_write_the_console_and_the_kernel_log() {
+    let s = settings();
+    for key in [
+        "User",
+        "DynamicUser",
+        "PrivateDevices",
+        "DevicePolicy",
+        "DeviceAllow",
+        "ProtectKernelLogs",
+        "InaccessiblePaths",
+    ] {
+        assert!(
+            !s.contains_key(key),
+            "{key} would keep the agent from the console or the kernel log"
+        );
+    }
+    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("[default: /dev/console]"), "{text}");
+}
+
 /// `systemd-analyze`, or why this machine cannot run it. Missing is a failure, with what to
 /// install, everywhere but in the Nix package's build: its sandbox has no systemd, and the unit
 /// is checked by tests/run (CI installs systemd with tests/agent/install-deps).

@@ -495,3 +495,95 @@ def test_logind_handled_the_power_button(ev, expect):
     key = ev.first(lambda e: e.get("SYSLOG_IDENTIFIER") == "systemd-logind"
                    and "Power key pressed" in e.get("MESSAGE", ""))
     expect(key, (key or {}).get("MESSAGE", ""))
+
+
+# ---- the serial console: what an operator sees from outside the VM -----------------------------
+
+CONSOLE_PREFIX = "gitlab-runner-vm: "
+
+
+def console_lines(run):
+    """The agent's lines on the serial console (console.log), from their prefix on: a kernel
+    message may have started the line before it."""
+    return [line[line.index(CONSOLE_PREFIX):].rstrip("\r")
+            for line in run.vm.console().splitlines() if CONSOLE_PREFIX in line]
+
+
+def in_order(lines, starts):
+    """Whether lines starting with each of `starts` come in that order."""
+    rest = iter(lines)
+    return all(any(line.startswith(s) for line in rest) for s in starts)
+
+
+def job_id(run):
+    start = run.first(is_job_start)
+    return start["path"].rsplit("/", 1)[-1] if start else None
+
+
+def test_the_console_never_shows_the_token(run, expect):
+    """the serial console never shows the runner token (nor its secret part)"""
+    console = run.vm.console()
+    secret_part = run.token[len("glrt-"):]
+    expect(console and secret_part not in console,
+           "token on the console" if secret_part in console else f"{len(console_lines(run))} agent lines")
+
+
+@applies(rejected)
+def test_the_console_shows_the_rejected_token_with_its_fix(run, expect):
+    """the serial console shows the failure: the rejected token (403) and its fix, on one line"""
+    lines = console_lines(run)
+    failed = [line for line in lines if line.startswith(CONSOLE_PREFIX + "failed: registration failed: ")]
+    expect(len(failed) == 1 and "403" in failed[0] and "; fix: " in failed[0],
+           failed[0][:200] if failed else " | ".join(lines) or "no agent line on the console")
+
+
+@applies(one_job_to_its_end)
+def test_the_console_shows_each_milestone_of_the_job(run, expect):
+    """the serial console shows registered, job started, job succeeded and deregistered, in order"""
+    lines, job = console_lines(run), job_id(run)
+    starts = [f"{CONSOLE_PREFIX}registered runner {run.name} (system {run.system_id}) at ",
+              f"{CONSOLE_PREFIX}job {job} started",
+              f"{CONSOLE_PREFIX}job {job} succeeded after ",
+              f"{CONSOLE_PREFIX}deregistered: runner manager {run.system_id} deleted"]
+    starts += [f"{CONSOLE_PREFIX}holding: "] if run.sc.keep_file else \
+        [f"{CONSOLE_PREFIX}powering off", f"{CONSOLE_PREFIX}boot record: "]
+    expect(job and in_order(lines, starts), " | ".join(lines) or "no agent line on the console")
+
+
+@applies(lambda sc: sc.powerdown_in_job)
+def test_the_console_shows_the_boot_record_of_the_stop_with_the_aborted_job(run, expect):
+    """the serial console shows the job's start, then the boot record of the stop (power
+    button): ended_by=stop, the aborted job counted as failed
+
+    Not the `stopping:` line, nor necessarily the `aborted` one: they are written right after
+    SIGTERM, while systemd stops the serial getty and resets ttyS0, which discards output not
+    yet sent (seen under TCG). The boot record comes after deregistration."""
+    lines, job = console_lines(run), job_id(run)
+    expect(lines and in_order(lines, [f"{CONSOLE_PREFIX}job {job} started",
+                                      f"{CONSOLE_PREFIX}boot record: "])
+           and "ended_by=stop" in lines[-1] and "jobs=1 jobs_failed=1" in lines[-1],
+           " | ".join(lines[-3:]))
+
+
+# ---- the boot record: one structured journal entry per boot ------------------------------------
+
+RECORD_ORDER = ("BOOT_TO_AGENT_MS", "CONFIG_FOUND_MS", "REGISTERED_MS", "FIRST_JOB_START_MS",
+                "LAST_JOB_END_MS", "DEREGISTERED_MS", "POWEROFF_MS")
+
+
+def test_the_journal_has_one_boot_record_with_its_milestones_in_order(run, ev, expect):
+    """the journal has one boot record entry (BOOT_TO_AGENT_MS ... POWEROFF_MS), its
+    milestones in the order they happen, as status --json shows them"""
+    records = [e for e in ev.agent_process_entries() if "BOOT_TO_AGENT_MS" in e]
+    if len(records) != 1:
+        expect(False, f"{len(records)} boot record entries")
+        return
+    rec = records[0]
+    times = [int(rec[k]) for k in RECORD_ORDER if k in rec]
+    needed = ["BOOT_TO_AGENT_MS", "CONFIG_FOUND_MS", "POWEROFF_MS"]
+    needed += ["REGISTERED_MS", "FIRST_JOB_START_MS", "LAST_JOB_END_MS"] if one_job_to_its_end(run.sc) else ["FAILED_MS"] if rejected(run.sc) else []
+    status = run.agent_status_json()
+    shown = status.get("boot_record", {}) if isinstance(status, dict) else {}
+    agree = all(shown.get(k.lower()) == int(rec[k]) for k in RECORD_ORDER if k in rec) if shown else True
+    expect(times == sorted(times) and all(k in rec for k in needed) and agree,
+           rec.get("MESSAGE", "")[:300] + ("" if agree else f"; status --json: {shown}"))

@@ -44,6 +44,10 @@ pub enum AgentError {
     RunnerFailed(String),
     #[error("cannot wait for gitlab-runner: {0}")]
     RunnerWait(String),
+    #[error(
+        "GitLab accepted the runner token, but it expired at {expired_at} (this VM's clock says {now}), so GitLab refuses it from now on"
+    )]
+    TokenExpired { expired_at: String, now: String },
 }
 
 impl AgentError {
@@ -79,6 +83,7 @@ impl AgentError {
             RunnerSpawn { .. } => "check that it is an executable gitlab-runner".into(),
             RunnerFailed(_) => "read its output above (journalctl -u gitlab-runner-vm); a wrong config.toml, an unknown executor or a missing tool makes it exit at once".into(),
             RunnerWait(_) => "this is a bug in gitlab-runner-vm; please report it with the journal".into(),
+            TokenExpired { .. } => "rotate the runner token in GitLab (Settings > CI/CD > Runners, the runner's Edit > Reset token, or a new runner) and update runner.json; if the token is still valid in GitLab, this VM's clock is wrong (check its time synchronisation)".into(),
         }
     }
 

@@ -22,16 +22,19 @@ mod waiting;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::boot_record::{self, BootRecord};
 use crate::cli::RunArgs;
 use crate::config::CredentialKind;
+use crate::console::{self, Console};
 use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
-use crate::status::{self, Status};
+use crate::status::{self, Published, Status};
 use crate::{preemption, secret, systemd};
 use interrupt::{Interrupt, Interrupts};
 use state::{Next, State};
@@ -88,11 +91,26 @@ struct Agent {
     poweroff_at: Option<SystemTime>,
     /// The preemption watcher's task, ended with the run.
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// Milestones and failures, one line each, for reading from outside the VM.
+    console: Console,
+    /// When each milestone of this boot happened; shared with the forwarding of gitlab-runner's
+    /// output, which sees jobs start and end.
+    record: Arc<Mutex<BootRecord>>,
+    published: Published,
+    token_expires_at: Option<SystemTime>,
+    token_warning: Option<String>,
 }
 
 impl Agent {
     fn new(args: RunArgs, interrupts: Interrupts) -> Self {
+        let mut record = BootRecord::default();
+        record.agent_started(boot_record::now_ms());
         Agent {
+            published: Published::new(&args.state_dir),
+            console: Console::default(),
+            record: Arc::new(Mutex::new(record)),
+            token_expires_at: None,
+            token_warning: None,
             args,
             lc: Lifecycle::new(SystemTime::now()),
             boot_id: boot_id(),
@@ -109,6 +127,11 @@ impl Agent {
     /// The first state. Decided before the first write: status.json of an earlier run in this
     /// boot is the crash protection, and it needs nothing but the state directory.
     fn start(&mut self) -> anyhow::Result<State> {
+        if let Some(path) = console::target(&self.args.console) {
+            self.console = self
+                .span()
+                .in_scope(|| Console::open(path, std::path::Path::new(console::KMSG)));
+        }
         std::fs::create_dir_all(&self.args.state_dir).with_context(|| {
             format!(
                 "cannot create the state directory {}",
@@ -139,11 +162,17 @@ impl Agent {
             return Ok(state);
         };
         self.lc.transition(phase, SystemTime::now())?;
+        if phase == Phase::Registering {
+            self.mark(BootRecord::config_found);
+        }
         if let State::Failed(error, _) = &state {
             let line = error.with_fix();
             // Entered, not given as `parent:`: journald takes the fields of the entered span.
             let _in_phase = self.span().entered();
             tracing::error!("{line}");
+            self.mark(BootRecord::failed);
+            self.console
+                .failure(&console::failure_text(&error.to_string(), &error.fix()));
             self.last_error = Some(line);
         }
         self.publish(&detail);
@@ -188,8 +217,23 @@ impl Agent {
         }
     }
 
+    /// Records a milestone of this boot at the boot clock's now.
+    fn mark(&self, milestone: impl FnOnce(&mut BootRecord, u64)) {
+        let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
+        milestone(&mut record, boot_record::now_ms());
+    }
+
+    /// A milestone's line on the console (the journal has its own, longer line).
+    fn milestone(&self, text: &str) {
+        self.console.milestone(text);
+    }
+
     fn try_write_status(&self) -> std::io::Result<()> {
-        let status = Status {
+        self.published.write(|| self.status())
+    }
+
+    fn status(&self) -> Status {
+        Status {
             phase: self.lc.phase(),
             since: self.lc.since(),
             pid: std::process::id(),
@@ -206,8 +250,14 @@ impl Agent {
             hold_deadline: self.hold_deadline,
             poweroff_at: self.poweroff_at,
             preemption: self.interrupts.notice(),
-        };
-        status::write(&self.args.state_dir, &status)
+            boot_record: self
+                .record
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            token_expires_at: self.token_expires_at,
+            token_warning: self.token_warning.clone(),
+        }
     }
 
     fn interrupt(&self) -> Interrupt {

@@ -1,19 +1,24 @@
 //! registering: the credential flow's request to GitLab, then the start of gitlab-runner
 //! (recorded in status.json first, so a restarted agent never starts a second one).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::state::{Job, Next, Setup, State, Teardown, failed};
 use super::{Agent, deadline_after};
+use crate::boot_record::{self, BootRecord};
 use crate::config::RunnerConfig;
+use crate::console::Console;
 use crate::gitlab::RetryError;
 use crate::lifecycle::Phase;
+use crate::registration::expiry::{self, Expiry};
 use crate::registration::{Registered, Target, possibly_created};
-use crate::runner::{self, RunnerUser};
+use crate::runner::job_lines::{self, JobLine, Outcome};
+use crate::runner::{self, LineWatch, RunnerUser};
 use crate::secret::Secret;
-use crate::status;
+use crate::status::{self, Published};
 
 impl Agent {
     pub(super) async fn register(&mut self, setup: Setup) -> Next {
@@ -50,7 +55,9 @@ impl Agent {
                     bound.as_secs()
                 );
                 let teardown = match tokio::time::timeout(bound, call).await {
-                    Ok(Ok(token)) => self.accept_created(&config, &user, registered(token)),
+                    Ok(Ok(accepted)) => {
+                        self.accept_created(&config, &user, registered(accepted.token))
+                    }
                     Ok(Err(_)) => pending,
                     Err(_) => {
                         tracing::warn!("{}", possibly_created(&config.name));
@@ -61,11 +68,17 @@ impl Agent {
             }
             None => return self.stopping(None, pending),
         };
-        let teardown = match result {
-            Ok(token) if target == Target::Manager => Teardown {
-                registered: Some(registered(token)),
-            },
-            Ok(token) => self.accept_created(&config, &user, registered(token)),
+        let (teardown, token_expires_at) = match result {
+            Ok(accepted) if target == Target::Manager => (
+                Teardown {
+                    registered: Some(registered(accepted.token)),
+                },
+                accepted.token_expires_at,
+            ),
+            Ok(accepted) => (
+                self.accept_created(&config, &user, registered(accepted.token)),
+                accepted.token_expires_at,
+            ),
             Err(error) => {
                 let nothing_created =
                     matches!(error, RetryError::Permanent(_)) && target == Target::Manager;
@@ -88,6 +101,14 @@ impl Agent {
                 );
             }
         };
+        self.mark(BootRecord::registered);
+        self.milestone(&format!(
+            "registered runner {} (system {system_id}) at {}",
+            config.name, config.url
+        ));
+        if let Some(error) = self.check_token_expiry(token_expires_at.as_deref(), &config) {
+            return failed(error, teardown);
+        }
         self.write_status();
         if self.interrupt() == Interrupt::Drain {
             // gitlab-runner killed by a SIGQUIT that arrives before it installs its handlers
@@ -100,6 +121,30 @@ impl Agent {
             return self.teardown(teardown);
         }
         self.start_runner(&config, &user, teardown)
+    }
+
+    /// Warns when the token expires within a day or this VM's max_lifetime; a token already
+    /// expired (by this VM's clock) is a failure before any job.
+    fn check_token_expiry(
+        &mut self,
+        token_expires_at: Option<&str>,
+        config: &RunnerConfig,
+    ) -> Option<AgentError> {
+        let now = SystemTime::now();
+        let expiry = expiry::judge(token_expires_at, now, config.max_lifetime);
+        self.token_expires_at = expiry.at();
+        if let Some(warning) = expiry.warning(now) {
+            tracing::warn!("{warning}");
+            self.milestone(&format!("warning: {warning}"));
+            self.token_warning = Some(warning);
+        }
+        match expiry {
+            Expiry::Expired(at) => Some(AgentError::TokenExpired {
+                expired_at: status::fmt_time(at),
+                now: status::fmt_time(now),
+            }),
+            _ => None,
+        }
     }
 
     /// A runner GitLab created for this VM: from now on teardown deletes it, with the token
@@ -157,9 +202,17 @@ impl Agent {
         .flatten()
         .collect();
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let watch: LineWatch = {
+            let (record, console, published) = (
+                self.record.clone(),
+                self.console.clone(),
+                self.published.clone(),
+            );
+            Arc::new(move |line: &str| job_milestone(line, &record, &console, &published))
+        };
         // gitlab-runner's lines are logged in the phase it runs in.
         let forwarding = tokio::spawn(tracing::Instrument::instrument(
-            runner::forward_output(stdout, stderr, secrets),
+            runner::forward_output(stdout, stderr, secrets, watch),
             self.span_in(Phase::Running),
         ));
         let job = Job {
@@ -177,5 +230,45 @@ impl Agent {
             config.idle_timeout.as_secs()
         );
         (State::Running(job), detail)
+    }
+}
+
+/// A line of gitlab-runner that says a job started or ended: the boot record, status.json, the
+/// journal and the console learn it.
+fn job_milestone(line: &str, record: &Mutex<BootRecord>, console: &Console, published: &Published) {
+    let Some(event) = job_lines::parse(line) else {
+        return;
+    };
+    let now = boot_record::now_ms();
+    let text = {
+        let mut record = record.lock().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            JobLine::Started { job } => {
+                record.job_started(job, now);
+                format!("job {job} started")
+            }
+            JobLine::Finished { job, outcome } => {
+                let succeeded = outcome == Outcome::Succeeded;
+                match record.job_finished(job, now, succeeded) {
+                    Some(ms) => format!(
+                        "job {job} {} after {}",
+                        outcome.as_str(),
+                        boot_record::seconds(ms)
+                    ),
+                    None => format!("job {job} {}", outcome.as_str()),
+                }
+            }
+        }
+    };
+    tracing::info!("{text}");
+    console.milestone(&text);
+    let amended = published.amend(|status| {
+        status.boot_record = record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    });
+    if let Err(e) = amended {
+        tracing::warn!("cannot write status.json: {e}");
     }
 }

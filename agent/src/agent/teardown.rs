@@ -4,6 +4,7 @@
 //! directory alone.
 
 use std::process::ExitCode;
+use std::sync::PoisonError;
 use std::time::{Duration, SystemTime};
 
 use tokio::process::Child;
@@ -13,6 +14,7 @@ use super::interrupt::Interrupt;
 use super::jobs::stop_child;
 use super::state::{Next, State, Stop, Teardown};
 use super::{Agent, Shown, deadline_after};
+use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
@@ -26,6 +28,7 @@ impl Agent {
     /// Where teardown starts: deregistration if GitLab (may) know this VM, else the hold if the
     /// keep file exists, else the power-off.
     pub(super) fn teardown(&mut self, teardown: Teardown) -> Next {
+        self.end_running_jobs("gitlab-runner ended without reporting its end");
         if self.lc.needs_deregistration() {
             return (
                 State::Deregistering(teardown),
@@ -62,6 +65,11 @@ impl Agent {
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.args.keep_file.display()
         );
+        let until = self
+            .hold_deadline
+            .map(|at| format!(", {} at most", status::fmt_time(at)))
+            .unwrap_or_default();
+        self.milestone(&format!("holding: {detail}{until}"));
         (State::Holding(teardown), detail)
     }
 
@@ -97,6 +105,7 @@ impl Agent {
 
     pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
         let detail = "stop requested (SIGTERM): aborting, deregistering, exiting".to_string();
+        self.milestone(&format!("stopping: {detail}"));
         (State::Stopping(Stop { child, teardown }), detail)
     }
 
@@ -137,16 +146,23 @@ impl Agent {
             Ok(Deletion::Deleted) => {
                 self.lc.deregistered = true;
                 tracing::info!("deregistered: {what} deleted from GitLab");
+                self.mark(BootRecord::deregistered);
+                self.milestone(&format!("deregistered: {what} deleted from GitLab"));
             }
             Ok(Deletion::AlreadyGone) => {
                 self.lc.deregistered = true;
                 tracing::info!("deregistered: {what} was already gone from GitLab");
+                self.mark(BootRecord::deregistered);
+                self.milestone(&format!(
+                    "deregistered: {what} was already gone from GitLab"
+                ));
             }
             Err(e) => {
                 let message = format!(
                     "could not delete {what} from GitLab ({e}); powering off anyway: GitLab removes managers it has not seen for 7 days, or delete it under Settings > CI/CD > Runners"
                 );
                 tracing::warn!("{message}");
+                self.console.failure(&message);
                 self.last_error = Some(message);
             }
         }
@@ -224,8 +240,12 @@ impl Agent {
             tracing::info!(
                 "power-off is disabled (--no-poweroff); the VM stays up and the agent exits"
             );
+            self.milestone("exiting without power-off (--no-poweroff); the VM stays up");
+            self.end_of_boot("no-poweroff").await;
             return exit(ExitCode::SUCCESS);
         }
+        self.milestone("powering off");
+        self.end_of_boot("poweroff").await;
         match power::power_off(&self.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
                 tracing::info!("power-off requested");
@@ -233,11 +253,43 @@ impl Agent {
             }
             Err(e) => {
                 tracing::error!("{e:#}");
+                self.console.failure(&format!("power-off failed: {e:#}"));
+                self.console.flush(CONSOLE_FLUSH).await;
                 self.last_error = Some(format!("{e:#}"));
                 self.write_status();
                 exit(ExitCode::FAILURE)
             }
         }
+    }
+
+    /// Jobs gitlab-runner started and never reported the end of: in the record they end now.
+    fn end_running_jobs(&mut self, why: &str) {
+        let now = crate::boot_record::now_ms();
+        let ended = self
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .abandon_running(now);
+        for (job, ms) in ended {
+            let text = format!("job {job} {why}, after {}", crate::boot_record::seconds(ms));
+            tracing::warn!("{text}");
+            self.milestone(&text);
+        }
+    }
+
+    /// The end of this boot's run: the boot record to the journal (one structured entry),
+    /// status.json and the console, whose lines are out before the power-off cuts them.
+    async fn end_of_boot(&mut self, ended_by: &str) {
+        self.mark(|record, at| record.ended(at, ended_by));
+        let record = self
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        record.log();
+        self.milestone(&format!("boot record: {}", record.summary()));
+        self.write_status();
+        self.console.flush(CONSOLE_FLUSH).await;
     }
 
     /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
@@ -251,11 +303,14 @@ impl Agent {
                 timeout = preemption::abort_budget(&notice, SystemTime::now(), timeout);
             }
             stop_child(&mut child, timeout).await;
+            self.end_running_jobs("aborted by the stop");
         }
         if self.lc.needs_deregistration() {
             self.delete_from_gitlab(&stop.teardown).await;
         }
         tracing::info!("stopped");
+        self.milestone("stopped");
+        self.end_of_boot("stop").await;
         exit(ExitCode::SUCCESS)
     }
 
@@ -324,6 +379,15 @@ impl Agent {
             gitlab_url: prev.gitlab_url,
         };
         self.last_error = prev.last_error;
+        self.token_expires_at = prev.token_expires_at;
+        self.token_warning = prev.token_warning;
+        // The boot's record goes on; jobs that ran are over (gitlab-runner is not ours anymore).
+        let mut record = prev.boot_record;
+        record.running_jobs.clear();
+        if let Some(started) = self.record.lock().ok().and_then(|r| r.boot_to_agent_ms) {
+            record.agent_started(started);
+        }
+        *self.record.lock().unwrap_or_else(PoisonError::into_inner) = record;
         Teardown { registered }
     }
 }
@@ -342,6 +406,9 @@ impl Agent {
         }
     }
 }
+
+/// How long the last console lines may hold the power-off up.
+const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
 fn exit(code: ExitCode) -> Next {
     (State::Exit(code), String::new())

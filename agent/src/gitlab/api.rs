@@ -16,6 +16,19 @@ use crate::secret::Secret;
 pub struct CreatedRunner {
     pub id: Option<u64>,
     pub token: Secret,
+    /// See `token_expires_at`.
+    pub token_expires_at: Option<String>,
+}
+
+/// `token_expires_at` of a verify or create answer, as GitLab wrote it: None when it is null
+/// or absent (the token does not expire); anything that is not a string as its JSON text, to
+/// be reported as unreadable.
+pub fn token_expires_at(answer: &Value) -> Option<String> {
+    match answer.get("token_expires_at")? {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +83,13 @@ impl<F: Future> IntoFuture for Call<F> {
 
 impl Client {
     /// `POST /runners/verify`: checks a `glrt-` token and creates (or heartbeats) the runner
-    /// manager for `system_id`.
+    /// manager for `system_id`. The answer is the token's `token_expires_at`.
     pub fn verify<'a>(
         &'a self,
         token: &'a Secret,
         system_id: &'a str,
         info: &'a RunnerInfo,
-    ) -> Call<impl Future<Output = Result<(), ApiError>> + 'a> {
+    ) -> Call<impl Future<Output = Result<Option<String>, ApiError>> + 'a> {
         Call::new(Endpoint::Verify, async move {
             let body =
                 json!({"token": token.expose(), "system_id": system_id, "info": info.to_json()});
@@ -97,7 +110,7 @@ impl Client {
                     detail: format!("a {status} answer without the runner's id"),
                 });
             }
-            Ok(())
+            Ok(token_expires_at(&answer))
         })
     }
 
@@ -224,6 +237,7 @@ fn created_runner(r: &Request<'_>, status: u16, body: &Value) -> Result<CreatedR
         Ok(created) => Ok(CreatedRunner {
             id: created.id,
             token: Secret::new(created.token),
+            token_expires_at: token_expires_at(body),
         }),
         Err(_) if status == 201 => {
             Err(r.maybe_created("a 201 answer without a runner token".into()))
@@ -249,6 +263,18 @@ fn deletion(result: Result<(u16, Value), ApiError>) -> Result<Deletion, ApiError
 mod tests {
     use super::*;
     use crate::gitlab::error::tests::status;
+
+    #[test]
+    fn token_expires_at_as_gitlab_wrote_it() {
+        let at = |v: Value| token_expires_at(&json!({"id": 1, "token_expires_at": v}));
+        assert_eq!(at(Value::Null), None);
+        assert_eq!(token_expires_at(&json!({"id": 1})), None);
+        assert_eq!(
+            at(json!("2026-12-01T10:00:00.000Z")).as_deref(),
+            Some("2026-12-01T10:00:00.000Z")
+        );
+        assert_eq!(at(json!(1700000000)).as_deref(), Some("1700000000"));
+    }
 
     #[test]
     fn deletion_treats_403_and_404_as_gone() {

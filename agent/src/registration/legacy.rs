@@ -3,7 +3,7 @@
 
 use tokio::time::Instant;
 
-use super::{BoxFuture, CredentialFlow, Target, created};
+use super::{Accepted, BoxFuture, CredentialFlow, Target, created};
 use crate::config::RunnerSettings;
 use crate::gitlab::{self, Client, RetryError, RunnerInfo};
 use crate::secret::Secret;
@@ -36,7 +36,7 @@ impl CredentialFlow for Legacy {
         client: &'a Client,
         _system_id: &'a str,
         deadline: Instant,
-    ) -> BoxFuture<'a, Result<Secret, RetryError>> {
+    ) -> BoxFuture<'a, Result<Accepted, RetryError>> {
         Box::pin(async move {
             let runner = gitlab::with_retries("register", deadline, || {
                 client.register(&self.token, &self.info, &self.settings)

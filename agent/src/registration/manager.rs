@@ -4,7 +4,7 @@
 
 use tokio::time::Instant;
 
-use super::{BoxFuture, CredentialFlow, Target};
+use super::{Accepted, BoxFuture, CredentialFlow, Target};
 use crate::gitlab::{self, Client, RetryError, RunnerInfo};
 use crate::secret::Secret;
 
@@ -35,14 +35,17 @@ impl CredentialFlow for Manager {
         client: &'a Client,
         system_id: &'a str,
         deadline: Instant,
-    ) -> BoxFuture<'a, Result<Secret, RetryError>> {
+    ) -> BoxFuture<'a, Result<Accepted, RetryError>> {
         Box::pin(async move {
-            gitlab::with_retries("verify", deadline, || {
+            let token_expires_at = gitlab::with_retries("verify", deadline, || {
                 client.verify(&self.token, system_id, &self.info)
             })
             .await?;
             tracing::info!("runner token accepted; this VM is runner manager {system_id}");
-            Ok(self.token.clone())
+            Ok(Accepted {
+                token: self.token.clone(),
+                token_expires_at,
+            })
         })
     }
 }

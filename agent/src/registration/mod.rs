@@ -11,6 +11,7 @@
 //! restarted agent can also rebuild from its state directory alone (`config.toml` keeps the
 //! URL and the token, `.runner_system_id` the system id), without runner.json.
 
+pub mod expiry;
 mod legacy;
 mod manager;
 mod user_runner;
@@ -42,7 +43,16 @@ pub trait CredentialFlow {
         client: &'a Client,
         system_id: &'a str,
         deadline: Instant,
-    ) -> BoxFuture<'a, Result<Secret, RetryError>>;
+    ) -> BoxFuture<'a, Result<Accepted, RetryError>>;
+}
+
+/// What GitLab answered a registration with.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The token gitlab-runner uses.
+    pub token: Secret,
+    /// When that token expires, as GitLab wrote it (`expiry` judges it).
+    pub token_expires_at: Option<String>,
 }
 
 /// The flow for runner.json's credential.
@@ -128,7 +138,7 @@ impl Registered {
 }
 
 /// The token of a runner GitLab created for this VM, logged (masked) with its id.
-fn created(runner: gitlab::CreatedRunner) -> Secret {
+fn created(runner: gitlab::CreatedRunner) -> Accepted {
     tracing::info!(
         "GitLab created runner {} with token {}",
         runner
@@ -137,7 +147,10 @@ fn created(runner: gitlab::CreatedRunner) -> Secret {
             .unwrap_or_else(|| "?".into()),
         runner.token
     );
-    runner.token
+    Accepted {
+        token: runner.token,
+        token_expires_at: runner.token_expires_at,
+    }
 }
 
 /// What an operator must know when a create request's fate is unknown.

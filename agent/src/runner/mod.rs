@@ -5,15 +5,17 @@
 //! - `state_files`: the system id and writing both state files, 0600, before any GitLab call;
 //! - `config_toml`: rendering config.toml, and reading back what a restarted agent needs;
 //! - `process`: the runner user, the arguments, the environment, spawn and signals;
-//! - `output`: forwarding stdout and stderr to the log, one record per line.
+//! - `output`: forwarding stdout and stderr to the log, one record per line;
+//! - `job_lines`: the lines of that output that say a job started or ended.
 
 mod config_toml;
+pub mod job_lines;
 mod output;
 mod process;
 mod state_files;
 
 pub use config_toml::{read_runner_entry, render_config_toml};
-pub use output::forward_output;
+pub use output::{LineWatch, forward_output};
 pub use process::{RunnerUser, run_single_args, scrubbed_environment, send_signal, spawn};
 pub use state_files::{CONFIG_FILE, generate_system_id, read_system_id, write_state_files};
 

@@ -98,24 +98,33 @@ impl LineSplitter {
     }
 }
 
+/// Called with every line forwarded (secrets masked), from either stream: how the agent learns
+/// that a job started or ended.
+pub type LineWatch = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Copies the child's stdout and stderr into the agent's log, one record per line (see
-/// `LineSplitter`), with every secret masked. Reads each stream to its end whatever it holds:
-/// a reader that stopped early would kill gitlab-runner with SIGPIPE at its next write.
+/// `LineSplitter`), with every secret masked, and shows each line to `watch`. Reads each stream
+/// to its end whatever it holds: a reader that stopped early would kill gitlab-runner with
+/// SIGPIPE at its next write.
 pub async fn forward_output(
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     secrets: Vec<Secret>,
+    watch: LineWatch,
 ) {
     let forward = |stream: &'static str,
                    reader: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>,
-                   secrets: Vec<Secret>| async move {
+                   secrets: Vec<Secret>,
+                   watch: LineWatch| async move {
         let Some(mut reader) = reader else { return };
         let refs: Vec<&Secret> = secrets.iter().collect();
         let keep_whole = secrets.iter().map(|s| s.expose().as_bytes().to_vec());
         let mut splitter = LineSplitter::new(MAX_LINE, keep_whole.collect());
         let mut log = |line: &[u8]| {
             let line = String::from_utf8_lossy(line);
-            tracing::info!(target: "gitlab-runner", stream, "gitlab-runner: {}", redact(&line, &refs));
+            let line = redact(&line, &refs);
+            tracing::info!(target: "gitlab-runner", stream, "gitlab-runner: {line}");
+            watch(&line);
         };
         let mut buf = vec![0u8; 8192];
         loop {
@@ -132,8 +141,13 @@ pub async fn forward_output(
         splitter.finish(&mut log);
     };
     tokio::join!(
-        forward("stdout", stdout.map(|s| Box::new(s) as _), secrets.clone()),
-        forward("stderr", stderr.map(|s| Box::new(s) as _), secrets),
+        forward(
+            "stdout",
+            stdout.map(|s| Box::new(s) as _),
+            secrets.clone(),
+            watch.clone()
+        ),
+        forward("stderr", stderr.map(|s| Box::new(s) as _), secrets, watch),
     );
 }
 

@@ -149,6 +149,14 @@ exit {code}
         ] {
             cmd.env(format!("GITLAB_RUNNER_VM_{key}"), value);
         }
+        // Console lines go to a file of the test, never to the machine's console (nor, as the
+        // fallback for a console that cannot be opened, to its kernel log).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("console"))
+            .unwrap();
+        cmd.env("GITLAB_RUNNER_VM_CONSOLE", self.path("console"));
         let poweroff = format!("echo poweroff >> {}", self.path("poweroff").display());
         cmd.env("GITLAB_RUNNER_VM_POWEROFF_COMMAND", poweroff);
         cmd.stdin(Stdio::null())
@@ -187,6 +195,11 @@ exit {code}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What the agent wrote to the console.
+    pub fn console(&self) -> String {
+        self.read("console").unwrap_or_default()
     }
 
     pub fn log(&self) -> String {
@@ -273,6 +286,7 @@ exit {code}
     pub fn all_output(&self) -> String {
         let mut all = self.log();
         all.push_str(&self.read("agent.stdout").unwrap_or_default());
+        all.push_str(&self.console());
         all.push_str(
             &std::fs::read_to_string(self.state_dir().join("status.json")).unwrap_or_default(),
         );

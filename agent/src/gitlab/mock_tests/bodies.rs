@@ -114,7 +114,7 @@ async fn max_body_is_the_limit_with_or_without_a_length() {
         server.abort();
         for result in [with_length, without_length] {
             match result {
-                Ok(()) => assert!(fits, "{len} bytes were read"),
+                Ok(_) => assert!(fits, "{len} bytes were read"),
                 Err(ApiError::Body { detail, .. }) => {
                     assert!(!fits, "{len}: {detail}");
                     assert_eq!(detail, "a 200 answer larger than 64 KiB");

@@ -183,7 +183,9 @@ async fn verify_with_retries(gitlab: &MockServer, deadline_s: u64) -> Result<(),
     let c = client(gitlab);
     let (t, i) = (secret(TOKEN), info());
     let deadline = Instant::now() + Duration::from_secs(deadline_s);
-    with_retries("verify", deadline, || c.verify(&t, SYSTEM_ID, &i)).await
+    with_retries("verify", deadline, || c.verify(&t, SYSTEM_ID, &i))
+        .await
+        .map(drop)
 }
 
 /// `Retry-After: 1` with counts that put this client first in line: the retry falls within

@@ -7,7 +7,7 @@ use super::*;
 async fn call(c: &Client, endpoint: Endpoint) -> Result<(), ApiError> {
     let (t, i, s) = (secret(TOKEN), info(), RunnerSettings::default());
     match endpoint {
-        Endpoint::Verify => c.verify(&t, SYSTEM_ID, &i).await,
+        Endpoint::Verify => c.verify(&t, SYSTEM_ID, &i).await.map(drop),
         Endpoint::Register => c.register(&t, &i, &s).await.map(drop),
         Endpoint::CreateUserRunner => {
             let access = secret(ACCESS);

@@ -1,0 +1,475 @@
+//! The serial console: one line per milestone (registered, job started and finished,
+//! deregistered, holding, powering off), the failure with its fix and the boot record, besides
+//! the journal. From outside a VM the console is often all there is to read (`kubectl logs -c
+//! guest-console-log`, `aws ec2 get-console-output`, GCE's serial port), so a fleet that keeps
+//! failing can be diagnosed without getting into a VM within its failure delay.
+//!
+//! Every line starts with `gitlab-runner-vm: ` (greppable among the kernel's and systemd's
+//! lines), is scrubbed of tokens, has no control characters and is at most `MAX_LINE` bytes.
+//!
+//! Writing never holds the agent up: a serial port stopped by flow control, or a FIFO nobody
+//! reads, would otherwise stall the lifecycle (and with it deregistration and power-off). The
+//! agent only queues lines, dropping them when the queue is full; a thread writes them to a
+//! descriptor opened non-blocking and gives up on a line after `LINE_TIMEOUT`.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::secret;
+
+pub const PREFIX: &str = "gitlab-runner-vm: ";
+/// The console the kernel was told to use (`console=ttyS0`): where platforms record what the
+/// VM prints.
+pub const DEFAULT: &str = "/dev/console";
+/// Where lines go when the console cannot be opened: the kernel log, which the kernel prints
+/// on its consoles at a priority above its console log level.
+pub const KMSG: &str = "/dev/kmsg";
+/// The longest line, prefix included, in bytes: a serial port at 115200 baud writes it in
+/// about 40 ms, and a kmsg record holds it whole.
+pub const MAX_LINE: usize = 480;
+/// A line not written within this time is given up (the port is stuck).
+const LINE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Lines waiting for the writer; more are dropped.
+const QUEUE: usize = 64;
+
+/// How a line matters, which decides its kmsg priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Milestone,
+    Failure,
+}
+
+/// What `--console` says: a device (or file) to write to, or `off`.
+pub fn target(flag: &Path) -> Option<&Path> {
+    (flag != Path::new("off")).then_some(flag)
+}
+
+/// One console line, as written: prefix, the text scrubbed of tokens, every control
+/// character (newlines, escape sequences) made a space, cut to `MAX_LINE` bytes.
+pub fn format_line(text: &str) -> String {
+    let mut line = String::from(PREFIX);
+    line.push_str(&one_line(text, MAX_LINE - PREFIX.len()));
+    line
+}
+
+/// The failure's line: `failed: <error>; fix: <fix>`, where a long error (GitLab's message,
+/// say) is cut rather than the fix, which is what the operator needs.
+pub fn failure_text(error: &str, fix: &str) -> String {
+    let room = MAX_LINE - PREFIX.len() - "failed: ; fix: ".len();
+    let fix = one_line(fix, room - room / 3);
+    let error = one_line(error, room - fix.len());
+    format!("failed: {error}; fix: {fix}")
+}
+
+/// `text` scrubbed of tokens, control characters made spaces (runs of them one), cut to `max`
+/// bytes with an ellipsis.
+fn one_line(text: &str, max: usize) -> String {
+    let scrubbed = secret::scrub(text);
+    let mut line = String::with_capacity(scrubbed.len());
+    let mut last_space = false;
+    for c in scrubbed.trim().chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if c == ' ' && last_space {
+            continue;
+        }
+        last_space = c == ' ';
+        line.push(c);
+    }
+    if line.len() > max {
+        let mut cut = max.saturating_sub('…'.len_utf8());
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
+    }
+    line
+}
+
+/// The bytes of one line for its destination: on /dev/kmsg a record with a priority (user
+/// facility; failures at err, which the kernel prints on its consoles at the usual console
+/// log level 4, milestones at notice, which it only logs).
+fn encode(line: &str, kind: Kind, severity: Severity) -> Vec<u8> {
+    let priority = match (kind, severity) {
+        (Kind::Device, _) => "",
+        (Kind::Kmsg, Severity::Failure) => "<11>",
+        (Kind::Kmsg, Severity::Milestone) => "<13>",
+    };
+    format!("{priority}{line}\n").into_bytes()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Device,
+    Kmsg,
+}
+
+enum Request {
+    Line(Vec<u8>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The console's writer, or nothing (`--console off`, or nothing could be opened). Cheap to
+/// clone; every clone queues to the same writer.
+#[derive(Clone, Default)]
+pub struct Console {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: SyncSender<Request>,
+    path: PathBuf,
+    kind: Kind,
+    health: Arc<Health>,
+    /// Problems already logged, so that a stuck port is reported once, not per line.
+    told_dropped: AtomicBool,
+    told_stuck: AtomicBool,
+    told_error: AtomicBool,
+}
+
+/// What the writer thread reports back.
+#[derive(Default)]
+struct Health {
+    /// The last line was not written within LINE_TIMEOUT.
+    stuck: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl Console {
+    /// Opens the console at `path`, else `fallback` (/dev/kmsg), and logs where lines go.
+    pub fn open(path: &Path, fallback: &Path) -> Console {
+        let first = match open_nonblocking(path) {
+            Ok(file) => return Console::start(file, path, kind_of(path)),
+            Err(e) => e,
+        };
+        match open_nonblocking(fallback) {
+            Ok(file) => {
+                tracing::warn!(
+                    "cannot open the console {} ({first}); console lines go to {} instead (failures show on the console, milestones only in the kernel log)",
+                    path.display(),
+                    fallback.display()
+                );
+                Console::start(file, fallback, kind_of(fallback))
+            }
+            Err(second) => {
+                tracing::warn!(
+                    "cannot open the console {} ({first}) nor {} ({second}): no console lines (--console off silences this)",
+                    path.display(),
+                    fallback.display()
+                );
+                Console::default()
+            }
+        }
+    }
+
+    fn start(file: File, path: &Path, kind: Kind) -> Console {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let health = Arc::new(Health::default());
+        let writer_health = health.clone();
+        let spawned = std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || write_lines(file, rx, &writer_health));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the console writer: {e}; no console lines");
+            return Console::default();
+        }
+        Console {
+            inner: Some(Arc::new(Inner {
+                tx,
+                path: path.to_path_buf(),
+                kind,
+                health,
+                told_dropped: AtomicBool::new(false),
+                told_stuck: AtomicBool::new(false),
+                told_error: AtomicBool::new(false),
+            })),
+        }
+    }
+
+    /// Queues one line (see `format_line`); never waits.
+    pub fn line(&self, severity: Severity, text: &str) {
+        let Some(inner) = &self.inner else { return };
+        inner.report_trouble();
+        let bytes = encode(&format_line(text), inner.kind, severity);
+        match inner.tx.try_send(Request::Line(bytes)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if !inner.told_dropped.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the console {} takes output slower than the agent writes it: dropping console lines",
+                        inner.path.display()
+                    );
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    pub fn milestone(&self, text: &str) {
+        self.line(Severity::Milestone, text);
+    }
+
+    pub fn failure(&self, text: &str) {
+        self.line(Severity::Failure, text);
+    }
+
+    /// Waits until the lines queued so far are written, at most `timeout`; at once when the
+    /// console is stuck. Before the power-off, which would cut the last lines.
+    pub async fn flush(&self, timeout: Duration) {
+        let Some(inner) = &self.inner else { return };
+        if inner.health.stuck.load(Ordering::Relaxed) {
+            return;
+        }
+        let (done, written) = tokio::sync::oneshot::channel();
+        if inner.tx.try_send(Request::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout(timeout, written).await;
+        }
+        // The last chance to say that lines were lost.
+        inner.report_trouble();
+    }
+}
+
+impl Inner {
+    /// Logs, once each, what the writer ran into.
+    fn report_trouble(&self) {
+        if self.health.stuck.load(Ordering::Relaxed)
+            && !self.told_stuck.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "the console {} took no output for {} s (a serial port stopped by flow control?): console lines may be lost",
+                self.path.display(),
+                LINE_TIMEOUT.as_secs()
+            );
+        }
+        let error = self
+            .health
+            .error
+            .lock()
+            .ok()
+            .and_then(|error| error.clone());
+        if let Some(error) = error
+            && !self.told_error.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "cannot write to the console {}: {error}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+fn kind_of(path: &Path) -> Kind {
+    if path == Path::new(KMSG) {
+        Kind::Kmsg
+    } else {
+        Kind::Device
+    }
+}
+
+/// Opens for writing without blocking: neither in open (a serial port waiting for carrier, a
+/// FIFO without a reader) nor later in write. O_NOCTTY: the agent, a session leader under
+/// systemd, must not make the console its controlling terminal (a ^C or hangup on the serial
+/// line would then signal it).
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use nix::fcntl::OFlag;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+}
+
+/// The writer thread: each line within LINE_TIMEOUT, or given up.
+fn write_lines(mut file: File, rx: Receiver<Request>, health: &Health) {
+    // A line cut off by the timeout leaves the console mid-line: the next starts on a new one.
+    let mut mid_line = false;
+    for request in rx {
+        match request {
+            Request::Line(bytes) => {
+                let newline: &[u8] = if mid_line { b"\n" } else { b"" };
+                match write_within(&mut file, &[newline, &bytes].concat(), LINE_TIMEOUT) {
+                    Ok(()) => {
+                        mid_line = false;
+                        health.stuck.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        mid_line = true;
+                        health.stuck.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if let Ok(mut error) = health.error.lock() {
+                            error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+            }
+            Request::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Writes all of `buf` to a non-blocking descriptor, waiting for it to take more at most
+/// `timeout` in all.
+fn write_within(file: &mut File, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, poll};
+    let deadline = Instant::now() + timeout;
+    while !buf.is_empty() {
+        match file.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX).max(1);
+                let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLOUT)];
+                match poll(&mut fds, ms) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    #[test]
+    fn a_line_is_prefixed_scrubbed_one_line_and_capped() {
+        let line = format_line(
+            "failed: bad token glrt-fake.xxxx.xxxx.xxxx1234\n\tfix:\x1b[31m rotate\r\n",
+        );
+        assert_eq!(
+            line,
+            "gitlab-runner-vm: failed: bad token glrt-…1234 fix: [31m rotate"
+        );
+        let long = format_line(&"é".repeat(1000));
+        assert!(long.len() <= MAX_LINE, "{}", long.len());
+        assert!(long.ends_with("é…"), "{long}");
+        assert!(!format_line("a\u{85}b\u{7f}c").contains(['\u{85}', '\u{7f}']));
+    }
+
+    #[test]
+    fn a_long_failure_keeps_its_fix() {
+        let error = format!("GitLab answered 403 to verify: {}", "blah ".repeat(200));
+        let fix = "create a runner in GitLab (Settings > CI/CD > Runners > New runner) and put its glrt- token in runner.json";
+        let line = format_line(&failure_text(&error, fix));
+        assert!(line.len() <= MAX_LINE, "{}", line.len());
+        assert!(
+            line.starts_with("gitlab-runner-vm: failed: GitLab answered 403"),
+            "{line}"
+        );
+        assert!(line.ends_with(&format!("…; fix: {fix}")), "{line}");
+        let short = failure_text("bad\nthing", "do x");
+        assert_eq!(short, "failed: bad thing; fix: do x");
+    }
+
+    #[test]
+    fn kmsg_records_carry_a_priority_the_console_shows_for_failures_only() {
+        assert_eq!(
+            encode("x", Kind::Kmsg, Severity::Failure),
+            b"<11>x\n".to_vec()
+        );
+        assert_eq!(
+            encode("x", Kind::Kmsg, Severity::Milestone),
+            b"<13>x\n".to_vec()
+        );
+        assert_eq!(
+            encode("x", Kind::Device, Severity::Failure),
+            b"x\n".to_vec()
+        );
+        assert_eq!(target(Path::new("off")), None);
+        assert_eq!(
+            target(Path::new("/dev/ttyS0")),
+            Some(Path::new("/dev/ttyS0"))
+        );
+    }
+
+    #[tokio::test]
+    async fn lines_reach_the_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console");
+        std::fs::write(&path, "boot\n").unwrap();
+        let console = Console::open(&path, &dir.path().join("kmsg"));
+        console.milestone("registered runner vm-1");
+        console.failure("failed: x; fix: y");
+        console.flush(Duration::from_secs(10)).await;
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "boot\ngitlab-runner-vm: registered runner vm-1\ngitlab-runner-vm: failed: x; fix: y\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_console_that_cannot_be_opened_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let fallback = dir.path().join("kmsg");
+        std::fs::write(&fallback, "").unwrap();
+        // A FIFO without a reader cannot be opened without blocking.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let console = Console::open(&fifo, &fallback);
+        console.milestone("powering off");
+        console.flush(Duration::from_secs(10)).await;
+        assert_eq!(
+            std::fs::read_to_string(&fallback).unwrap(),
+            "gitlab-runner-vm: powering off\n"
+        );
+        // Neither: nothing, and no error.
+        let none = Console::open(&dir.path().join("no/such"), &dir.path().join("no/kmsg"));
+        none.failure("lost");
+        none.flush(Duration::from_secs(10)).await;
+    }
+
+    /// A FIFO whose reader never reads: the agent's calls return at once, whatever it writes,
+    /// and a flush is bounded.
+    #[tokio::test]
+    async fn a_console_nobody_reads_never_blocks_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let _reader: OwnedFd = nix::fcntl::open(
+            &fifo,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let console = Console::open(&fifo, &dir.path().join("kmsg"));
+        let started = Instant::now();
+        // Far more than the pipe (64 KiB) and the queue hold.
+        for i in 0..2000 {
+            console.milestone(&format!("line {i} {}", "x".repeat(400)));
+        }
+        console.flush(Duration::from_secs(3)).await;
+        console.failure("still not blocked");
+        console.flush(Duration::from_secs(3)).await;
+        // Generous: only a blocked write could take this long.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        // The writer notices within a line's timeout that the port takes nothing.
+        let inner = console.inner.as_ref().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !inner.health.stuck.load(Ordering::Relaxed) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(inner.health.stuck.load(Ordering::Relaxed));
+    }
+}
