@@ -181,6 +181,13 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
     assert_eq!(deleted.len(), 1, "{}", h.log());
     assert_eq!(body(&deleted[0])["system_id"], h.system_id_file().as_str());
     assert!(h.powered_off());
+    // Seen from outside the VM: the drain and the abort, each with its reason.
+    let console = h.console();
+    assert!(
+        console.contains("gitlab-runner-vm: draining: gce preemption notice")
+            && console.contains("gitlab-runner-vm: aborting the job: gce preemption notice"),
+        "{console}"
+    );
 
     let st = h.status();
     let notice = &st["preemption"];

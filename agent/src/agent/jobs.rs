@@ -29,7 +29,12 @@ impl Agent {
             }
             exit = job.child.wait() => return self.jobs_ended(exit, job, false).await,
             _ = self.interrupts.reached(Interrupt::Drain) => match self.interrupts.notice() {
-                Some(notice) => notice.describe(SystemTime::now()),
+                Some(notice) => {
+                    let why = notice.describe(SystemTime::now());
+                    // Seen from outside: why the VM takes no more jobs.
+                    self.milestone(&format!("draining: {why}"));
+                    why
+                }
                 None => "drain requested (SIGUSR1)".to_string(),
             },
             _ = sleep_until_opt(job.lifetime_end) => {
@@ -92,6 +97,10 @@ impl Agent {
             notice.describe(now),
             budget.as_secs()
         );
+        self.milestone(&format!(
+            "aborting the job: {} (the job is reported as a runner system failure)",
+            notice.describe(now)
+        ));
         stop_child(&mut job.child, budget).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), job.forwarding).await;
         self.teardown(job.teardown)
