@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Command::Status { state_dir, json } => show_status(&state_dir, json),
         Command::Release { keep_file } => release(&keep_file),
         Command::Drain { state_dir } => drain(&state_dir),
+        Command::SshKeys(args) => metadata::authorized_keys::run(&args),
     }
 }
 
