@@ -45,7 +45,9 @@ pub enum AgentError {
     RunnerFailed(String),
     #[error("cannot wait for gitlab-runner: {0}")]
     RunnerWait(String),
-    #[error("the {platform} instance has no user-data, where runner.json comes from (--config-source)")]
+    #[error(
+        "the {platform} instance has no user-data, where runner.json comes from (--config-source)"
+    )]
     UserDataMissing { platform: Platform },
     #[error("the {platform} instance's user-data is not runner.json: it is {what}")]
     UserDataNotRunnerJson { platform: Platform, what: String },

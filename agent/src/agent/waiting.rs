@@ -100,7 +100,11 @@ impl Agent {
     /// Writes the instance's user-data to `--config` (0600, its directory 0700 if new), unless
     /// a file is already there: a config disk, the image, or this boot's earlier run (a
     /// restarted agent fetches nothing twice). User-data is never logged, only its size.
-    async fn fetch_user_data(&self, platform: Platform, deadline: Instant) -> Result<(), AgentError> {
+    async fn fetch_user_data(
+        &self,
+        platform: Platform,
+        deadline: Instant,
+    ) -> Result<(), AgentError> {
         let path = &self.args.config;
         if std::fs::symlink_metadata(path).is_ok() {
             tracing::info!(

@@ -14,7 +14,10 @@ use crate::cli::SshKeysArgs;
 pub fn run(args: &SshKeysArgs) -> ExitCode {
     crate::logging::init();
     if let Err(why) = check_user_name(&args.user) {
-        eprintln!("error: --user {:?} {why}; fix: give a login name such as runner", args.user);
+        eprintln!(
+            "error: --user {:?} {why}; fix: give a login name such as runner",
+            args.user
+        );
         return ExitCode::FAILURE;
     }
     let Some(platform) = args.config_source.platform(&args.dmi_dir) else {

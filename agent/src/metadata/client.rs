@@ -154,10 +154,7 @@ impl MetadataClient {
             let Some(wait) = plan.pick(backoff::random_u64(), room) else {
                 return Err(gave_up(error));
             };
-            tracing::warn!(
-                "{error}; retry {attempt} in {:.1} s",
-                wait.as_secs_f64()
-            );
+            tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
             tokio::time::sleep(wait).await;
         }
     }
@@ -261,7 +258,7 @@ impl MetadataClient {
         let trusted = status == 404 || (200..300).contains(&status);
         if self.platform == Platform::Gce
             && trusted
-            && !header(GCE_FLAVOR_HEADER).is_some_and(|v| v.trim() == "Google")
+            && header(GCE_FLAVOR_HEADER).is_none_or(|v| v.trim() != "Google")
         {
             return Err(MetadataError::NotMetadataService {
                 platform: self.platform,

@@ -19,7 +19,9 @@ pub enum MetadataError {
     /// AWS: the PUT for an IMDSv2 session token got no answer in time. The classic cause is a
     /// hop limit of 1 behind an extra hop (a container, a bridge): the answer is dropped on the
     /// way back, so the PUT times out while GETs would work.
-    #[error("the aws metadata service at {url} did not answer the PUT for an IMDSv2 session token: {detail}")]
+    #[error(
+        "the aws metadata service at {url} did not answer the PUT for an IMDSv2 session token: {detail}"
+    )]
     AwsTokenUnanswered { url: String, detail: String },
     #[error("the {platform} metadata service answered {status} to {url}")]
     Status {
@@ -29,7 +31,9 @@ pub enum MetadataError {
         /// Retry-After, if the service sent it.
         retry_hint: Option<Hint>,
     },
-    #[error("the {platform} metadata service answered {status} to {url}, a redirect to {location}; the agent follows no redirect")]
+    #[error(
+        "the {platform} metadata service answered {status} to {url}, a redirect to {location}; the agent follows no redirect"
+    )]
     Redirect {
         platform: Platform,
         url: String,

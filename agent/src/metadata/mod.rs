@@ -16,6 +16,9 @@ mod error;
 pub mod ssh_keys;
 mod user_data;
 
+#[cfg(test)]
+mod mock_tests;
+
 use std::path::Path;
 
 pub use client::MetadataClient;

@@ -17,7 +17,8 @@ use super::{MetadataClient, MetadataError, Platform};
 const AWS_KEYS: &str = "/latest/meta-data/public-keys/";
 const GCE_INSTANCE_KEYS: &str = "/computeMetadata/v1/instance/attributes/ssh-keys";
 const GCE_PROJECT_KEYS: &str = "/computeMetadata/v1/project/attributes/ssh-keys";
-const GCE_BLOCK_PROJECT_KEYS: &str = "/computeMetadata/v1/instance/attributes/block-project-ssh-keys";
+const GCE_BLOCK_PROJECT_KEYS: &str =
+    "/computeMetadata/v1/instance/attributes/block-project-ssh-keys";
 const DO_KEYS: &str = "/metadata/v1/public-keys";
 
 /// Key types sshd accepts in authorized_keys (DSA is gone from OpenSSH).
@@ -58,7 +59,8 @@ pub async fn fetch(
     user: &str,
     deadline: Instant,
 ) -> Result<Keys, MetadataError> {
-    let text = |body: Option<Vec<u8>>| String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
+    let text =
+        |body: Option<Vec<u8>>| String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
     let mut keys = Keys::default();
     match client.platform() {
         Platform::Aws => {
@@ -80,13 +82,27 @@ pub async fn fetch(
         }
         Platform::Gce => {
             let instance = text(client.fetch(GCE_INSTANCE_KEYS, deadline).await?);
-            gce_keys(&mut keys, "instance ssh-keys", &instance, user, SystemTime::now());
+            gce_keys(
+                &mut keys,
+                "instance ssh-keys",
+                &instance,
+                user,
+                SystemTime::now(),
+            );
             let block = text(client.fetch(GCE_BLOCK_PROJECT_KEYS, deadline).await?);
             if block.trim().eq_ignore_ascii_case("true") {
-                tracing::info!("the instance sets block-project-ssh-keys: project keys are not used");
+                tracing::info!(
+                    "the instance sets block-project-ssh-keys: project keys are not used"
+                );
             } else {
                 let project = text(client.fetch(GCE_PROJECT_KEYS, deadline).await?);
-                gce_keys(&mut keys, "project ssh-keys", &project, user, SystemTime::now());
+                gce_keys(
+                    &mut keys,
+                    "project ssh-keys",
+                    &project,
+                    user,
+                    SystemTime::now(),
+                );
             }
         }
         Platform::DigitalOcean => {
@@ -116,8 +132,10 @@ pub fn gce_keys(keys: &mut Keys, source: &str, value: &str, user: &str, now: Sys
             continue;
         }
         if gce_expired(key, now) {
-            keys.skipped
-                .push(format!("{source} line {}: expired (google-ssh expireOn)", n + 1));
+            keys.skipped.push(format!(
+                "{source} line {}: expired (google-ssh expireOn)",
+                n + 1
+            ));
             continue;
         }
         keys.offer(&format!("{source} line {}", n + 1), key);
@@ -169,7 +187,11 @@ fn zone_seconds(zone: &str) -> Option<i64> {
         return None;
     }
     let seconds = digits[..2].parse::<i64>().ok()? * 3600 + digits[2..].parse::<i64>().ok()? * 60;
-    Some(if zone.starts_with('-') { -seconds } else { seconds })
+    Some(if zone.starts_with('-') {
+        -seconds
+    } else {
+        seconds
+    })
 }
 
 /// A public key line as authorized_keys takes it: a known type, then base64 key data, then an
@@ -200,7 +222,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyDataForTestsOnly0123456789abcdef alice@laptop";
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyDataForTestsOnly0123456789abcdef alice@laptop";
     const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQFakeKeyData0123456789 bob";
 
     #[test]
@@ -208,7 +231,10 @@ mod tests {
         assert_eq!(check_key(&format!("  {ED}\r")), Ok(ED));
         assert!(check_key(RSA).is_ok());
         assert!(check_key("ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAA x").is_ok());
-        assert!(check_key("sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t").is_ok());
+        assert!(
+            check_key("sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t")
+                .is_ok()
+        );
         for bad in [
             "command=\"rm -rf /\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake",
             "ssh-dss AAAAB3NzaC1kc3MAAACBAFakeKeyData",
@@ -249,14 +275,29 @@ mod tests {
     #[test]
     fn expiry_times_in_the_forms_gcloud_and_others_write() {
         let at = |s: &str| parse_expiry(s).map(|t| humantime::format_rfc3339(t).to_string());
-        assert_eq!(at("2026-11-30T18:00:00+0000").as_deref(), Some("2026-11-30T18:00:00Z"));
-        assert_eq!(at("2026-11-30T18:00:00+0100").as_deref(), Some("2026-11-30T17:00:00Z"));
-        assert_eq!(at("2026-11-30T18:00:00-02:30").as_deref(), Some("2026-11-30T20:30:00Z"));
-        assert_eq!(at("2026-11-30T18:00:00.5Z").as_deref(), Some("2026-11-30T18:00:00Z"));
+        assert_eq!(
+            at("2026-11-30T18:00:00+0000").as_deref(),
+            Some("2026-11-30T18:00:00Z")
+        );
+        assert_eq!(
+            at("2026-11-30T18:00:00+0100").as_deref(),
+            Some("2026-11-30T17:00:00Z")
+        );
+        assert_eq!(
+            at("2026-11-30T18:00:00-02:30").as_deref(),
+            Some("2026-11-30T20:30:00Z")
+        );
+        assert_eq!(
+            at("2026-11-30T18:00:00.5Z").as_deref(),
+            Some("2026-11-30T18:00:00Z")
+        );
         assert_eq!(at("tomorrow"), None);
         // An unreadable expiry keeps the key.
         let now = SystemTime::now() + Duration::from_secs(1);
-        assert!(!gce_expired("ssh-rsa AAAA google-ssh {\"expireOn\":\"soon\"}", now));
+        assert!(!gce_expired(
+            "ssh-rsa AAAA google-ssh {\"expireOn\":\"soon\"}",
+            now
+        ));
         assert!(!gce_expired("ssh-rsa AAAA google-ssh not json", now));
     }
 }

@@ -193,8 +193,20 @@ mod tests {
 
     #[test]
     fn each_platform_names_its_own_command() {
-        assert!(Platform::Aws.how_to_set_user_data().contains("--user-data file://"));
-        assert!(Platform::Gce.how_to_set_user_data().contains("user-data=runner.json"));
-        assert!(Platform::DigitalOcean.how_to_set_user_data().contains("--user-data-file"));
+        assert!(
+            Platform::Aws
+                .how_to_set_user_data()
+                .contains("--user-data file://")
+        );
+        assert!(
+            Platform::Gce
+                .how_to_set_user_data()
+                .contains("user-data=runner.json")
+        );
+        assert!(
+            Platform::DigitalOcean
+                .how_to_set_user_data()
+                .contains("--user-data-file")
+        );
     }
 }
