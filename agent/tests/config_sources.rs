@@ -328,6 +328,68 @@ async fn a_drain_during_a_stalled_fetch_tears_down_at_once() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_stalled_fetch_stops_without_power_off() {
+    let mut h = Harness::new().await;
+    let metadata = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(60)))
+        .mount(&metadata)
+        .await;
+    let runner = h.write_fake_runner(FakeRunner::default());
+    let url = metadata.uri();
+    h.start(
+        &runner,
+        &[
+            "--config-source",
+            "digitalocean",
+            "--metadata-url",
+            &url,
+            "--config-wait",
+            "120",
+        ],
+    );
+    h.wait_until("the fetch to start", |_| was_asked(&metadata))
+        .await;
+    send_signal(h.agent_pid(), 15);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{}", h.log());
+    assert!(
+        !h.powered_off(),
+        "SIGTERM means the VM is shut down from outside"
+    );
+    assert_eq!(h.status()["phase"], "stopping");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_agent_in_the_same_boot_fetches_nothing_again() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    let imds = fake_aws(Some(user_data(&h))).await;
+    let runner = h.write_fake_runner(FakeRunner::default());
+    let url = imds.uri();
+    let args = ["--config-source", "aws", "--metadata-url", &url];
+    // The first run's power-off fails, so systemd would restart the agent in the same boot.
+    let mut first = h.command(&runner, &args);
+    first.env("GITLAB_RUNNER_VM_POWEROFF_COMMAND", "exit 1");
+    h.agent = Some(first.spawn().unwrap());
+    h.wait_exit().await;
+    h.start(&runner, &args);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{}", h.log());
+    assert!(h.powered_off());
+    let fetched = imds
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.url.path() == "/latest/user-data")
+        .count();
+    assert_eq!(fetched, 1, "{}", h.log());
+    assert_eq!(h.runner_invocations().len(), 1);
+    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
+}
+
 /// Whether the metadata service has been asked (wiremock's call is async; poll it here).
 fn was_asked(server: &MockServer) -> bool {
     let handle = tokio::runtime::Handle::current();

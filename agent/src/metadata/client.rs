@@ -50,6 +50,16 @@ impl MetadataClient {
     /// `base_url` is the service's root, `http://169.254.169.254` on every platform
     /// (`--metadata-url`).
     pub fn new(platform: Platform, base_url: &str) -> Result<Self, MetadataError> {
+        let base = base_url.trim_end_matches('/').to_string();
+        // A typo is not worth retrying until the deadline.
+        match reqwest::Url::parse(&base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => {
+                return Err(MetadataError::InvalidUrl {
+                    url: crate::secret::scrub(base_url).chars().take(200).collect(),
+                });
+            }
+        }
         let http = reqwest::Client::builder()
             .user_agent(concat!("gitlab-runner-vm/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
@@ -61,7 +71,7 @@ impl MetadataClient {
             .map_err(|e| MetadataError::Client(e.to_string()))?;
         Ok(MetadataClient {
             platform,
-            base: base_url.trim_end_matches('/').to_string(),
+            base,
             http,
             request_timeout: REQUEST_TIMEOUT,
             aws_token: Mutex::new(None),

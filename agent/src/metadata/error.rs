@@ -56,6 +56,8 @@ pub enum MetadataError {
     },
     #[error("cannot set up the HTTP client for the metadata service: {0}")]
     Client(String),
+    #[error("--metadata-url {url} is not an http:// or https:// URL")]
+    InvalidUrl { url: String },
     #[error("gave up after {attempts} attempt(s) in {seconds} s: {last}")]
     GaveUp {
         attempts: u32,
@@ -74,6 +76,7 @@ impl MetadataError {
             | MetadataError::NotMetadataService { .. }
             | MetadataError::TooLarge { .. }
             | MetadataError::Client(_)
+            | MetadataError::InvalidUrl { .. }
             | MetadataError::GaveUp { .. } => false,
         }
     }
@@ -112,6 +115,7 @@ impl MetadataError {
             Redirect { .. } | NotMetadataService { .. } => "something else answers at the metadata address (a proxy, a captive portal, or another platform): check --metadata-url and --config-source, and that HTTP to 169.254.169.254 is not intercepted".into(),
             TooLarge { .. } => "runner.json is a few hundred bytes: set the instance's user-data to runner.json alone".into(),
             Client(_) => "this is a bug in gitlab-runner-vm; please report it with the journal".into(),
+            InvalidUrl { .. } => "set --metadata-url (GITLAB_RUNNER_VM_METADATA_URL) to the metadata service's base URL; every supported platform serves it at the default, http://169.254.169.254".into(),
             GaveUp { last, .. } => last.fix(),
         }
     }

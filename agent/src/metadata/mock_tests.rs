@@ -464,3 +464,72 @@ async fn ssh_keys_of_each_platform() {
         .unwrap();
     assert_eq!(keys.lines, vec![ED, RSA]);
 }
+
+#[test]
+fn a_metadata_url_that_is_no_http_url_fails_at_once() {
+    for bad in ["169.254.169.254", "ftp://169.254.169.254", "http://", ""] {
+        let err = MetadataClient::new(Platform::Aws, bad).unwrap_err();
+        assert!(
+            matches!(err, MetadataError::InvalidUrl { .. }),
+            "{bad}: {err}"
+        );
+        assert!(err.fix().contains("--metadata-url"));
+    }
+    assert!(MetadataClient::new(Platform::Aws, "http://169.254.169.254/").is_ok());
+}
+
+#[tokio::test]
+async fn a_stalled_answer_is_abandoned_at_the_request_timeout_and_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string(RUNNER_JSON)
+                .set_delay(Duration::from_secs(30)),
+        )
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(RUNNER_JSON))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let c = client(Platform::DigitalOcean, &server);
+    let started = std::time::Instant::now();
+    let body = c.fetch("/metadata/v1/user-data", soon()).await.unwrap();
+    assert_eq!(body.unwrap(), RUNNER_JSON.as_bytes());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "it waited for the stall"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_closed_without_an_answer_is_retried() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        for n in 0.. {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0; 4096];
+            let _ = conn.read(&mut buf).await;
+            if n == 0 {
+                // Cut short: a reset or a crashed service.
+                drop(conn);
+                continue;
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{RUNNER_JSON}",
+                RUNNER_JSON.len()
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+        }
+    });
+    let c = MetadataClient::new(Platform::DigitalOcean, &url).unwrap();
+    let body = c.fetch("/metadata/v1/user-data", soon()).await.unwrap();
+    assert_eq!(body.unwrap(), RUNNER_JSON.as_bytes());
+    server.abort();
+}
