@@ -35,6 +35,14 @@ const AWS_TOKEN_TTL_SECONDS: &str = "21600";
 const AWS_TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const GCE_FLAVOR_HEADER: &str = "metadata-flavor";
 
+/// An answer: its body, and its ETag (GCE's long poll continues from it:
+/// `?wait_for_change=true&last_etag=<etag>` answers only once the value differs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub body: Vec<u8>,
+    pub etag: Option<String>,
+}
+
 /// A platform's metadata service. Cheap to share by reference; the AWS session token is kept
 /// between calls (and renewed once when the service says it expired).
 #[derive(Debug)]
@@ -107,6 +115,15 @@ impl MetadataClient {
         path: &str,
         timeout: Duration,
     ) -> Result<Option<Vec<u8>>, MetadataError> {
+        Ok(self.get_answer(path, timeout).await?.map(|a| a.body))
+    }
+
+    /// `get_with_timeout`, with the answer's ETag.
+    pub async fn get_answer(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Option<Answer>, MetadataError> {
         if self.platform != Platform::Aws {
             return self.send_get(path, None, timeout).await;
         }
@@ -182,7 +199,7 @@ impl MetadataClient {
             .header(AWS_TOKEN_TTL_HEADER, AWS_TOKEN_TTL_SECONDS)
             .timeout(self.request_timeout);
         let body = match self.answer(&url, request).await {
-            Ok(Some(body)) => body,
+            Ok(Some(answer)) => answer.body,
             Ok(None) => {
                 return Err(self.status_error(&url, 404, None));
             }
@@ -218,7 +235,7 @@ impl MetadataClient {
         path: &str,
         aws_token: Option<HeaderValue>,
         timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, MetadataError> {
+    ) -> Result<Option<Answer>, MetadataError> {
         let url = self.url(path);
         let mut request = self.http.get(&url).timeout(timeout);
         match self.platform {
@@ -233,12 +250,12 @@ impl MetadataClient {
         self.answer(&url, request).await
     }
 
-    /// Sends `request`; the body of a 2xx, None for a 404, an error otherwise.
+    /// Sends `request`; the answer to a 2xx, None for a 404, an error otherwise.
     async fn answer(
         &self,
         url: &str,
         request: reqwest::RequestBuilder,
-    ) -> Result<Option<Vec<u8>>, MetadataError> {
+    ) -> Result<Option<Answer>, MetadataError> {
         let unreachable = |e: reqwest::Error| MetadataError::Unreachable {
             platform: self.platform,
             url: url.to_string(),
@@ -297,6 +314,7 @@ impl MetadataClient {
         {
             return Err(self.too_large(url));
         }
+        let etag = header("etag");
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
             if body.len() + chunk.len() > MAX_BODY {
@@ -304,7 +322,7 @@ impl MetadataClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(Some(body))
+        Ok(Some(Answer { body, etag }))
     }
 
     fn status_error(&self, url: &str, status: u16, hint: Option<backoff::Hint>) -> MetadataError {

@@ -128,6 +128,31 @@ async fn aws_without_user_data_is_none_and_a_disabled_service_names_the_option()
 }
 
 #[tokio::test]
+async fn an_aws_token_that_is_no_token_is_not_imds() {
+    for body in ["".to_string(), "x".repeat(2000), "two\nlines".to_string()] {
+        let server = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(body.as_str()))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(RUNNER_JSON))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let err = client(Platform::Aws, &server)
+            .fetch("/latest/user-data", soon())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, MetadataError::NotMetadataService { .. }),
+            "{} bytes: {err}",
+            body.len()
+        );
+    }
+}
+
+#[tokio::test]
 async fn aws_token_put_that_never_answers_points_at_the_hop_limit() {
     let server = MockServer::start().await;
     Mock::given(method("PUT"))
@@ -192,6 +217,21 @@ async fn gce_sends_the_flavor_header_and_trusts_only_answers_that_carry_it() {
         "{err}"
     );
     assert!(err.to_string().contains("Metadata-Flavor"), "{err}");
+
+    // A proxy's 404 page is not "no user-data".
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(404).set_body_string("<html>Not Found</html>"))
+        .mount(&server)
+        .await;
+    let err = client(Platform::Gce, &server)
+        .fetch("/computeMetadata/v1/instance/attributes/user-data", soon())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MetadataError::NotMetadataService { .. }),
+        "{err}"
+    );
 
     // 404 from the real service: no user-data.
     let server = MockServer::start().await;
@@ -351,17 +391,64 @@ async fn a_redirect_is_not_followed() {
 }
 
 #[tokio::test]
-async fn a_huge_answer_is_refused_without_reading_it_all() {
+async fn answers_up_to_the_cap_are_read_and_larger_ones_refused() {
     let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/fits"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b' '; client::MAX_BODY]))
+        .mount(&server)
+        .await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b' '; client::MAX_BODY + 1]))
         .mount(&server)
         .await;
-    let err = client(Platform::DigitalOcean, &server)
-        .fetch("/metadata/v1/user-data", soon())
-        .await
-        .unwrap_err();
+    let c = client(Platform::DigitalOcean, &server);
+    let fits = c.fetch("/fits", soon()).await.unwrap().unwrap();
+    assert_eq!(fits.len(), client::MAX_BODY);
+    // The cap is 1 MiB: far above any platform's user-data limit (GCE's 256 KiB).
+    assert_eq!(client::MAX_BODY, 1024 * 1024);
+    let err = c.fetch("/metadata/v1/user-data", soon()).await.unwrap_err();
     assert!(matches!(err, MetadataError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("1024 KiB"), "{err}");
+}
+
+/// A server that answers every request with `head` and then `body`, without a length: the
+/// body ends when the connection closes.
+async fn unsized_server(body: Vec<u8>) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0; 4096];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")
+                .await;
+            for part in body.chunks(64 * 1024) {
+                if conn.write_all(part).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn an_answer_without_a_length_is_cut_at_the_cap() {
+    let (url, task) = unsized_server(vec![b' '; client::MAX_BODY + 1]).await;
+    let c = MetadataClient::new(Platform::DigitalOcean, &url).unwrap();
+    let err = c.fetch("/metadata/v1/user-data", soon()).await.unwrap_err();
+    assert!(matches!(err, MetadataError::TooLarge { .. }), "{err}");
+    task.abort();
+
+    let (url, task) = unsized_server(vec![b' '; client::MAX_BODY]).await;
+    let c = MetadataClient::new(Platform::DigitalOcean, &url).unwrap();
+    let body = c.fetch("/metadata/v1/user-data", soon()).await.unwrap();
+    assert_eq!(body.unwrap().len(), client::MAX_BODY);
+    task.abort();
 }
 
 #[tokio::test]
@@ -382,6 +469,8 @@ async fn an_unreachable_service_names_its_url_and_the_likely_cause() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains(&url), "{err}");
+    // The cause as the network stack gave it.
+    assert!(err.to_string().contains("onnection refused"), "{err}");
     assert!(err.fix().contains("firewall"), "{}", err.fix());
 }
 
@@ -532,4 +621,24 @@ async fn a_connection_closed_without_an_answer_is_retried() {
     let body = c.fetch("/metadata/v1/user-data", soon()).await.unwrap();
     assert_eq!(body.unwrap(), RUNNER_JSON.as_bytes());
     server.abort();
+}
+
+#[tokio::test]
+async fn an_answer_carries_its_etag_for_a_long_poll() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/computeMetadata/v1/instance/preempted"))
+        .respond_with(gce_ok("FALSE").insert_header("etag", "4a1b2c"))
+        .mount(&server)
+        .await;
+    let answer = client(Platform::Gce, &server)
+        .get_answer(
+            "/computeMetadata/v1/instance/preempted",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.body, b"FALSE");
+    assert_eq!(answer.etag.as_deref(), Some("4a1b2c"));
 }

@@ -21,7 +21,9 @@ mod mock_tests;
 
 use std::path::Path;
 
-pub use client::MetadataClient;
+// `Answer` (with its ETag) is for the preemption watcher's long poll.
+#[allow(unused_imports)]
+pub use client::{Answer, MetadataClient};
 pub use error::MetadataError;
 pub use user_data::{NotRunnerJson, fetch_runner_json};
 

@@ -100,7 +100,8 @@ pub fn runner_json(body: Option<&[u8]>) -> Result<String, NotRunnerJson> {
         return Err(NotRunnerJson::Other(what));
     }
     match serde_json::from_str::<serde_json::Value>(start) {
-        Ok(serde_json::Value::Object(_)) => Ok(text.to_string()),
+        // Without the byte-order mark an editor may have left: JSON has none.
+        Ok(serde_json::Value::Object(_)) => Ok(text.trim_start_matches('\u{feff}').to_string()),
         Ok(other) => Err(NotRunnerJson::Other(format!(
             "JSON, but {} rather than an object",
             json_kind(&other)
@@ -151,7 +152,10 @@ mod tests {
         let text = "{\"url\": \"https://gitlab.example.com\", \"token\": \"glrt-x\"}\n";
         assert_eq!(runner_json(Some(text.as_bytes())), Ok(text.to_string()));
         // A byte-order mark or leading blank lines are what an editor leaves; still JSON.
-        assert!(runner_json(Some("\u{feff}\n {\"url\": \"u\"}".as_bytes())).is_ok());
+        assert_eq!(
+            runner_json(Some("\u{feff}\n {\"url\": \"u\"}".as_bytes())),
+            Ok("\n {\"url\": \"u\"}".to_string())
+        );
     }
 
     #[test]
@@ -164,7 +168,7 @@ mod tests {
     #[test]
     fn other_user_data_is_named_without_being_quoted() {
         let secret = "glrt-secret.token.value.0123456789";
-        let cases: [(Vec<u8>, &str); 8] = [
+        let cases: [(Vec<u8>, &str); 9] = [
             (
                 format!("#cloud-config\nwrite_files: [{secret}]").into_bytes(),
                 "#cloud-config",
@@ -174,6 +178,7 @@ mod tests {
                 format!("Content-Type: multipart/mixed\n{secret}").into_bytes(),
                 "MIME",
             ),
+            (format!("MIME-Version: 1.0\n{secret}").into_bytes(), "MIME"),
             (
                 format!("<!DOCTYPE html><p>{secret}</p>").into_bytes(),
                 "HTML page",
