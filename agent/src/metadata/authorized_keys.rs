@@ -104,6 +104,8 @@ mod tests {
     fn user_names_that_would_leave_the_directory_are_refused() {
         assert!(check_user_name("runner").is_ok());
         assert!(check_user_name("ci.user_1").is_ok());
+        assert!(check_user_name(&"u".repeat(256)).is_ok());
+        assert!(check_user_name(&"u".repeat(257)).is_err());
         for bad in ["", "..", "../root", "a/b", ".hidden", "-rf", "a\nb"] {
             assert!(check_user_name(bad).is_err(), "{bad:?}");
         }

@@ -488,9 +488,12 @@ async fn ssh_keys_of_each_platform() {
             .and(header("x-aws-ec2-metadata-token", AWS_TOKEN))
             .respond_with(ResponseTemplate::new(200).set_body_string(body))
     };
-    answer("/latest/meta-data/public-keys/", "0=laptop\n1=ci")
-        .mount(&server)
-        .await;
+    answer(
+        "/latest/meta-data/public-keys/",
+        "0=laptop\n1=ci\n=odd\nx=odd",
+    )
+    .mount(&server)
+    .await;
     answer(
         "/latest/meta-data/public-keys/0/openssh-key",
         &format!("{ED}\n"),
@@ -504,7 +507,8 @@ async fn ssh_keys_of_each_platform() {
         .await
         .unwrap();
     assert_eq!(keys.lines, vec![ED.to_string()]);
-    assert_eq!(keys.skipped.len(), 1, "{keys:?}");
+    // The key that is no key, and the two entries that are not <number>=<name>.
+    assert_eq!(keys.skipped.len(), 3, "{keys:?}");
 
     // GCE: the instance's and the project's keys for the user, unless project keys are blocked.
     for blocked in [false, true] {

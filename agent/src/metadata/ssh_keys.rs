@@ -235,6 +235,10 @@ mod tests {
             check_key("sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29t")
                 .is_ok()
         );
+        // Key data is at least 16 base64 characters (a real key has far more).
+        assert!(check_key("ssh-ed25519 AAAAC3NzaC1lZDI1").is_ok());
+        assert!(check_key("ssh-ed25519 AAAAC3NzaC1lZDI1N").is_ok());
+        assert!(check_key("ssh-ed25519 AAAAC3NzaC1lZDI").is_err());
         for bad in [
             "command=\"rm -rf /\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake",
             "ssh-dss AAAAB3NzaC1kc3MAAACBAFakeKeyData",
@@ -292,6 +296,8 @@ mod tests {
             Some("2026-11-30T18:00:00Z")
         );
         assert_eq!(at("tomorrow"), None);
+        assert_eq!(at("2026-11-30T18:00:00+01000"), None);
+        assert_eq!(at("2026-11-30T18:00:00"), None);
         // An unreadable expiry keeps the key.
         let now = SystemTime::now() + Duration::from_secs(1);
         assert!(!gce_expired(
