@@ -11,6 +11,7 @@ use crate::preemption::WatchPreemption;
 pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
 pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
 pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
+pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/run/ssh-keys";
 /// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
 /// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
@@ -77,6 +78,40 @@ pub enum Command {
         #[arg(long, env = "GITLAB_RUNNER_VM_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Write the platform's SSH public keys for a user to <authorized-keys-dir>/<user>
+    SshKeys(SshKeysArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SshKeysArgs {
+    /// The user whose keys are written (on GCE, only the keys given to this user)
+    #[arg(long)]
+    pub user: String,
+    /// Where the keys come from: a platform's metadata service, or auto (the platform
+    /// recognised from DMI/SMBIOS); file or no platform recognised: nothing is written
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_CONFIG_SOURCE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub config_source: ConfigSource,
+    /// The metadata service's base URL
+    #[arg(long, env = "GITLAB_RUNNER_VM_METADATA_URL", default_value = DEFAULT_METADATA_URL)]
+    pub metadata_url: String,
+    /// Where the DMI/SMBIOS strings that recognise the platform are read
+    #[arg(long, env = "GITLAB_RUNNER_VM_DMI_DIR", default_value = DEFAULT_DMI_DIR)]
+    pub dmi_dir: PathBuf,
+    /// The directory sshd's AuthorizedKeysFile names (/run/ssh-keys/%u)
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_AUTHORIZED_KEYS_DIR",
+        default_value = DEFAULT_AUTHORIZED_KEYS_DIR
+    )]
+    pub authorized_keys_dir: PathBuf,
+    /// Seconds for the metadata service to answer, retries included
+    #[arg(long, env = "GITLAB_RUNNER_VM_SSH_KEYS_TIMEOUT", value_parser = seconds, default_value_t = 60)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -104,6 +104,36 @@ fn too_large(cap: u64) -> io::Error {
     )
 }
 
+/// Writes `contents` to `path` whole or not at all: a file beside it (created with `mode`),
+/// synced, then renamed over `path`, so a reader (or an agent restarted mid-write) never sees
+/// half a file. A missing parent directory is created with `dir_mode`; an existing one is left
+/// as it is.
+pub fn write_atomically(path: &Path, contents: &[u8], mode: u32, dir_mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)?;
+    }
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    // Left behind by a write that was cut short; create_new must not follow a planted link.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    // The umask may have narrowed the mode: 0644 must stay readable by sshd's users.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +201,23 @@ mod tests {
         assert_eq!(message(read_at_most(f, 1024)), "is larger than 1 KiB");
         let f = File::open(&file).unwrap();
         assert_eq!(read_at_most(f, 4096).unwrap().len(), 2049);
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_with_the_mode_asked_for() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new/dir/runner.json");
+        write_atomically(&file, b"{}", 0o600, 0o700).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(file.parent().unwrap()), 0o700);
+        // A stale temporary file from a write cut short is replaced, not appended to.
+        std::fs::write(dir.path().join("new/dir/.runner.json.tmp"), "stale").unwrap();
+        write_atomically(&file, b"{\"a\": 1}", 0o644, 0o700).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"{\"a\": 1}");
+        assert_eq!(mode(&file), 0o644);
+        assert!(!dir.path().join("new/dir/.runner.json.tmp").exists());
     }
 
     #[test]

@@ -12,9 +12,6 @@ mod gitlab;
 mod hold;
 mod lifecycle;
 mod logging;
-// The shared ground of issue 12: the config providers (another branch) use it. Drop this at
-// the merge.
-#[allow(dead_code)]
 mod metadata;
 mod power;
 mod preemption;
@@ -60,6 +57,7 @@ fn main() -> ExitCode {
         Command::Status { state_dir, json } => show_status(&state_dir, json),
         Command::Release { keep_file } => release(&keep_file),
         Command::Drain { state_dir } => drain(&state_dir),
+        Command::SshKeys(args) => metadata::authorized_keys::run(&args),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::gitlab::RetryError;
+use crate::metadata::{MetadataError, Platform};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -48,6 +49,16 @@ pub enum AgentError {
         "GitLab accepted the runner token, but it expired at {expired_at} (this VM's clock says {now}), so GitLab refuses it from now on"
     )]
     TokenExpired { expired_at: String, now: String },
+    #[error(
+        "the {platform} instance has no user-data, where runner.json comes from (--config-source)"
+    )]
+    UserDataMissing { platform: Platform },
+    #[error("the {platform} instance's user-data is not runner.json: it is {what}")]
+    UserDataNotRunnerJson { platform: Platform, what: String },
+    #[error("cannot fetch runner.json from the instance's user-data: {0}")]
+    Metadata(MetadataError),
+    #[error("cannot write the user-data to {path}: {detail}")]
+    ConfigWrite { path: PathBuf, detail: String },
 }
 
 impl AgentError {
@@ -84,6 +95,19 @@ impl AgentError {
             RunnerFailed(_) => "read its output above (journalctl -u gitlab-runner-vm); a wrong config.toml, an unknown executor or a missing tool makes it exit at once".into(),
             RunnerWait(_) => "this is a bug in gitlab-runner-vm; please report it with the journal".into(),
             TokenExpired { .. } => "rotate the runner token in GitLab (Settings > CI/CD > Runners, the runner's Edit > Reset token, or a new runner) and update runner.json; if the token is still valid in GitLab, this VM's clock is wrong (check its time synchronisation)".into(),
+            UserDataMissing { platform } => format!(
+                "set the instance's user-data to runner.json: {}",
+                platform.how_to_set_user_data()
+            ),
+            UserDataNotRunnerJson { platform, .. } => format!(
+                "set the instance's user-data to runner.json itself, one JSON object, uncompressed (the image has no cloud-init: no #cloud-config, no script): {}",
+                platform.how_to_set_user_data()
+            ),
+            Metadata(error) => error.fix(),
+            ConfigWrite { path, .. } => format!(
+                "make {} writable by the agent, or point --config at a writable place",
+                path.parent().unwrap_or(path).display()
+            ),
         }
     }
 

@@ -1,6 +1,7 @@
-//! waiting-for-config: runner.json appears (inotify and the mount table, no polling), is read
-//! once whole and validated; then everything registration needs is prepared: the HTTP client,
-//! the runner user, this boot's system id and config.toml.
+//! waiting-for-config: runner.json appears (inotify and the mount table, no polling), or is
+//! fetched from the platform's user-data and written there; it is read once whole and
+//! validated; then everything registration needs is prepared: the HTTP client, the runner user,
+//! this boot's system id and config.toml.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use super::state::{Next, Setup, State, Teardown, failed};
 use super::{Agent, Shown, deadline_after};
 use crate::config::RunnerConfig;
 use crate::gitlab::Client;
+use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
 use crate::registration::{self, Target};
 use crate::runner::{self, RunnerUser};
 use crate::{cli, files, fswatch};
@@ -24,10 +26,16 @@ const CONFIG_SETTLE: Duration = Duration::from_secs(10);
 impl Agent {
     pub(super) async fn wait_for_config(&mut self) -> Next {
         let deadline = deadline_after(Duration::from_secs(self.args.config_wait));
+        let platform = self.config_platform();
+        if let Some(platform) = platform {
+            self.publish(&format!(
+                "fetching runner.json from the {platform} instance's user-data"
+            ));
+        }
         // A drain asked for before runner.json was read means nothing is left to run.
         let text = match self
             .interrupts
-            .unless(Interrupt::Drain, self.read_config(deadline))
+            .unless(Interrupt::Drain, self.obtain_config(platform, deadline))
             .await
         {
             Some(Ok(text)) => text,
@@ -55,6 +63,85 @@ impl Agent {
             }
             Err(error) => failed(error, Teardown::default()),
         }
+    }
+
+    /// The platform whose user-data is runner.json (None: the file), said in the journal.
+    fn config_platform(&self) -> Option<Platform> {
+        let source = self.args.config_source;
+        let platform = source.platform(&self.args.dmi_dir);
+        match (source, platform) {
+            (ConfigSource::Auto, None) => tracing::info!(
+                "--config-source auto: no cloud platform recognised from DMI/SMBIOS ({}); runner.json is the file {}",
+                self.args.dmi_dir.display(),
+                self.args.config.display()
+            ),
+            (ConfigSource::Auto, Some(platform)) => tracing::info!(
+                "--config-source auto: DMI/SMBIOS ({}) says {platform}",
+                self.args.dmi_dir.display()
+            ),
+            _ => {}
+        }
+        platform
+    }
+
+    /// runner.json's text: fetched from the platform's user-data into the file first when
+    /// there is a platform, then read as a file is.
+    async fn obtain_config(
+        &self,
+        platform: Option<Platform>,
+        deadline: Instant,
+    ) -> Result<String, AgentError> {
+        if let Some(platform) = platform {
+            self.fetch_user_data(platform, deadline).await?;
+        }
+        self.read_config(deadline).await
+    }
+
+    /// Writes the instance's user-data to `--config` (0600, its directory 0700 if new), unless
+    /// a file is already there: a config disk, the image, or this boot's earlier run (a
+    /// restarted agent fetches nothing twice). User-data is never logged, only its size.
+    async fn fetch_user_data(
+        &self,
+        platform: Platform,
+        deadline: Instant,
+    ) -> Result<(), AgentError> {
+        let path = &self.args.config;
+        if std::fs::symlink_metadata(path).is_ok() {
+            tracing::info!(
+                "{} already exists (a config disk, the image, or an earlier run in this boot): using it; the {platform} user-data is not fetched",
+                path.display()
+            );
+            return Ok(());
+        }
+        let client =
+            MetadataClient::new(platform, &self.args.metadata_url).map_err(AgentError::Metadata)?;
+        tracing::info!(
+            "runner.json from the {platform} metadata service: {} (--config-source {})",
+            client.url(platform.user_data_path()),
+            self.args.config_source
+        );
+        let text = match fetch_runner_json(&client, deadline)
+            .await
+            .map_err(AgentError::Metadata)?
+        {
+            Ok(text) => text,
+            Err(NotRunnerJson::Missing) => return Err(AgentError::UserDataMissing { platform }),
+            Err(NotRunnerJson::Other(what)) => {
+                return Err(AgentError::UserDataNotRunnerJson { platform, what });
+            }
+        };
+        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
+            AgentError::ConfigWrite {
+                path: path.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        tracing::info!(
+            "wrote the {platform} user-data ({} bytes) to {} (0600)",
+            text.len(),
+            path.display()
+        );
+        Ok(())
     }
 
     async fn read_config(&self, deadline: Instant) -> Result<String, AgentError> {

@@ -171,5 +171,13 @@ impl Plan {
     }
 }
 
+/// The random number a wait is picked with: every client that retries (GitLab's, the metadata
+/// service's) spreads its retries the same way.
+pub fn random_u64() -> u64 {
+    // getrandom only fails when the kernel has no entropy source at all; a fixed value then
+    // still gives a valid (if not spread) back-off.
+    getrandom::u64().unwrap_or(0x9e37_79b9_7f4a_7c15)
+}
+
 #[cfg(test)]
 mod tests;

@@ -2,8 +2,30 @@
 //! (`--config-source aws|gce|digitalocean`) or recognised from DMI/SMBIOS (`auto`), the way
 //! cloud-init's ds-identify does it: from files the firmware wrote, without probing a network
 //! the VM may not be on.
+//!
+//! - `client`: `MetadataClient`, one GET with the platform's headers (and AWS's IMDSv2 session
+//!   token), 404 as None, no redirects, capped bodies; `fetch` retries it within a deadline;
+//! - `error`: `MetadataError`, which failures are retried, the fix each names;
+//! - `user_data`: runner.json as user-data, per platform, and what user-data is when it is not;
+//! - `ssh_keys`: the platform's SSH public keys for one user; `authorized_keys`: the
+//!   `gitlab-runner-vm ssh-keys` command that writes them for sshd.
+
+pub mod authorized_keys;
+mod client;
+mod error;
+pub mod ssh_keys;
+mod user_data;
+
+#[cfg(test)]
+mod mock_tests;
 
 use std::path::Path;
+
+// `Answer` (with its ETag) is for the preemption watcher's long poll.
+#[allow(unused_imports)]
+pub use client::{Answer, MetadataClient};
+pub use error::MetadataError;
+pub use user_data::{NotRunnerJson, fetch_runner_json};
 
 /// Where DMI/SMBIOS strings are read (`--dmi-dir` points tests at a fixture directory).
 pub const DEFAULT_DMI_DIR: &str = "/sys/class/dmi/id";
@@ -25,6 +47,14 @@ impl Platform {
             Platform::Gce => "gce",
             Platform::DigitalOcean => "digitalocean",
         }
+    }
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        let value = self.to_possible_value().map(|v| v.get_name().to_string());
+        f.write_str(value.as_deref().unwrap_or("?"))
     }
 }
 

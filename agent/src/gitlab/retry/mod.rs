@@ -96,7 +96,7 @@ where
             .saturating_duration_since(now)
             .saturating_sub(RETRY_SLACK);
         let plan = backoff::plan(attempt - 1, error.retry_hint());
-        let Some(wait) = plan.pick(random_u64(), room) else {
+        let Some(wait) = plan.pick(backoff::random_u64(), room) else {
             return Err(gave_up(error));
         };
         let past_deadline = now.checked_add(wait).is_none_or(|at| at > deadline);
@@ -114,12 +114,6 @@ where
         );
         tokio::time::sleep(wait).await;
     }
-}
-
-fn random_u64() -> u64 {
-    // getrandom only fails when the kernel has no entropy source at all; a fixed value then
-    // still gives a valid (if not spread) back-off.
-    getrandom::u64().unwrap_or(0x9e37_79b9_7f4a_7c15)
 }
 
 #[cfg(test)]

@@ -1,0 +1,217 @@
+//! runner.json as a platform's user-data: where each platform serves it, how an operator sets
+//! it, and what fetched bytes are when they are not runner.json. Pure, apart from the one
+//! fetch.
+//!
+//! What user-data is judged on here is only its shape (JSON object, or what else it looks
+//! like); the keys are validated afterwards exactly as a file's are. A description never quotes
+//! the content: user-data holds the runner token.
+
+use tokio::time::Instant;
+
+use super::{MetadataClient, MetadataError, Platform};
+
+impl Platform {
+    /// Where the platform's metadata service serves the instance's user-data.
+    pub fn user_data_path(self) -> &'static str {
+        match self {
+            // IMDSv2; 404 when the instance has none.
+            Platform::Aws => "/latest/user-data",
+            // A custom metadata key named user-data, as cloud-init reads it; 404 when unset.
+            Platform::Gce => "/computeMetadata/v1/instance/attributes/user-data",
+            // 404 or empty when the droplet has none.
+            Platform::DigitalOcean => "/metadata/v1/user-data",
+        }
+    }
+
+    /// How to give an instance runner.json as its user-data.
+    pub fn how_to_set_user_data(self) -> &'static str {
+        match self {
+            Platform::Aws => {
+                "aws ec2 run-instances --user-data file://runner.json (or the launch template's user data)"
+            }
+            Platform::Gce => {
+                "gcloud compute instances create --metadata-from-file user-data=runner.json (or the instance template's metadata)"
+            }
+            Platform::DigitalOcean => "doctl compute droplet create --user-data-file runner.json",
+        }
+    }
+}
+
+/// Why fetched user-data is not runner.json.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotRunnerJson {
+    /// No user-data at all (404), or only white space.
+    Missing,
+    /// Something else, described without quoting it.
+    Other(String),
+}
+
+/// The instance's user-data as runner.json text, fetched within `deadline`.
+pub async fn fetch_runner_json(
+    client: &MetadataClient,
+    deadline: Instant,
+) -> Result<Result<String, NotRunnerJson>, MetadataError> {
+    let body = client
+        .fetch(client.platform().user_data_path(), deadline)
+        .await?;
+    Ok(runner_json(body.as_deref()))
+}
+
+/// The user-data's text if it is a JSON object (its keys are validated later, as a file's);
+/// otherwise what it looks like.
+pub fn runner_json(body: Option<&[u8]>) -> Result<String, NotRunnerJson> {
+    let Some(body) = body.filter(|b| !b.iter().all(u8::is_ascii_whitespace)) else {
+        return Err(NotRunnerJson::Missing);
+    };
+    if body.starts_with(&[0x1f, 0x8b]) {
+        return Err(NotRunnerJson::Other(
+            "gzip-compressed data (the agent reads runner.json uncompressed)".into(),
+        ));
+    }
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(NotRunnerJson::Other(format!(
+                "{} bytes that are not UTF-8 text (an invalid byte at offset {})",
+                body.len(),
+                e.valid_up_to()
+            )));
+        }
+    };
+    let start = text.trim_start_matches('\u{feff}').trim_start();
+    let first_line = start.lines().next().unwrap_or("").trim_end();
+    let lower = first_line.to_ascii_lowercase();
+    let looks_like = if lower.starts_with("#cloud-config") {
+        Some("a cloud-init #cloud-config document".to_string())
+    } else if lower.starts_with("#!") {
+        Some("a script (it starts with #!)".to_string())
+    } else if lower.starts_with("content-type:") || lower.starts_with("mime-version:") {
+        Some("a MIME multi-part archive (cloud-init's)".to_string())
+    } else if lower.starts_with("<!doctype html") || lower.starts_with("<html") {
+        Some("an HTML page".to_string())
+    } else if lower.starts_with('<') {
+        Some("XML or HTML".to_string())
+    } else if lower.starts_with("#include") || lower.starts_with("#part-handler") {
+        Some("a cloud-init include file or part handler".to_string())
+    } else {
+        None
+    };
+    if let Some(what) = looks_like {
+        return Err(NotRunnerJson::Other(what));
+    }
+    match serde_json::from_str::<serde_json::Value>(start) {
+        // Without the byte-order mark an editor may have left: JSON has none.
+        Ok(serde_json::Value::Object(_)) => Ok(text.trim_start_matches('\u{feff}').to_string()),
+        Ok(other) => Err(NotRunnerJson::Other(format!(
+            "JSON, but {} rather than an object",
+            json_kind(&other)
+        ))),
+        // serde_json's syntax errors name a position, never the text.
+        Err(e) => Err(NotRunnerJson::Other(format!(
+            "{} bytes of text that is not JSON ({} at line {} column {})",
+            body.len(),
+            syntax_category(&e),
+            e.line(),
+            e.column()
+        ))),
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn syntax_category(e: &serde_json::Error) -> &'static str {
+    if e.is_eof() {
+        "it ends too early"
+    } else {
+        "a syntax error"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn other(body: &[u8]) -> String {
+        match runner_json(Some(body)) {
+            Err(NotRunnerJson::Other(what)) => what,
+            r => panic!("expected Other, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_json_object_is_runner_json_as_it_is() {
+        let text = "{\"url\": \"https://gitlab.example.com\", \"token\": \"glrt-x\"}\n";
+        assert_eq!(runner_json(Some(text.as_bytes())), Ok(text.to_string()));
+        // A byte-order mark or leading blank lines are what an editor leaves; still JSON.
+        assert_eq!(
+            runner_json(Some("\u{feff}\n {\"url\": \"u\"}".as_bytes())),
+            Ok("\n {\"url\": \"u\"}".to_string())
+        );
+    }
+
+    #[test]
+    fn nothing_or_white_space_is_missing() {
+        assert_eq!(runner_json(None), Err(NotRunnerJson::Missing));
+        assert_eq!(runner_json(Some(b"")), Err(NotRunnerJson::Missing));
+        assert_eq!(runner_json(Some(b" \n\t")), Err(NotRunnerJson::Missing));
+    }
+
+    #[test]
+    fn other_user_data_is_named_without_being_quoted() {
+        let secret = "glrt-secret.token.value.0123456789";
+        let cases: [(Vec<u8>, &str); 9] = [
+            (
+                format!("#cloud-config\nwrite_files: [{secret}]").into_bytes(),
+                "#cloud-config",
+            ),
+            (format!("#!/bin/sh\necho {secret}").into_bytes(), "script"),
+            (
+                format!("Content-Type: multipart/mixed\n{secret}").into_bytes(),
+                "MIME",
+            ),
+            (format!("MIME-Version: 1.0\n{secret}").into_bytes(), "MIME"),
+            (
+                format!("<!DOCTYPE html><p>{secret}</p>").into_bytes(),
+                "HTML page",
+            ),
+            (vec![0x1f, 0x8b, 0x08, 0, 0xff, 0xfe], "gzip"),
+            (vec![b'{', 0xff, 0xfe, b'}'], "not UTF-8"),
+            (format!("url: {secret}").into_bytes(), "not JSON"),
+            (format!("[\"{secret}\"]").into_bytes(), "an array"),
+        ];
+        for (body, expected) in cases {
+            let what = other(&body);
+            assert!(what.contains(expected), "{what:?} should say {expected}");
+            assert!(!what.contains("glrt-"), "{what:?} quotes the content");
+        }
+        assert!(other(b"{\"url\": ").contains("ends too early"));
+    }
+
+    #[test]
+    fn each_platform_names_its_own_command() {
+        assert!(
+            Platform::Aws
+                .how_to_set_user_data()
+                .contains("--user-data file://")
+        );
+        assert!(
+            Platform::Gce
+                .how_to_set_user_data()
+                .contains("user-data=runner.json")
+        );
+        assert!(
+            Platform::DigitalOcean
+                .how_to_set_user_data()
+                .contains("--user-data-file")
+        );
+    }
+}
