@@ -42,6 +42,17 @@ exit 0
     path
 }
 
+/// A 200 from the fake metadata service; GCE's says `Metadata-Flavor: Google`, as the real one
+/// does (the agent takes an answer without it for something else's).
+fn ok(p: &str) -> ResponseTemplate {
+    let answer = ResponseTemplate::new(200);
+    if p.starts_with("/computeMetadata/") {
+        answer.insert_header("Metadata-Flavor", "Google")
+    } else {
+        answer
+    }
+}
+
 /// runner.json as the config disk and as the platform's user-data (a metadata source fetches
 /// the latter), and the glrt- happy path in GitLab.
 async fn set_up(h: &Harness, meta: &MockServer) {
@@ -59,13 +70,7 @@ async fn set_up(h: &Harness, meta: &MockServer) {
         "/latest/user-data",
         "/computeMetadata/v1/instance/attributes/user-data",
     ] {
-        mount(
-            meta,
-            "GET",
-            p,
-            ResponseTemplate::new(200).set_body_string(runner_json.clone()),
-        )
-        .await;
+        mount(meta, "GET", p, ok(p).set_body_string(runner_json.clone())).await;
     }
 }
 
@@ -75,18 +80,14 @@ async fn quiet_gce(meta: &MockServer) {
         Mock::given(method("GET"))
             .and(path(p))
             .and(query_param_is_missing("wait_for_change"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .insert_header("ETag", "e1")
-                    .set_body_string(value),
-            )
+            .respond_with(ok(p).insert_header("ETag", "e1").set_body_string(value))
             .mount(meta)
             .await;
         mount(
             meta,
             "GET",
             p,
-            ResponseTemplate::new(200)
+            ok(p)
                 .insert_header("ETag", "e1")
                 .set_body_string(value)
                 .set_delay(Duration::from_secs(2)),
@@ -104,11 +105,7 @@ async fn quiet_aws(meta: &MockServer) {
 async fn announce(meta: &MockServer, p: &str, body: String) {
     Mock::given(method("GET"))
         .and(path(p))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("ETag", "e2")
-                .set_body_string(body),
-        )
+        .respond_with(ok(p).insert_header("ETag", "e2").set_body_string(body))
         .with_priority(1)
         .mount(meta)
         .await;
@@ -344,14 +341,16 @@ async fn garbage_from_the_metadata_service_changes_nothing_and_is_logged_once() 
         &meta,
         "GET",
         PREEMPTED,
-        ResponseTemplate::new(200).set_body_bytes(b"\xffTRUE\xfe".to_vec()),
+        ok(PREEMPTED).set_body_bytes(b"\xffTRUE\xfe".to_vec()),
     )
     .await;
     mount(
         &meta,
         "GET",
         MAINTENANCE,
-        ResponseTemplate::new(503).set_body_string("<html>TERMINATE_ON_HOST_MAINTENANCE</html>"),
+        ResponseTemplate::new(503)
+            .insert_header("Metadata-Flavor", "Google")
+            .set_body_string("<html>TERMINATE_ON_HOST_MAINTENANCE</html>"),
     )
     .await;
     let runner = write_runner(&h, 7);
@@ -404,7 +403,7 @@ async fn a_notice_before_gitlab_runner_starts_means_it_never_starts() {
         &meta,
         "GET",
         MAINTENANCE,
-        ResponseTemplate::new(200).set_body_string("NONE"),
+        ok(MAINTENANCE).set_body_string("NONE"),
     )
     .await;
     let runner = write_runner(&h, 60);

@@ -3,9 +3,9 @@
 //! errors; and `fetch`, the same GET retried within a deadline with the project's back-off.
 //!
 //! As narrow as the GitLab client: no redirect is followed, no proxy is used (user-data holds
-//! the runner token; it must not leave the host), no answer is read past `MAX_BODY`, and on GCE
-//! an answer without `Metadata-Flavor: Google` is not the metadata service's (a captive portal
-//! or a proxy answering 200 with HTML).
+//! the runner token; it must not leave the host), no answer is read past `MAX_BODY` (or a
+//! smaller cap, `with_max_body`), and on GCE an answer without `Metadata-Flavor: Google` is not
+//! the metadata service's (a captive portal or a proxy answering 200 with HTML).
 
 use std::time::{Duration, SystemTime};
 
@@ -51,6 +51,7 @@ pub struct MetadataClient {
     base: String,
     http: reqwest::Client,
     request_timeout: Duration,
+    max_body: usize,
     aws_token: Mutex<Option<HeaderValue>>,
 }
 
@@ -82,14 +83,21 @@ impl MetadataClient {
             base,
             http,
             request_timeout: REQUEST_TIMEOUT,
+            max_body: MAX_BODY,
             aws_token: Mutex::new(None),
         })
     }
 
-    /// Each request's timeout (tests; a long poll passes its own to `get_with_timeout`).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Each request's timeout (the token's PUT too; a long poll passes its own to
+    /// `get_answer`).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Answers larger than `max_body` (at most `MAX_BODY`) are `TooLarge`.
+    pub fn with_max_body(mut self, max_body: usize) -> Self {
+        self.max_body = max_body.min(MAX_BODY);
         self
     }
 
@@ -130,7 +138,10 @@ impl MetadataClient {
         let token = self.aws_token(false).await?;
         match self.send_get(path, Some(token), timeout).await {
             Err(MetadataError::Status { status: 401, .. }) => {
-                tracing::info!("the aws metadata session token expired; getting a new one");
+                // Debug: a service that answers 401 to every token would repeat it at each
+                // request (the preemption watcher's, every few seconds); the 401 that remains
+                // is the caller's to report.
+                tracing::debug!("the aws metadata session token expired; getting a new one");
                 let token = self.aws_token(true).await?;
                 self.send_get(path, Some(token), timeout).await
             }
@@ -310,14 +321,14 @@ impl MetadataClient {
         }
         if response
             .content_length()
-            .is_some_and(|n| n > MAX_BODY as u64)
+            .is_some_and(|n| n > self.max_body as u64)
         {
             return Err(self.too_large(url));
         }
         let etag = header("etag");
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
-            if body.len() + chunk.len() > MAX_BODY {
+            if body.len() + chunk.len() > self.max_body {
                 return Err(self.too_large(url));
             }
             body.extend_from_slice(&chunk);
@@ -338,7 +349,7 @@ impl MetadataClient {
         MetadataError::TooLarge {
             platform: self.platform,
             url: url.to_string(),
-            cap_kib: MAX_BODY / 1024,
+            cap_kib: self.max_body / 1024,
         }
     }
 }

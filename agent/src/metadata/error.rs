@@ -81,6 +81,21 @@ impl MetadataError {
         }
     }
 
+    /// It came from the IMDSv2 session token's PUT, not from the GET that needed the token.
+    pub fn is_aws_token(&self) -> bool {
+        use MetadataError::*;
+        match self {
+            AwsTokenUnanswered { .. } => true,
+            Unreachable { url, .. }
+            | Status { url, .. }
+            | Redirect { url, .. }
+            | NotMetadataService { url, .. }
+            | TooLarge { url, .. } => url.ends_with(super::client::AWS_TOKEN_PATH),
+            Client(_) | InvalidUrl { .. } => false,
+            GaveUp { last, .. } => last.is_aws_token(),
+        }
+    }
+
     pub(super) fn retry_hint(&self) -> Option<&Hint> {
         match self {
             MetadataError::Status { retry_hint, .. } => retry_hint.as_ref(),
@@ -156,6 +171,23 @@ mod tests {
         };
         assert!(!gave_up.is_retryable());
         assert!(gave_up.fix().contains("firewall"), "{}", gave_up.fix());
+    }
+
+    #[test]
+    fn the_token_s_failures_are_told_from_the_get_s() {
+        let at = |url: &str| MetadataError::Status {
+            platform: Platform::Aws,
+            url: url.into(),
+            status: 403,
+            retry_hint: None,
+        };
+        assert!(at("http://169.254.169.254/latest/api/token").is_aws_token());
+        assert!(!at("http://169.254.169.254/latest/meta-data/spot/instance-action").is_aws_token());
+        let unanswered = MetadataError::AwsTokenUnanswered {
+            url: "u".into(),
+            detail: "timed out".into(),
+        };
+        assert!(unanswered.is_aws_token());
     }
 
     #[test]

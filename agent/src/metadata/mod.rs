@@ -22,7 +22,6 @@ mod mock_tests;
 use std::path::Path;
 
 // `Answer` (with its ETag) is for the preemption watcher's long poll.
-#[allow(unused_imports)]
 pub use client::{Answer, MetadataClient};
 pub use error::MetadataError;
 pub use user_data::{NotRunnerJson, fetch_runner_json};

@@ -15,6 +15,11 @@ const MAINTENANCE: &str = "/computeMetadata/v1/instance/maintenance-event";
 const INSTANCE_ACTION: &str = "/latest/meta-data/spot/instance-action";
 const REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance";
 
+/// An answer as GCE's metadata service gives it: with `Metadata-Flavor: Google`.
+fn gce(status: u16) -> ResponseTemplate {
+    ResponseTemplate::new(status).insert_header("Metadata-Flavor", "Google")
+}
+
 async fn answer(server: &MockServer, m: &str, p: &str, r: ResponseTemplate) {
     Mock::given(method(m))
         .and(path(p))
@@ -58,7 +63,7 @@ async fn quiet_maintenance(server: &MockServer) {
         server,
         "GET",
         MAINTENANCE,
-        ResponseTemplate::new(200)
+        gce(200)
             .insert_header("ETag", "m1")
             .set_body_string("NONE")
             .set_delay(Duration::from_millis(300)),
@@ -73,7 +78,7 @@ async fn gce_reads_the_value_then_long_polls_from_its_etag() {
         .and(path(PREEMPTED))
         .and(query_param_is_missing("wait_for_change"))
         .respond_with(
-            ResponseTemplate::new(200)
+            gce(200)
                 .insert_header("ETag", "e1")
                 .set_body_string("FALSE"),
         )
@@ -84,7 +89,7 @@ async fn gce_reads_the_value_then_long_polls_from_its_etag() {
         .and(query_param("wait_for_change", "true"))
         .and(query_param("last_etag", "e1"))
         .respond_with(
-            ResponseTemplate::new(200)
+            gce(200)
                 .insert_header("ETag", "e2")
                 .set_body_string("TRUE")
                 .set_delay(Duration::from_millis(500)),
@@ -128,7 +133,7 @@ async fn a_gce_service_that_ignores_wait_for_change_is_asked_at_most_once_a_seco
             &server,
             "GET",
             key,
-            ResponseTemplate::new(200)
+            gce(200)
                 .insert_header("ETag", "same")
                 .set_body_string(value),
         )
@@ -201,21 +206,21 @@ async fn garbage_redirects_and_huge_answers_are_no_notice_and_do_not_stop_the_wa
         &server,
         "GET",
         PREEMPTED,
-        ResponseTemplate::new(302).insert_header("Location", "/elsewhere"),
+        gce(302).insert_header("Location", "/elsewhere"),
     )
     .await;
     answer(
         &server,
         "GET",
         "/elsewhere",
-        ResponseTemplate::new(200).set_body_string("TRUE"),
+        gce(200).set_body_string("TRUE"),
     )
     .await;
     answer(
         &server,
         "GET",
         MAINTENANCE,
-        ResponseTemplate::new(200).set_body_bytes(vec![b'T'; 100 * 1024]),
+        gce(200).set_body_bytes(vec![b'T'; 100 * 1024]),
     )
     .await;
     let mut w = start(Platform::Gce, &server.uri()).unwrap();
@@ -308,6 +313,98 @@ async fn a_stalled_endpoint_times_out_and_the_watch_goes_on() {
         None
     );
     assert_eq!(requests(&server, REBALANCE).await.len(), 1);
+    assert!(!w.task.is_finished());
+    w.task.abort();
+}
+
+#[tokio::test]
+async fn a_gce_answer_without_metadata_flavor_is_no_notice() {
+    // Something else on the address (a proxy, a captive portal) that says TRUE.
+    let server = MockServer::start().await;
+    answer(
+        &server,
+        "GET",
+        PREEMPTED,
+        ResponseTemplate::new(200)
+            .insert_header("ETag", "p1")
+            .set_body_string("TRUE"),
+    )
+    .await;
+    quiet_maintenance(&server).await;
+    let mut w = start(Platform::Gce, &server.uri()).unwrap();
+    assert_eq!(
+        notice_within(&mut w.notices, Duration::from_millis(3500)).await,
+        None
+    );
+    // Asked afresh (never a long poll from its ETag), backing off: 1 s, 2 s...
+    let asked = requests(&server, PREEMPTED).await;
+    assert!((2..=3).contains(&asked.len()), "{}", asked.len());
+    assert!(asked.iter().all(|r| query(r, "wait_for_change").is_none()));
+    assert!(!w.task.is_finished());
+    w.task.abort();
+}
+
+#[tokio::test]
+async fn a_gce_etag_goes_into_the_long_poll_url_encoded() {
+    let server = MockServer::start().await;
+    let etag = "a+b&timeout_sec=1#c d/%";
+    Mock::given(method("GET"))
+        .and(path(PREEMPTED))
+        .and(query_param_is_missing("wait_for_change"))
+        .respond_with(
+            gce(200)
+                .insert_header("ETag", etag)
+                .set_body_string("FALSE"),
+        )
+        .mount(&server)
+        .await;
+    answer(
+        &server,
+        "GET",
+        PREEMPTED,
+        gce(200)
+            .insert_header("ETag", etag)
+            .set_body_string("FALSE")
+            .set_delay(Duration::from_millis(300)),
+    )
+    .await;
+    quiet_maintenance(&server).await;
+    let mut w = start(Platform::Gce, &server.uri()).unwrap();
+    assert_eq!(
+        notice_within(&mut w.notices, Duration::from_millis(1500)).await,
+        None
+    );
+    let asked = requests(&server, PREEMPTED).await;
+    assert!(asked.len() >= 2, "{asked:?}");
+    let poll = &asked[1];
+    assert_eq!(query(poll, "last_etag").as_deref(), Some(etag));
+    let pairs: Vec<_> = poll.url.query_pairs().collect();
+    assert_eq!(pairs.len(), 3, "{pairs:?}");
+    assert_eq!(query(poll, "timeout_sec").as_deref(), Some("300"));
+    w.task.abort();
+}
+
+#[tokio::test]
+async fn without_an_imdsv2_token_no_notice_is_asked_for_until_the_next_poll() {
+    let server = MockServer::start().await;
+    answer(
+        &server,
+        "PUT",
+        "/latest/api/token",
+        ResponseTemplate::new(403),
+    )
+    .await;
+    answer(&server, "GET", INSTANCE_ACTION, ResponseTemplate::new(404)).await;
+    answer(&server, "GET", REBALANCE, ResponseTemplate::new(404)).await;
+    let mut w = start(Platform::Aws, &server.uri()).unwrap();
+    assert_eq!(
+        notice_within(&mut w.notices, Duration::from_millis(6500)).await,
+        None
+    );
+    // One PUT, no GET without a token, and the next try only after the back-off (10 s).
+    assert_eq!(requests(&server, "/latest/api/token").await.len(), 1);
+    assert!(requests(&server, INSTANCE_ACTION).await.is_empty());
+    assert!(requests(&server, REBALANCE).await.is_empty());
     assert!(!w.task.is_finished());
     w.task.abort();
 }

@@ -18,10 +18,10 @@
 //! and acting on it would abort the jobs of a whole fleet; the platform's own shutdown still
 //! reaches the agent as SIGTERM (stopping). Each kind of trouble is logged once per endpoint.
 //!
-//! This file holds the decisions (pure); `parse` reads answers (pure), `http` is the only I/O,
-//! `watch` runs the loops.
+//! This file holds the decisions (pure); `parse` reads answers (pure), `watch` runs the loops
+//! and is the only I/O, through the shared metadata client (`crate::metadata::MetadataClient`:
+//! the IMDSv2 token, `Metadata-Flavor`, no redirects, capped bodies).
 
-mod http;
 mod parse;
 mod watch;
 

@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::parse::{self, Reading};
-use super::watch::{AWS_POLL, GCE_FLOOR, RETRY_CAP, next_wait};
+use super::watch::{AWS_POLL, GCE_FLOOR, RETRY_CAP, gce_path, next_wait};
 use super::*;
 
 fn t0() -> SystemTime {
@@ -243,6 +243,22 @@ fn waits_have_a_floor_and_back_off_to_a_cap() {
         assert!(next_wait(AWS_POLL, failures) >= AWS_POLL);
         assert!(next_wait(GCE_FLOOR, failures) >= GCE_FLOOR);
     }
+}
+
+#[test]
+fn gce_paths_read_the_value_then_long_poll_with_the_etag_url_encoded() {
+    let key = "/computeMetadata/v1/instance/preempted";
+    assert_eq!(gce_path("preempted", None), key);
+    assert_eq!(
+        gce_path("preempted", Some(None)),
+        format!("{key}?wait_for_change=true&timeout_sec=300")
+    );
+    assert_eq!(
+        gce_path("preempted", Some(Some("Az09-._~ +&=#/%é"))),
+        format!(
+            "{key}?wait_for_change=true&timeout_sec=300&last_etag=Az09-._~%20%2B%26%3D%23%2F%25%C3%A9"
+        )
+    );
 }
 
 #[test]

@@ -4,6 +4,10 @@
 //! logged once per endpoint) and never asks more often than its floor: AWS every 5 s (more
 //! after failures), each GCE key at most once a second (a service that ignores
 //! `wait_for_change` must not turn the long poll into a busy loop).
+//!
+//! Requests go through the shared `MetadataClient`: it keeps the IMDSv2 session token (and
+//! renews it on a 401), sends `Metadata-Flavor: Google` and refuses GCE answers without it,
+//! follows no redirect and reads no body past `MAX_BODY`; what it refuses is trouble here.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -12,10 +16,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::http::{AWS_TOKEN_TTL_SECONDS, Answer, MetadataHttp};
 use super::parse::{self, Reading};
 use super::{Notice, more_urgent};
-use crate::metadata::Platform;
+use crate::metadata::{Answer, MetadataClient, MetadataError, Platform};
 
 /// AWS recommends checking for interruption notices every 5 seconds; never more often.
 pub const AWS_POLL: Duration = Duration::from_secs(5);
@@ -23,10 +26,17 @@ pub const AWS_POLL: Duration = Duration::from_secs(5);
 pub const GCE_FLOOR: Duration = Duration::from_secs(1);
 /// A GCE long poll's `timeout_sec`.
 pub const GCE_LONG_POLL_SECONDS: u64 = 300;
+/// A long poll's answer may come this much after its `timeout_sec` before it is a failure.
+const GCE_GRACE: Duration = Duration::from_secs(10);
+/// A request that is no long poll (the token's PUT included) and takes longer is a failure,
+/// retried at the next poll.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Notices are a few dozen bytes; anything larger is not one.
+pub const MAX_BODY: usize = 16 * 1024;
+/// A longer ETag is not used (the next long poll then waits for any change).
+const MAX_ETAG: usize = 128;
 /// After repeated failures the wait doubles up to this: a notice is still seen within it.
 pub const RETRY_CAP: Duration = Duration::from_secs(30);
-/// A token is renewed this long before its TTL ends.
-const TOKEN_MARGIN: Duration = Duration::from_secs(600);
 
 /// The running watcher: the most urgent notice so far (None: none yet), and its task, which the
 /// agent aborts at the end of its run.
@@ -36,20 +46,24 @@ pub struct Watcher {
 }
 
 /// Starts watching `platform`'s notices at `base_url`; None for a platform without notices, or
-/// when no HTTP client can be made (logged).
+/// when no metadata client can be made (logged).
 pub fn start(platform: Platform, base_url: &str) -> Option<Watcher> {
-    let http = match MetadataHttp::new(base_url) {
-        Ok(http) => http,
+    if !matches!(platform, Platform::Aws | Platform::Gce) {
+        return None;
+    }
+    let client = match MetadataClient::new(platform, base_url) {
+        Ok(client) => client
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_max_body(MAX_BODY),
         Err(e) => {
-            tracing::warn!("{e:#}; preemption notices are not watched");
+            tracing::warn!("{e}; preemption notices are not watched");
             return None;
         }
     };
     let (tx, rx) = watch::channel(None);
     let task = match platform {
-        Platform::Aws => tokio::spawn(watch_aws(http, tx)),
-        Platform::Gce => tokio::spawn(watch_gce(http, tx)),
-        Platform::DigitalOcean => return None,
+        Platform::Gce => tokio::spawn(watch_gce(client, tx)),
+        _ => tokio::spawn(watch_aws(client, tx)),
     };
     tracing::info!(
         "watching {platform}'s preemption and maintenance notices at {}",
@@ -104,109 +118,81 @@ impl Complaints {
             tracing::warn!(
                 "preemption watch: {} answered {}; taken as no notice, watching on (this kind of answer is logged once)",
                 self.endpoint,
-                detail()
+                crate::secret::scrub(&detail())
             );
         }
     }
 
-    /// A non-200 answer or a failed request, by kind.
-    fn bad_answer(&mut self, result: &Result<Answer, String>) {
-        match result {
-            Ok(answer) if answer.status == 200 => self.complain("too large", || {
-                format!("more than {} bytes", super::http::MAX_BODY)
-            }),
-            Ok(answer) => {
-                let status = answer.status;
-                self.complain(&format!("status {status}"), || format!("HTTP {status}"))
-            }
-            Err(e) => self.complain("unreachable", || format!("nothing ({e})")),
-        }
+    /// A failed request, by kind (an error status, a redirect, no answer...).
+    fn trouble(&mut self, e: &MetadataError) {
+        use MetadataError::*;
+        let (kind, detail) = match e {
+            Status { status, .. } => (format!("status {status}"), format!("HTTP {status}")),
+            Redirect {
+                status, location, ..
+            } => (
+                "redirect".into(),
+                format!("HTTP {status}, a redirect to {location} (not followed)"),
+            ),
+            TooLarge { cap_kib, .. } => ("too large".into(), format!("more than {cap_kib} KiB")),
+            NotMetadataService { detail, .. } => (
+                "not the metadata service".into(),
+                format!("as something else than the metadata service would ({detail})"),
+            ),
+            AwsTokenUnanswered { .. }
+            | Unreachable {
+                timed_out: true, ..
+            } => ("unreachable".into(), "nothing (no answer in time)".into()),
+            Unreachable { detail, .. } => ("unreachable".into(), format!("nothing ({detail})")),
+            other => ("error".into(), format!("nothing usable ({other})")),
+        };
+        self.complain(&kind, || detail);
     }
 }
 
-async fn watch_aws(http: MetadataHttp, tx: watch::Sender<Option<Notice>>) {
-    let mut token: Option<(String, Instant)> = None;
+async fn watch_aws(client: MetadataClient, tx: watch::Sender<Option<Notice>>) {
     let mut token_trouble = Complaints::new("IMDSv2 PUT /latest/api/token");
     let mut endpoints = [
         (
-            "spot/instance-action",
+            "/latest/meta-data/spot/instance-action",
             Complaints::new("GET /latest/meta-data/spot/instance-action"),
             parse::aws_instance_action as fn(&[u8], SystemTime) -> Reading,
         ),
         (
-            "events/recommendations/rebalance",
+            "/latest/meta-data/events/recommendations/rebalance",
             Complaints::new("GET /latest/meta-data/events/recommendations/rebalance"),
             parse::aws_rebalance,
         ),
     ];
-    let token_life = Duration::from_secs(AWS_TOKEN_TTL_SECONDS) - TOKEN_MARGIN;
     let mut failures = 0;
     loop {
         let started = Instant::now();
         let mut ok = true;
-        if token
-            .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() > token_life)
-        {
-            token = None;
-            let result = http.aws_token().await;
-            match &result {
-                Ok(Answer {
-                    status: 200,
-                    body: Some(body),
-                    ..
-                }) if is_token(body) => {
-                    let text = String::from_utf8_lossy(body).trim().to_string();
-                    token = Some((text, Instant::now()));
+        // The client keeps the session token and renews it when the service answers 401.
+        for (path, complaints, read) in endpoints.iter_mut() {
+            match client.get_answer(path, REQUEST_TIMEOUT).await {
+                // 404: nothing announced.
+                Ok(None) => {}
+                Ok(Some(Answer { body, .. })) => {
+                    if !take(read(&body, SystemTime::now()), complaints, &tx) {
+                        ok = false;
+                    }
                 }
-                Ok(Answer {
-                    status: 200,
-                    body: Some(body),
-                    ..
-                }) => token_trouble.complain("not a token", || {
-                    format!("a 200 that is no token ({})", parse::describe_body(body))
-                }),
-                other => token_trouble.bad_answer(other),
-            }
-            ok = token.is_some();
-        }
-        if let Some((value, _)) = token.clone() {
-            for (path, complaints, read) in endpoints.iter_mut() {
-                let result = http.aws_get(path, &value).await;
-                match &result {
-                    Ok(Answer { status: 404, .. }) => {}
-                    Ok(Answer {
-                        status: 200,
-                        body: Some(body),
-                        ..
-                    }) => {
-                        if !take(read(body, SystemTime::now()), complaints, &tx) {
-                            ok = false;
-                        }
-                    }
-                    Ok(Answer { status: 401, .. }) => {
-                        // The token expired or was revoked: a new one next time.
-                        complaints.bad_answer(&result);
-                        token = None;
-                        ok = false;
-                    }
-                    other => {
-                        complaints.bad_answer(other);
-                        ok = false;
-                    }
+                Err(e) if e.is_aws_token() => {
+                    // No token, no GET: the next endpoint waits for the next poll.
+                    token_trouble.trouble(&e);
+                    ok = false;
+                    break;
+                }
+                Err(e) => {
+                    complaints.trouble(&e);
+                    ok = false;
                 }
             }
         }
         failures = if ok { 0 } else { failures + 1 };
         tokio::time::sleep_until(started + next_wait(AWS_POLL, failures)).await;
     }
-}
-
-/// An IMDSv2 token: short printable ASCII (it goes into a header).
-fn is_token(body: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    !text.is_empty() && text.len() <= 1024 && text.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Acts on a reading; false when it was not this endpoint's answer.
@@ -229,11 +215,11 @@ fn take(reading: Reading, complaints: &mut Complaints, tx: &watch::Sender<Option
     }
 }
 
-async fn watch_gce(http: MetadataHttp, tx: watch::Sender<Option<Notice>>) {
+async fn watch_gce(client: MetadataClient, tx: watch::Sender<Option<Notice>>) {
     tokio::join!(
-        watch_gce_key(&http, "preempted", parse::gce_preempted, &tx),
+        watch_gce_key(&client, "preempted", parse::gce_preempted, &tx),
         watch_gce_key(
-            &http,
+            &client,
             "maintenance-event",
             parse::gce_maintenance_event,
             &tx
@@ -241,10 +227,40 @@ async fn watch_gce(http: MetadataHttp, tx: watch::Sender<Option<Notice>>) {
     );
 }
 
+/// The path of a GCE key: its current value (`known` None), or a long poll that answers once the
+/// value differs from the one `known` ETag stands for (without one: once it changes).
+pub fn gce_path(key: &str, known: Option<Option<&str>>) -> String {
+    let mut path = format!("/computeMetadata/v1/instance/{key}");
+    if let Some(etag) = known {
+        path.push_str(&format!(
+            "?wait_for_change=true&timeout_sec={GCE_LONG_POLL_SECONDS}"
+        ));
+        if let Some(etag) = etag {
+            path.push_str("&last_etag=");
+            path.push_str(&query_escape(etag));
+        }
+    }
+    path
+}
+
+/// `value` for a URL query: unreserved characters as they are, every other byte as `%XX`.
+fn query_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// One GCE key: its current value, then long polls from its ETag. Ends once the key announced
 /// that the VM goes away (it has nothing more to say).
 async fn watch_gce_key(
-    http: &MetadataHttp,
+    client: &MetadataClient,
     key: &'static str,
     read: fn(&[u8], SystemTime) -> Reading,
     tx: &watch::Sender<Option<Notice>>,
@@ -260,45 +276,50 @@ async fn watch_gce_key(
     let mut failures = 0;
     loop {
         let started = Instant::now();
-        let wait = known
-            .as_ref()
-            .map(|etag| (etag.as_deref(), GCE_LONG_POLL_SECONDS));
-        let result = http.gce_get(key, wait).await;
-        let ok = match &result {
-            Ok(Answer {
-                status: 200,
-                body: Some(body),
-                etag,
-            }) => match read(body, SystemTime::now()) {
-                Reading::Quiet => {
-                    last_info = None;
-                    known = Some(etag.clone());
-                    true
-                }
-                Reading::Notice(notice) => {
-                    let goes_away = notice.vm_goes_away();
-                    offer(tx, notice);
-                    if goes_away {
-                        return;
+        let path = gce_path(key, known.as_ref().map(Option::as_deref));
+        let timeout = match known {
+            None => REQUEST_TIMEOUT,
+            Some(_) => Duration::from_secs(GCE_LONG_POLL_SECONDS) + GCE_GRACE,
+        };
+        let ok = match client.get_answer(&path, timeout).await {
+            Ok(Some(Answer { body, etag })) => {
+                let etag = etag.filter(|e| e.len() <= MAX_ETAG);
+                match read(&body, SystemTime::now()) {
+                    Reading::Quiet => {
+                        last_info = None;
+                        known = Some(etag);
+                        true
                     }
-                    known = Some(etag.clone());
-                    true
-                }
-                Reading::Info(text) => {
-                    if last_info != Some(text) {
-                        tracing::info!("{text}");
+                    Reading::Notice(notice) => {
+                        let goes_away = notice.vm_goes_away();
+                        offer(tx, notice);
+                        if goes_away {
+                            return;
+                        }
+                        known = Some(etag);
+                        true
                     }
-                    last_info = Some(text);
-                    known = Some(etag.clone());
-                    true
+                    Reading::Info(text) => {
+                        if last_info != Some(text) {
+                            tracing::info!("{text}");
+                        }
+                        last_info = Some(text);
+                        known = Some(etag);
+                        true
+                    }
+                    Reading::Unrecognised(detail) => {
+                        complaints
+                            .complain("unrecognised", || format!("something else ({detail})"));
+                        false
+                    }
                 }
-                Reading::Unrecognised(detail) => {
-                    complaints.complain("unrecognised", || format!("something else ({detail})"));
-                    false
-                }
-            },
-            other => {
-                complaints.bad_answer(other);
+            }
+            Ok(None) => {
+                complaints.complain("status 404", || "HTTP 404".into());
+                false
+            }
+            Err(e) => {
+                complaints.trouble(&e);
                 false
             }
         };

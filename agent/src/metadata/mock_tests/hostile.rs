@@ -145,6 +145,30 @@ async fn answers_up_to_the_cap_are_read_and_larger_ones_refused() {
     assert!(err.to_string().contains("1024 KiB"), "{err}");
 }
 
+#[tokio::test]
+async fn a_smaller_cap_is_kept_and_the_error_names_it() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/fits"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b' '; 2048]))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b' '; 2049]))
+        .mount(&server)
+        .await;
+    let c = client(Platform::DigitalOcean, &server).with_max_body(2048);
+    assert_eq!(c.get("/fits").await.unwrap().unwrap().len(), 2048);
+    let err = c.get("/larger").await.unwrap_err();
+    assert!(
+        matches!(err, MetadataError::TooLarge { cap_kib: 2, .. }),
+        "{err}"
+    );
+    // Never above MAX_BODY.
+    let c = client(Platform::DigitalOcean, &server).with_max_body(usize::MAX);
+    assert_eq!(c.get("/fits").await.unwrap().unwrap().len(), 2048);
+}
+
 /// A server that answers every request with `head` and then `body`, without a length: the
 /// body ends when the connection closes.
 async fn unsized_server(body: Vec<u8>) -> (String, tokio::task::JoinHandle<()>) {
