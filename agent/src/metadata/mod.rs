@@ -80,6 +80,17 @@ pub enum ConfigSource {
 }
 
 impl ConfigSource {
+    /// The name on the command line (`file`, `aws`, ..., `auto`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ConfigSource::File => "file",
+            ConfigSource::Aws => "aws",
+            ConfigSource::Gce => "gce",
+            ConfigSource::DigitalOcean => "digitalocean",
+            ConfigSource::Auto => "auto",
+        }
+    }
+
     /// The platform whose metadata service serves runner.json; None: the file.
     pub fn platform(self, dmi_dir: &Path) -> Option<Platform> {
         match self {
@@ -198,6 +209,15 @@ mod tests {
             ..Dmi::default()
         };
         assert_eq!(detect(&xen), None);
+    }
+
+    #[test]
+    fn each_source_is_named_as_on_the_command_line() {
+        use clap::ValueEnum;
+        for source in ConfigSource::value_variants() {
+            let value = source.to_possible_value().unwrap();
+            assert_eq!(source.name(), value.get_name());
+        }
     }
 
     #[test]

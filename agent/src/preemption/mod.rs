@@ -75,7 +75,7 @@ pub fn watched_platform(
                 None,
                 Some(format!(
                     "--watch-preemption on: no platform with notices (--config-source {}{}); nothing is watched: set --config-source aws or gce",
-                    source_name(source),
+                    source.name(),
                     if source == ConfigSource::Auto {
                         ", and DMI/SMBIOS names none"
                     } else {
@@ -84,16 +84,6 @@ pub fn watched_platform(
                 )),
             ),
         },
-    }
-}
-
-fn source_name(source: ConfigSource) -> &'static str {
-    match source {
-        ConfigSource::File => "file",
-        ConfigSource::Aws => "aws",
-        ConfigSource::Gce => "gce",
-        ConfigSource::DigitalOcean => "digitalocean",
-        ConfigSource::Auto => "auto",
     }
 }
 
