@@ -34,6 +34,7 @@ use crate::cli::RunArgs;
 use crate::config::CredentialKind;
 use crate::console::{self, Console};
 use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
+use crate::metadata::Platform;
 use crate::status::{self, Published, Status};
 use crate::{preemption, secret, systemd};
 use interrupt::{Interrupt, Interrupts};
@@ -42,11 +43,14 @@ use state::{Next, State};
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let args = absolute_paths(args)?;
     let mut interrupts = Interrupts::listen()?;
-    let watcher = watch_preemption(&args);
+    // Read once: DMI/SMBIOS does not change while the VM runs.
+    let platform = args.config_source.platform(&args.dmi_dir);
+    let watcher = watch_preemption(&args, platform);
     if let Some(w) = &watcher {
         interrupts = interrupts.with_notices(w.notices.clone());
     }
     let mut agent = Agent::new(args, interrupts);
+    agent.platform = platform;
     agent.watcher = watcher.map(|w| w.task);
     systemd::spawn_watchdog();
     let mut state = agent.start()?;
@@ -89,6 +93,8 @@ struct Agent {
     last_error: Option<String>,
     hold_deadline: Option<SystemTime>,
     poweroff_at: Option<SystemTime>,
+    /// The platform from `--config-source` (recognised from DMI/SMBIOS with `auto`).
+    platform: Option<Platform>,
     /// The preemption watcher's task, ended with the run.
     watcher: Option<tokio::task::JoinHandle<()>>,
     /// Milestones and failures, one line each, for reading from outside the VM.
@@ -121,6 +127,7 @@ impl Agent {
             hold_deadline: None,
             poweroff_at: None,
             watcher: None,
+            platform: None,
         }
     }
 
@@ -267,11 +274,7 @@ impl Agent {
 
 /// The preemption watcher `--watch-preemption` asks for, started for the whole run (a notice
 /// during registering means gitlab-runner never starts; during a hold, the hold ends).
-fn watch_preemption(args: &RunArgs) -> Option<preemption::Watcher> {
-    let platform = match args.watch_preemption {
-        preemption::WatchPreemption::Off => None,
-        _ => args.config_source.platform(&args.dmi_dir),
-    };
+fn watch_preemption(args: &RunArgs, platform: Option<Platform>) -> Option<preemption::Watcher> {
     let (watched, warning) =
         preemption::watched_platform(args.watch_preemption, args.config_source, platform);
     if let Some(warning) = warning {

@@ -67,8 +67,7 @@ impl Agent {
 
     /// The platform whose user-data is runner.json (None: the file), said in the journal.
     fn config_platform(&self) -> Option<Platform> {
-        let source = self.args.config_source;
-        let platform = source.platform(&self.args.dmi_dir);
+        let (source, platform) = (self.args.config_source, self.platform);
         match (source, platform) {
             (ConfigSource::Auto, None) => tracing::info!(
                 "--config-source auto: no cloud platform recognised from DMI/SMBIOS ({}); runner.json is the file {}",
