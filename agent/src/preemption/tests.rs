@@ -285,3 +285,13 @@ fn status_json_without_the_field_still_reads_and_with_it_round_trips() {
     assert_eq!(json["deadline"], "2026-11-30T17:02:00.000Z");
     assert_eq!(serde_json::from_value::<Notice>(json).unwrap(), n);
 }
+
+#[test]
+fn the_time_left_is_whole_seconds_and_now_under_one() {
+    let now = t0();
+    assert_eq!(seconds_left(now + Duration::from_secs(30), now), "in 30 s");
+    assert_eq!(seconds_left(now + Duration::from_secs(1), now), "in 1 s");
+    // "in 0 s" would read as a bug: under a second left, or past, is now.
+    assert_eq!(seconds_left(now + Duration::from_millis(999), now), "now");
+    assert_eq!(seconds_left(now, now + Duration::from_secs(5)), "now");
+}
