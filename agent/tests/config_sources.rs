@@ -301,8 +301,8 @@ async fn an_unreachable_metadata_service_fails_after_config_wait_naming_its_url(
     assert!(h.powered_off());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_drain_during_a_stalled_fetch_tears_down_at_once() {
+/// An agent whose fetch of DigitalOcean user-data is under way and gets no answer for a minute.
+async fn agent_in_a_stalled_fetch() -> (Harness, MockServer) {
     let mut h = Harness::new().await;
     let metadata = MockServer::start().await;
     Mock::given(method("GET"))
@@ -324,6 +324,12 @@ async fn a_drain_during_a_stalled_fetch_tears_down_at_once() {
     );
     h.wait_until("the fetch to start", |_| was_asked(&metadata))
         .await;
+    (h, metadata)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_during_a_stalled_fetch_tears_down_at_once() {
+    let (mut h, _metadata) = agent_in_a_stalled_fetch().await;
     send_signal(h.agent_pid(), 10); // SIGUSR1
     let status = h.wait_exit().await;
     assert!(status.success(), "{}", h.log());
@@ -338,27 +344,7 @@ async fn a_drain_during_a_stalled_fetch_tears_down_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_stalled_fetch_stops_without_power_off() {
-    let mut h = Harness::new().await;
-    let metadata = MockServer::start().await;
-    Mock::given(method("GET"))
-        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(60)))
-        .mount(&metadata)
-        .await;
-    let runner = h.write_fake_runner(FakeRunner::default());
-    let url = metadata.uri();
-    h.start(
-        &runner,
-        &[
-            "--config-source",
-            "digitalocean",
-            "--metadata-url",
-            &url,
-            "--config-wait",
-            "120",
-        ],
-    );
-    h.wait_until("the fetch to start", |_| was_asked(&metadata))
-        .await;
+    let (mut h, _metadata) = agent_in_a_stalled_fetch().await;
     send_signal(h.agent_pid(), 15);
     let status = h.wait_exit().await;
     assert!(status.success(), "{}", h.log());
