@@ -18,6 +18,7 @@ tests (tests/manifests/run runs them).
 """
 
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -91,34 +92,32 @@ SECRET_SCHEMA = {
 }
 SECRET_VALIDATOR = jsonschema.Draft7Validator(SECRET_SCHEMA)
 
-# The part of a networking.k8s.io/v1 NetworkPolicy the examples use, strict like the rest.
-LABEL_SELECTOR = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {"matchLabels": STRING_MAP},
-}
-NETWORK_POLICY_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "networking.k8s.io/v1"},
-        "kind": {"const": "NetworkPolicy"},
-        "metadata": SECRET_SCHEMA["properties"]["metadata"],
-        "spec": {
-            "type": "object",
-            "required": ["podSelector"],
-            "additionalProperties": False,
-            "properties": {
-                "podSelector": LABEL_SELECTOR,
-                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
-                "ingress": {"type": "array", "maxItems": 0},
-                "egress": {"type": "array", "maxItems": 0},
-            },
-        },
-    },
-}
-NETWORK_POLICY_VALIDATOR = jsonschema.Draft7Validator(NETWORK_POLICY_SCHEMA)
+# Every other core kind (NetworkPolicy, CronJob, ServiceAccount, Role, RoleBinding) against
+# Kubernetes' own OpenAPI schemas in their strict form (no unknown field anywhere), as packaged by
+# kubernetes-validate, for the oldest and the newest Kubernetes the manifests target.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+_k8s_validators = {}
+
+
+def k8s_validator(doc, version):
+    """A Draft 2020-12 validator of kubernetes-validate's strict schema for doc's kind."""
+    import kubernetes_validate.utils as kvu
+    import referencing
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc.get("apiVersion", ""))
+    key = (version, doc.get("kind", "").lower(), api)
+    if key not in _k8s_validators:
+        schema_dir = f"v{version}-local-strict"
+        try:
+            schema = kvu.schema_contents(f"kubernetes-json-schema/{schema_dir}/{key[1]}-{api}.json", version)
+        except FileNotFoundError:
+            _k8s_validators[key] = None
+            return None
+        definitions = kvu.schema_contents(f"kubernetes-json-schema/{schema_dir}/_definitions.json", version)
+        registry = referencing.Resource.from_contents(schema) @ referencing.Registry()
+        registry = referencing.Resource.from_contents(definitions) @ registry
+        _k8s_validators[key] = jsonschema.Draft202012Validator(schema, registry=registry)
+    return _k8s_validators[key]
+
 # What a runner VM may write to the node's disk beyond the scratch disk's capacity: the
 # containerDisk's overlay (up to the image's virtual size), plus a margin for logs.
 EPHEMERAL_MARGIN_GI = 2
@@ -183,12 +182,16 @@ def validate(doc, base=DEFAULT_SCHEMAS):
     """All problems of one document, as strings; an empty list means valid."""
     if not isinstance(doc, dict):
         return ["a document is not a mapping"]
-    core = {("v1", "Secret"): SECRET_VALIDATOR, ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICY_VALIDATOR}
-    if (doc.get("apiVersion"), doc.get("kind")) in core:
-        return [
-            f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}"
-            for e in core[(doc.get("apiVersion"), doc.get("kind"))].iter_errors(doc)
-        ]
+    if (doc.get("apiVersion"), doc.get("kind")) == ("v1", "Secret"):
+        return [f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in SECRET_VALIDATOR.iter_errors(doc)]
+    if "kubevirt.io" not in str(doc.get("apiVersion", "")):
+        errors = []
+        for version in K8S_VERSIONS:
+            v = k8s_validator(doc, version)
+            if v is None:
+                return [f"no Kubernetes {version} schema for {doc.get('apiVersion')} {doc.get('kind')}"]
+            errors += [f"Kubernetes {version}: {'/'.join(map(str, e.path)) or '(root)'}: {e.message}" for e in v.iter_errors(doc)]
+        return errors
     path = schema_file(doc, base)
     if not path.is_file():
         return [f"no schema for {doc.get('apiVersion')} {doc.get('kind')}: {path} not found (tests/manifests/schemas holds the copies)"]
@@ -535,26 +538,250 @@ def test_ephemeral_storage_covers_what_a_vm_may_write(evaluated_runner_image):
     assert not problems, "\n".join(problems)
 
 
-def test_a_network_policy_denies_ingress_to_every_runner_vm():
-    policies = [(p, d) for p in manifest_files() for d in load_docs(p) if d.get("kind") == "NetworkPolicy"]
-    assert policies, "no NetworkPolicy in examples/kubevirt"
+# Egress a runner VM must not have: the cluster, nodes and private networks (issue 17).
+PRIVATE_RANGES = [ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # shared address space (carrier-grade NAT, some clusters' pods)
+    "169.254.0.0/16",  # link-local: cloud metadata services
+    "fc00::/7", "fe80::/10",  # IPv6 unique local and link-local
+)]
+KUBE_DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+REAPER_KINDS = ["CronJob", "Role", "RoleBinding", "ServiceAccount"]
+
+
+def selects(selector, labels):
+    """A LabelSelector (matchLabels only, as the manifests use) against a label set."""
+    match = (selector or {}).get("matchLabels", {})
+    return bool(match) and all((labels or {}).get(k) == v for k, v in match.items())
+
+
+def network_policies(path):
+    return [d for d in load_docs(path) if d.get("kind") == "NetworkPolicy"]
+
+
+def runner_policy(path, pod_labels):
+    chosen = [d for d in network_policies(path) if selects(get(d, "spec.podSelector"), pod_labels)]
+    assert len(chosen) == 1, f"{rel(path)}: {len(chosen)} NetworkPolicies select the runner pods {pod_labels}, one expected"
+    return chosen[0]
+
+
+def egress_problems(policy):
+    """What the policy's egress allows beyond DNS to kube-dns and the internet minus the
+    private ranges; an empty list means none."""
+    problems = []
+    spec = policy["spec"]
+    if "Egress" not in spec.get("policyTypes", []):
+        return ["policyTypes lacks Egress: egress is not restricted at all"]
+    dns = False
+    for i, rule in enumerate(spec.get("egress", [])):
+        peers = rule.get("to")
+        if not peers:
+            problems.append(f"egress rule {i} has no `to`: it allows every destination")
+            continue
+        if peers == [KUBE_DNS_PEER]:
+            if sorted(rule.get("ports", []), key=str) != sorted(DNS_PORTS, key=str):
+                problems.append(f"egress rule {i} to kube-dns allows {rule.get('ports')}, not UDP and TCP 53 only")
+            dns = True
+            continue
+        for peer in peers:
+            if set(peer) != {"ipBlock"}:
+                problems.append(f"egress rule {i}: peer {peer} reaches pods of the cluster")
+                continue
+            block = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+            excepted = [ipaddress.ip_network(e) for e in peer["ipBlock"].get("except", [])]
+            for private in PRIVATE_RANGES:
+                if private.version != block.version or not private.overlaps(block):
+                    continue
+                if not any(private.subnet_of(e) for e in excepted if e.version == private.version):
+                    problems.append(f"egress rule {i}: ipBlock {block} allows the private range {private}")
+    if not dns:
+        problems.append("no egress rule allows DNS (UDP and TCP 53) to kube-dns in kube-system")
+    allowed = [p["ipBlock"]["cidr"] for r in spec.get("egress", []) for p in r.get("to", []) if "ipBlock" in p]
+    for internet in ("0.0.0.0/0", "::/0"):
+        if internet not in allowed:
+            problems.append(f"no egress rule allows the internet ({internet} minus the private ranges)")
+    return problems
+
+
+def test_a_network_policy_in_the_same_file_selects_every_runner_vm():
+    """Applied with the VM (same file, the documented apply selector), selecting the labels that
+    KubeVirt copies from the VM's template to its virt-launcher pod."""
     problems = []
     for path in manifest_files():
         for where, spec, _labels in vm_specs(path):
             pod_labels = get(spec, "template.metadata.labels", {})
-            denying = [
-                d for _p, d in policies
-                if "Ingress" in get(d, "spec.policyTypes", [])
-                and get(d, "spec.ingress", []) == []
-                and all(pod_labels.get(k) == v for k, v in get(d, "spec.podSelector.matchLabels", {}).items())
-                and get(d, "spec.podSelector.matchLabels")
-            ]
-            if not denying:
-                problems.append(f"{where}: no NetworkPolicy denies ingress to its pods (labels {pod_labels})")
-    for path, d in policies:
-        if get(d, "spec.egress") is not None or "Egress" in get(d, "spec.policyTypes", []):
-            problems.append(f"{rel(path)}: NetworkPolicy {get(d, 'metadata.name')} restricts egress; jobs need the network")
+            chosen = [d for d in network_policies(path) if selects(get(d, "spec.podSelector"), pod_labels)]
+            if len(chosen) != 1:
+                problems.append(f"{where}: {len(chosen)} NetworkPolicies in {rel(path)} select its pods (labels {pod_labels})")
+            for d in chosen:
+                if not label_selector_matches(APPLY_SELECTOR, get(d, "metadata.labels")):
+                    problems.append(f"{where}: NetworkPolicy {get(d, 'metadata.name')} is not applied with -l {APPLY_SELECTOR}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_network_policy_allows_only_ssh_in():
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            policy = runner_policy(path, get(spec, "template.metadata.labels", {}))
+            if "Ingress" not in get(policy, "spec.policyTypes", []):
+                problems.append(f"{where}: its NetworkPolicy does not restrict ingress")
+            for i, rule in enumerate(get(policy, "spec.ingress", [])):
+                if rule.get("ports") != [{"protocol": "TCP", "port": 22}]:
+                    problems.append(f"{where}: ingress rule {i} allows {rule.get('ports', 'every port')}, only TCP 22 expected")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_network_policy_denies_the_cluster_and_private_ranges():
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            policy = runner_policy(path, get(spec, "template.metadata.labels", {}))
+            problems += [f"{where}: {p}" for p in egress_problems(policy)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_egress_check_fails_on_a_leaky_policy():
+    """The checker itself: each way of opening a private range is caught."""
+    policy = runner_policy(VM_TEMPLATE, {"app.kubernetes.io/name": "gitlab-runner-vm"})
+    assert not egress_problems(policy)
+    internet = next(i for i, r in enumerate(policy["spec"]["egress"]) if r["to"] != [KUBE_DNS_PEER])
+    for private in PRIVATE_RANGES:
+        leaky = copy.deepcopy(policy)
+        for peer in leaky["spec"]["egress"][internet]["to"]:
+            peer["ipBlock"]["except"] = [e for e in peer["ipBlock"]["except"] if ipaddress.ip_network(e) != private]
+        assert any(str(private) in p for p in egress_problems(leaky)), f"{private} let through"
+    for extra in ({"to": [{"podSelector": {}}]}, {"ports": [{"protocol": "TCP", "port": 443}]},
+                  {"to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]}):
+        leaky = copy.deepcopy(policy)
+        leaky["spec"]["egress"].append(extra)
+        assert egress_problems(leaky), f"{extra} let through"
+    no_dns = copy.deepcopy(policy)
+    no_dns["spec"]["egress"] = [r for r in no_dns["spec"]["egress"] if r["to"] != [KUBE_DNS_PEER]]
+    assert any("DNS" in p for p in egress_problems(no_dns))
+
+
+def commented_private_gitlab_rule(path):
+    """The commented example rule for a private GitLab, uncommented (YAML list text)."""
+    lines = Path(path).read_text().splitlines()
+    start = next((i for i, l in enumerate(lines) if "GitLab (or registry) on a private address" in l), None)
+    assert start is not None, f"{rel(path)}: the commented rule for a private GitLab is missing"
+    out = []
+    for line in lines[start + 1:]:
+        m = re.match(r"^(\s*)# ?(.*)$", line)
+        if not m or not m.group(2).strip():
+            break
+        out.append(m.group(1) + m.group(2))
+    return yaml.safe_load("\n".join(out))
+
+
+def test_the_commented_private_gitlab_rule_is_valid_and_narrow():
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            policy = copy.deepcopy(runner_policy(path, get(spec, "template.metadata.labels", {})))
+            rule = commented_private_gitlab_rule(path)
+            assert isinstance(rule, list) and len(rule) == 1, f"{rel(path)}: the commented rule should be one egress rule: {rule}"
+            (block,) = [p["ipBlock"]["cidr"] for p in rule[0]["to"]]
+            assert ipaddress.ip_network(block).num_addresses == 1, f"{rel(path)}: the example should allow one address, not {block}"
+            assert rule[0].get("ports") == [{"protocol": "TCP", "port": 443}], rule
+            policy["spec"]["egress"] += rule
+            assert not validate(policy), validate(policy)
+
+
+def reaper_docs(path):
+    docs = {d["kind"]: d for d in load_docs(path) if d.get("kind") in REAPER_KINDS}
+    assert sorted(docs) == REAPER_KINDS, f"{rel(path)}: the lifetime cap needs {REAPER_KINDS}, found {sorted(docs)}"
+    return docs
+
+
+def readme_default(flag):
+    m = re.search(rf"^\| `--{flag}` \| `[A-Z_]+` \| (\d+) \|", README.read_text(), re.M)
+    assert m, f"README.md's table has no default for --{flag}"
+    return int(m.group(1))
+
+
+# A job's timeout when the runner sets no maximum_timeout: GitLab's default project timeout.
+GITLAB_DEFAULT_JOB_TIMEOUT_S = 3600
+# How long a deregistration may go on during a throttled boot storm (README, `deregistering`).
+DEREGISTER_STORM_S = 600
+
+
+def longest_honest_life(path, grace):
+    """A VM's longest life without a hostile job, with the agent's defaults and runner.json."""
+    config = json.loads(secrets_of(load_docs(path))["gitlab-runner-nixos-config"]["stringData"][CONFIG_KEY])
+    jobs = config.get("max_jobs", 1) * (config.get("idle_timeout", 600) + config.get("maximum_timeout", GITLAB_DEFAULT_JOB_TIMEOUT_S))
+    return (readme_default("config-wait") + readme_default("register-timeout") + jobs + DEREGISTER_STORM_S
+            + readme_default("hold-max") + grace)
+
+
+def test_the_lifetime_cap_outlives_an_honest_vm_and_is_documented():
+    problems = []
+    for path in manifest_files():
+        for where, spec, _labels in vm_specs(path):
+            cron = reaper_docs(path)["CronJob"]
+            (container,) = get(cron, "spec.jobTemplate.spec.template.spec.containers")
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            cap = int(env["MAX_AGE_SECONDS"])
+            grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+            need = longest_honest_life(path, grace)
+            if cap < need:
+                problems.append(f"{where}: MAX_AGE_SECONDS {cap} < the longest honest life {need} s (jobs' timeout + hold-max ...)")
+            if cap > need + 3 * 3600:
+                problems.append(f"{where}: MAX_AGE_SECONDS {cap} is far above the longest honest life {need} s")
+            if not label_selector_matches(env["SELECTOR"], get(spec, "template.metadata.labels")):
+                problems.append(f"{where}: the reaper's SELECTOR {env['SELECTOR']} does not match its VMIs")
+            if f"default {cap} (" not in path.read_text() or str(need) not in path.read_text():
+                problems.append(f"{rel(path)}: the comment should give the cap's default ({cap}) and the sum it covers ({need})")
+    doc = KUBEVIRT_DOC.read_text()
+    if "MAX_AGE_SECONDS" not in doc or "21600" not in doc:
+        problems.append("docs/kubevirt.md should name MAX_AGE_SECONDS and its default")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_reaper_may_only_list_and_delete_vmis_in_its_namespace():
+    problems = []
+    for path in manifest_files():
+        docs = reaper_docs(path)
+        sa, role, binding, cron = docs["ServiceAccount"], docs["Role"], docs["RoleBinding"], docs["CronJob"]
+        expected = [{"apiGroups": ["kubevirt.io"], "resources": ["virtualmachineinstances"], "verbs": ["list", "delete"]}]
+        if role.get("rules") != expected:
+            problems.append(f"{rel(path)}: the reaper's Role grants {role.get('rules')}, only {expected} needed")
+        if any(d.get("kind") in ("ClusterRole", "ClusterRoleBinding") for d in load_docs(path)):
+            problems.append(f"{rel(path)}: no cluster-wide RBAC")
+        if binding.get("roleRef") != {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}:
+            problems.append(f"{rel(path)}: the RoleBinding binds {binding.get('roleRef')}")
+        if binding.get("subjects") != [{"kind": "ServiceAccount", "name": sa["metadata"]["name"]}]:
+            problems.append(f"{rel(path)}: the RoleBinding's subjects are {binding.get('subjects')}, only the reaper's ServiceAccount expected")
+        pod = get(cron, "spec.jobTemplate.spec.template")
+        if get(pod, "spec.serviceAccountName") != sa["metadata"]["name"]:
+            problems.append(f"{rel(path)}: the CronJob does not run as the reaper's ServiceAccount")
+        if cron["spec"].get("concurrencyPolicy") != "Forbid":
+            problems.append(f"{rel(path)}: two reapers should never overlap (concurrencyPolicy: Forbid)")
+        for policy in network_policies(path):
+            if selects(get(policy, "spec.podSelector"), get(pod, "metadata.labels")):
+                problems.append(f"{rel(path)}: NetworkPolicy {get(policy, 'metadata.name')} selects the reaper's pods: they need the API")
+        (container,) = get(pod, "spec.containers")
+        image = container["image"]
+        if not re.fullmatch(r"alpine/k8s:\d+\.\d+\.\d+", image):
+            problems.append(f"{rel(path)}: the reaper's image {image} should be alpine/k8s at a pinned version (it has no latest tag)")
+        if container.get("command") != ["/bin/sh", "-c"] or len(container.get("args", [])) != 1:
+            problems.append(f"{rel(path)}: the reaper runs one POSIX sh script (tests/examples runs it)")
+        for d in docs.values():
+            if not label_selector_matches(APPLY_SELECTOR, get(d, "metadata.labels")):
+                problems.append(f"{rel(path)}: {d['kind']} is not applied with -l {APPLY_SELECTOR}")
+    assert not problems, "\n".join(problems)
+
+
+def test_vm_template_and_pool_ship_the_same_policy_and_reaper():
+    """Applying both files in one namespace must not fight over the shared objects."""
+    shared = ("NetworkPolicy", *REAPER_KINDS)
+    vm = [d for d in load_docs(VM_TEMPLATE) if d.get("kind") in shared]
+    pool = [d for d in load_docs(EXAMPLES / "pool.yaml") if d.get("kind") in shared]
+    assert vm == pool, "vm-template.yaml and examples/kubevirt/pool.yaml differ in their NetworkPolicy or reaper"
 
 
 def test_secrets_the_vms_use_are_in_the_same_file():
@@ -673,8 +900,10 @@ def test_documented_commands_match_the_manifests():
             continue
         chosen = [d for d in load_docs(path) if label_selector_matches(selector, get(d, "metadata.labels"))]
         kinds = sorted(d["kind"] for d in chosen)
-        if kinds not in (["VirtualMachine"], ["VirtualMachinePool"]):
-            problems.append(f"`kubectl apply -f {file} -l {selector}` applies {kinds}, not just the runner VM or pool")
+        # The VM or the pool, with its NetworkPolicy and the lifetime cap; never the Secrets.
+        with_them = sorted(["NetworkPolicy", *REAPER_KINDS])
+        if kinds not in (sorted(["VirtualMachine", *with_them]), sorted(["VirtualMachinePool", *with_them])):
+            problems.append(f"`kubectl apply -f {file} -l {selector}` applies {kinds}, not the runner VM or pool with {with_them}")
         if selector != APPLY_SELECTOR:
             problems.append(f"`kubectl apply -f {file} -l {selector}`: use -l {APPLY_SELECTOR}")
     created = set(readme_commands(r"kubectl create secret generic ([a-z0-9-]+)"))
