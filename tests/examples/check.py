@@ -14,8 +14,11 @@
    - gce/runner-fleet.sh: the instance template (runner.json as user-data, no service account)
      and the MIG that repairs stopped VMs, updates, resizes, removal. Where the Google Cloud CLI
      is installed, every call also passes its checks.
-   - digital-ocean/runner-fleet.sh: powered-off Droplets destroyed, missing ones created (at
-     most ten per request), removal by tag.
+   - digital-ocean/runner-fleet.sh: powered-off Droplets and those older than the cap destroyed,
+     missing ones created (at most ten per request), the cloud firewall, removal by tag; a
+     failed list, firewall or destroy creates and destroys nothing.
+   - the KubeVirt lifetime-cap CronJob's script (vm-template.yaml, pool.yaml): shellcheck -s sh,
+     old runner VMIs deleted, young and foreign ones kept, a failed list deletes nothing.
 3. Every example file is covered by a check here (a new example needs its validator).
 
 Prints one line per check and a closing "N passed, N failed" line; exits 1 if any check failed.
@@ -28,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -165,7 +169,7 @@ class Fake:
         self.tmp = Path(tmp)
         self.bin = self.tmp / "bin"
         self.bin.mkdir()
-        for cli in ("aws", "gcloud", "doctl"):
+        for cli in ("aws", "gcloud", "doctl", "kubectl"):
             target = self.bin / cli
             target.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'fakecli.py'} {cli} \"$@\"\n")
             target.chmod(0o755)
@@ -342,18 +346,24 @@ def test_gce_runner_fleet():
         assert proc.returncode != 0 and "ZONE" in proc.stderr and not calls, proc.stderr
 
 
+def iso(seconds_ago):
+    """An RFC 3339 UTC time seconds_ago seconds before now, as the APIs write creation times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
+
+
 def test_digital_ocean_runner_fleet():
     script = DO / "runner-fleet.sh"
     with tempfile.TemporaryDirectory() as tmp:
         fake = Fake(tmp)
         (Path(tmp) / "runner.json").write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
         env = {"IMAGE": "123456", "REGION": "ams3", "COUNT": "4"}
+        young = iso(600)
         fake.set_state({"droplets": [
-            {"id": 1, "status": "active", "tag": "gitlab-runners"},
-            {"id": 2, "status": "off", "tag": "gitlab-runners"},
-            {"id": 3, "status": "off", "tag": "gitlab-runners"},
-            {"id": 4, "status": "new", "tag": "gitlab-runners"},
-            {"id": 5, "status": "off", "tag": "something-else"},
+            {"id": 1, "status": "active", "tag": "gitlab-runners", "created_at": young},
+            {"id": 2, "status": "off", "tag": "gitlab-runners", "created_at": young},
+            {"id": 3, "status": "off", "tag": "gitlab-runners", "created_at": young},
+            {"id": 4, "status": "new", "tag": "gitlab-runners", "created_at": young},
+            {"id": 5, "status": "off", "tag": "something-else", "created_at": young},
         ]})
         _, calls = fake.run(script, "reconcile", env=env)
         (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
@@ -366,10 +376,18 @@ def test_digital_ocean_runner_fleet():
         state = {d["id"]: d["status"] for d in fake.get_state()["droplets"] if d["tag"] == "gitlab-runners"}
         assert sorted(state.values()) == ["active", "new", "new", "new"], state
         assert any(d["id"] == 5 for d in fake.get_state()["droplets"]), "another fleet's Droplet was touched"
+        # The cloud firewall: created before any Droplet, applied by tag, SSH in only when asked.
+        (fw,) = find(calls, "doctl", "compute", "firewall", "create")
+        assert calls.index(fw) < calls.index(create), "Droplets were created before their firewall"
+        assert opt(fw, "--name") == "gitlab-runners" and opt(fw, "--tag-names") == "gitlab-runners", fw
+        assert "--inbound-rules" not in fw, "no SSH_SOURCE: nothing may come in"
+        outbound = opt(fw, "--outbound-rules").split(" ")
+        assert {r.split(",")[0] for r in outbound} == {"protocol:tcp", "protocol:udp", "protocol:icmp"}, outbound
+        assert all("address:0.0.0.0/0" in r and "address:::/0" in r for r in outbound), outbound
 
-        # Nothing to do: no call but the listing.
+        # Nothing to do: the two listings only (the firewall exists now).
         _, calls = fake.run(script, "reconcile", env=env)
-        assert [c[1:4] for c in calls] == [["compute", "droplet", "list"]], calls
+        assert [c[1:4] for c in calls] == [["compute", "droplet", "list"], ["compute", "firewall", "list"]], calls
 
         # A large fleet is created ten names per request.
         fake.set_state({})
@@ -378,17 +396,151 @@ def test_digital_ocean_runner_fleet():
         assert sizes == [10, 10, 3], sizes
 
         # COUNT=0 drains: finished Droplets are destroyed, none created.
-        fake.set_state({"droplets": [{"id": 7, "status": "off", "tag": "gitlab-runners"}]})
+        fake.set_state({"droplets": [{"id": 7, "status": "off", "tag": "gitlab-runners", "created_at": young}]})
         _, calls = fake.run(script, "reconcile", env={**env, "COUNT": "0"})
-        assert not [c for c in calls if c[3:4] == ["create"]]
+        assert not [c for c in calls if c[3:4] == ["create"] and c[2] == "droplet"]
         assert fake.get_state()["droplets"] == []
 
         _, calls = fake.run(script, "delete", env=env)
         (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
         assert opt(delete, "--tag-name") == "gitlab-runners" and "--force" in delete
+        (fwdel,) = find(calls, "doctl", "compute", "firewall", "delete")
+        assert "--force" in fwdel and not fake.get_state()["firewalls"], fwdel
 
         proc, calls = fake.run(script, "reconcile", env={"REGION": "ams3"}, check=False)
         assert proc.returncode != 0 and "IMAGE" in proc.stderr and not calls, proc.stderr
+
+
+def test_digital_ocean_lifetime_cap_and_ssh_source():
+    """Droplets older than MAX_AGE (default 6 h) are destroyed and replaced; young ones kept."""
+    script = DO / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        (Path(tmp) / "runner.json").write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
+        env = {"IMAGE": "123456", "REGION": "ams3", "COUNT": "3", "SSH_SOURCE": "203.0.113.7/32,2001:db8::/64"}
+        fake.set_state({"droplets": [
+            {"id": 1, "status": "active", "tag": "gitlab-runners", "created_at": iso(6 * 3600 + 120)},  # past the cap
+            {"id": 2, "status": "new", "tag": "gitlab-runners", "created_at": iso(7 * 86400)},  # stuck, and old
+            {"id": 3, "status": "active", "tag": "gitlab-runners", "created_at": iso(5 * 3600)},  # young enough
+            {"id": 4, "status": "active", "tag": "other", "created_at": iso(30 * 86400)},  # not ours
+        ]})
+        proc, calls = fake.run(script, "reconcile", env=env)
+        (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
+        assert sorted(a for a in delete if a.isdigit()) == ["1", "2"], delete
+        (create,) = find(calls, "doctl", "compute", "droplet", "create")
+        assert len([a for a in create[4:] if a.startswith("gitlab-runners-")]) == 2, create
+        assert calls.index(delete) < calls.index(create)
+        ids = sorted(d["id"] for d in fake.get_state()["droplets"])
+        assert 3 in ids and 4 in ids and 1 not in ids and 2 not in ids, ids
+        (fw,) = find(calls, "doctl", "compute", "firewall", "create")
+        assert opt(fw, "--inbound-rules") == "protocol:tcp,ports:22,address:203.0.113.7/32,address:2001:db8::/64", fw
+        # A shorter cap, from the environment.
+        fake.set_state({"droplets": [{"id": 9, "status": "active", "tag": "gitlab-runners", "created_at": iso(3600)}]})
+        _, calls = fake.run(script, "reconcile", env={**env, "COUNT": "1", "MAX_AGE": "1800"})
+        (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
+        assert [a for a in delete if a.isdigit()] == ["9"], delete
+
+
+def test_digital_ocean_failures_create_and_destroy_nothing():
+    """A list that fails as doctl fails (a 429 after its retries, exit 1) stops the run: no
+    create, no destroy; so does a failed destroy (no replacement for Droplets still up)."""
+    script = DO / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        (Path(tmp) / "runner.json").write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
+        env = {"IMAGE": "123456", "REGION": "ams3", "COUNT": "3"}
+        droplets = [
+            {"id": 1, "status": "off", "tag": "gitlab-runners", "created_at": iso(600)},
+            {"id": 2, "status": "active", "tag": "gitlab-runners", "created_at": iso(86400)},
+        ]
+        too_many = "Error: GET https://api.digitalocean.com/v2/droplets?tag_name=gitlab-runners: 429 Too many requests"
+        for fail in ({"compute droplet list": too_many},
+                     {"compute firewall list": too_many.replace("droplets?tag_name=gitlab-runners", "firewalls")},
+                     {"compute firewall create": "Error: POST https://api.digitalocean.com/v2/firewalls: 500 Server Error"}):
+            fake.set_state({"droplets": droplets, "fail": fail})
+            proc, calls = fake.run(script, "reconcile", env=env, check=False)
+            changes = [c for c in calls if c[2:4] in (["droplet", "create"], ["droplet", "delete"])]
+            assert proc.returncode != 0 and not changes, (fail, proc.stdout, proc.stderr, changes)
+            assert "nothing created or destroyed" in proc.stderr, proc.stderr
+            assert fake.get_state()["droplets"] == droplets
+        # A destroy that fails: nothing is created in its place.
+        fake.set_state({"droplets": droplets, "firewalls": [{"id": "fw-0", "name": "gitlab-runners"}],
+                        "fail": {"compute droplet delete": "Error: DELETE https://api.digitalocean.com/v2/droplets/1: 503"}})
+        proc, calls = fake.run(script, "reconcile", env=env, check=False)
+        assert proc.returncode != 0 and not [c for c in calls if c[2:4] == ["droplet", "create"]], calls
+        # An answer that is not the JSON expected is a failure, not an empty fleet.
+        fake.set_state({"droplets": droplets, "fail": {}})
+        bad = Path(tmp) / "bin-bad"
+        bad.mkdir()
+        (bad / "doctl").write_text("#!/bin/sh\necho \"$*\" >>\"$FAKE_LOG.bad\"\necho '<html>Bad gateway</html>'\n")
+        (bad / "doctl").chmod(0o755)
+        proc, _ = fake.run(script, "reconcile", env={**env, "PATH": f"{bad}:{os.environ['PATH']}"}, check=False)
+        made = Path(str(fake.log) + ".bad").read_text().splitlines()
+        assert proc.returncode != 0 and not [m for m in made if m.startswith(("compute droplet create", "compute droplet delete"))], made
+        # watch goes on after a failed run instead of exiting.
+        fake.set_state({"droplets": droplets, "fail": {"compute droplet list": too_many}})
+        proc = subprocess.run(["timeout", "3", str(script), "watch"], env={
+            "PATH": f"{fake.bin}:{os.environ['PATH']}", "FAKE_LOG": str(fake.log), "FAKE_STATE": str(fake.state),
+            "INTERVAL": "1", **env}, cwd=tmp, capture_output=True, text=True)
+        assert proc.returncode == 124 and proc.stderr.count("trying again") >= 2, (proc.returncode, proc.stderr)
+
+
+REAPER_SOURCES = (ROOT / "vm-template.yaml", EXAMPLES / "kubevirt" / "pool.yaml")
+
+
+def reaper(path):
+    """(script, env) of the lifetime-cap CronJob in a KubeVirt manifest."""
+    cron = next(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["/bin/sh", "-c"], container["command"]
+    (script,) = container["args"]
+    return script, {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_kubevirt_reaper_script():
+    """The CronJob's script: shellcheck as POSIX sh, then against a stand-in kubectl: old runner
+    VMIs deleted, young ones and other VMIs kept, a failed list deletes nothing."""
+    scripts = {reaper(p)[0] for p in REAPER_SOURCES}
+    assert len(scripts) == 1, "vm-template.yaml and pool.yaml carry different reaper scripts"
+    script, env = reaper(REAPER_SOURCES[0])
+    proc = subprocess.run([tool("shellcheck"), "-s", "sh", "-"], input=script, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        path = Path(tmp) / "reaper.sh"
+        path.write_text("#!/bin/sh\n" + script)
+        path.chmod(0o755)
+        runner = {"app.kubernetes.io/name": "gitlab-runner-vm"}
+        cap = int(env["MAX_AGE_SECONDS"])
+        vmis = [
+            {"name": "gitlab-runner-nixos", "labels": runner, "created": iso(cap + 60)},
+            {"name": "gitlab-runner-pool-1", "labels": runner, "created": iso(40 * 86400)},
+            {"name": "gitlab-runner-pool-2", "labels": runner, "created": iso(cap - 600)},
+            {"name": "someone-elses-vm", "labels": {"app": "db"}, "created": iso(400 * 86400)},
+        ]
+        fake.set_state({"vmis": vmis})
+        proc, calls = fake.run(path, env=env)
+        (get,) = find(calls, "kubectl", "get", "virtualmachineinstances")
+        assert opt(get, "-l") == env["SELECTOR"] == "app.kubernetes.io/name=gitlab-runner-vm", get
+        (delete,) = find(calls, "kubectl", "delete", "virtualmachineinstances")
+        assert "--wait=false" in delete, delete
+        assert sorted(a for a in delete[3:] if not a.startswith("-")) == ["gitlab-runner-nixos", "gitlab-runner-pool-1"], delete
+        assert sorted(v["name"] for v in fake.get_state()["vmis"]) == ["gitlab-runner-pool-2", "someone-elses-vm"]
+        # Nothing old: the list only, exit 0.
+        proc, calls = fake.run(path, env=env)
+        assert [c[1] for c in calls] == ["get"] and "no runner VMI" in proc.stdout, calls
+        # No VMI at all.
+        fake.set_state({"vmis": []})
+        proc, calls = fake.run(path, env=env)
+        assert [c[1] for c in calls] == ["get"], calls
+        # A list that fails as kubectl fails (exit 1): nothing deleted, the Job fails.
+        fake.set_state({"vmis": vmis, "fail": {"get virtualmachineinstances": "error: You must be logged in to the server (Unauthorized)"}})
+        proc, calls = fake.run(path, env=env, check=False)
+        assert proc.returncode != 0 and not [c for c in calls if c[1] == "delete"], calls
+        assert "nothing deleted" in proc.stderr, proc.stderr
+        # A bad cap: nothing is called.
+        proc, calls = fake.run(path, env={**env, "MAX_AGE_SECONDS": "6h"}, check=False)
+        assert proc.returncode != 0 and not calls, calls
 
 
 # ---- 3. Coverage and the pages that use the examples ------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stand-in for the cloud CLIs (aws, gcloud, doctl) the example scripts call.
+"""Stand-in for the CLIs (aws, gcloud, doctl, kubectl) the example scripts call.
 
 Called as `fakecli.py CLI ARGS...` by a wrapper named after the CLI in a directory put first on
 PATH. Every call is appended to $FAKE_LOG as a JSON list (the CLI's name, then its arguments);
@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 
 def load_state():
@@ -108,12 +109,30 @@ def gcloud(args, state):
     return 0
 
 
+def failing(name, args, state):
+    """A call the test made fail, as the real CLI fails: its message on stderr, exit 1.
+    state["fail"] maps a prefix of the arguments ("compute droplet list") to the message."""
+    for prefix, message in state.get("fail", {}).items():
+        if " ".join(args).startswith(prefix):
+            sys.stderr.write(message + "\n")
+            return True
+    return False
+
+
 def doctl(args, state):
+    if failing("doctl", args, state):
+        return 1
     droplets = state.setdefault("droplets", [])
+    firewalls = state.setdefault("firewalls", [])
     if args[:3] == ["compute", "droplet", "list"]:
         tag = option(args, "--tag-name")
-        for d in droplets:
-            if d["tag"] == tag:
+        mine = [d for d in droplets if d["tag"] == tag]
+        if option(args, "--output") == "json":
+            # The API's fields; doctl prints the list as a JSON array.
+            print(json.dumps([{"id": d["id"], "name": d.get("name", f"droplet-{d['id']}"), "status": d["status"],
+                               "created_at": d.get("created_at", "2026-01-01T00:00:00Z"), "tags": [d["tag"]]} for d in mine]))
+        else:
+            for d in mine:
                 print(f"{d['id']}    {d['status']}")
     elif args[:3] == ["compute", "droplet", "delete"]:
         ids = [a for a in args[3:] if a.isdigit()]
@@ -125,9 +144,55 @@ def doctl(args, state):
             sys.stderr.write("fake doctl: more than ten names in one request\n")
             return 1
         for name in names:
-            new = {"id": 1000 + len(droplets), "name": name, "status": "new", "tag": option(args, "--tag-names")}
+            new = {"id": 1000 + len(droplets), "name": name, "status": "new", "tag": option(args, "--tag-names"),
+                   "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             droplets.append(new)
             print(f"{new['id']}    {name}")
+    elif args[:3] == ["compute", "firewall", "list"]:
+        for f in firewalls:
+            print(f"{f['id']}    {f['name']}")
+    elif args[:3] == ["compute", "firewall", "create"]:
+        if not option(args, "--inbound-rules") and not option(args, "--outbound-rules"):
+            sys.stderr.write("Error: POST https://api.digitalocean.com/v2/firewalls: 422 must contain at least one rule\n")
+            return 1
+        new = {"id": f"fw-{len(firewalls)}", "name": option(args, "--name"), "tags": option(args, "--tag-names"),
+               "inbound": option(args, "--inbound-rules"), "outbound": option(args, "--outbound-rules")}
+        firewalls.append(new)
+        print(new["id"])
+    elif args[:3] == ["compute", "firewall", "delete"]:
+        state["firewalls"] = [f for f in firewalls if f["id"] not in args[3:]]
+    return 0
+
+
+def kubectl(args, state):
+    """The calls of the reaper CronJob's script (vm-template.yaml): list and delete VMIs."""
+    if failing("kubectl", args, state):
+        return 1
+    vmis = state.setdefault("vmis", [])
+    if args[:2] == ["get", "virtualmachineinstances"]:
+        selector = option(args, "-l")
+        output = option(args, "-o")
+        expected = 'jsonpath={range .items[*]}{.metadata.name}{" "}{.metadata.creationTimestamp}{"\\n"}{end}'
+        if output != expected:
+            sys.stderr.write(f"fake kubectl: unexpected output format {output!r}\n")
+            return 1
+        key, _, value = (selector or "").partition("=")
+        for v in vmis:
+            if v["labels"].get(key) == value:
+                print(f"{v['name']} {v['created']}")
+    elif args[:2] == ["delete", "virtualmachineinstances"]:
+        names = positional(args, 2) + [a for a in args[2:] if not a.startswith("-")]
+        names = list(dict.fromkeys(names))
+        missing = [n for n in names if n not in {v["name"] for v in vmis}]
+        if missing:
+            sys.stderr.write(f'Error from server (NotFound): virtualmachineinstances.kubevirt.io "{missing[0]}" not found\n')
+            return 1
+        state["vmis"] = [v for v in vmis if v["name"] not in names]
+        for n in names:
+            print(f'virtualmachineinstance.kubevirt.io "{n}" deleted')
+    else:
+        sys.stderr.write(f"fake kubectl: unexpected call {args}\n")
+        return 1
     return 0
 
 
@@ -136,7 +201,7 @@ def main():
     with open(os.environ["FAKE_LOG"], "a") as log:
         log.write(json.dumps([name, *args]) + "\n")
     state = load_state()
-    status = {"aws": aws, "gcloud": gcloud, "doctl": doctl}[name](args, state)
+    status = {"aws": aws, "gcloud": gcloud, "doctl": doctl, "kubectl": kubectl}[name](args, state)
     save_state(state)
     sys.exit(status)
 
