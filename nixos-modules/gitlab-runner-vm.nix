@@ -9,15 +9,31 @@
 # (`failure-delay` for `--failure-delay`). Every flag `--foo-bar` reads `GITLAB_RUNNER_VM_FOO_BAR`,
 # so each setting becomes that variable (true/false, decimal integers, strings as they are; a
 # freeform null leaves the flag at the agent's default), and a new agent flag needs no change here.
+#
+# The trust boundary: gitlab-runner, which holds the runner token, runs as the agent's own user
+# (root in the unit); jobs run as `settings.job-user`, which must be neither root nor able to
+# become root without saying so (a warning names what that costs).
 { config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.gitlab-runner-vm;
   inherit (lib) mkOption types;
 
+  jobUser = cfg.settings.job-user;
+  # The job user's groups (primary, extraGroups, and groups that list it as a member), and the
+  # sudo rules that name it or one of those groups: what makes a job root without a kernel bug.
+  jobUserGroups = lib.optionals (config.users.users ? ${jobUser})
+    ([ config.users.users.${jobUser}.group ] ++ config.users.users.${jobUser}.extraGroups)
+  ++ lib.attrNames (lib.filterAttrs (_: g: lib.elem jobUser g.members) config.users.groups);
+  sudoRulesFor = rules: lib.filter (r: lib.elem jobUser r.users || lib.any (g: lib.elem g jobUserGroups) r.groups) rules;
+  jobUserSudoRules = lib.optionals config.security.sudo.enable (sudoRulesFor config.security.sudo.extraRules)
+    ++ lib.optionals (config.security.sudo-rs.enable or false) (sudoRulesFor config.security.sudo-rs.extraRules);
+  rootGroups = lib.filter (g: lib.elem g jobUserGroups) ([ "wheel" ] ++ lib.optional config.virtualisation.docker.enable "docker");
+  jobsCanBecomeRoot = rootGroups != [ ] || jobUserSudoRules != [ ];
+
   envName = flag: "GITLAB_RUNNER_VM_" + lib.toUpper (builtins.replaceStrings [ "-" ] [ "_" ] flag);
   envValue = value: if lib.isBool value then lib.boolToString value else toString value;
   environment = lib.mapAttrs' (flag: value: lib.nameValuePair (envName flag) (envValue value))
-    (lib.filterAttrs (_: value: value != null) cfg.settings);
+    (lib.filterAttrs (flag: value: value != null && flag != "runner-user") cfg.settings);
 
   # The unit's TimeoutStopSec (90 s) covers --stop-timeout + --deregister-timeout (70 s by
   # default) plus a margin; longer agent timeouts raise it so systemd never kills a teardown.
@@ -33,7 +49,7 @@ let
   renamed = {
     configFile = "config";
     keepFile = "keep-file";
-    runnerUser = "runner-user";
+    runnerUser = "job-user";
     failureDelay = "failure-delay";
     configWait = "config-wait";
     registerTimeout = "register-timeout";
@@ -80,8 +96,13 @@ in
         without an option below are set the same way, so every flag of the agent is available
         here; `null` leaves such a flag at the agent's default. Durations are whole seconds.
       '';
-      type = types.submodule {
+      type = types.submodule (settings: {
         freeformType = types.attrsOf (types.nullOr (types.oneOf [ types.bool types.int types.str ]));
+        # `runner-user`, the name of the first releases (the agent's --runner-user), is `job-user`;
+        # a warning below says so (mkRenamedOptionModule cannot reach into a freeform submodule).
+        config = lib.mkIf (settings.config ? runner-user && settings.config.runner-user != null) {
+          job-user = settings.config.runner-user;
+        };
         options = {
           config = mkOption {
             type = types.str;
@@ -112,10 +133,16 @@ in
             defaultText = lib.literalExpression "lib.getExe config.services.gitlab-runner-vm.gitlabRunnerPackage";
             description = "The gitlab-runner program the agent starts.";
           };
-          runner-user = mkOption {
+          job-user = mkOption {
             type = types.str;
             default = "runner";
-            description = "Unprivileged user that gitlab-runner and so every job runs as.";
+            description = ''
+              The user jobs run as; gitlab-runner itself runs as root and never as this user.
+              Shell jobs drop to it (the agent's custom executor, `gitlab-runner-vm job-exec`);
+              docker-executor jobs run in containers that gitlab-runner (root) starts, so this
+              user needs no `docker` group. It must not be root, and it should not be able to
+              become root (wheel, sudo, docker): a job could then read the runner token.
+            '';
           };
           poweroff-command = mkOption {
             type = types.str;
@@ -131,7 +158,7 @@ in
           hold-max = seconds 14400 "Longest hold in seconds, from its start; touching the keep file never extends it further.";
           hold-extend = seconds 3600 "Seconds a hold lasts after its start or the keep file's last modification, whichever is later.";
         };
-      };
+      });
     };
 
     powerOff = mkOption {
@@ -150,8 +177,9 @@ in
       defaultText = lib.literalExpression "config.virtualisation.docker.enable";
       description = ''
         Whether jobs may use the docker executor (`"executor": "docker"` in runner.json): puts the
-        Docker client on the agent's path. Requires `virtualisation.docker.enable` and the
-        runner user in the `docker` group.
+        Docker client on the agent's path. Requires `virtualisation.docker.enable`. gitlab-runner
+        (root) talks to Docker itself: the job user needs no `docker` group, which would make
+        every shell job root.
       '';
     };
 
@@ -180,34 +208,40 @@ in
   config = lib.mkIf cfg.enable {
     services.gitlab-runner-vm.settings.no-poweroff = lib.mkIf (!cfg.powerOff) (lib.mkDefault true);
 
+    warnings =
+      lib.optional (cfg.settings ? runner-user && cfg.settings.runner-user != null) ''
+        The option `services.gitlab-runner-vm.settings.runner-user' has been renamed to
+        `services.gitlab-runner-vm.settings.job-user' (the user jobs run as; gitlab-runner itself
+        runs as root).
+      ''
+      ++ lib.optional jobsCanBecomeRoot ''
+        services.gitlab-runner-vm: jobs can become root
+        (gitlabRunnerVm.runner.jobsCanBecomeRoot = true, or a definition of your own): the job user "${jobUser}" is ${lib.concatStringsSep ", " (map (g: "in ${g}") rootGroups ++ lib.optional (jobUserSudoRules != [ ]) "named by a sudo rule")}.
+        The runner token (config.toml, runner.json) is then one `sudo` away from every job, which
+        can take other projects' jobs (their sources, CI_JOB_TOKEN, protected variables) with it
+        for as long as the token lives. This is safe only when every project this runner serves
+        trusts the others, or with a credential that dies with the VM (a runner created for each
+        boot).
+      '';
+
     assertions = [
       {
-        assertion = config.users.users ? ${cfg.settings.runner-user};
+        assertion = config.users.users ? ${jobUser};
         message = ''
-          services.gitlab-runner-vm.settings.runner-user is "${cfg.settings.runner-user}", but no
-          such user is defined. Define users.users.${cfg.settings.runner-user} (the base module
-          defines "runner") or set the setting to an existing user.
+          services.gitlab-runner-vm.settings.job-user is "${jobUser}", but no such user is
+          defined. Define users.users.${jobUser} (the base module defines "runner") or set the
+          setting to an existing user.
         '';
       }
       {
-        assertion = cfg.settings.runner-user != "root";
-        message = "services.gitlab-runner-vm.settings.runner-user must not be root: jobs would run as root.";
+        assertion = jobUser != "root" && (config.users.users.${jobUser}.uid or null) != 0;
+        message = "services.gitlab-runner-vm.settings.job-user must not be root: jobs would run as root.";
       }
       {
         assertion = cfg.dockerExecutor -> config.virtualisation.docker.enable;
         message = ''
           services.gitlab-runner-vm.dockerExecutor is true, but Docker is off: the docker
           executor needs virtualisation.docker.enable = true.
-        '';
-      }
-      {
-        assertion =
-          cfg.dockerExecutor && config.users.users ? ${cfg.settings.runner-user}
-          -> lib.elem "docker" config.users.users.${cfg.settings.runner-user}.extraGroups;
-        message = ''
-          services.gitlab-runner-vm.dockerExecutor is true, but the runner user
-          "${cfg.settings.runner-user}" is not in the docker group: add "docker" to
-          users.users.${cfg.settings.runner-user}.extraGroups.
         '';
       }
       {

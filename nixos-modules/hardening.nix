@@ -6,8 +6,9 @@
 #   from local processes of users other than root (and `allowedUsers`) rejected in OUTPUT.
 #   DNS (53) and NTP (123) stay open: GCE serves both at the metadata address;
 # - the firewall is on (GCE turns it off by default) with only SSH open;
-# - SSH: no root login; the platform's keys go to the CI user, not root (runner.nix's
-#   gitlab-runner-vm-ssh-keys on clouds; cloud-init's default user where cloud-init runs).
+# - SSH: no root login; the platform's keys go to the operator user, not root and not the job
+#   user (runner.nix's gitlab-runner-vm-ssh-keys on clouds; cloud-init's default user where
+#   cloud-init runs); no job-writable ~/.ssh/authorized_keys is read (runner.nix).
 #
 # Imported by runner.nix, so it applies to every runner image; each setting is an option or a
 # default a user's module overrides (PermitRootLogin with lib.mkForce: the amazon format sets it).
@@ -15,7 +16,6 @@
 let
   cfg = config.gitlabRunnerVm.runner.metadataFirewall;
   inherit (lib) mkOption types;
-  user = config.gitlabRunnerVm.base.user;
 
   v6 = address: lib.hasInfix ":" address;
   tool = address: if v6 address then "ip6tables" else "iptables";
@@ -92,8 +92,8 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Whether root may log in over SSH (with a key). Off: the platform's SSH keys go to the CI
-        user (`gitlabRunnerVm.base.user`), who has sudo.
+        Whether root may log in over SSH (with a key). Off: the platform's SSH keys go to the
+        operator user (`gitlabRunnerVm.runner.operator.user`), who has sudo.
       '';
     };
   };
@@ -108,10 +108,10 @@ in
       services.openssh.settings.PermitRootLogin = lib.mkOverride 90 (if config.gitlabRunnerVm.runner.rootLogin then "prohibit-password" else "no");
 
       # Where a runner image runs cloud-init (the cloud images do not; a KubeVirt runner with
-      # gitlabRunnerVm.kubevirt.cloudInit does): its keys go to the CI user, cloud-init's
-      # "default" user, root gets none, and user-data is data. cloud-init stores it but neither
-      # runs nor parses it, so it quotes none of it (its "Unhandled non-multipart" warning did,
-      # on the console): no scripts, cloud-config or part handlers.
+      # gitlabRunnerVm.kubevirt.cloudInit does): its keys go to the operator user (never the job
+      # user), cloud-init's "default" user, root gets none, and user-data is data. cloud-init
+      # stores it but neither runs nor parses it, so it quotes none of it (its "Unhandled
+      # non-multipart" warning did, on the console): no scripts, cloud-config or part handlers.
       services.cloud-init.settings = lib.mkIf config.services.cloud-init.enable {
         allow_userdata = false;
         # Data only: keys, host name, files, partition growth. No bootcmd, runcmd or user
@@ -134,7 +134,7 @@ in
           distro = "nixos";
           network.renderers = [ "networkd" ];
           default_user = {
-            name = user;
+            name = config.gitlabRunnerVm.runner.operator.user;
             lock_passwd = true;
           };
         };

@@ -11,9 +11,21 @@
 #   agent fetches from the platform's metadata service itself (`settings.config-source`) and
 #   writes to /run/runner-info/runner.json (0600, in a 0700 directory: root's only, and on a
 #   tmpfs, so the token never reaches the instance's disk). No cloud-init: user-data is data,
-#   never run, and nothing rebuilds the system from it. The platform's SSH keys go to the CI
-#   user through `gitlab-runner-vm ssh-keys` (/run/ssh-keys/<user>); host name and partition
-#   growth come from nixpkgs' platform modules (images/).
+#   never run, and nothing rebuilds the system from it. The platform's SSH keys go to the
+#   operator user through `gitlab-runner-vm ssh-keys` (/run/ssh-keys/<user>); host name and
+#   partition growth come from nixpkgs' platform modules (images/).
+#
+# Who is who (the trust boundary, issue 17):
+# - jobs run as the job user (`gitlabRunnerVm.base.user`, "runner"): not in wheel, docker,
+#   podman, adm or systemd-journal, no sudo rule, unless `jobsCanBecomeRoot` (a warning says
+#   what that costs). Shell jobs that need containers use rootless Podman (subuid/subgid ranges,
+#   a lingering user manager for /run/user/<uid>). gitlab-runner, which holds the token, runs
+#   as root;
+# - people who debug a VM log in as the operator user (`operator.user`, "operator"): SSH keys
+#   only, passwordless sudo, a home no job can write. sshd never reads a job user's
+#   ~/.ssh/authorized_keys (a job would plant a key there and log in later): keys come from
+#   /etc/ssh/authorized_keys.d, /run/ssh-keys (the clouds' metadata), and, where the QEMU guest
+#   agent or cloud-init writes them (KubeVirt's accessCredentials), the operator's home only.
 #
 # An optional scratch disk (serial `scratch`, e.g. a KubeVirt emptyDisk) is formatted on first use
 # and holds what jobs write: Docker's data, builds, /tmp, /var/tmp, Podman's storage and the CI
@@ -32,7 +44,8 @@ let
   sshKeysDir = "/run/ssh-keys";
   # With runner.json from a file, the keys still come from whichever platform the VM is on.
   sshKeysSource = if metadataSource then agent.settings.config-source else "auto";
-  sshKeyUsers = [ config.gitlabRunnerVm.base.user ] ++ lib.optional config.gitlabRunnerVm.runner.rootLogin "root";
+  sshKeyUsers = [ cfg.operator.user ] ++ lib.optional config.gitlabRunnerVm.runner.rootLogin "root";
+  jobUser = agent.settings.job-user;
   scratchMount = mountUnit cfg.scratchDisk.mountPoint;
   builds = lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds";
   scratch = lib.escapeShellArg cfg.scratchDisk.mountPoint;
@@ -54,8 +67,8 @@ let
         mountpoint -q ${target} || mount --bind ${source} ${target}
       '')
     cfg.scratchDisk.paths;
-  runnerUser = lib.escapeShellArg agent.settings.runner-user;
-  runnerHome = lib.escapeShellArg config.users.users.${agent.settings.runner-user}.home;
+  runnerUser = lib.escapeShellArg jobUser;
+  runnerHome = lib.escapeShellArg config.users.users.${jobUser}.home;
   mounts = lib.optionalAttrs cfg.configDisk.enable
     {
       ${cfg.configDisk.mountPoint} = {
@@ -137,7 +150,7 @@ in
         default = "/var/lib/scratch";
         description = ''
           Where the scratch disk is mounted. Docker keeps its data in `docker/` there and jobs
-          build in `builds/` (the runner user's ~/builds, gitlab-runner's default, links to it);
+          build in `builds/` (the job user's ~/builds links to it);
           the `paths` are bind mounts of `binds/<path>`. Without a scratch disk all of these
           are plain directories on the root file system.
         '';
@@ -155,16 +168,60 @@ in
       };
     };
 
+    jobsCanBecomeRoot = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Whether jobs can become root: the job user (`gitlabRunnerVm.base.user`) in `wheel` with
+        passwordless sudo and in the `docker` group. Off by default: jobs run unprivileged,
+        use rootless Podman for containers, and cannot read the runner token, which
+        gitlab-runner (root) holds. On, the token is one `sudo` away from every job, which can
+        then take other projects' jobs with it for as long as it lives: safe only when every
+        project of this runner trusts the others, or with a credential that dies with the VM (a
+        runner created for each boot). The module warns at evaluation when it is on.
+      '';
+    };
+
+    operator = {
+      user = mkOption {
+        type = types.str;
+        default = "operator";
+        description = ''
+          The user people log in as to debug a VM (SSH keys only, passwordless sudo), never the
+          job user: the platform's SSH keys go to it (`platformSshKeys`), and KubeVirt's
+          accessCredentials must name it (its QEMU guest agent writes the keys to this user's
+          ~/.ssh/authorized_keys). Its home (0700) is out of every job's reach.
+        '';
+      };
+      authorizedKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... ops@example.com" ];
+        description = "SSH public keys baked into the image for the operator user (none by default).";
+      };
+      homedirKeys = mkOption {
+        type = types.bool;
+        default = !cfg.platformSshKeys;
+        defaultText = lib.literalExpression "!config.gitlabRunnerVm.runner.platformSshKeys";
+        description = ''
+          Whether sshd reads the operator user's ~/.ssh/authorized_keys (and only that user's:
+          `services.openssh.authorizedKeysInHomedir` is off for everyone else), where KubeVirt's
+          accessCredentials (QEMU guest agent propagation) and cloud-init write keys. Off where
+          the keys come from the platform's metadata into /run/ssh-keys.
+        '';
+      };
+    };
+
     platformSshKeys = mkOption {
       type = types.bool;
       default = metadataSource;
       defaultText = lib.literalExpression ''lib.elem config.services.gitlab-runner-vm.settings.config-source [ "aws" "gce" "digitalocean" ]'';
       description = ''
         Whether the platform's SSH public keys (the EC2 key pair, GCE `ssh-keys` metadata for
-        the CI user, the Droplet's keys) are given to the CI user (and root with `rootLogin`)
-        at boot: `gitlab-runner-vm ssh-keys` fetches them from the metadata service of
-        `settings.config-source` into /run/ssh-keys/<user>, which sshd reads besides the
-        usual files. sshd does not wait for them: a login before they arrive is refused, the
+        the operator user, `operator:KEY`, the Droplet's keys) are given to the operator user
+        (`operator.user`, and root with `rootLogin`) at boot: `gitlab-runner-vm ssh-keys`
+        fetches them from the metadata service of `settings.config-source` into
+        /run/ssh-keys/<user>, which sshd reads besides the usual files. sshd does not wait for them: a login before they arrive is refused, the
         next one works.
       '';
     };
@@ -175,10 +232,36 @@ in
       services.gitlab-runner-vm = {
         enable = lib.mkDefault true;
         settings = {
-          runner-user = lib.mkDefault config.gitlabRunnerVm.base.user;
+          job-user = lib.mkDefault config.gitlabRunnerVm.base.user;
           config = lib.mkDefault (if cfg.configDisk.enable then "${cfg.configDisk.mountPoint}/runner.json" else "/run/runner-info/runner.json");
         };
       };
+
+      # ---- Users: jobs unprivileged, operators apart ---------------------------------------------
+      gitlabRunnerVm.base.userCanBecomeRoot = cfg.jobsCanBecomeRoot;
+      users.users.${jobUser} = {
+        # Rootless Podman: the job user's ranges in /etc/subuid and /etc/subgid (newuidmap), and
+        # a user manager from boot on, so that /run/user/<uid> exists for Podman's runtime files
+        # although jobs start without a login session.
+        autoSubUidGidRange = lib.mkDefault true;
+        linger = lib.mkDefault true;
+      };
+      users.users.${cfg.operator.user} = {
+        isNormalUser = true;
+        description = "Operators debugging the VM (SSH keys only)";
+        extraGroups = [ "wheel" ];
+        openssh.authorizedKeys.keys = cfg.operator.authorizedKeys;
+      };
+      # Only wheel (the operator, and the job user with jobsCanBecomeRoot) may even run sudo.
+      security.sudo.execWheelOnly = lib.mkDefault true;
+
+      # sshd never reads a job-writable ~/.ssh/authorized_keys; the operator's home, which the
+      # QEMU guest agent (KubeVirt's accessCredentials) or cloud-init writes, with homedirKeys.
+      services.openssh.authorizedKeysInHomedir = lib.mkDefault false;
+      services.openssh.extraConfig = mkIf cfg.operator.homedirKeys (lib.mkOrder 2000 ''
+        Match User ${cfg.operator.user}
+          AuthorizedKeysFile ${toString ([ "%h/.ssh/authorized_keys" ] ++ lib.remove "%h/.ssh/authorized_keys" config.services.openssh.authorizedKeysFiles)}
+      '');
 
       # The host name comes from DHCP or the cloud; the agent names the runner after it.
       # Weaker than mkDefault, so test frameworks and images that name the host win.
@@ -269,6 +352,13 @@ in
           message = ''
             A runner image must not contain /etc/machine-id (environment.etc."machine-id"): every
             VM booted from the image would share it. systemd creates one at first boot.
+          '';
+        }
+        {
+          assertion = cfg.operator.user != jobUser && cfg.operator.user != "root";
+          message = ''
+            gitlabRunnerVm.runner.operator.user is "${cfg.operator.user}": it must be neither root
+            nor the job user (services.gitlab-runner-vm.settings.job-user), whose home jobs write.
           '';
         }
         {

@@ -4,8 +4,9 @@
 #
 # - tools.nix: the hosted-runner tool set and nix-ld;
 # - containers.nix: Docker and Podman side by side;
-# - users.nix: the CI user (`runner` by default) with passwordless sudo, in the docker group;
-#   OpenSSH with keys only, none baked in;
+# - users.nix: the CI user (`runner` by default), with passwordless sudo and in the docker group
+#   unless `userCanBecomeRoot` is off (runner images turn it off by default); OpenSSH with keys
+#   only, none baked in;
 # - nix.nix: Nix with flakes and configurable substituters, no channel;
 # - system.nix: kernel tuning for CI workloads, bounded journald, no documentation.
 #

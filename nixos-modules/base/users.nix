@@ -1,5 +1,10 @@
-# The CI user, passwordless sudo, and OpenSSH with keys only. No keys are baked in by default;
-# clouds add them at boot through their metadata, KubeVirt through the QEMU guest agent.
+# The CI user and OpenSSH with keys only. No keys are baked in by default; clouds add them at
+# boot through their metadata, KubeVirt through the QEMU guest agent.
+#
+# Whether the CI user can become root (wheel with passwordless sudo, the docker group) is
+# `userCanBecomeRoot`: on in the base and CircleCI images (CircleCI's machine images promise
+# sudo and Docker), and in runner images what gitlabRunnerVm.runner.jobsCanBecomeRoot says
+# (off by default: the runner token would be one `sudo` away from every job).
 { config, lib, ... }:
 let
   cfg = config.gitlabRunnerVm.base;
@@ -9,7 +14,22 @@ in
     user = lib.mkOption {
       type = lib.types.str;
       default = "runner";
-      description = "Name of the CI user (passwordless sudo, docker group).";
+      description = ''
+        Name of the CI user, the user jobs run as. With `userCanBecomeRoot` (the base and
+        CircleCI images) it has passwordless sudo and is in the docker group.
+      '';
+    };
+
+    userCanBecomeRoot = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Whether the CI user can become root: in `wheel` with passwordless sudo (which also lets
+        it read the whole journal), and in the `docker` group when Docker is on (the Docker
+        socket is root). On in the base and CircleCI images. Runner images set it from
+        `gitlabRunnerVm.runner.jobsCanBecomeRoot`, off by default; set that option there, not
+        this one.
+      '';
     };
 
     authorizedKeys = lib.mkOption {
@@ -27,7 +47,8 @@ in
     users.users.${cfg.user} = {
       isNormalUser = true;
       description = "CI jobs";
-      extraGroups = [ "wheel" ] ++ lib.optional config.virtualisation.docker.enable "docker";
+      extraGroups = lib.optionals cfg.userCanBecomeRoot
+        ([ "wheel" ] ++ lib.optional config.virtualisation.docker.enable "docker");
       openssh.authorizedKeys.keys = cfg.authorizedKeys;
     };
     security.sudo.wheelNeedsPassword = lib.mkDefault false;

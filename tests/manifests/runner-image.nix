@@ -1,7 +1,9 @@
 # What the KubeVirt manifests rely on in the runner image, read from its evaluated NixOS
 # configuration (tests/nix/eval-json tests/manifests/runner-image.nix): the disks by serial and
-# their mount points, where the agent reads runner.json, the CI user, the guest agent, and the
-# unit's stop timeout when the module raises it.
+# their mount points, where the agent reads runner.json, the job user, the operator user (whom
+# accessCredentials must name: the QEMU guest agent writes its ~/.ssh/authorized_keys, the one
+# home sshd reads keys from), the guest agent, and the unit's stop timeout when the module
+# raises it.
 { flake }:
 let
   inherit (flake.nixosConfigurations.nixos-runner) config;
@@ -21,10 +23,14 @@ in
   agent = {
     inherit (config.services.gitlab-runner-vm) enable;
     config = unit.environment.GITLAB_RUNNER_VM_CONFIG;
-    runnerUser = unit.environment.GITLAB_RUNNER_VM_RUNNER_USER;
+    # The user jobs run as (GITLAB_RUNNER_VM_JOB_USER); runnerUser is its name of before.
+    jobUser = unit.environment.GITLAB_RUNNER_VM_JOB_USER;
+    runnerUser = unit.environment.GITLAB_RUNNER_VM_JOB_USER;
     timeoutStopSec = unit.serviceConfig.TimeoutStopSec or null;
   };
   ciUser = config.gitlabRunnerVm.base.user;
+  operatorUser = runner.operator.user;
+  operatorHomedirKeys = runner.operator.homedirKeys;
   normalUsers = builtins.attrNames (lib.filterAttrs (_: user: user.isNormalUser) config.users.users);
   qemuGuest = config.services.qemuGuest.enable;
   diskSizeMiB = config.virtualisation.diskSize;

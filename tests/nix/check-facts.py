@@ -46,6 +46,11 @@ CLOUD_SOURCES = {"runner-amazon": "aws", "runner-gce": "gce", "runner-digital-oc
 # The unit that sets each cloud's host name, which the agent names the runner after.
 CLOUD_HOSTNAME_UNITS = {"runner-amazon": "apply-ec2-data.service", "runner-digital-ocean": "digitalocean-set-hostname.service"}
 SSH_KEYS_DIR = "/run/ssh-keys"
+# Groups that make a user root (wheel: sudo; docker and podman: their root sockets) or let it
+# read the whole journal (systemd-journald's ACLs name wheel and adm; systemd-journal owns it).
+ROOT_GROUPS = {"wheel", "docker", "podman"}
+JOURNAL_GROUPS = {"wheel", "adm", "systemd-journal"}
+OPERATOR = "operator"
 
 
 class Skip(Exception):
@@ -185,10 +190,13 @@ def runner_problems(where, runner, kubevirt=True):
     settings = agent["settings"]
     expected_config = config_disk["mountPoint"] + "/runner.json" if kubevirt else "/run/runner-info/runner.json"
     need(settings["config"] == expected_config, f"the agent reads {settings['config']}, not {expected_config}")
-    need(settings["runner-user"] == runner["ciUser"], f"jobs run as {settings['runner-user']}, the CI user is {runner['ciUser']}")
-    user = runner["users"].get(settings["runner-user"], {})
-    need(user.get("isNormalUser") and "docker" in user.get("extraGroups", []), f"runner user {settings['runner-user']}: {user}")
+    need(settings["job-user"] == runner["ciUser"], f"jobs run as {settings['job-user']}, the CI user is {runner['ciUser']}")
+    user = runner["users"].get(settings["job-user"], {})
+    need(user.get("isNormalUser"), f"job user {settings['job-user']}: {user}")
+    problems += trust_problems(where, runner["trust"], kubevirt)
     env = unit["environment"]
+    need(env.get(env_name("job-user")) == runner["ciUser"], f"the unit's {env_name('job-user')} is {env.get(env_name('job-user'))!r}, not {runner['ciUser']!r}")
+    need(env_name("runner-user") not in env, f"the unit still sets {env_name('runner-user')}, which the agent no longer reads")
     for flag, value in settings.items():
         need(env.get(env_name(flag)) == env_value(value), f"setting {flag} = {value!r} is {env_name(flag)}={env.get(env_name(flag))!r}")
     need(env_name("no-poweroff") not in env, "power-off is disabled")
@@ -207,7 +215,7 @@ def runner_problems(where, runner, kubevirt=True):
         need(not runner["platformSshKeys"] and keys["unit"] == {}, f"KubeVirt's keys come from the guest agent, not {keys['unit']}")
     else:
         need(runner["platformSshKeys"], "the platform's SSH keys do not reach the CI user")
-        need(ssh_keys_problems(keys, settings["config-source"], [runner["ciUser"]]) == [], ssh_keys_problems(keys, settings["config-source"], [runner["ciUser"]]))
+        need(ssh_keys_problems(keys, settings["config-source"], [OPERATOR]) == [], ssh_keys_problems(keys, settings["config-source"], [OPERATOR]))
     need(runner["paths"] == ["/tmp", "/var/tmp", "/var/lib/containers", runner["users"][runner["ciUser"]]["home"]], f"on the scratch disk: {runner['paths']}")
     su = runner["scratchUnit"]
     need(su.get("DefaultDependencies") is False and "local-fs.target" in su.get("before", []) and "local-fs.target" in su.get("wantedBy", []),
@@ -232,6 +240,42 @@ def runner_problems(where, runner, kubevirt=True):
     need(runner["machineId"] is False, "the image bakes in /etc/machine-id")
     need(not runner["failedAssertions"], f"failed assertions: {runner['failedAssertions']}")
     need(not runner["warnings"], f"warnings: {runner['warnings']}")
+    return problems
+
+
+def trust_problems(where, t, kubevirt):
+    """The job user cannot become root or read the journal, has rootless Podman; operators log
+    in as a user of their own; sshd reads no job-writable authorized_keys."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(f"{where}: {message}")
+
+    job, op, sshd = t["jobUser"], t["operator"], t["sshd"]
+    need(not (set(job["groups"]) & (ROOT_GROUPS | JOURNAL_GROUPS)), f"the job user {job['name']} is in {sorted(set(job['groups']) & (ROOT_GROUPS | JOURNAL_GROUPS))}")
+    need(job["sudoRules"] == [], f"sudo rules name the job user or its groups: {job['sudoRules']}")
+    need(t["sudo"]["execWheelOnly"], "sudo is executable by every user, not only wheel")
+    need(not t["sudo"]["sudoRs"], "sudo-rs is on (its rules are not checked here)")
+    need(t["podman"] and job["autoSubUidGidRange"] and job["linger"], f"no rootless Podman for the job user: podman {t['podman']}, {job}")
+    need(job["homeMode"] == "700", f"the job user's home is {job['homeMode']}")
+    need(t["warnings"] == [], f"warns that jobs can become root: {t['warnings']}")
+    need(op["name"] == OPERATOR and op["name"] != job["name"], f"operator user {op['name']}, job user {job['name']}")
+    need(op["isNormalUser"] and op["createHome"] and op["homeMode"] == "700" and "wheel" in op["groups"], f"operator user {op}")
+    need(any("wheel" in r["groups"] for r in op["sudoRules"]), f"the operator has no sudo: {op['sudoRules']}")
+    need(sshd["authorizedKeysInHomedir"] is False, "sshd reads every user's ~/.ssh/authorized_keys")
+    need(sshd["authorizedKeysCommand"] == "none", f"AuthorizedKeysCommand {sshd['authorizedKeysCommand']}")
+    need(not any("%h" in f or ".ssh" in f or "~" in f for f in sshd["authorizedKeysFiles"]), f"AuthorizedKeysFile {sshd['authorizedKeysFiles']} is in a home")
+    need(len(sshd["globalAuthorizedKeysFile"]) == 1 and "%h" not in sshd["globalAuthorizedKeysFile"][0] and ".ssh" not in sshd["globalAuthorizedKeysFile"][0],
+         f"sshd's global {sshd['globalAuthorizedKeysFile']}")
+    if kubevirt:
+        # KubeVirt's accessCredentials: the QEMU guest agent writes ~/.ssh/authorized_keys of the
+        # user they name; sshd reads it for the operator only.
+        expected = [f"Match User {OPERATOR}", "  AuthorizedKeysFile %h/.ssh/authorized_keys " + " ".join(sshd["authorizedKeysFiles"])]
+        need(sshd["match"] == expected, f"sshd's Match blocks {sshd['match']}, expected {expected}")
+    else:
+        need(sshd["match"] == [], f"sshd's Match blocks on a cloud: {sshd['match']}")
+        need(f"{SSH_KEYS_DIR}/%u" in sshd["authorizedKeysFiles"], f"AuthorizedKeysFile {sshd['authorizedKeysFiles']}")
     return problems
 
 
@@ -330,14 +374,14 @@ def check_cloud_runner_images(facts):
 def check_options_open_what_runner_images_close(facts):
     o = facts["opened"]
     assert o["amazon"]["ssmAgent"] and o["amazon"]["PermitRootLogin"] == "prohibit-password", o["amazon"]
-    problems = ssh_keys_problems(o["amazon"]["sshKeys"], "aws", ["runner", "root"])
+    problems = ssh_keys_problems(o["amazon"]["sshKeys"], "aws", [OPERATOR, "root"])
     assert not problems, f"rootLogin = true: root does not get the platform's keys: {problems}"
     assert o["gce"]["osLogin"] and o["gce"]["gceStartupScripts"] and "accounts_daemon = true" in o["gce"]["gceInstanceConfigs"], o["gce"]
     c = o["kubevirtCloudInit"]
     assert c["enable"] is True, "gitlabRunnerVm.kubevirt.cloudInit = true does not turn cloud-init on"
     # A runner image that runs cloud-init keeps it data-only, its keys for the CI user.
     assert c["allowUserdata"] is False and "scripts-user" not in c["modules"], f"cloud-init interprets user-data: {c}"
-    assert (c["users"], c["disableRoot"], c["defaultUser"]) == (["default"], True, "runner"), f"cloud-init's keys go to {c}"
+    assert (c["users"], c["disableRoot"], c["defaultUser"]) == (["default"], True, OPERATOR), f"cloud-init's keys go to {c}"
     assert c["datasources"] == ["NoCloud", "ConfigDrive", "None"], f"cloud-init probes {c['datasources']}"
     assert "runner" in o["trusted"], f"nixTrustedUser = true: trusted users {o['trusted']}"
     p = o["pinned"]
@@ -351,13 +395,13 @@ def check_user_overrides_without_mkforce(facts):
     o = facts["overridden"]
     expected = {
         "docker": False, "podman": False, "sudoPassword": True, "nixLd": False, "swappiness": 60,
-        "man": True, "passwordAuthentication": True, "dockerExecutor": False, "ciUserGroups": ["wheel"],
+        "man": True, "passwordAuthentication": True, "dockerExecutor": False, "ciUserGroups": [],
         "failedAssertions": [],
     }
     wrong = {k: o[k] for k, v in expected.items() if o[k] != v}
     assert not wrong, f"a user's plain definitions did not win: {wrong}"
     env = o["environment"]
-    assert env[env_name("runner-user")] == "jobs" and env[env_name("config")] == "/etc/gitlab-runner-vm/runner.json", env
+    assert env[env_name("job-user")] == "jobs" and env[env_name("config")] == "/etc/gitlab-runner-vm/runner.json", env
 
 
 def check_removed_user_data_options_say_what_to_do(facts):
@@ -371,6 +415,31 @@ def check_old_option_names(facts):
     assert not o["failedAssertions"], o["failedAssertions"]
     for old in ("baseImage", "runnerImage", "kubevirtImage", "services.gitlab-runner-vm.failureDelay", "services.gitlab-runner-vm.runnerUser"):
         assert any(f"`{old}'" in w and "renamed" in w for w in o["warnings"]), f"no rename warning for {old}: {o['warnings']}"
+    s = o["setting"]
+    assert s["jobUser"] == "ci" and not s["failedAssertions"], s
+    assert s["environment"].get(env_name("job-user")) == "ci" and env_name("runner-user") not in s["environment"], s["environment"]
+    assert any("`services.gitlab-runner-vm.settings.runner-user'" in w and "renamed" in w and "job-user" in w for w in s["warnings"]), s["warnings"]
+
+
+def check_jobs_can_become_root_only_when_asked(facts):
+    """jobsCanBecomeRoot = true: wheel, sudo and docker for the job user, and a warning that says
+    what it costs; the same user made root by hand warns too. (The default is checked for every
+    runner image in runner_problems: no root group, no sudo rule, no warning.)"""
+    problems = []
+    for system, t in facts["opened"]["jobsCanBecomeRoot"].items():
+        job = t["jobUser"]
+        if not {"wheel", "docker"} <= set(job["groups"]):
+            problems.append(f"{system}: jobsCanBecomeRoot = true, but the job user is in {job['groups']}")
+        if not any("wheel" in r["groups"] and r["commands"] == ["ALL"] for r in job["sudoRules"]) or t["sudo"]["wheelNeedsPassword"]:
+            problems.append(f"{system}: jobsCanBecomeRoot = true, but no passwordless sudo: {job['sudoRules']}, {t['sudo']}")
+        w = " ".join(" ".join(t["warnings"]).split())
+        for words in ("jobs can become root", "jobsCanBecomeRoot", "runner token", "one `sudo` away", "trusts the others", "dies with the VM"):
+            if words not in w:
+                problems.append(f"{system}: the warning does not say {words!r}: {t['warnings']}")
+    by_hand = facts["opened"]["byHand"]
+    if len(by_hand["warnings"]) != 1 or "in wheel" not in by_hand["warnings"][0]:
+        problems.append(f"the job user put in wheel by hand: warnings {by_hand['warnings']}")
+    assert not problems, "\n".join(problems)
 
 
 def check_settings(facts):
@@ -397,13 +466,15 @@ def check_standalone_module(facts):
     assert s["toplevel"].endswith(".drv"), s["toplevel"]
     assert s["unitFromPackage"] and s["packageName"] == "gitlab-runner-vm", s
     env = s["unit"]["environment"]
-    assert env[env_name("config")] == "/runner-info/runner.json" and env[env_name("runner-user")] == "runner", env
+    assert env[env_name("config")] == "/runner-info/runner.json" and env[env_name("job-user")] == "runner", env
     assert "multi-user.target" in s["unit"]["wantedBy"], s["unit"]
 
 
 def check_circleci_and_base(facts):
     c = facts["circleci"]
-    assert c["ciUser"] == "circleci" and "docker" in c["circleciGroups"], c
+    # CircleCI's machine images promise sudo and Docker to the circleci user.
+    assert c["ciUser"] == "circleci" and {"wheel", "docker"} <= set(c["circleciGroups"]), c
+    assert any("wheel" in r["groups"] and r["commands"] == ["ALL"] for r in c["circleciSudoRules"]) and not c["wheelNeedsPassword"], c
     assert "runner" not in c["users"] and not c["agent"], c
     assert c["display"] == ":99", c["display"]
     xvfb = c["xvfb"]["serviceConfig"]

@@ -99,6 +99,53 @@ let
       nixPathRefersToSource = refersToSource (toString (config.environment.sessionVariables.NIX_PATH or ""));
     };
 
+  # Who a job is, and who else logs in: the job user's groups (primary, extra, and groups that
+  # list it), the sudo rules naming it or one of those groups, rootless Podman's ranges; the
+  # operator user; what sshd reads for keys (the global AuthorizedKeysFile and the Match blocks
+  # that extraConfig ends with).
+  groupsOf = config: name:
+    let u = config.users.users.${name}; in
+    lib.unique ([ u.group ] ++ u.extraGroups ++ lib.attrNames (lib.filterAttrs (_: g: lib.elem name g.members) config.users.groups));
+  sudoRulesOf = config: name:
+    let groups = groupsOf config name; in
+    map (r: { inherit (r) users groups; commands = map (c: if builtins.isString c then c else c.command) r.commands; })
+      (lib.filter (r: lib.elem name r.users || lib.any (g: lib.elem g groups) r.groups) config.security.sudo.extraRules);
+  trustFacts = config:
+    let
+      jobUser = config.services.gitlab-runner-vm.settings.job-user;
+      operator = config.gitlabRunnerVm.runner.operator.user;
+      extra = config.services.openssh.extraConfig;
+      lines = lib.splitString "\n" extra;
+      matchAt = lib.lists.findFirstIndex (lib.hasPrefix "Match ") null lines;
+    in
+    {
+      jobUser = {
+        name = jobUser;
+        groups = groupsOf config jobUser;
+        sudoRules = sudoRulesOf config jobUser;
+        inherit (config.users.users.${jobUser}) autoSubUidGidRange subUidRanges subGidRanges linger homeMode;
+      };
+      operator = {
+        name = operator;
+        groups = groupsOf config operator;
+        sudoRules = sudoRulesOf config operator;
+        inherit (config.users.users.${operator}) isNormalUser homeMode createHome;
+      };
+      sudo = {
+        inherit (config.security.sudo) enable execWheelOnly wheelNeedsPassword;
+        sudoRs = config.security.sudo-rs.enable;
+      };
+      podman = config.virtualisation.podman.enable;
+      sshd = {
+        inherit (config.services.openssh) authorizedKeysInHomedir authorizedKeysFiles authorizedKeysCommand;
+        # Everything from the first Match line on (NixOS writes its own lines, AuthorizedKeysFile
+        # among them, before): what applies to some users only.
+        match = if matchAt == null then [ ] else lib.filter (l: l != "") (lib.drop matchAt lines);
+        globalAuthorizedKeysFile = lib.filter (lib.hasPrefix "AuthorizedKeysFile ") (lib.take (if matchAt == null then lib.length lines else matchAt) lines);
+      };
+      warnings = lib.filter (lib.hasInfix "jobs can become root") config.warnings;
+    };
+
   # A configuration plus a user's module.
   extend = nixos: module: (nixos.extendModules { modules = [ module ]; }).config;
 
@@ -139,6 +186,7 @@ let
       inherit (config.systemd.services.runner-scratch.unitConfig) DefaultDependencies;
     });
     access = access config;
+    trust = trustFacts config;
     nix = nixFacts config;
     docker = {
       logDriver = config.virtualisation.docker.daemon.settings.log-driver;
@@ -179,7 +227,7 @@ let
     services.openssh.settings.PasswordAuthentication = true;
     gitlabRunnerVm.base.user = "ci";
     services.gitlab-runner-vm = {
-      settings.runner-user = "jobs";
+      settings.job-user = "jobs";
       settings.config = "/etc/gitlab-runner-vm/runner.json";
     };
     users.users.jobs.isNormalUser = true;
@@ -195,6 +243,11 @@ let
     kubevirtImage.compress = false;
     services.gitlab-runner-vm.failureDelay = 7;
     services.gitlab-runner-vm.runnerUser = "ci";
+  };
+  # The setting's old name (the agent's --runner-user): job-user, with a warning.
+  oldSetting = extend runnerX86 {
+    gitlabRunnerVm.base.user = "ci";
+    services.gitlab-runner-vm.settings.runner-user = "ci";
   };
 
   # Settings: the agent's flags by name, typed or freeform.
@@ -245,6 +298,13 @@ in
     });
     kubevirtCloudInit = (access (extend runnerX86 { gitlabRunnerVm.kubevirt.cloudInit = true; })).cloudInit;
     trusted = (extend runnerX86 { gitlabRunnerVm.base.nixTrustedUser = true; }).nix.settings.trusted-users;
+    # Root for jobs, on both systems: wheel, sudo, docker, and the warning that says what it costs.
+    jobsCanBecomeRoot = lib.genAttrs systems (system: trustFacts (extend runnerX86 {
+      nixpkgs.hostPlatform = system;
+      gitlabRunnerVm.runner.jobsCanBecomeRoot = true;
+    }));
+    # The job user made root by hand, without the option: the module still warns.
+    byHand = trustFacts (extend runnerX86 { users.users.runner.extraGroups = [ "wheel" ]; });
     pinned = nixFacts (extend runnerX86 { gitlabRunnerVm.base.pinNixpkgs = true; });
   };
   baseImage = {
@@ -275,9 +335,15 @@ in
     scratch = oldNames.gitlabRunnerVm.runner.scratchDisk.enable;
     compress = oldNames.gitlabRunnerVm.kubevirt.compress;
     failureDelay = oldNames.services.gitlab-runner-vm.settings.failure-delay;
-    runnerUser = oldNames.services.gitlab-runner-vm.settings.runner-user;
+    runnerUser = oldNames.services.gitlab-runner-vm.settings.job-user;
     inherit (oldNames) warnings;
     failedAssertions = failedAssertions oldNames;
+    setting = {
+      jobUser = oldSetting.services.gitlab-runner-vm.settings.job-user;
+      environment = (unit oldSetting "gitlab-runner-vm").environment;
+      inherit (oldSetting) warnings;
+      failedAssertions = failedAssertions oldSetting;
+    };
   };
   settings = {
     unit = unit settings "gitlab-runner-vm";
@@ -295,6 +361,8 @@ in
     ciUser = circleci.gitlabRunnerVm.base.user;
     users = lib.attrNames (lib.filterAttrs (_: u: u.isNormalUser) circleci.users.users);
     circleciGroups = circleci.users.users.circleci.extraGroups;
+    circleciSudoRules = sudoRulesOf circleci "circleci";
+    inherit (circleci.security.sudo) wheelNeedsPassword;
     display = circleci.environment.variables.DISPLAY;
     xvfb = unit circleci "xvfb";
     agent = circleci.services.gitlab-runner-vm.enable or false;

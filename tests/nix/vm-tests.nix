@@ -68,6 +68,27 @@ let
   userData = pkgs.writeText "user-data" (builtins.toJSON { token = cloudToken; url = "http://gitlab"; executor = "shell"; max_jobs = 1; idle_timeout = 300; });
   keyPairKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbUr2/vf4pyrTwMy0qnzsmIv5GuUDlfCNGXd1oBHGkp key-pair";
 
+  # As the job user, the way a job runs: no login session, a shell with the system's PATH.
+  asJob = command: "su runner -s /bin/sh -c ${lib.escapeShellArg command}";
+
+  # What a job cannot do (issue 17), and that the operator can, so that each check can fail.
+  jobCannotBecomeRoot = ''
+    with subtest("a job cannot become root: no sudo, no docker, no journal; the operator can"):
+        runner.wait_for_unit("docker.service")
+        groups = runner.succeed("id -nG runner").split()
+        assert not {"wheel", "docker", "podman", "adm", "systemd-journal"} & set(groups), f"the job user is in {groups}"
+        runner.fail("${asJob "/run/wrappers/bin/sudo -n true"}")
+        runner.succeed("su operator -s /bin/sh -c '/run/wrappers/bin/sudo -n true'")
+        runner.fail("${asJob "docker ps"}")
+        runner.succeed("docker ps")
+        runner.succeed("journalctl -q -b -u gitlab-runner-vm.service --no-pager | grep -q .")
+        runner.succeed("[ -z \"$(${asJob "journalctl -q -b -u gitlab-runner-vm.service --no-pager"})\" ]")
+
+    with subtest("shell jobs get rootless Podman: the job user's subuid range maps"):
+        runner.succeed("grep -q '^runner:' /etc/subuid && grep -q '^runner:' /etc/subgid")
+        runner.succeed("[ $(su -l runner -c 'podman unshare cat /proc/self/uid_map' | wc -l) -ge 2 ]")
+  '';
+
   # The fake GitLab saw a request with this method and path.
   seen = method: path: ''grep -F '"method": "${method}", "path": "${path}"' /var/lib/fake-gitlab/requests.jsonl'';
 in
@@ -96,6 +117,12 @@ in
           gitlab.wait_until_succeeds("grep -qx success /var/lib/fake-gitlab/job-1.state", timeout=300)
           gitlab.succeed("grep -q 'job user: runner' /var/lib/fake-gitlab/job-1.trace")
 
+      ${jobCannotBecomeRoot}
+
+      with subtest("sshd reads the operator's ~/.ssh/authorized_keys (the guest agent's), no job's"):
+          runner.succeed("sshd -T -C user=operator,host=h,addr=127.0.0.1 | grep -i '^authorizedkeysfile %h/.ssh/authorized_keys '")
+          runner.fail("sshd -T -C user=runner,host=h,addr=127.0.0.1 | grep -i '^authorizedkeysfile .*\\.ssh'")
+          runner.succeed("[ $(stat -c %a:%U /home/operator) = 700:operator ]")
 
       with subtest("the manager is deleted and the VM powers itself off"):
           gitlab.wait_until_succeeds("${seen "DELETE" "/api/v4/runners/managers"}", timeout=120)
@@ -196,11 +223,15 @@ in
           runner.succeed("systemctl cat gitlab-runner-vm.service")
           runner.fail("systemctl cat 'runner\\x2dinfo.mount'")
 
-      with subtest("the key pair's key goes to the CI user, in a file sshd reads"):
+      with subtest("the key pair's key goes to the operator, in a file sshd reads, none to the job user"):
           runner.wait_for_unit("gitlab-runner-vm-ssh-keys.service")
-          runner.succeed("grep -qF '${keyPairKey}' /run/ssh-keys/runner")
-          runner.succeed("[ $(stat -c %a:%U /run/ssh-keys/runner) = 644:root ]")
-          runner.succeed("sshd -T -C user=runner,host=h,addr=127.0.0.1 | grep -i '^authorizedkeysfile .*/run/ssh-keys/'")
+          runner.succeed("grep -qF '${keyPairKey}' /run/ssh-keys/operator")
+          runner.succeed("[ $(stat -c %a:%U /run/ssh-keys/operator) = 644:root ]")
+          runner.fail("test -e /run/ssh-keys/runner")
+          runner.succeed("sshd -T -C user=operator,host=h,addr=127.0.0.1 | grep -i '^authorizedkeysfile .*/run/ssh-keys/'")
+          runner.fail("sshd -T -C user=runner,host=h,addr=127.0.0.1 | grep -i '^authorizedkeysfile .*\\.ssh'")
+
+      ${jobCannotBecomeRoot}
 
       with subtest("no token characters on the console or in any log"):
           token = "${cloudToken}"
