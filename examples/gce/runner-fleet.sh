@@ -5,6 +5,15 @@
 # repairs a VM that stopped without the MIG asking by recreating it from its template, with a
 # fresh boot disk. See docs/gce.md for the image upload and what each step costs.
 #
+# Network: `create` gives the fleet a VPC network of its own (named FLEET, one subnet in ZONE's
+# region), never the project's `default` network with its default-allow-internal rule. Its
+# firewall rules: ingress only SSH (TCP 22) from SSH_SOURCE_RANGES, and nothing at all when that
+# is unset (the VPC's implied deny); egress denied to private ranges (RFC 1918, 100.64.0.0/10),
+# except GITLAB_RANGES on TCP 443 when set; the rest of the internet allowed. The metadata
+# server (169.254.169.254, also the VM's DNS) is not filtered by VPC firewall rules.
+# Lifetime cap: each VM is deleted MAX_RUN_DURATION after it started (default 6h: a job's
+# timeout, 1 h, and the agent's --hold-max, 4 h, with margin), and the MIG recreates it.
+#
 #   examples/gce/runner-fleet.sh create      # template + MIG of SIZE VMs
 #   examples/gce/runner-fleet.sh update      # new template (new IMAGE or runner.json); each VM
 #                                            # takes it when it is next recreated, no job is cut
@@ -23,7 +32,13 @@
 #                 or c4a-standard-4
 #   DISK_SIZE     boot disk per VM, at least the image's size (default 50GB)
 #   DISK_TYPE     default pd-balanced (c4a needs hyperdisk-balanced)
-#   NETWORK, SUBNET  network and subnetwork (default: the project's default network)
+#   NETWORK, SUBNET  an existing network and subnetwork to use instead of the fleet's own (then
+#                 its firewall rules are yours: the script creates none)
+#   SUBNET_RANGE  the fleet subnet's range (default 10.128.0.0/20)
+#   SSH_SOURCE_RANGES  optional comma-separated CIDRs allowed to reach port 22 (e.g. your
+#                 bastion's, or 35.235.240.0/20 for IAP TCP forwarding); unset: no inbound traffic
+#   GITLAB_RANGES optional comma-separated CIDRs of a GitLab on a private address (TCP 443)
+#   MAX_RUN_DURATION  lifetime cap per VM, gcloud's duration format (default 6h)
 #   NO_ADDRESS    1: no external IP (the subnet then needs Cloud NAT to reach GitLab)
 #   SSH_PUBLIC_KEY  optional public key file: the CI user `runner` may log in with it (the
 #                 image takes `ssh-keys` metadata entries `runner:KEY` at boot)
@@ -41,11 +56,17 @@ need() {
   [ -n "${!1:-}" ] || die "set $1 (see the comment at the top of $0)"
 }
 
+# Stops before anything is created when a template's settings are missing.
+check_template_settings() {
+  need IMAGE
+  [ -r "${RUNNER_JSON:-runner.json}" ] || die "cannot read ${RUNNER_JSON:-runner.json} (set RUNNER_JSON)"
+  [ -z "${SSH_PUBLIC_KEY:-}" ] || [ -r "$SSH_PUBLIC_KEY" ] || die "cannot read $SSH_PUBLIC_KEY (SSH_PUBLIC_KEY)"
+}
+
 # Creates a new instance template and prints its name.
 create_template() {
-  need IMAGE
+  check_template_settings
   local runner_json=${RUNNER_JSON:-runner.json} name metadata keys=
-  [ -r "$runner_json" ] || die "cannot read $runner_json (set RUNNER_JSON)"
   # runner.json; the agent reads the user-data as runner.json and writes it to
   # /run/runner-info/runner.json (mode 0600); nothing runs it.
   metadata=user-data=$runner_json
@@ -70,14 +91,49 @@ create_template() {
     --labels "gitlab-runner-vm-fleet=$fleet"
   )
   [ -z "${IMAGE_PROJECT:-}" ] || args+=(--image-project "$IMAGE_PROJECT")
-  [ -z "${NETWORK:-}" ] || args+=(--network "$NETWORK")
-  [ -z "${SUBNET:-}" ] || args+=(--subnet "$SUBNET")
+  # The cap: deleted (not stopped) at the deadline; the MIG then recreates the VM.
+  args+=(--max-run-duration "${MAX_RUN_DURATION:-6h}" --instance-termination-action DELETE)
+  if [ -n "${NETWORK:-}" ]; then
+    args+=(--network "$NETWORK")
+    [ -z "${SUBNET:-}" ] || args+=(--subnet "$SUBNET")
+  else
+    need ZONE
+    args+=(--network "$fleet" --subnet "$fleet" --region "$(region)")
+  fi
   [ "${NO_ADDRESS:-0}" != 1 ] || args+=(--no-address)
   local status=0
   gcloud compute instance-templates create "$name" "${args[@]}" >&2 || status=$?
   [ -z "$keys" ] || rm -f "$keys"
   [ "$status" -eq 0 ] || exit "$status"
   echo "$name"
+}
+
+region() {
+  echo "${ZONE%-*}"
+}
+
+# The fleet's own network, subnet and firewall rules, created when missing (not with NETWORK).
+ensure_network() {
+  [ -z "${NETWORK:-}" ] || return 0
+  need ZONE
+  if ! gcloud compute networks describe "$fleet" --format='value(name)' >/dev/null 2>&1; then
+    gcloud compute networks create "$fleet" --subnet-mode custom
+    gcloud compute networks subnets create "$fleet" --network "$fleet" --region "$(region)" \
+      --range "${SUBNET_RANGE:-10.128.0.0/20}"
+    gcloud compute firewall-rules create "$fleet-deny-private" --network "$fleet" \
+      --direction EGRESS --action DENY --rules all --priority 1000 \
+      --destination-ranges 10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10
+    if [ -n "${GITLAB_RANGES:-}" ]; then
+      gcloud compute firewall-rules create "$fleet-allow-gitlab" --network "$fleet" \
+        --direction EGRESS --action ALLOW --rules tcp:443 --priority 900 \
+        --destination-ranges "$GITLAB_RANGES"
+    fi
+    if [ -n "${SSH_SOURCE_RANGES:-}" ]; then
+      gcloud compute firewall-rules create "$fleet-allow-ssh" --network "$fleet" \
+        --direction INGRESS --action ALLOW --rules tcp:22 --source-ranges "$SSH_SOURCE_RANGES" \
+        --target-tags "$fleet"
+    fi
+  fi
 }
 
 mig() {
@@ -89,6 +145,8 @@ command -v gcloud >/dev/null || die "the Google Cloud CLI (gcloud) is required"
 case ${1:-} in
   create)
     need ZONE
+    check_template_settings
+    ensure_network
     template=$(create_template)
     # repair (the default, spelled out): a VM that stops or is deleted without the MIG asking is
     # recreated. force-update-on-repair: the recreated VM takes the MIG's current template, so
@@ -121,9 +179,17 @@ case ${1:-} in
       while read -r template; do
         gcloud compute instance-templates delete "$template" --quiet
       done
+    if [ -z "${NETWORK:-}" ]; then
+      gcloud compute firewall-rules list --filter="network ~ /$fleet\$" --format='value(name)' |
+        while read -r rule; do
+          gcloud compute firewall-rules delete "$rule" --quiet
+        done
+      gcloud compute networks subnets delete "$fleet" --region "$(region)" --quiet
+      gcloud compute networks delete "$fleet" --quiet
+    fi
     ;;
   *)
-    sed -n '8,13p' "$0" | sed 's/^# *//' >&2
+    sed -n '17,22p' "$0" | sed 's/^# *//' >&2
     exit 2
     ;;
 esac

@@ -11,8 +11,10 @@
    - aws/import-image.sh: the vmimport role; both architectures from image-info.json
      (x86_64 + legacy-bios, arm64 + uefi), the upload, the snapshot import and the AMI's root
      device. With the real AWS CLI installed (install-deps), every call also passes its checks.
-   - gce/runner-fleet.sh: the instance template (runner.json as user-data, no service account)
-     and the MIG that repairs stopped VMs, updates, resizes, removal. Where the Google Cloud CLI
+   - gce/runner-fleet.sh: the instance template (runner.json as user-data, no service account,
+     deleted after MAX_RUN_DURATION), the fleet's own network and firewall rules (egress to
+     private ranges denied, SSH in only from SSH_SOURCE_RANGES), the MIG that repairs stopped
+     VMs, updates, resizes, removal. Where the Google Cloud CLI
      is installed, every call also passes its checks.
    - digital-ocean/runner-fleet.sh: powered-off Droplets and those older than the cap destroyed,
      missing ones created (at most ten per request), the cloud firewall, removal by tag; a
@@ -313,6 +315,19 @@ def test_gce_runner_fleet():
         assert fake.get_state()["metadata"][name] == {"user-data": runner_json.read_text()}, "no SSH key unless asked"
         assert "--no-service-account" in tpl and "--no-scopes" in tpl, "jobs must get no Google credentials"
         assert opt(tpl, "--image") == "runner-gce-x86-64"
+        # The lifetime cap: deleted (the MIG recreates it) 6 h after it started.
+        assert opt(tpl, "--max-run-duration") == "6h" and opt(tpl, "--instance-termination-action") == "DELETE", tpl
+        # Its own network, never `default`; created before the template.
+        assert opt(tpl, "--network") == "gitlab-runners" and opt(tpl, "--subnet") == "gitlab-runners", tpl
+        assert opt(tpl, "--region") == "europe-west1", tpl
+        (net,) = find(calls, "gcloud", "compute", "networks", "create")
+        assert net[4] == "gitlab-runners" and opt(net, "--subnet-mode") == "custom", net
+        assert calls.index(net) < calls.index(tpl)
+        rules = {c[4]: c for c in find(calls, "gcloud", "compute", "firewall-rules", "create")}
+        assert set(rules) == {"gitlab-runners-deny-private"}, "no SSH_SOURCE_RANGES: no ingress rule at all"
+        deny = rules["gitlab-runners-deny-private"]
+        assert opt(deny, "--direction") == "EGRESS" and opt(deny, "--action") == "DENY" and opt(deny, "--rules") == "all"
+        assert set(opt(deny, "--destination-ranges").split(",")) == {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"}
         (mig,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "create")
         assert mig[5] == "gitlab-runners"
         assert opt(mig, "--template") == name, "the MIG must use the template just created"
@@ -324,6 +339,7 @@ def test_gce_runner_fleet():
         key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyExampleKeyExampleKeyExampleKeyEx ops@example.com\n")
         _, calls = fake.run(script, "update", env={**env, "IMAGE": "runner-gce-v2", "SSH_PUBLIC_KEY": str(key)})
         (tpl2,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        assert opt(tpl2, "--network") == "gitlab-runners" and opt(tpl2, "--max-run-duration") == "6h", "a MIG's templates share a network"
         metadata = fake.get_state()["metadata"][tpl2[4]]
         assert metadata["ssh-keys"] == "runner:" + key.read_text(), metadata
         assert not list(fake.tmpdir.iterdir()), "the script left temporary files behind"
@@ -338,12 +354,48 @@ def test_gce_runner_fleet():
         find(calls, "gcloud", "compute", "instance-groups", "managed", "delete", "gitlab-runners")
         deleted = {c[4] for c in find(calls, "gcloud", "compute", "instance-templates", "delete")}
         assert deleted == {name, tpl2[4]}, deleted
+        find(calls, "gcloud", "compute", "networks", "delete", "gitlab-runners")
+        state = fake.get_state()
+        assert not state["networks"] and not state["subnets"] and not state["firewall_rules"], state
 
         # Settings are checked before anything is created.
         proc, calls = fake.run(script, "create", env={"ZONE": "z", "IMAGE": "i", "RUNNER_JSON": "missing.json"}, check=False)
         assert proc.returncode != 0 and not calls, proc.stderr
         proc, calls = fake.run(script, "create", env={"IMAGE": "i"}, check=False)
         assert proc.returncode != 0 and "ZONE" in proc.stderr and not calls, proc.stderr
+
+
+def test_gce_network_options():
+    script = GCE / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        (Path(tmp) / "runner.json").write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
+        env = {"ZONE": "europe-west1-b", "IMAGE": "runner-gce-x86-64", "SSH_SOURCE_RANGES": "203.0.113.0/24",
+               "GITLAB_RANGES": "10.20.30.40/32", "MAX_RUN_DURATION": "3h"}
+        _, calls = fake.run(script, "create", env=env)
+        rules = {c[4]: c for c in find(calls, "gcloud", "compute", "firewall-rules", "create")}
+        ssh = rules["gitlab-runners-allow-ssh"]
+        assert opt(ssh, "--direction") == "INGRESS" and opt(ssh, "--rules") == "tcp:22", ssh
+        assert opt(ssh, "--source-ranges") == "203.0.113.0/24" and opt(ssh, "--target-tags") == "gitlab-runners", ssh
+        gitlab = rules["gitlab-runners-allow-gitlab"]
+        assert opt(gitlab, "--action") == "ALLOW" and opt(gitlab, "--rules") == "tcp:443", gitlab
+        assert int(opt(gitlab, "--priority")) < int(opt(rules["gitlab-runners-deny-private"], "--priority")), "the GitLab rule must win"
+        (tpl,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        assert opt(tpl, "--max-run-duration") == "3h", tpl
+        # A second create reuses the network.
+        fake.set_state({**fake.get_state(), "templates": []})
+        _, calls = fake.run(script, "create", env=env)
+        assert not [c for c in calls if c[2:4] in (["networks", "create"], ["firewall-rules", "create"])], calls
+        # A network of the user's: used as it is, nothing created or deleted around it.
+        fake.set_state({})
+        _, calls = fake.run(script, "create", env={**env, "NETWORK": "corp", "SUBNET": "runners"})
+        (tpl,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        assert opt(tpl, "--network") == "corp" and opt(tpl, "--subnet") == "runners", tpl
+        assert not [c for c in calls if c[2] in ("networks", "firewall-rules")], calls
+        # A network that cannot be created: no template, no MIG.
+        fake.set_state({"fail": {"compute networks create": "ERROR: (gcloud.compute.networks.create) Quota 'NETWORKS' exceeded."}})
+        proc, calls = fake.run(script, "create", env=env, check=False)
+        assert proc.returncode != 0 and not [c for c in calls if c[2] in ("instance-templates", "instance-groups") and "create" in c], calls
 
 
 def iso(seconds_ago):

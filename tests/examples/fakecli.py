@@ -89,6 +89,8 @@ def aws(args, state):
 
 def gcloud(args, state):
     validate_with_real_gcloud(args)
+    if failing("gcloud", args, state):
+        return 1
     if args[:3] == ["compute", "instance-templates", "create"]:
         state.setdefault("templates", []).append(args[3])
         # The files of --metadata-from-file, read now: the script may delete them afterwards.
@@ -106,6 +108,27 @@ def gcloud(args, state):
             print(name)
     elif args[:3] == ["compute", "instance-templates", "delete"]:
         state["templates"].remove(args[3])
+    elif args[:3] == ["compute", "networks", "describe"]:
+        if args[3] not in state.get("networks", []):
+            sys.stderr.write("ERROR: (gcloud.compute.networks.describe) Could not fetch resource:\n"
+                             f" - The resource 'projects/example-project/global/networks/{args[3]}' was not found\n")
+            return 1
+        print(args[3])
+    elif args[:3] == ["compute", "networks", "create"]:
+        state.setdefault("networks", []).append(args[3])
+    elif args[:3] == ["compute", "networks", "delete"]:
+        state["networks"].remove(args[3])
+    elif args[:4] == ["compute", "networks", "subnets", "create"]:
+        state.setdefault("subnets", []).append(args[4])
+    elif args[:4] == ["compute", "networks", "subnets", "delete"]:
+        state["subnets"].remove(args[4])
+    elif args[:3] == ["compute", "firewall-rules", "create"]:
+        state.setdefault("firewall_rules", {})[args[3]] = args[4:]
+    elif args[:3] == ["compute", "firewall-rules", "list"]:
+        for name in state.get("firewall_rules", {}):
+            print(name)
+    elif args[:3] == ["compute", "firewall-rules", "delete"]:
+        del state["firewall_rules"][args[3]]
     return 0
 
 
