@@ -12,8 +12,8 @@ in
   imports = [ (modulesPath + "/virtualisation/google-compute-image.nix") ];
 
   # Access paths of nixpkgs' GCE configuration that a runner image (where user-data is data and
-  # SSH keys go to the CI user) leaves off unless asked: each one is root for whoever controls
-  # the instance's metadata or IAM, besides the SSH key.
+  # SSH keys go to the operator user) leaves off unless asked: each one is root for whoever
+  # controls the instance's metadata or IAM, besides the SSH key.
   options.gitlabRunnerVm.gce = {
     startupScripts = lib.mkOption {
       type = lib.types.bool;
@@ -33,8 +33,9 @@ in
       defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable && config.users.mutableUsers";
       description = ''
         Whether the guest agent creates a sudo user for each `user:key` of the `ssh-keys`
-        metadata. Off in runner images: `gitlab-runner-vm ssh-keys` gives the keys for the CI
-        user (`runner:KEY`) to that user (gitlabRunnerVm.runner.platformSshKeys).
+        metadata. Off in runner images: `gitlab-runner-vm ssh-keys` gives the keys for the
+        operator user (`operator:KEY`) to that user (gitlabRunnerVm.runner.platformSshKeys), and
+        no other user is made.
       '';
     };
   };
