@@ -4,7 +4,9 @@
 1. CloudFormation (examples/aws/*.yaml): cfn-lint, then what the fleet needs of the template:
    instances terminate themselves on power-off, IMDSv2 with one hop, the AMI, instance type and
    runner.json (NoEcho) as parameters, runner.json as user-data, an Auto Scaling group of a
-   fixed size. The parameter files (x86_64 and Graviton) name only parameters of the template,
+   fixed size; the egress of its security group (HTTPS, optional HTTP) and its lifetime cap
+   (MaxInstanceLifetime, and a scheduled Lambda function run here against a stand-in EC2
+   client). The parameter files (x86_64 and Graviton) name only parameters of the template,
    every one without a default, and instance types of their architecture.
 2. Shell scripts (examples/**/*.sh): shellcheck, and each one run against a stand-in of its
    cloud's CLI (fakecli.py) that records the calls:
@@ -26,6 +28,8 @@
 Prints one line per check and a closing "N passed, N failed" line; exits 1 if any check failed.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -121,6 +125,107 @@ def test_fleet_template_contract():
     assert p["MinSize"] == p["MaxSize"] == p["DesiredCapacity"] == count, "the group keeps RunnerCount"
     assert p["LaunchTemplate"]["LaunchTemplateId"] == {"Ref": next(k for k, v in res.items() if v is lt)}
     assert p.get("HealthCheckType", "EC2") == "EC2"
+    # Egress and lifetime (issue 17).
+    assert p["MaxInstanceLifetime"] == 86400, "the group's cap: AWS's minimum, one day"
+    (sg,) = [r for r in res.values() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    egress = sg["Properties"]["SecurityGroupEgress"]
+    plain = [r for r in egress if "Fn::If" not in r]
+    assert {(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in plain} == {("tcp", 443, 443)}, plain
+    (http,) = [r["Fn::If"] for r in egress if "Fn::If" in r]
+    assert http[0] == "HttpEgress" and (http[1]["FromPort"], http[1]["ToPort"]) == (80, 80) and http[2] == {"Ref": "AWS::NoValue"}
+    ingress = sg["Properties"].get("SecurityGroupIngress")
+    assert ingress["Fn::If"][0] == "HasSshCidr" and ingress["Fn::If"][2] == {"Ref": "AWS::NoValue"}, ingress
+    assert [(r["FromPort"], r["ToPort"]) for r in ingress["Fn::If"][1]] == [(22, 22)], ingress
+    assert params["MaxRunnerAge"]["Default"] == 21600 and params["MaxRunnerAge"]["MaxValue"] <= 86400
+    fn = res["CleanupFunction"]["Properties"]
+    assert fn["Environment"]["Variables"]["MAX_AGE_SECONDS"] == {"Ref": "MaxRunnerAge"}
+    (rule,) = [r for r in res.values() if r["Type"] == "AWS::Events::Rule"]
+    assert rule["Properties"]["ScheduleExpression"] == "rate(10 minutes)"
+    statements = res["CleanupRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    actions = sorted(s["Action"] for s in statements)
+    assert actions == ["ec2:DescribeInstances", "ec2:TerminateInstances"], actions
+    terminate = next(s for s in statements if s["Action"] == "ec2:TerminateInstances")
+    assert terminate["Condition"] == {"StringEquals": {"aws:ResourceTag/gitlab-runner-vm:fleet": {"Ref": "AWS::StackName"}}}
+    tags = next(s for s in data["TagSpecifications"] if s["ResourceType"] == "instance")["Tags"]
+    assert {"Key": "gitlab-runner-vm:fleet", "Value": {"Ref": "AWS::StackName"}} in tags, "the cleanup finds runners by this tag"
+
+
+class FakeEC2:
+    """Stand-in for boto3's EC2 client: describe_instances (paginated, honouring the filters)
+    and terminate_instances; describe fails as botocore does when told to."""
+
+    def __init__(self, instances, fail=None, page_size=2):
+        self.instances, self.fail, self.page_size, self.terminated, self.calls = instances, fail, page_size, [], []
+
+    def get_paginator(self, name):
+        assert name == "describe_instances", name
+        ec2 = self
+
+        class Paginator:
+            def paginate(self, Filters):
+                ec2.calls.append(("describe_instances", Filters))
+                if ec2.fail:
+                    raise ec2.fail
+                want = {f["Name"]: f["Values"] for f in Filters}
+                chosen = [i for i in ec2.instances
+                          if i["Tags"].get("gitlab-runner-vm:fleet") in want.get("tag:gitlab-runner-vm:fleet", [])
+                          and i["State"] in want.get("instance-state-name", [])]
+                for n in range(0, max(len(chosen), 1), ec2.page_size):
+                    yield {"Reservations": [{"Instances": [
+                        {"InstanceId": i["InstanceId"], "LaunchTime": i["LaunchTime"]} for i in chosen[n:n + ec2.page_size]]}]}
+
+        return Paginator()
+
+    def terminate_instances(self, InstanceIds):
+        self.calls.append(("terminate_instances", InstanceIds))
+        self.terminated += InstanceIds
+
+
+def test_aws_cleanup_function():
+    """The Lambda function of runner-fleet.yaml: old instances of this fleet terminated, young
+    ones and other fleets' kept, nothing terminated when listing fails."""
+    import datetime
+    import types
+    code = load_cfn(FLEET_TEMPLATE)["Resources"]["CleanupFunction"]["Properties"]["Code"]["ZipFile"]
+    sys.modules.setdefault("boto3", types.SimpleNamespace(client=lambda name: None))
+    module = types.ModuleType("index")
+    exec(compile(code, "runner-fleet.yaml:CleanupFunction", "exec"), module.__dict__)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ago = lambda s: now - datetime.timedelta(seconds=s)  # noqa: E731
+    instances = [
+        {"InstanceId": "i-old", "LaunchTime": ago(6 * 3600 + 60), "State": "running", "Tags": {"gitlab-runner-vm:fleet": "runners"}},
+        {"InstanceId": "i-ancient", "LaunchTime": ago(30 * 86400), "State": "pending", "Tags": {"gitlab-runner-vm:fleet": "runners"}},
+        {"InstanceId": "i-young", "LaunchTime": ago(3600), "State": "running", "Tags": {"gitlab-runner-vm:fleet": "runners"}},
+        {"InstanceId": "i-other", "LaunchTime": ago(30 * 86400), "State": "running", "Tags": {"gitlab-runner-vm:fleet": "other"}},
+        {"InstanceId": "i-gone", "LaunchTime": ago(30 * 86400), "State": "shutting-down", "Tags": {"gitlab-runner-vm:fleet": "runners"}},
+    ]
+    env = {"FLEET": "runners", "MAX_AGE_SECONDS": "21600"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    quiet.__enter__()
+    try:
+        ec2 = FakeEC2(instances)
+        out = module.handler({}, None, ec2=ec2)
+        assert sorted(ec2.terminated) == ["i-ancient", "i-old"] == sorted(out["terminated"]), ec2.calls
+        ec2 = FakeEC2([i for i in instances if i["InstanceId"] == "i-young"])
+        module.handler({}, None, ec2=ec2)
+        assert not [c for c in ec2.calls if c[0] == "terminate_instances"], ec2.calls
+        ec2 = FakeEC2(instances, fail=RuntimeError("An error occurred (RequestLimitExceeded) when calling the DescribeInstances operation"))
+        try:
+            module.handler({}, None, ec2=ec2)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("a failed listing must fail the invocation")
+        assert not ec2.terminated, ec2.calls
+    finally:
+        quiet.__exit__(None, None, None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_parameter_files():
