@@ -93,6 +93,7 @@ in
     ./base
     ./gitlab-runner-vm.nix
     ./hardening.nix
+    ./metadata-firewall.nix
     (lib.mkRenamedOptionModule [ "runnerImage" ] [ "gitlabRunnerVm" "runner" ])
     (lib.mkRemovedOptionModule [ "gitlabRunnerVm" "runner" "userData" ] ''
       cloud-init no longer copies user-data to runner.json: the agent fetches the instance's
@@ -325,7 +326,7 @@ in
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
-          # As root: the metadata firewall (hardening.nix) lets root's processes through only.
+          # The metadata firewall (metadata-firewall.nix) lets this unit's cgroup through.
           ExecStart = map
             (user: "${lib.getExe agent.package} ssh-keys --user ${user} --config-source ${sshKeysSource} --authorized-keys-dir ${sshKeysDir}")
             sshKeyUsers;

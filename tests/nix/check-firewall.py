@@ -219,33 +219,59 @@ def check_script():
 
 # ---- the evaluated configurations ----------------------------------------------------------
 
+# What reaches the metadata service in each image (read in the nixpkgs snapshot and images/):
+# the agent and its SSH-keys unit, and the platform's own units.
+EXPECT_UNITS = {
+    "file": ["gitlab-runner-vm"],
+    "aws": ["gitlab-runner-vm", "gitlab-runner-vm-ssh-keys", "fetch-ec2-metadata"],
+    "gce": ["gitlab-runner-vm", "gitlab-runner-vm-ssh-keys", "google-guest-agent", "gce-set-hostname"],
+    "digitalocean": ["gitlab-runner-vm", "gitlab-runner-vm-ssh-keys", "digitalocean-metadata", "digitalocean-set-hostname", "do-agent"],
+}
+# Units that never need it, whatever they run as: they must not be allowed.
+NEVER = {"sshd", "docker", "podman", "nix-daemon", "apply-ec2-data", "amazon-ssm-agent", "google-startup-scripts", "google-shutdown-scripts"}
+# Who reads the user-data left at rest, before it is removed.
+USER_DATA_READERS = {
+    "aws": ["fetch-ec2-metadata.service", "apply-ec2-data.service"],
+    "digitalocean": ["digitalocean-metadata.service", "digitalocean-ssh-keys.service"],
+}
+
+
 def check_facts(path):
     with open(path) as f:
         facts = json.load(f)
-    need(len(facts["images"]) >= 7, f"too few images: {sorted(facts['images'])}")
-    for where, image in sorted(facts["images"].items()):
+    images = facts["images"]
+    need(len(images) == 11, f"images: {sorted(images)}")
+    for where, image in sorted(images.items()):
         p = f"{where}: "
+        platform = image["platform"]
+        need(platform in EXPECT_UNITS, p + f"platform {platform}")
         need(not image["failedAssertions"], p + f"failed assertions: {image['failedAssertions']}")
         need(image["enable"], p + "the metadata firewall is off")
-        for text in (image["extraCommands"], image["extraStopCommands"]) + tuple(u["execStartPre"] + u["execStopPost"] for u in image["units"].values()):
-            need("--uid-owner" not in str(text) and "uid" not in str(text).replace("gitlab-runner-vm", ""), p + f"a uid exemption: {text}")
+        hooks = [c for u in image["units"].values() for c in u["execStartPre"] + u["execStartPost"] + u["execStopPost"]]
+        for text in [image["extraCommands"], image["extraStopCommands"]] + hooks:
+            need("uid-owner" not in text and "owner" not in text.split(), p + f"a uid exemption: {text}")
         exe = image["exe"]
-        if image["nftables"]:
-            need(image["extraCommands"] == "" and image["extraStopCommands"] == "", p + "nftables with iptables commands")
-            need(image["backend"] == "nftables", p + f"backend {image['backend']} with nftables")
-            nft = image["nftablesService"]
-            need(nft is not None and f"{exe} setup" in nft["execStartPost"] and f"{exe} setup" in nft["execReload"], p + f"nftables.service does not set up the table: {nft}")
-            need(nft is not None and nft["execStartPost"][-1] == f"{exe} setup" and nft["execReload"][-1] == f"{exe} setup", p + f"our setup is not last in nftables.service (a flush after it would drop it): {nft}")
+        need(exe.endswith("/bin/gitlab-runner-vm-metadata-firewall"), p + f"the script: {exe}")
+        if where.endswith("/nftables"):
+            need(image["nftables"] and image["backend"] == "nftables", p + "not the nftables variant")
+            need(image["extraCommands"].strip() == "" and image["extraStopCommands"].strip() == "", p + "nftables with iptables commands")
+            nft = image["nftablesService"] or {}
+            need(nft.get("execStartPost", [])[-1:] == [f"{exe} setup"] and nft.get("execReload", [])[-1:] == [f"{exe} setup"],
+                 p + f"nftables.service does not set up the table last, at start and reload: {nft}")
+            need(f"{exe} teardown --all" in nft.get("execStopPost", []), p + f"nftables.service does not remove the table: {nft}")
         else:
-            need(image["backend"] == "iptables", p + f"backend {image['backend']} with iptables")
+            need(not image["nftables"] and image["backend"] == "iptables", p + "nftables in the default variant")
+            need(image["firewall"], p + "the firewall is off")
             need(f"{exe} setup" in image["extraCommands"], p + f"extraCommands do not run setup: {image['extraCommands']}")
-            need(f"{exe} teardown" in image["extraStopCommands"], p + f"extraStopCommands do not run teardown: {image['extraStopCommands']}")
-        need(image["firewall"], p + "the firewall is off")
-        # Every allowed unit is a real unit, allows itself at start and revokes at stop.
+            need(f"{exe} teardown" in image["extraStopCommands"] and "--all" not in image["extraStopCommands"],
+                 p + f"extraStopCommands do not run teardown, keeping the allow rules over a reload: {image['extraStopCommands']}")
         allowed = image["allowedUnits"]
-        need("gitlab-runner-vm" in allowed, p + f"the agent is not allowed: {allowed}")
-        for name in image["expectUnits"]:
+        for name in EXPECT_UNITS.get(platform, []):
             need(name in allowed, p + f"{name} is not allowed: {allowed}")
+        for name in NEVER & set(allowed):
+            problems.append(p + f"{name} is allowed")
+        for name in image["namesMetadata"]:
+            need(name in allowed, p + f"{name} reaches the metadata service but is not allowed")
         for name in allowed:
             unit = image["units"].get(name)
             if not need(unit is not None, p + f"allowed unit {name} is not in the facts"):
@@ -254,34 +280,34 @@ def check_facts(path):
             sub = image["subgroups"].get(name)
             allow = f"+{exe} allow-self" + (f" {sub}" if sub else "")
             revoke = f"+{exe} revoke-self" + (f" {sub}" if sub else "")
-            need(unit["execStartPre"][-1:] == [allow], p + f"{name}: ExecStartPre does not end with `{allow}`: {unit['execStartPre']}")
-            need(revoke in unit["execStopPost"], p + f"{name}: no ExecStopPost `{revoke}`: {unit['execStopPost']}")
+            pre = unit["execStartPre"]
+            # First, before the unit's own commands: only ours come before it.
+            need(allow in pre and all(c.startswith(f"+{exe} ") for c in pre[:pre.index(allow)]),
+                 p + f"{name}: ExecStartPre does not start with `{allow}`: {pre}")
+            need(unit["execStopPost"].count(revoke) == 1, p + f"{name}: no ExecStopPost `{revoke}`: {unit['execStopPost']}")
             if unit["type"] == "oneshot":
-                need(revoke in unit["execStartPost"], p + f"{name} (oneshot): no ExecStartPost `{revoke}`: {unit['execStartPost']}")
-        agent = image["units"].get("gitlab-runner-vm")
-        if agent:
-            need(image["subgroups"].get("gitlab-runner-vm") == "agent", p + f"the agent's allow names {image['subgroups'].get('gitlab-runner-vm')}, not its `agent` sub-cgroup")
-            need(f"+{exe} mkdir-self runner" in agent["execStartPre"], p + f"the agent's unit does not make the `runner` sub-cgroup: {agent['execStartPre']}")
-            need(not any(x.endswith("allow-self") for x in agent["execStartPre"]), p + "the agent's whole unit cgroup (jobs included) is allowed")
-        # Units that reach the service but are not allowed would fail: the platform's own.
-        for name in image["expectUnits"]:
-            need(name in image["units"] and image["units"][name]["exists"], p + f"{name} should exist")
-        need(set(image["addresses"]) >= {"169.254.169.254", "fd00:ec2::254"}, p + f"addresses {image['addresses']}")
-        if image["platform"] == "gce":
-            need("fd20:ce::254" in image["addresses"], p + "GCE's IPv6 metadata address is not guarded")
-        # User-data at rest is removed once its readers have run.
+                need(unit["execStartPost"][-1:] == [revoke], p + f"{name} (oneshot): ExecStartPost does not end with `{revoke}`: {unit['execStartPost']}")
+        agent = image["units"]["gitlab-runner-vm"]
+        need(image["subgroups"].get("gitlab-runner-vm") == "agent", p + f"the agent's allow names {image['subgroups'].get('gitlab-runner-vm')}, not its `agent` sub-cgroup")
+        need(agent["execStartPre"][:2] == [f"+{exe} mkdir-self runner", f"+{exe} allow-self agent"],
+             p + f"the agent's unit does not make `runner` then allow `agent` first: {agent['execStartPre']}")
+        need(not any(c.endswith("allow-self") for c in agent["execStartPre"]), p + "the agent's whole unit cgroup (jobs included) is allowed")
+        need({"169.254.169.254", "fd00:ec2::254"} <= set(image["addresses"]), p + f"addresses {image['addresses']}")
+        need(("fd20:ce::254" in image["addresses"]) == (platform == "gce"), p + f"GCE's IPv6 address on {platform}: {image['addresses']}")
+        # User-data at rest is removed once its readers have run, before the agent starts.
         scrub = image["scrub"]
-        if image["platform"] in ("aws", "digitalocean"):
+        if platform in USER_DATA_READERS:
             if need(scrub is not None, p + "no unit removes the user-data left at rest"):
-                need("gitlab-runner-vm.service" in scrub["before"], p + f"the scrub does not run before the agent: {scrub}")
-                need(set(image["userDataReaders"]) <= set(scrub["after"]), p + f"the scrub does not wait for {image['userDataReaders']}: {scrub['after']}")
-                need(scrub["wantedBy"], p + "the scrub is not wanted by anything")
+                need("gitlab-runner-vm.service" in scrub["before"], p + f"the scrub does not run before the agent: {scrub['before']}")
+                need(set(USER_DATA_READERS[platform]) <= set(scrub["after"]), p + f"the scrub does not wait for its readers: {scrub['after']}")
+                need("multi-user.target" in scrub["wantedBy"] and scrub["type"] == "oneshot", p + f"the scrub: {scrub}")
+                path = {"aws": "/etc/ec2-metadata/user-data", "digitalocean": "/run/do-metadata/v1.json"}[platform]
+                need(path in scrub["script"], p + f"the scrub does not touch {path}")
         else:
-            need(scrub is None, p + f"a scrub unit where no user-data rests: {scrub}")
-    # An allowed unit that does not exist is refused with a message that says which.
-    bad = facts["typo"]
-    need(any("no-such-unit" in m and "allowedUnits" in m for m in bad), f"an unknown allowed unit is not refused: {bad}")
-    need(any("allowedUsers" in w and "allowedUnits" in w for w in facts["removedOption"]), f"allowedUsers is not removed with a pointer to allowedUnits: {facts['removedOption']}")
+            need(scrub is None, p + "a scrub unit where no user-data rests")
+    need(any("no-such-unit" in m and "allowedUnits" in m for m in facts["typo"]), f"an unknown allowed unit is not refused: {facts['typo']}")
+    need(any("allowedUsers" in m and "allowedUnits" in m for m in facts["removedOption"]), f"allowedUsers is not refused with a pointer to allowedUnits: {facts['removedOption']}")
+    need(facts["nftablesToplevel"].endswith(".drv"), f"the nftables variant's system: {facts['nftablesToplevel']}")
 
 
 def main():
