@@ -13,7 +13,6 @@
 { config, lib, ... }:
 let
   inherit (lib) mkOption types;
-
 in
 {
   options.gitlabRunnerVm.runner = {
