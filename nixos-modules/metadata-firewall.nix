@@ -113,7 +113,9 @@ in
       # the metadata deny-lists of SSRF filters, not in a Google document we could read.
       # Refusing an address nothing here uses costs nothing, so it is guarded on GCE.
       default = [ "169.254.169.254" "fd00:ec2::254" ] ++ lib.optional gce "fd20:ce::254";
-      defaultText = lib.literalExpression ''[ "169.254.169.254" "fd00:ec2::254" ] ++ lib.optional onGce "fd20:ce::254"'';
+      defaultText = lib.literalMD ''
+        `[ "169.254.169.254" "fd00:ec2::254" ]`, and `"fd20:ce::254"` on GCE
+      '';
       description = "Addresses of the metadata service (AWS, GCE, DigitalOcean; AWS's IPv6, and GCE's on GCE).";
     };
     allowedUnits = mkOption {
