@@ -240,7 +240,9 @@ in
 
       # ---- Users: jobs unprivileged, operators apart ---------------------------------------------
       gitlabRunnerVm.base.userCanBecomeRoot = cfg.jobsCanBecomeRoot;
-      users.users.${jobUser} = {
+      # (The CI user, which base/users.nix defines: a definition for settings.job-user would
+      # define that user, and hide a misspelt one from the module's assertion.)
+      users.users.${config.gitlabRunnerVm.base.user} = {
         # Rootless Podman: the job user's ranges in /etc/subuid and /etc/subgid (newuidmap), and
         # a user manager from boot on, so that /run/user/<uid> exists for Podman's runtime files
         # although jobs start without a login session.
