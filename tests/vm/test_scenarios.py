@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from vmtest.config import GUEST_UNIT, MSG_UNIT_STARTED, PHASES, SYSTEM_ID, UNIT
+from vmtest.config import GUEST_AGENT, GUEST_UNIT, MSG_UNIT_STARTED, PHASES, SYSTEM_ID, UNIT
 from vmtest.evidence import MULTI, Evidence, is_subsequence
 from vmtest.fake_gitlab import (is_deregistration, is_job_end, is_job_request, is_job_start,
-                                is_runner_deletion, is_verify)
+                                is_runner_deletion, is_verify, mask_in_text)
 from vmtest.image import installed_unit_text
 
 
@@ -437,12 +437,18 @@ def test_systemd_never_had_to_kill_the_agent(ev, expect):
     expect(killed is None, (killed or {}).get("MESSAGE", ""))
 
 
-# ---- the agent's state files: written before any GitLab call, owned by the runner user ---------
+# ---- the agent's state files: written before any GitLab call, root's (issue 17) ----------------
 
-def test_runner_system_id_file_is_0600_and_the_runner_users(ev, expect):
-    """.runner_system_id is 0600 and the runner user's"""
+def test_the_state_directory_is_0700_and_roots(ev, expect):
+    """the state directory /run/gitlab-runner-vm is 0700 and root's (RuntimeDirectoryMode=0700)"""
+    d = ev.state_files().get("gitlab-runner-vm")
+    expect(d and d[0] == "700" and d[1] == "root", " ".join(d or ["missing"]))
+
+
+def test_runner_system_id_file_is_0600_and_roots(ev, expect):
+    """.runner_system_id is 0600 and root's (gitlab-runner runs as root, jobs as the job user)"""
     sid = ev.state_files().get(".runner_system_id")
-    expect(sid and sid[0] == "600" and sid[1] == "runner", " ".join(sid or ["missing"]))
+    expect(sid and sid[0] == "600" and sid[1] == "root", " ".join(sid or ["missing"]))
 
 
 def test_runner_system_id_file_holds_the_system_id(run, ev, expect):
@@ -450,10 +456,31 @@ def test_runner_system_id_file_holds_the_system_id(run, ev, expect):
     expect(ev.text("runner_system_id") == run.system_id, repr(ev.text("runner_system_id")))
 
 
-def test_config_toml_is_the_runner_users(ev, expect):
-    """config.toml is the runner user's"""
+def test_config_toml_is_0600_and_roots(ev, expect):
+    """config.toml is 0600 and root's"""
     cfg = ev.state_files().get("config.toml")
-    expect(cfg and cfg[1] == "runner", " ".join(cfg or ["missing"]))
+    expect(cfg and cfg[0] == "600" and cfg[1] == "root", " ".join(cfg or ["missing"]))
+
+
+@applies(accepted)
+def test_config_toml_runs_shell_jobs_through_job_exec(ev, expect):
+    """config.toml runs shell jobs with the custom executor, run_exec the agent's job-exec
+    --job-user runner, builds and cache in the job user's home"""
+    import tomllib
+    try:
+        cfg = tomllib.loads(ev.text("config.toml"))
+    except ValueError as e:
+        expect(False, f"config.toml: {e}")
+        return
+    entry = (cfg.get("runners") or [{}])[0]
+    custom = entry.get("custom") or {}
+    expect(entry.get("executor") == "custom" and custom.get("run_exec") == GUEST_AGENT
+           and custom.get("run_args") == ["job-exec", "--job-user", "runner"]
+           and entry.get("builds_dir") == "/home/runner/builds"
+           and entry.get("cache_dir") == "/home/runner/cache",
+           f"executor={entry.get('executor')} run_exec={custom.get('run_exec')} "
+           f"run_args={custom.get('run_args')} builds_dir={entry.get('builds_dir')} "
+           f"cache_dir={entry.get('cache_dir')}")
 
 
 # ---- gitlab-runner as the fake one saw itself started ------------------------------------------
@@ -468,10 +495,17 @@ def test_gitlab_runner_ran_as_run_single_with_its_output_in_the_agents_log(run, 
 
 
 @applies(accepted)
-def test_gitlab_runner_ran_as_the_runner_user(ev, expect):
-    """gitlab-runner ran as the runner user"""
+def test_gitlab_runner_ran_as_root(ev, expect):
+    """gitlab-runner ran as root (the token's holder never runs as a job's user)"""
     fake = ev.fake_runner_output()
-    expect(any("user=runner " in m for m in fake), next((m for m in fake if "user=" in m), "no user= line"))
+    expect(any("user=root " in m for m in fake), next((m for m in fake if "user=" in m), "no user= line"))
+
+
+def test_the_guest_journal_never_shows_the_token(run, ev, expect):
+    """the guest's journal never shows the runner token (nor its secret part)"""
+    secret_part = run.token[len("glrt-"):]
+    expect(secret_part not in ev.text("journal.json"),
+           "token in the journal" if secret_part in ev.text("journal.json") else "")
 
 
 @applies(accepted)
@@ -587,3 +621,178 @@ def test_the_journal_has_one_boot_record_with_its_milestones_in_order(run, ev, e
     agree = all(shown.get(k.lower()) == int(rec[k]) for k in RECORD_ORDER if k in rec) if shown else True
     expect(times == sorted(times) and all(k in rec for k in needed) and agree,
            rec.get("MESSAGE", "")[:300] + ("" if agree else f"; status --json: {shown}"))
+
+
+# ---- the hostile job (scenarios f, g; issue 17): what a job can reach -------------------------
+# The job (guest/hostile-job) reports every attempt as a JSON line in its trace; `ok` means it
+# got what it was after. Details mask the token; comparisons use it.
+
+def hostile(sc):
+    return sc.hostile
+
+
+def unprivileged(sc):
+    return sc.hostile and not sc.jobs_can_become_root
+
+
+def with_root(sc):
+    return sc.hostile and sc.jobs_can_become_root
+
+
+@pytest.fixture
+def report(run):
+    lines = run.hostile_report()
+    if not any(line.get("hostile") == "identity" for line in lines):
+        pytest.fail(f"no report of the hostile job in its trace ({len(run.job_trace())} characters)",
+                    pytrace=False)
+    return lines
+
+
+def attempts(report, what=None, via="job", role=None):
+    return [a for a in report if a.get("via") == via and (what is None or a["hostile"] == what)
+            and (role is None or a.get("role") == role)]
+
+
+def say(run, attempt):
+    """An attempt as a detail: what, where, result; the token masked."""
+    where = attempt.get("path") or attempt.get("address") or ""
+    text = f"{attempt['hostile']}{' ' + where if where else ''}: {attempt.get('result', '')}"
+    return mask_in_text(text, run.token)
+
+
+def refused(run, expect, found, check):
+    got = [a for a in found if a["ok"]]
+    expect(found and not got, "; ".join(say(run, a) for a in (got or found))[:300] or "not attempted",
+           check=check)
+
+
+@applies(hostile)
+def test_the_hostile_job_reported_every_attempt(run, report, expect):
+    """the hostile job ran to its end and reported its attempts"""
+    done = attempts(report, "done")
+    expect(done, f"{len(report)} lines, {len(attempts(report))} as the job user, "
+           f"{len(attempts(report, via='sudo'))} through sudo")
+
+
+@applies(hostile)
+def test_the_job_ran_as_the_job_user(report, expect):
+    """the job ran as the job user `runner` (not root, not the agent's user), not in docker, in
+    the unit's `runner` cgroup"""
+    me = attempts(report, "identity")[0]
+    expect(me["user"] == "runner" and me["uid"] != 0 and me["euid"] != 0 and "docker" not in me["groups"]
+           and (me.get("cgroup") or "").endswith("/gitlab-runner-vm.service/runner"),
+           f"{me['user']} uid {me['uid']} groups {','.join(me['groups'])} cgroup {me.get('cgroup')}")
+
+
+@applies(hostile)
+def test_gitlab_runner_and_the_agent_ran_as_root_in_their_cgroups(report, expect):
+    """gitlab-runner ran as root in the `runner` cgroup, the agent as root in `agent` (as the
+    job saw them in /proc)"""
+    procs = attempts(report, "process")
+    runner = [p for p in procs if p["role"] == "gitlab-runner"]
+    agent = [p for p in procs if p["role"] == "agent"]
+    ok = (runner and agent and all(p["uid"] == 0 for p in runner + agent)
+          and all((p.get("cgroup") or "").endswith("/runner") for p in runner)
+          and all((p.get("cgroup") or "").endswith("/agent") for p in agent))
+    expect(ok, "; ".join(f"{p['role']} pid {p['pid']} uid {p['uid']} {p.get('cgroup')}"
+                         for p in runner + agent) or "neither found")
+
+
+@applies(unprivileged)
+def test_the_jobs_output_never_shows_the_runner_token(run, report, expect):
+    """nothing the job printed holds the runner token (nor its secret part)"""
+    trace = run.job_trace()
+    secret_part = run.token[len("glrt-"):]
+    tokens = sorted({t for a in report for t in a.get("tokens", [])})
+    expect(trace and secret_part not in trace and not tokens,
+           f"{len(trace)} characters of output, token {'FOUND' if secret_part in trace else 'absent'}"
+           f", {len(tokens)} token-like strings")
+
+
+@applies(hostile)
+def test_the_job_user_could_not_read_the_state_directory(run, report, expect):
+    """as the job user: the state directory, config.toml and .runner_system_id unreadable"""
+    found = (attempts(report, "list the state directory") + attempts(report, "read config.toml")
+             + attempts(report, "read the system id") + attempts(report, "read a state file"))
+    refused(run, expect, found, None)
+
+
+@applies(hostile)
+def test_the_job_user_could_not_read_runner_json(run, report, expect):
+    """as the job user: runner.json on the config disk unreadable"""
+    refused(run, expect, attempts(report, "read runner.json on the config disk"), None)
+
+
+@applies(hostile)
+def test_the_job_user_could_not_read_proc_of_gitlab_runner_and_the_agent(run, report, expect):
+    """as the job user: /proc/<pid>/environ, mem and root of gitlab-runner and the agent
+    unreadable"""
+    found = [a for a in attempts(report) if a.get("role") in ("gitlab-runner", "agent")
+             and a["hostile"] != "process" and not a["hostile"].startswith("list /proc fds")]
+    roles = {a["role"] for a in found}
+    refused(run, expect, found if roles == {"gitlab-runner", "agent"} else [], None)
+
+
+@applies(hostile)
+def test_the_job_user_saw_none_of_the_agents_journal(run, report, expect):
+    """as the job user: journalctl shows no entry of the agent's unit"""
+    refused(run, expect, attempts(report, "read the journal"), None)
+
+
+@applies(hostile)
+def test_the_job_user_was_refused_by_the_docker_socket(run, report, expect):
+    """as the job user: the Docker socket (root:docker 0660) refused the connection"""
+    refused(run, expect, attempts(report, "connect to the Docker socket"), None)
+
+
+@applies(hostile)
+def test_the_job_user_could_not_reach_the_metadata_service(run, report, expect):
+    """as the job user: the metadata stand-in at 169.254.169.254 unreachable (the firewall)"""
+    refused(run, expect, attempts(report, "reach the metadata service"), None)
+
+
+@applies(unprivileged)
+def test_sudo_refused_the_job(run, report, expect):
+    """sudo -n refused the job user"""
+    refused(run, expect, attempts(report, "sudo -n true"), None)
+
+
+@applies(hostile)
+def test_the_job_planted_an_ssh_key_in_its_home(run, report, expect):
+    """the job could write ~/.ssh/authorized_keys in its home (reported: whether sshd reads it
+    is the NixOS configuration's authorizedKeysInHomedir, asserted on the evaluated images)"""
+    found = attempts(report, "plant an SSH key")
+    expect(found, "; ".join(say(run, a) for a in found) or "not attempted")
+
+
+@applies(hostile)
+def test_the_agents_cgroup_reached_the_metadata_service(ev, expect):
+    """a process in the agent's cgroup reached the metadata stand-in (the firewall admits the
+    agent)"""
+    try:
+        probe = json.loads(ev.text("metadata-from-agent.json") or "{}")
+    except ValueError:
+        probe = {}
+    expect(probe.get("ok") and (probe.get("joined") or "").endswith("/agent"),
+           f"{probe.get('joined')}: {probe.get('result')}" if probe else "no probe result")
+
+
+@applies(with_root)
+def test_with_root_the_job_took_the_token_from_config_toml(run, report, expect):
+    """with jobsCanBecomeRoot the job took the runner token from config.toml through sudo (what
+    the option costs; the proof that scenario f's checks can fail)"""
+    got = [a for a in attempts(report, "read config.toml", via="sudo") if a["ok"]]
+    stolen = any(run.token in a.get("tokens", []) for a in got)
+    expect(attempts(report, "sudo -n true") and attempts(report, "sudo -n true")[0]["ok"]
+           and stolen and run.token in run.job_trace(),
+           f"sudo: {say(run, attempts(report, 'sudo -n true')[0]) if attempts(report, 'sudo -n true') else 'not tried'}"
+           f"; config.toml through sudo: {'the token' if stolen else 'no token'}"
+           f"; token in the job's output: {'yes' if run.token in run.job_trace() else 'no'}")
+
+
+@applies(with_root)
+def test_with_root_the_job_reached_the_metadata_service(run, report, expect):
+    """with jobsCanBecomeRoot the job reached the metadata stand-in through sudo (by leaving
+    its cgroup for the agent's: a firewall inside the VM cannot stop root)"""
+    found = [a for a in attempts(report, via="sudo") if a["hostile"].startswith("reach the metadata service")]
+    expect(any(a["ok"] for a in found), "; ".join(say(run, a) for a in found) or "not attempted")

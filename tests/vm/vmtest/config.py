@@ -14,6 +14,7 @@ GUEST_FILES = os.path.join(HERE, "guest")
 BUILD_ROOTFS = os.path.join(HERE, "build-rootfs")
 AGENT_BIN = os.path.join(REPO, "target", "release", "gitlab-runner-vm")
 UNIT_SRC = os.path.join(REPO, "agent", "dist", "gitlab-runner-vm.service")
+METADATA_FIREWALL = os.path.join(REPO, "nixos-modules", "metadata-firewall.sh")
 
 ROOT_LABEL = "vmtest-root"
 # Where the binary goes in the guest: a path of its own, like the Nix store path that the Nix
@@ -21,6 +22,8 @@ ROOT_LABEL = "vmtest-root"
 GUEST_AGENT = "/opt/gitlab-runner-vm/bin/gitlab-runner-vm"
 UNIT_PLACEHOLDER = "/usr/bin/gitlab-runner-vm"
 GUEST_UNIT = "/usr/lib/systemd/system/gitlab-runner-vm.service"
+GUEST_FIREWALL = "/usr/local/libexec/vmtest/metadata-firewall.sh"
+HOSTILE_JOB = "/usr/local/libexec/vmtest/hostile-job"
 UNIT = "gitlab-runner-vm.service"
 GITLAB_ADDR = "10.0.2.100"
 COLLECTOR_ADDR = "10.0.2.101"
@@ -42,6 +45,7 @@ FAILURE_DELAY = 5        # scenarios d, e: GITLAB_RUNNER_VM_FAILURE_DELAY
 AFTER_FAILURE_OBSERVE = 30   # scenario e: how long the VM must stay up after the failure
 JOB_SECONDS = 5          # length of the fake job in a, b
 LONG_JOB_SECONDS = 600   # scenario c: a job that only SIGTERM ends
+HOSTILE_JOB_MAX = 300    # scenarios f, g: the hostile job's bound (python3 under TCG, /proc/*/mem)
 POWERDOWN_AFTER_JOB_START = 3
 
 

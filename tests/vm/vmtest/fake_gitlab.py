@@ -19,6 +19,11 @@ def mask(token):
     return token[:9] + "..." if len(token) > 9 else "..."
 
 
+def mask_in_text(text, token):
+    """text with every occurrence of the runner token replaced by its masked form."""
+    return text.replace(token, mask(token)) if token else text
+
+
 def masked(value):
     if isinstance(value, dict):
         return {k: (mask(v) if k == "token" else masked(v)) for k, v in value.items()}
@@ -69,14 +74,20 @@ class FakeGitLab:
     shared/reference/gitlab-runner-api.md). Every request is recorded, tokens masked, in memory
     and in a JSON-lines file."""
 
-    def __init__(self, record_path, token, verify_status=200, job_seconds=JOB_SECONDS, jobs=1):
+    def __init__(self, record_path, token, verify_status=200, job_seconds=JOB_SECONDS, jobs=1,
+                 job_script=None):
         self.token = token
         self.verify_status = verify_status
         self.job_seconds = job_seconds
+        # The job's script (its lines, as .gitlab-ci.yml's `script:`); by default a sleep.
+        self.job_script = list(job_script) if job_script else [f"sleep {job_seconds}"]
         self.jobs_left = jobs
         self.managers = set()
         self.jobs = {}
         self.requests = []
+        # Each job's trace as the runner sent it, unmasked: in memory only, never in the record
+        # (a scenario whose job gets the token finds it here; the record shows it masked).
+        self.traces = {}
         self.cond = threading.Condition()
         self.record_file = open(record_path, "w")
         self.server = http_server(self.respond)
@@ -90,9 +101,12 @@ class FakeGitLab:
     def respond(self, method, path, headers, raw):
         now = time.time()
         try:
+            # A trace (text/plain) stays text, even when the job printed JSON.
+            if (headers.get("Content-Type") or "").startswith("text/plain"):
+                raise ValueError
             body = json.loads(raw) if raw else None
         except ValueError:
-            body = raw.decode("utf-8", "replace")
+            body = raw.decode("utf-8", "replace") if raw else None
         with self.cond:
             status, payload, extra = self.route(method, path.split("?")[0], headers, body)
             entry = {
@@ -103,7 +117,9 @@ class FakeGitLab:
                 "user_agent": headers.get("User-Agent"),
             }
             if body is not None and not isinstance(body, dict):
-                entry["text"] = body if isinstance(body, str) else json.dumps(body)
+                text = body if isinstance(body, str) else json.dumps(body)
+                entry["text"] = mask_in_text(text, self.token)
+                entry["runner_token_in_text"] = bool(self.token) and self.token in text
             self.requests.append(entry)
             self.record_file.write(json.dumps(entry) + "\n")
             self.record_file.flush()
@@ -130,13 +146,15 @@ class FakeGitLab:
             job_id = len(self.jobs) + 1
             job_token = "glcbt-" + secrets.token_hex(10)
             self.jobs[job_id] = {"token": job_token, "states": []}
-            return 201, job_payload(job_id, job_token, self.job_seconds), {}
+            return 201, job_payload(job_id, job_token, self.job_seconds, self.job_script), {}
         m = re.fullmatch(r"/api/v4/jobs/(\d+)(/trace)?", path)
         if m and int(m.group(1)) in self.jobs:
             job = self.jobs[int(m.group(1))]
             if m.group(2) and method == "PATCH":
                 if headers.get("JOB-TOKEN") not in (None, job["token"]):
                     return forbidden
+                text = body if isinstance(body, str) else json.dumps(body) if body else ""
+                self.traces[int(m.group(1))] = self.traces.get(int(m.group(1)), "") + text
                 return 202, None, {"Range": f"0-{len(body or '')}", "Job-Status": "running"}
             if not m.group(2) and method == "PUT":
                 if body_dict.get("token") != job["token"]:
@@ -173,9 +191,11 @@ class FakeGitLab:
                 self.cond.wait(min(left, 0.5))
 
 
-def job_payload(job_id, job_token, seconds):
+def job_payload(job_id, job_token, seconds, script=None):
     """A job as GitLab hands it out (fields gitlab-runner decodes). The fake gitlab-runner reads
-    id and token (the first two keys) and FAKE_JOB_SECONDS."""
+    id and token (the first two keys), the variables and the steps (its job runner,
+    guest/vmtest-job-runner, builds each stage's script from them); FAKE_JOB_SECONDS is the
+    length of the default script's sleep."""
     return {
         "id": job_id,
         "token": job_token,
@@ -187,10 +207,13 @@ def job_payload(job_id, job_token, seconds):
                      "refspecs": [], "depth": 0},
         "runner_info": {"timeout": 3600},
         "variables": [
+            {"key": "CI_JOB_ID", "value": str(job_id), "public": True, "masked": False},
+            {"key": "CI_JOB_TOKEN", "value": job_token, "public": False, "masked": True},
+            {"key": "CI_PROJECT_PATH", "value": "vmtest/project", "public": True, "masked": False},
             {"key": "FAKE_JOB_SECONDS", "value": str(seconds), "public": True, "masked": False},
             {"key": "GIT_STRATEGY", "value": "none", "public": True, "masked": False},
         ],
-        "steps": [{"name": "script", "script": [f"sleep {seconds}"], "timeout": 3600,
+        "steps": [{"name": "script", "script": list(script or [f"sleep {seconds}"]), "timeout": 3600,
                    "when": "on_success", "allow_failure": False}],
         "image": None, "services": [], "artifacts": [], "cache": [], "credentials": [],
         "dependencies": [], "features": {},

@@ -10,8 +10,8 @@ import subprocess
 import time
 
 from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, CONFIG_SERIAL, FAILURE_DELAY, GUEST_AGENT,
-                     GUEST_FILES, GUEST_UNIT, REPO, ROOT_LABEL, UNIT, UNIT_PLACEHOLDER, UNIT_SRC,
-                     log)
+                     GUEST_FILES, GUEST_FIREWALL, GUEST_UNIT, METADATA_FIREWALL, REPO, ROOT_LABEL,
+                     UNIT, UNIT_PLACEHOLDER, UNIT_SRC, log)
 
 
 def systemd_escape_path(path):
@@ -102,17 +102,30 @@ def installed_unit_text():
 POWEROFF_REAL = "/bin/systemctl poweroff"
 
 
+def metadata_firewall():
+    """nixos-modules/metadata-firewall.sh when the repository has it, else None."""
+    return METADATA_FIREWALL if os.path.exists(METADATA_FIREWALL) else None
+
+
+def agent_knows_job_user():
+    """Whether the agent under test has --job-user (issue 17); older ones take --runner-user."""
+    out = subprocess.run([AGENT_BIN, "run", "--help"], capture_output=True, text=True)
+    return "--job-user" in out.stdout
+
+
 def agent_dropin(scenario):
     """What the NixOS module (nixos-modules/gitlab-runner-vm.nix) adds to the unit: its ordering
     after the config mount and the agent's flags as environment variables, module defaults
-    except for a short failure delay where a scenario waits for it."""
+    except for a short failure delay where a scenario waits for it; in the hostile-job
+    scenarios also the metadata firewall's admission of the agent's cgroup, as runner.nix
+    declares it (ExecStartPre=+, before the agent moves itself into `agent`)."""
     mount = systemd_escape_path("/runner-info") + ".mount"
     env = {
         "GITLAB_RUNNER_VM_CONFIG": "/runner-info/runner.json",
         "GITLAB_RUNNER_VM_STATE_DIR": "/run/gitlab-runner-vm",
         "GITLAB_RUNNER_VM_KEEP_FILE": "/etc/keep-runner",
         "GITLAB_RUNNER_VM_GITLAB_RUNNER": "/usr/local/bin/gitlab-runner",
-        "GITLAB_RUNNER_VM_RUNNER_USER": "runner",
+        "GITLAB_RUNNER_VM_JOB_USER": "runner",
         "GITLAB_RUNNER_VM_POWEROFF_COMMAND": POWEROFF_REAL,
         "GITLAB_RUNNER_VM_FAILURE_DELAY": str(FAILURE_DELAY if scenario.failure_delay else 60),
         "GITLAB_RUNNER_VM_CONFIG_WAIT": "300",
@@ -122,12 +135,20 @@ def agent_dropin(scenario):
         "GITLAB_RUNNER_VM_HOLD_MAX": "14400",
         "GITLAB_RUNNER_VM_HOLD_EXTEND": "3600",
     }
+    if not agent_knows_job_user():
+        env["GITLAB_RUNNER_VM_RUNNER_USER"] = env.pop("GITLAB_RUNNER_VM_JOB_USER")
     if scenario.poweroff_disabled:
         # services.gitlab-runner-vm.powerOff = false (debug images) sets the agent's --no-poweroff.
         env["GITLAB_RUNNER_VM_NO_POWEROFF"] = "true"
     lines = ["# As nixos-modules/gitlab-runner-vm.nix and runner.nix configure the unit.",
              "[Unit]", f"After={mount}", "", "[Service]"]
     lines += [f'Environment="{k}={v}"' for k, v in env.items()]
+    if scenario.hostile and metadata_firewall():
+        # nixos-modules/metadata-firewall.nix's hooks for the agent's unit (allowedSubgroups
+        # agent, extraSubgroups runner), the backend baked in as there.
+        fw = f"{GUEST_FIREWALL} --backend {scenario.firewall_backend}"
+        lines += [f"ExecStartPre=+{fw} mkdir-self runner", f"ExecStartPre=+{fw} allow-self agent",
+                  f"ExecStopPost=+{fw} revoke-self agent"]
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +177,11 @@ def build_root_image(base, scenario, workdir):
         tree.enable(f"{helper}.service", f"{sysd}/{helper}.service", "multi-user.target")
     if scenario.keep_file:
         tree.put("/etc/keep-runner", "Held by the VM system test (scenario b).\n")
+    # The fake gitlab-runner's job runner (the executors), in every scenario.
+    tree.put_file("/usr/local/libexec/vmtest/vmtest-job-runner",
+                  os.path.join(GUEST_FILES, "vmtest-job-runner"), 0o755)
+    if scenario.hostile:
+        add_hostile_job(tree, scenario)
 
     image = os.path.join(workdir, "root.img")
     used = int(subprocess.run(["du", "-sk", tree.path], check=True, capture_output=True,
@@ -166,6 +192,56 @@ def build_root_image(base, scenario, workdir):
     subprocess.run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", tree.path, image], check=True)
     shutil.rmtree(tree.path)
     return image
+
+
+def add_hostile_job(tree, scenario):
+    """Scenarios f, g: the hostile job, the stand-ins it goes for (a metadata service at
+    169.254.169.254 on a dummy interface, a Docker socket), the probe that asks the metadata
+    stand-in from the agent's cgroup, the metadata firewall (nixos-modules/metadata-firewall.sh,
+    `setup` at boot, as runner.nix runs it) and, for jobsCanBecomeRoot, the job user's sudo
+    rule."""
+    sysd = "/etc/systemd/system"
+    for name in ("hostile-job", "vmtest-standin"):
+        tree.put_file(f"/usr/local/libexec/vmtest/{name}", os.path.join(GUEST_FILES, name), 0o755)
+    for unit in ("vmtest-metadata.service", "vmtest-docker.service", "vmtest-metadata-probe.service"):
+        tree.put_file(f"{sysd}/{unit}", os.path.join(GUEST_FILES, unit), 0o644)
+        tree.enable(unit, f"{sysd}/{unit}", "multi-user.target")
+    for ext in ("netdev", "network"):
+        tree.put_file(f"/etc/systemd/network/10-vmtest-md.{ext}",
+                      os.path.join(GUEST_FILES, f"vmtest-md.{ext}"), 0o644)
+    firewall = metadata_firewall()
+    if firewall:
+        tree.put_file(GUEST_FIREWALL, firewall, 0o755)
+        tree.put(f"{sysd}/vmtest-metadata-firewall.service",
+                 FIREWALL_UNIT.format(fw=f"{GUEST_FIREWALL} --backend {scenario.firewall_backend}"))
+        tree.enable("vmtest-metadata-firewall.service", f"{sysd}/vmtest-metadata-firewall.service",
+                    "multi-user.target")
+    if scenario.jobs_can_become_root:
+        # gitlabRunnerVm.runner.jobsCanBecomeRoot: the job user in wheel with passwordless sudo;
+        # on Debian a sudoers rule of its own says the same.
+        tree.put("/etc/sudoers.d/vmtest-jobs-can-become-root",
+                 "# gitlabRunnerVm.runner.jobsCanBecomeRoot = true (scenario g)\n"
+                 "runner ALL=(ALL:ALL) NOPASSWD: ALL\n", mode=0o440)
+
+
+FIREWALL_UNIT = """# The metadata firewall, set up at boot and torn down at shutdown as
+# nixos-modules/metadata-firewall.nix does it with the firewall's rules (scenarios f, g).
+[Unit]
+Description=VM system test: the metadata firewall (nixos-modules/metadata-firewall.sh)
+DefaultDependencies=no
+Wants=network-pre.target
+Before=network-pre.target gitlab-runner-vm.service vmtest-metadata.service
+After=local-fs.target systemd-modules-load.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={fw} setup
+ExecStop={fw} teardown
+
+[Install]
+WantedBy=multi-user.target
+"""
 
 
 def build_config_iso(runner_json, workdir):

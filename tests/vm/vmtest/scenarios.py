@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 from . import image
 from .config import (AFTER_FAILURE_OBSERVE, BOOT_TO_JOB_MAX, FAILURE_DELAY, GITLAB_ADDR, GRACE,
-                     HOLD_OBSERVE, JOB_SECONDS, LONG_JOB_SECONDS, POWERDOWN_AFTER_JOB_START,
-                     POWEROFF_MAX, REPO, RUNS, log)
+                     HOLD_OBSERVE, HOSTILE_JOB, HOSTILE_JOB_MAX, JOB_SECONDS, LONG_JOB_SECONDS,
+                     POWERDOWN_AFTER_JOB_START, POWEROFF_MAX, REPO, RUNS, log)
 from .evidence import Collector, Evidence
-from .fake_gitlab import FakeGitLab, is_deregistration, is_job_end, is_job_start, is_verify
+from .fake_gitlab import (FakeGitLab, is_deregistration, is_job_end, is_job_start, is_verify,
+                          mask_in_text)
 from .qemu import VM
 
 
@@ -31,6 +32,14 @@ class Scenario:
     powerdown_in_job: bool = False
     expect_phases: list = field(default_factory=list)
     forbid_phases: list = field(default_factory=list)
+    # The job's script (lines of .gitlab-ci.yml's `script:`); None: sleep job_seconds.
+    job_script: list = None
+    # The hostile job's image: its stand-ins, the metadata firewall (vmtest/image.py).
+    hostile: bool = False
+    # gitlabRunnerVm.runner.jobsCanBecomeRoot: the job user has passwordless sudo.
+    jobs_can_become_root: bool = False
+    # The metadata firewall's backend (nixos-modules/metadata-firewall.sh): f iptables, g nftables.
+    firewall_backend: str = "iptables"
 
     @property
     def accepted(self):
@@ -62,6 +71,22 @@ SCENARIOS = {
                   verify_status=403, failure_delay=True, poweroff_disabled=True,
                   expect_phases=["registering", "failed", "powering-off"],
                   forbid_phases=["running", "holding"]),
+    # Issue 17, the trust boundary: a job that tries every path to the runner token (config.toml,
+    # the system id, runner.json, the state directory, /proc of gitlab-runner and the agent, the
+    # journal, a Docker socket, the metadata address) gets nothing...
+    "f": Scenario("f", "hostile job: every path to the runner token and out of the VM refused, "
+                  "then deregistration and power-off as usual",
+                  job_seconds=HOSTILE_JOB_MAX, job_script=[HOSTILE_JOB], hostile=True,
+                  expect_phases=["registering", "running", "deregistering", "powering-off"],
+                  forbid_phases=["failed", "holding", "stopping"]),
+    # ...and the same job where the job user may become root (jobsCanBecomeRoot) gets the token
+    # through sudo: what the option costs, and the proof that f's checks can fail.
+    "g": Scenario("g", "job with root (jobsCanBecomeRoot): the same hostile job gets the token "
+                  "and the metadata service through sudo",
+                  job_seconds=HOSTILE_JOB_MAX, job_script=[HOSTILE_JOB], hostile=True,
+                  jobs_can_become_root=True, firewall_backend="nftables",
+                  expect_phases=["registering", "running", "deregistering", "powering-off"],
+                  forbid_phases=["failed", "holding", "stopping"]),
 }
 
 
@@ -127,7 +152,8 @@ class Run:
         iso = image.build_config_iso(self.runner_json, self.out)
         self.image_seconds = time.time() - t
         self.gitlab = FakeGitLab(os.path.join(self.out, "gitlab-requests.jsonl"), self.token,
-                                 verify_status=sc.verify_status, job_seconds=sc.job_seconds)
+                                 verify_status=sc.verify_status, job_seconds=sc.job_seconds,
+                                 job_script=sc.job_script)
         self.collector = Collector(os.path.join(self.out, "evidence"))
         try:
             self.vm = VM(self.out, base, root_image, iso, self.gitlab.port, self.collector.port, kvm)
@@ -144,6 +170,10 @@ class Run:
             for path in (root_image, iso):
                 os.unlink(path)
         self.evidence = Evidence(self.collector.outdir)
+        if sc.hostile:
+            with open(os.path.join(self.out, "hostile-report.jsonl"), "w") as f:
+                for line in self.hostile_report():
+                    f.write(mask_in_text(json.dumps(line), self.token) + "\n")
         self.print_requests()
         log(f"scenario {sc.key}: VM done in {self.seconds:.0f} s; evidence in "
             f"{os.path.relpath(self.out, REPO)}")
@@ -160,6 +190,23 @@ class Run:
             state = r["body"].get("state", "")
             print(f"    {r['t'] - self.vm.t_start:7.2f} s  {r['method']:6} {r['path']} -> {r['status']}"
                   f"{'  ' + state if state else ''}", flush=True)
+
+    def job_trace(self):
+        """Everything the job printed (its trace, as the fake gitlab-runner sent it), unmasked:
+        compare with it, never print it."""
+        return "".join(self.gitlab.traces.values()) if self.gitlab else ""
+
+    def hostile_report(self):
+        """The hostile job's JSON lines, from its trace (unmasked: may hold the token)."""
+        report = []
+        for line in self.job_trace().splitlines():
+            line = line.strip()
+            if line.startswith("{") and '"hostile"' in line:
+                try:
+                    report.append(json.loads(line))
+                except ValueError:
+                    continue
+        return report
 
     def agent_status_json(self):
         if self.evidence is None or not self.evidence.present:
