@@ -217,6 +217,10 @@ async fn storm(s: Settings) -> Outcome {
             .args(["--poweroff-command", "true", "--failure-delay", "1"])
             // 200 agents on one machine: never its console.
             .args(["--console", "off"]);
+        // As root, shell jobs need a job user other than root, as in the image.
+        if nix::unistd::Uid::current().is_root() {
+            cmd.args(["--job-user", "nobody"]);
+        }
         for (key, _) in std::env::vars() {
             if key.starts_with("GITLAB_RUNNER_VM_")
                 || key == "NOTIFY_SOCKET"

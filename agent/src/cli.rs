@@ -80,6 +80,9 @@ pub enum Command {
     },
     /// Write the platform's SSH public keys for a user to <authorized-keys-dir>/<user>
     SshKeys(SshKeysArgs),
+    /// Run one stage of a shell job as the job user: gitlab-runner's custom executor calls
+    /// this (config.toml's run_exec), not people
+    JobExec(crate::runner::job_exec::JobExecArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,9 +159,14 @@ pub struct RunArgs {
         default_value = "gitlab-runner"
     )]
     pub gitlab_runner: PathBuf,
-    /// The user gitlab-runner and its jobs run as (default: the agent's own user)
-    #[arg(long, env = "GITLAB_RUNNER_VM_RUNNER_USER")]
-    pub runner_user: Option<String>,
+    /// The user shell jobs run as, never root (default: the agent's own user); gitlab-runner
+    /// itself runs as the agent, which alone can read the runner token
+    #[arg(long, alias = "runner-user", env = "GITLAB_RUNNER_VM_JOB_USER")]
+    pub job_user: Option<String>,
+    /// Put the agent in the sub-cgroup `agent` of its unit's cgroup and gitlab-runner with
+    /// every job in `runner` (the unit delegates its cgroup), so that a firewall can tell them apart
+    #[arg(long, env = "GITLAB_RUNNER_VM_SEPARATE_CGROUPS")]
+    pub separate_cgroups: bool,
     /// Run with /bin/sh -c to power the VM off; the agent exits 0 once it succeeds
     #[arg(
         long,

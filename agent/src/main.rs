@@ -3,6 +3,7 @@
 mod agent;
 mod backoff;
 mod boot_record;
+mod cgroup;
 mod cli;
 mod config;
 mod console;
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         Command::Release { keep_file } => release(&keep_file),
         Command::Drain { state_dir } => drain(&state_dir),
         Command::SshKeys(args) => metadata::authorized_keys::run(&args),
+        Command::JobExec(args) => runner::job_exec::run(&args),
     }
 }
 

@@ -23,7 +23,7 @@ pub enum AgentError {
     #[error("{0}")]
     TlsCaFile(String),
     #[error("{0}")]
-    RunnerUser(String),
+    JobUser(String),
     #[error("cannot generate a system id: {0}")]
     SystemId(String),
     #[error("{detail}")]
@@ -74,7 +74,7 @@ impl AgentError {
                 path.display()
             ),
             TlsCaFile(_) => "fix tls_ca_file in runner.json".into(),
-            RunnerUser(_) => "create the user (the NixOS base module creates `runner`) or set --runner-user / GITLAB_RUNNER_VM_RUNNER_USER".into(),
+            JobUser(_) => "create the user (the NixOS base module creates `runner`) or set --job-user / GITLAB_RUNNER_VM_JOB_USER".into(),
             SystemId(_) => "check the kernel's random source".into(),
             StateDir { dir, .. } => format!("make {} writable by the agent", dir.display()),
             Registration {

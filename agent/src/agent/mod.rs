@@ -42,6 +42,8 @@ use state::{Next, State};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let args = absolute_paths(args)?;
+    // First, before any thread or child: the agent in `agent`, gitlab-runner later in `runner`.
+    let runner_cgroup = args.separate_cgroups.then(separate_cgroups).flatten();
     let mut interrupts = Interrupts::listen()?;
     // Read once: DMI/SMBIOS does not change while the VM runs.
     let platform = args.config_source.platform(&args.dmi_dir);
@@ -50,6 +52,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         interrupts = interrupts.with_notices(w.notices.clone());
     }
     let mut agent = Agent::new(args, interrupts);
+    agent.runner_cgroup = runner_cgroup;
     agent.platform = platform;
     agent.watcher = watcher.map(|w| w.task);
     systemd::spawn_watchdog();
@@ -105,6 +108,29 @@ struct Agent {
     published: Published,
     token_expires_at: Option<SystemTime>,
     token_warning: Option<String>,
+    /// Where gitlab-runner and the jobs go (`--separate-cgroups`); None: the agent's own.
+    runner_cgroup: Option<crate::cgroup::RunnerCgroup>,
+}
+
+/// `--separate-cgroups`: the agent in `agent`, gitlab-runner and the jobs in `runner`. A
+/// failure is said and the run goes on: the metadata firewall admits the `agent` cgroup only,
+/// so it then refuses the agent and jobs alike (closed, not open).
+fn separate_cgroups() -> Option<crate::cgroup::RunnerCgroup> {
+    match crate::cgroup::separate_self() {
+        Ok(runner) => {
+            tracing::debug!(
+                "gitlab-runner and its jobs will run in {}",
+                runner.path.display()
+            );
+            Some(runner)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "gitlab-runner and its jobs stay in the agent's cgroup: {why}; the metadata firewall, which admits only the agent's `agent` cgroup, then refuses the agent too (the unit needs Delegate=yes)"
+            );
+            None
+        }
+    }
 }
 
 impl Agent {
@@ -117,6 +143,7 @@ impl Agent {
             record: Arc::new(Mutex::new(record)),
             token_expires_at: None,
             token_warning: None,
+            runner_cgroup: None,
             args,
             lc: Lifecycle::new(SystemTime::now()),
             boot_id: boot_id(),

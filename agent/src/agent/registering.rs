@@ -16,7 +16,7 @@ use crate::lifecycle::Phase;
 use crate::registration::expiry::{self, Expiry};
 use crate::registration::{Registered, Target, possibly_created};
 use crate::runner::job_lines::{self, JobLine, Outcome};
-use crate::runner::{self, LineWatch, RunnerUser};
+use crate::runner::{self, Account, LineWatch, ShellJobs};
 use crate::secret::Secret;
 use crate::status::{self, Published};
 
@@ -25,7 +25,7 @@ impl Agent {
         let Setup {
             config,
             client,
-            user,
+            job_user,
             system_id,
             flow,
         } = setup;
@@ -56,7 +56,7 @@ impl Agent {
                 );
                 let teardown = match tokio::time::timeout(bound, call).await {
                     Ok(Ok(accepted)) => {
-                        self.accept_created(&config, &user, registered(accepted.token))
+                        self.accept_created(&config, &job_user, registered(accepted.token))
                     }
                     Ok(Err(_)) => pending,
                     Err(_) => {
@@ -76,7 +76,7 @@ impl Agent {
                 accepted.token_expires_at,
             ),
             Ok(accepted) => (
-                self.accept_created(&config, &user, registered(accepted.token)),
+                self.accept_created(&config, &job_user, registered(accepted.token)),
                 accepted.token_expires_at,
             ),
             Err(error) => {
@@ -120,7 +120,7 @@ impl Agent {
             tracing::info!("{why} before gitlab-runner started: not starting it, tearing down");
             return self.teardown(teardown);
         }
-        self.start_runner(&config, &user, teardown)
+        self.start_runner(&config, &job_user, teardown)
     }
 
     /// Warns when the token expires within a day or this VM's max_lifetime; a token already
@@ -152,12 +152,13 @@ impl Agent {
     fn accept_created(
         &mut self,
         config: &RunnerConfig,
-        user: &RunnerUser,
+        job_user: &Account,
         registered: Registered,
     ) -> Teardown {
         self.lc.registered = true;
-        let toml = runner::render_config_toml(config, &registered.runner_token);
-        if let Err(e) = self.write_runner_files(&registered.system_id, &toml, user) {
+        let shell = ShellJobs::for_user(job_user);
+        let toml = runner::render_config_toml(config, &registered.runner_token, &shell);
+        if let Err(e) = self.write_runner_files(&registered.system_id, &toml) {
             tracing::warn!("{}", e.with_fix());
         }
         self.write_status();
@@ -170,12 +171,20 @@ impl Agent {
     fn start_runner(
         &mut self,
         config: &RunnerConfig,
-        user: &RunnerUser,
+        job_user: &Account,
         teardown: Teardown,
     ) -> Next {
         let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, config);
-        let env = runner::scrubbed_environment(user, |key| std::env::var(key).ok());
+        // gitlab-runner runs as the agent itself: the token's holder is never the job's user.
+        let own = match Account::resolve(None) {
+            Ok(own) => own,
+            Err(e) => {
+                let detail = format!("{e:#}");
+                return failed(AgentError::JobUser(detail), teardown);
+            }
+        };
+        let env = runner::scrubbed_environment(&own, |key| std::env::var(key).ok());
         self.lc.runner_started = true;
         if let Err(e) = self.try_write_status() {
             let path = status::path_in(&self.args.state_dir);
@@ -183,7 +192,9 @@ impl Agent {
             return failed(AgentError::StartNotRecorded { path, detail }, teardown);
         }
         let program = self.args.gitlab_runner.clone();
-        let mut child = match runner::spawn(&program, &args, user, &env) {
+        let cwd = self.args.state_dir.clone();
+        let cgroup = self.runner_cgroup.as_ref();
+        let mut child = match runner::spawn(&program, &args, &env, &cwd, cgroup) {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return failed(AgentError::RunnerMissing(program), teardown);
@@ -226,7 +237,7 @@ impl Agent {
         let detail = format!(
             "gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job",
             config.max_jobs,
-            user.name,
+            job_user.name,
             config.idle_timeout.as_secs()
         );
         (State::Running(job), detail)

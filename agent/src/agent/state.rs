@@ -12,7 +12,7 @@ use crate::config::RunnerConfig;
 use crate::gitlab::Client;
 use crate::lifecycle::Phase;
 use crate::registration::{CredentialFlow, Registered};
-use crate::runner::RunnerUser;
+use crate::runner::Account;
 
 pub enum State {
     WaitingForConfig,
@@ -48,12 +48,13 @@ impl State {
 /// The next state and the line that says why (status.json, `STATUS=`, the journal).
 pub type Next = (State, String);
 
-/// registering: runner.json read, the runner user resolved, the system id and config.toml
+/// registering: runner.json read, the job user resolved, the system id and config.toml
 /// written.
 pub struct Setup {
     pub config: RunnerConfig,
     pub client: Client,
-    pub user: RunnerUser,
+    /// Who shell jobs run as (`job-exec` switches to this user; gitlab-runner never does).
+    pub job_user: Account,
     pub system_id: String,
     pub flow: Box<dyn CredentialFlow>,
 }

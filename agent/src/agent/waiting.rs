@@ -17,7 +17,7 @@ use crate::config::RunnerConfig;
 use crate::gitlab::Client;
 use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
 use crate::registration::{self, Target};
-use crate::runner::{self, RunnerUser};
+use crate::runner::{self, Account, ShellJobs};
 use crate::{cli, files, fswatch};
 
 /// How long a half-written runner.json may go without changing before it is judged as it is.
@@ -190,12 +190,18 @@ impl Agent {
         Ok(config)
     }
 
-    /// The client, the runner user, a fresh system id and config.toml, before any GitLab call.
+    /// The client, the job user, a fresh system id and config.toml, before any GitLab call.
     fn set_up(&mut self, config: RunnerConfig) -> Result<Setup, AgentError> {
         let client = Client::new(&config.url, config.tls_ca_file.as_deref())
             .map_err(|e| AgentError::TlsCaFile(format!("{e:#}")))?;
-        let user = RunnerUser::resolve(self.args.runner_user.as_deref())
-            .map_err(|e| AgentError::RunnerUser(format!("{e:#}")))?;
+        let job_user = Account::resolve(self.args.job_user.as_deref())
+            .map_err(|e| AgentError::JobUser(format!("{e:#}")))?;
+        if job_user.uid.is_root() && config.executor == crate::config::Executor::Shell {
+            // job-exec refuses: every job of this VM would fail. Said before registering.
+            return Err(AgentError::JobUser(
+                "shell jobs would run as root (no --job-user, and the agent runs as root): job-exec refuses, since root can read the runner token".into(),
+            ));
+        }
         let system_id =
             runner::generate_system_id().map_err(|e| AgentError::SystemId(e.to_string()))?;
         self.system_id = Some(system_id.clone());
@@ -204,13 +210,15 @@ impl Agent {
         // runner's token is written when GitLab returns it.
         let toml = flow
             .known_runner_token()
-            .map(|token| runner::render_config_toml(&config, &token))
+            .map(|token| {
+                runner::render_config_toml(&config, &token, &ShellJobs::for_user(&job_user))
+            })
             .unwrap_or_default();
-        self.write_runner_files(&system_id, &toml, &user)?;
+        self.write_runner_files(&system_id, &toml)?;
         Ok(Setup {
             config,
             client,
-            user,
+            job_user,
             system_id,
             flow,
         })
@@ -220,9 +228,8 @@ impl Agent {
         &self,
         system_id: &str,
         config_toml: &str,
-        user: &RunnerUser,
     ) -> Result<(), AgentError> {
-        runner::write_state_files(&self.args.state_dir, system_id, config_toml, user).map_err(|e| {
+        runner::write_state_files(&self.args.state_dir, system_id, config_toml).map_err(|e| {
             AgentError::StateDir {
                 dir: self.args.state_dir.clone(),
                 detail: format!("{e:#}"),

@@ -59,17 +59,54 @@ pub(super) fn docker(
             None
         }
     };
+    let privileged_node = docker.get(&keys::PRIVILEGED);
+    let privileged = privileged_node
+        .as_ref()
+        .and_then(|n| n.boolean(p))
+        .unwrap_or(false);
+    if let (true, Some(node)) = (privileged, &privileged_node) {
+        node.warning(
+            p,
+            ROOT_IN_THE_VM.replace("{what}", "a privileged container"),
+            "leave it false unless every project this runner serves trusts the others (docs/security.md); jobs that build images can use rootless tools (buildah, kaniko) instead",
+        );
+    }
+    let mut volumes = Vec::new();
+    for (node, volume) in docker
+        .get(&keys::VOLUMES)
+        .and_then(|n| n.string_items(p))
+        .unwrap_or_default()
+    {
+        if mounts_the_docker_socket(volume) {
+            node.warning(
+                p,
+                ROOT_IN_THE_VM.replace("{what}", &format!("\"{volume}\" hands jobs Docker's socket")),
+                "remove it unless every project this runner serves trusts the others (docs/security.md); Docker's API is root in the VM",
+            );
+        }
+        volumes.push(volume.to_string());
+    }
     Some(DockerSettings {
         image: image.unwrap_or_default().to_string(),
-        privileged: docker
-            .get(&keys::PRIVILEGED)
-            .and_then(|n| n.boolean(p))
-            .unwrap_or(false),
-        volumes: docker
-            .get(&keys::VOLUMES)
-            .and_then(|n| n.string_list(p))
-            .unwrap_or_default(),
+        privileged,
+        volumes,
     })
+}
+
+/// What a job that is root in the VM can take: said for each setting that makes it so.
+const ROOT_IN_THE_VM: &str = "makes every job root in the VM ({what}): any job can then read config.toml with the runner token and reach the metadata service, and with the token take other projects' jobs for as long as it lives";
+
+/// Whether a Docker volume (`host:container[:mode]`, or a bare path) hands the job the host's
+/// Docker socket: the socket itself, or a directory holding it (/run, /var/run).
+pub(super) fn mounts_the_docker_socket(volume: &str) -> bool {
+    // A bare path is a fresh volume at that path in the container, nothing of the host's.
+    let Some((host, _)) = volume.split_once(':') else {
+        return false;
+    };
+    let host = host.trim_end_matches('/');
+    host.ends_with("docker.sock")
+        || host.ends_with("containerd.sock")
+        || ["/run", "/var/run", "/run/docker", "/var/run/docker", ""].contains(&host)
 }
 
 pub(super) fn builds_dir(root: &Node<'_>, p: &mut Problems) -> Option<String> {

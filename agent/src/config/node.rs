@@ -239,11 +239,6 @@ impl<'a> Node<'a> {
         Some(out)
     }
 
-    pub fn string_list(&self, p: &mut Problems) -> Option<Vec<String>> {
-        let items = self.string_items(p)?;
-        Some(items.into_iter().map(|(_, s)| s.to_string()).collect())
-    }
-
     /// An object; `example` shows how to write it.
     pub fn object(&self, p: &mut Problems, example: &str) -> Option<Node<'a>> {
         self.reads(Kind::Object);

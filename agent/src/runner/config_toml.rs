@@ -36,19 +36,75 @@ pub fn read_runner_entry(state_dir: &Path) -> Option<RunnerEntry> {
     })
 }
 
+/// How shell jobs reach the job user: gitlab-runner's custom executor, whose `run_exec` is this
+/// program's `job-exec` (see job_exec.rs for why the shell executor cannot do it).
+#[derive(Debug, Clone)]
+pub struct ShellJobs {
+    /// This program, as gitlab-runner must call it (an absolute path).
+    pub agent: PathBuf,
+    /// The job user's name and home (builds and the local cache live there by default).
+    pub user: String,
+    pub home: PathBuf,
+}
+
+impl ShellJobs {
+    pub fn for_user(user: &super::Account) -> ShellJobs {
+        ShellJobs {
+            agent: std::env::current_exe().unwrap_or_else(|_| "gitlab-runner-vm".into()),
+            user: user.name.clone(),
+            home: user.home.clone(),
+        }
+    }
+}
+
+/// The executor gitlab-runner is told to use for runner.json's `executor`.
+pub fn gitlab_runner_executor(executor: Executor) -> &'static str {
+    match executor {
+        Executor::Shell => "custom",
+        Executor::Docker => "docker",
+    }
+}
+
 /// config.toml for `gitlab-runner run-single -c <file> -r <name>`: one `[[runners]]` entry.
-pub fn render_config_toml(config: &RunnerConfig, runner_token: &Secret) -> String {
+pub fn render_config_toml(
+    config: &RunnerConfig,
+    runner_token: &Secret,
+    shell: &ShellJobs,
+) -> String {
     use toml::{Table, Value};
     let mut runner = Table::new();
     runner.insert("name".into(), Value::from(config.name.as_str()));
     runner.insert("url".into(), Value::from(config.url.as_str()));
     runner.insert("token".into(), Value::from(runner_token.expose()));
-    runner.insert("executor".into(), Value::from(config.executor.as_str()));
+    runner.insert(
+        "executor".into(),
+        Value::from(gitlab_runner_executor(config.executor)),
+    );
     if let Some(ca) = &config.tls_ca_file {
         runner.insert("tls-ca-file".into(), Value::from(ca.display().to_string()));
     }
     if let Some(dir) = &config.builds_dir {
         runner.insert("builds_dir".into(), Value::from(dir.as_str()));
+    }
+    if config.executor == Executor::Shell {
+        // The custom executor has no default for either; the shell executor's were ./builds and
+        // ./cache in gitlab-runner's working directory, the runner's home.
+        if config.builds_dir.is_none() {
+            let builds = shell.home.join("builds").display().to_string();
+            runner.insert("builds_dir".into(), Value::from(builds));
+        }
+        let cache = shell.home.join("cache").display().to_string();
+        runner.insert("cache_dir".into(), Value::from(cache));
+        let mut custom = Table::new();
+        custom.insert(
+            "run_exec".into(),
+            Value::from(shell.agent.display().to_string()),
+        );
+        custom.insert(
+            "run_args".into(),
+            Value::from(vec!["job-exec", "--job-user", shell.user.as_str()]),
+        );
+        runner.insert("custom".into(), Value::Table(custom));
     }
     if !config.environment.is_empty() {
         runner.insert(
@@ -77,9 +133,57 @@ mod tests {
     use super::*;
     use crate::runner::sample_config;
 
+    fn shell_jobs() -> ShellJobs {
+        ShellJobs {
+            agent: "/nix/store/x/bin/gitlab-runner-vm".into(),
+            user: "runner".into(),
+            home: "/home/runner".into(),
+        }
+    }
+
+    #[test]
+    fn shell_jobs_run_through_job_exec_as_the_job_user() {
+        let text = render_config_toml(
+            &sample_config(Executor::Shell),
+            &Secret::new("glrt-xyz"),
+            &shell_jobs(),
+        );
+        let table: toml::Table = text.parse().unwrap();
+        let runner = &table["runners"].as_array().unwrap()[0];
+        assert_eq!(runner["executor"].as_str(), Some("custom"));
+        assert_eq!(runner["builds_dir"].as_str(), Some("/home/runner/builds"));
+        assert_eq!(runner["cache_dir"].as_str(), Some("/home/runner/cache"));
+        let custom = &runner["custom"];
+        assert_eq!(
+            custom["run_exec"].as_str(),
+            Some("/nix/store/x/bin/gitlab-runner-vm")
+        );
+        let args: Vec<&str> = custom["run_args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(args, ["job-exec", "--job-user", "runner"]);
+        // runner.json's builds_dir wins.
+        let mut own = sample_config(Executor::Shell);
+        own.builds_dir = Some("/var/lib/scratch/builds".into());
+        let text = render_config_toml(&own, &Secret::new("glrt-xyz"), &shell_jobs());
+        let table: toml::Table = text.parse().unwrap();
+        let runner = &table["runners"].as_array().unwrap()[0];
+        assert_eq!(
+            runner["builds_dir"].as_str(),
+            Some("/var/lib/scratch/builds")
+        );
+    }
+
     #[test]
     fn config_toml_is_valid_toml_with_one_runner() {
-        let text = render_config_toml(&sample_config(Executor::Docker), &Secret::new("glrt-xyz"));
+        let text = render_config_toml(
+            &sample_config(Executor::Docker),
+            &Secret::new("glrt-xyz"),
+            &shell_jobs(),
+        );
         let table: toml::Table = text.parse().unwrap();
         let runner = &table["runners"].as_array().unwrap()[0];
         assert_eq!(runner["name"].as_str(), Some("vm \"1\""));
@@ -90,14 +194,19 @@ mod tests {
         assert_eq!(runner["docker"]["privileged"].as_bool(), Some(true));
         assert_eq!(runner["docker"]["volumes"][0].as_str(), Some("/cache"));
         assert_eq!(runner["environment"][0].as_str(), Some("FOO=bar"));
-        let shell = render_config_toml(&sample_config(Executor::Shell), &Secret::new("glrt-xyz"));
+        assert_eq!(runner.get("custom"), None, "{text}");
+        let shell = render_config_toml(
+            &sample_config(Executor::Shell),
+            &Secret::new("glrt-xyz"),
+            &shell_jobs(),
+        );
         assert!(!shell.contains("[runners.docker]"));
         // No volumes: none written, gitlab-runner's default stays.
         let mut no_volumes = sample_config(Executor::Docker);
         if let Some(docker) = &mut no_volumes.docker {
             docker.volumes.clear();
         }
-        let text = render_config_toml(&no_volumes, &Secret::new("glrt-xyz"));
+        let text = render_config_toml(&no_volumes, &Secret::new("glrt-xyz"), &shell_jobs());
         let table: toml::Table = text.parse().unwrap();
         let docker = &table["runners"].as_array().unwrap()[0]["docker"];
         assert_eq!(docker.get("volumes"), None, "{text}");

@@ -1,22 +1,24 @@
-//! Everything about the real gitlab-runner: the state files (system id, config.toml), the
-//! unprivileged user it runs as, starting `run-single` with a scrubbed environment, forwarding
-//! its output, and signalling it.
+//! Everything about the real gitlab-runner: the state files (system id, config.toml, root's
+//! only), starting `run-single` with a scrubbed environment, forwarding its output, signalling
+//! it, and `job-exec`, through which it runs shell jobs as the job user.
 //!
 //! - `state_files`: the system id and writing both state files, 0600, before any GitLab call;
 //! - `config_toml`: rendering config.toml, and reading back what a restarted agent needs;
-//! - `process`: the runner user, the arguments, the environment, spawn and signals;
+//! - `process`: accounts, the arguments, the environment, spawn and signals;
+//! - `job_exec`: the custom executor's run_exec: a stage's script as the job user;
 //! - `output`: forwarding stdout and stderr to the log, one record per line;
 //! - `job_lines`: the lines of that output that say a job started or ended.
 
 mod config_toml;
+pub mod job_exec;
 pub mod job_lines;
 mod output;
 mod process;
 mod state_files;
 
-pub use config_toml::{read_runner_entry, render_config_toml};
+pub use config_toml::{ShellJobs, read_runner_entry, render_config_toml};
 pub use output::{LineWatch, forward_output};
-pub use process::{RunnerUser, run_single_args, scrubbed_environment, send_signal, spawn};
+pub use process::{Account, run_single_args, scrubbed_environment, send_signal, spawn};
 pub use state_files::{CONFIG_FILE, generate_system_id, read_system_id, write_state_files};
 
 /// A runner.json with every field the files above render, for their tests.

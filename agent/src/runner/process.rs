@@ -1,5 +1,6 @@
-//! The gitlab-runner process: the unprivileged user it runs as, its arguments, its scrubbed
-//! environment, starting it, and signalling it.
+//! The gitlab-runner process: its arguments, its scrubbed environment, starting it (as the
+//! agent's own user, in the `runner` cgroup when the agent separated them), and signalling it;
+//! and the accounts (passwd entries) that gitlab-runner and the jobs run as.
 
 use std::ffi::CString;
 use std::io;
@@ -11,11 +12,13 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use tokio::process::{Child, Command};
 
+use crate::cgroup::RunnerCgroup;
 use crate::config::RunnerConfig;
 
-/// The user gitlab-runner (and so every job) runs as.
+/// A user account as a process runs under it: gitlab-runner's (the agent's own, root in the
+/// unit) or the job user's (`--job-user`), whom `job-exec` switches to.
 #[derive(Debug, Clone)]
-pub struct RunnerUser {
+pub struct Account {
     pub name: String,
     pub uid: Uid,
     pub gid: Gid,
@@ -25,16 +28,14 @@ pub struct RunnerUser {
     pub groups: Vec<Gid>,
 }
 
-impl RunnerUser {
-    /// `name` = None means the agent's own user.
+impl Account {
+    /// `name` = None means this process's own user.
     pub fn resolve(name: Option<&str>) -> anyhow::Result<Self> {
         let user = match name {
             Some(name) => User::from_name(name)
-                .with_context(|| format!("cannot look up the runner user {name}"))?
+                .with_context(|| format!("cannot look up the job user {name}"))?
                 .with_context(|| {
-                    format!(
-                        "the runner user {name} does not exist; create it or change --runner-user"
-                    )
+                    format!("the job user {name} does not exist; create it or change --job-user")
                 })?,
             None => User::from_uid(Uid::current())?
                 .context("the agent's own user has no passwd entry")?,
@@ -42,7 +43,7 @@ impl RunnerUser {
         let me = Uid::current();
         if user.uid != me && !me.is_root() {
             bail!(
-                "cannot run gitlab-runner as {} (uid {}): the agent runs as uid {me}, and only root can switch users; run the agent as root or drop --runner-user",
+                "cannot run jobs as {} (uid {}): this process runs as uid {me}, and only root can switch users; run the agent as root or drop --job-user",
                 user.name,
                 user.uid
             );
@@ -54,7 +55,7 @@ impl RunnerUser {
         } else {
             Vec::new()
         };
-        Ok(RunnerUser {
+        Ok(Account {
             name: user.name,
             uid: user.uid,
             gid: user.gid,
@@ -98,7 +99,7 @@ pub const PROXY_VARIABLES: &[&str] = &[
 /// proxy settings pass, nothing else does. Stray variables (CI_SERVER_TOKEN, RUNNER_EXECUTOR,
 /// DOCKER_HOST, GITLAB_RUNNER_VM_*...) would otherwise feed its flags or leak into jobs.
 pub fn scrubbed_environment(
-    user: &RunnerUser,
+    user: &Account,
     var: impl Fn(&str) -> Option<String>,
 ) -> Vec<(String, String)> {
     let mut env = vec![
@@ -119,12 +120,15 @@ pub fn scrubbed_environment(
     env
 }
 
-/// Starts gitlab-runner as `user`, its output piped for `forward_output`.
+/// Starts gitlab-runner as the agent's own user (root in the unit: it holds the runner token
+/// and never runs as the job user), its output piped for `forward_output`, in `cwd` and, when
+/// the agent separated the cgroups, in the `runner` cgroup with every job it starts.
 pub fn spawn(
     program: &Path,
     args: &[String],
-    user: &RunnerUser,
     env: &[(String, String)],
+    cwd: &Path,
+    cgroup: Option<&RunnerCgroup>,
 ) -> io::Result<Child> {
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -134,34 +138,39 @@ pub fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    if user.home.is_dir() {
-        // The shell executor puts `builds/` under the working directory.
-        cmd.current_dir(&user.home);
+    if cwd.is_dir() {
+        cmd.current_dir(cwd);
     }
-    let switch_user = user.uid != Uid::current();
-    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
+    let procs = cgroup.map(|c| c.procs.clone());
     // SAFETY: the closure runs between fork and exec and only makes plain system calls (open,
-    // write, setgroups, setgid, setuid) on data prepared before the fork; nothing allocates.
+    // write) on data prepared before the fork; nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
             // The unit gives the agent a low OOM score so the kernel kills a job before the agent
             // that must deregister; gitlab-runner and its jobs get the normal score back.
-            if let Ok(fd) = nix::fcntl::open(
-                c"/proc/self/oom_score_adj",
-                nix::fcntl::OFlag::O_WRONLY,
-                nix::sys::stat::Mode::empty(),
-            ) {
-                let _ = nix::unistd::write(&fd, b"0");
-            }
-            if switch_user {
-                nix::unistd::setgroups(&groups)?;
-                nix::unistd::setgid(gid)?;
-                nix::unistd::setuid(uid)?;
+            write_file(c"/proc/self/oom_score_adj", b"0");
+            // Into the `runner` cgroup before exec: nothing of gitlab-runner ever runs in the
+            // agent's, which the metadata firewall admits. A failure leaves it beside the agent
+            // (refusing to start would leave the VM without its job); the agent warned already
+            // when it could not make the cgroups.
+            if let Some(procs) = &procs {
+                write_file(procs, b"0");
             }
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// open + write + close, for between fork and exec: no allocation, errors ignored.
+fn write_file(path: &std::ffi::CStr, contents: &[u8]) {
+    if let Ok(fd) = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        let _ = nix::unistd::write(&fd, contents);
+    }
 }
 
 /// Sends `sig` to gitlab-runner's main process only: jobs run in their own process groups and
@@ -178,7 +187,7 @@ mod tests {
 
     #[test]
     fn the_environment_keeps_path_lang_and_proxies_only() {
-        let user = RunnerUser {
+        let user = Account {
             name: "runner".into(),
             uid: Uid::from_raw(1000),
             gid: Gid::from_raw(1000),
@@ -236,13 +245,13 @@ mod tests {
 
     /// Only root switches users; anyone may run gitlab-runner as themselves.
     #[test]
-    fn the_runner_user_is_the_agents_own_unless_root() {
-        let me = RunnerUser::resolve(None).unwrap();
+    fn an_account_is_this_processs_own_unless_root() {
+        let me = Account::resolve(None).unwrap();
         assert_eq!(me.uid, Uid::current());
         let Ok(Some(nobody)) = User::from_name("nobody") else {
             return;
         };
-        let other = RunnerUser::resolve(Some("nobody"));
+        let other = Account::resolve(Some("nobody"));
         if Uid::current().is_root() {
             let other = other.unwrap();
             assert_eq!((other.uid, other.gid), (nobody.uid, nobody.gid));
@@ -251,28 +260,41 @@ mod tests {
             let err = format!("{:#}", other.unwrap_err());
             assert!(err.contains("only root can switch users"), "{err}");
         }
-        let err = RunnerUser::resolve(Some("no-such-user-xyz")).unwrap_err();
+        let err = Account::resolve(Some("no-such-user-xyz")).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
-    /// Run as root, gitlab-runner runs as the runner user, not as root.
+    /// gitlab-runner runs as the agent (never switched to the job user), in the given working
+    /// directory, with exactly the environment it is given.
     #[tokio::test]
-    async fn spawn_switches_to_the_runner_user() {
-        if !Uid::current().is_root() {
-            return;
-        }
-        let Ok(user) = RunnerUser::resolve(Some("nobody")) else {
-            return;
-        };
-        let script = "while read -r k v rest; do case $k in Uid:|Gid:) echo $k $v;; esac; done < /proc/self/status";
+    async fn spawn_keeps_the_agents_user_and_clears_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let script =
+            "echo uid=$(id -u) cwd=$(pwd) env=$(env | sed 's/=.*//' | sort | tr '\\n' ' ')";
         let args = ["-c".to_string(), script.to_string()];
-        let child = spawn(Path::new("/bin/sh"), &args, &user, &[]).unwrap();
+        let env = [("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let child = spawn(Path::new("/bin/sh"), &args, &env, dir.path(), None).unwrap();
         let out = child.wait_with_output().await.unwrap();
         assert!(out.status.success(), "{out:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            format!("Uid: {}\nGid: {}\n", user.uid, user.gid)
+        let text = String::from_utf8_lossy(&out.stdout);
+        let cwd = dir.path().canonicalize().unwrap();
+        assert!(
+            text.starts_with(&format!("uid={} cwd={} ", Uid::current(), cwd.display())),
+            "{text}"
         );
+        let names: Vec<&str> = text
+            .split("env=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        // The shell adds PWD, SHLVL and _ itself; nothing else comes from the agent.
+        for name in names {
+            assert!(
+                ["PATH", "PWD", "SHLVL", "_", "OLDPWD"].contains(&name),
+                "{name} in {text}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! The state files this boot writes before any GitLab call: the system id in
-//! `<state-dir>/.runner_system_id` and config.toml beside it, both private to the runner user.
+//! `<state-dir>/.runner_system_id` and config.toml beside it, both private to the agent's user
+//! (root in the unit), which gitlab-runner runs as: no job's user can read them.
 
 use std::fs;
 use std::io::{self, Write};
@@ -7,9 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::Context;
-use nix::unistd::Uid;
 
-use super::RunnerUser;
 use crate::files;
 
 pub const SYSTEM_ID_FILE: &str = ".runner_system_id";
@@ -42,18 +41,18 @@ pub fn is_valid_system_id(id: &str) -> bool {
 }
 
 /// Writes `<state-dir>/.runner_system_id` and `<state-dir>/config.toml`, both 0600 and owned by
-/// the runner user (gitlab-runner reads them), before any GitLab call.
+/// the agent's user (gitlab-runner, which reads them, runs as that user), before any GitLab
+/// call.
 pub fn write_state_files(
     state_dir: &Path,
     system_id: &str,
     config_toml: &str,
-    owner: &RunnerUser,
 ) -> anyhow::Result<()> {
-    write_private(&state_dir.join(SYSTEM_ID_FILE), system_id.as_bytes(), owner)?;
-    write_private(&state_dir.join(CONFIG_FILE), config_toml.as_bytes(), owner)
+    write_private(&state_dir.join(SYSTEM_ID_FILE), system_id.as_bytes())?;
+    write_private(&state_dir.join(CONFIG_FILE), config_toml.as_bytes())
 }
 
-fn write_private(path: &Path, contents: &[u8], owner: &RunnerUser) -> anyhow::Result<()> {
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()
@@ -65,10 +64,6 @@ fn write_private(path: &Path, contents: &[u8], owner: &RunnerUser) -> anyhow::Re
     file.write_all(contents)?;
     file.sync_data()?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    if Uid::current().is_root() {
-        nix::unistd::chown(&tmp, Some(owner.uid), Some(owner.gid))
-            .with_context(|| format!("cannot give {} to {}", tmp.display(), owner.name))?;
-    }
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -113,16 +108,23 @@ mod tests {
     #[test]
     fn state_files_are_private_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let me = RunnerUser::resolve(None).unwrap();
-        let toml = render_config_toml(&sample_config(Executor::Shell), &Secret::new("glrt-xyz"));
-        write_state_files(dir.path(), "r_abcdefABCDEF", &toml, &me).unwrap();
+        let shell = crate::runner::ShellJobs {
+            agent: "/bin/gitlab-runner-vm".into(),
+            user: "runner".into(),
+            home: "/home/runner".into(),
+        };
+        let toml = render_config_toml(
+            &sample_config(Executor::Shell),
+            &Secret::new("glrt-xyz"),
+            &shell,
+        );
+        write_state_files(dir.path(), "r_abcdefABCDEF", &toml).unwrap();
         for f in [SYSTEM_ID_FILE, CONFIG_FILE] {
-            let mode = fs::metadata(dir.path().join(f))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
-            assert_eq!(mode, 0o600, "{f}");
+            let meta = fs::metadata(dir.path().join(f)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+            // The agent's own, never handed to the job user.
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(meta.uid(), nix::unistd::Uid::current().as_raw(), "{f}");
         }
         assert_eq!(
             fs::read_to_string(dir.path().join(SYSTEM_ID_FILE)).unwrap(),

@@ -137,6 +137,10 @@ exit {code}
                 cmd.env_remove(key);
             }
         }
+        // Run as root (CI), shell jobs need a job user other than root, as in the image.
+        if nix::unistd::Uid::current().is_root() {
+            cmd.env("GITLAB_RUNNER_VM_JOB_USER", "nobody");
+        }
         // Short timeouts for tests, through the environment variables the NixOS module uses;
         // a test's own flags override them.
         for (key, value) in [

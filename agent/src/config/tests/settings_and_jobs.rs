@@ -146,3 +146,64 @@ fn docker_section_with_the_shell_executor_is_ignored_with_a_warning() {
         ["$.docker.image", "$.docker.privileged", "$.docker.volumes"]
     );
 }
+
+/// A privileged container or Docker's socket makes every job root in the VM, one step from the
+/// runner token: valid, but said where it is set (`check` and the journal).
+#[test]
+fn root_in_the_vm_from_docker_settings_is_warned_where_it_is_set() {
+    let v = check(fixture!("docker-root-in-the-vm"));
+    let config = v.config.unwrap();
+    assert!(config.docker.unwrap().privileged);
+    let warned: Vec<_> = v
+        .problems
+        .iter()
+        .map(|p| (p.severity, p.path.as_str()))
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            (Severity::Warning, "$.docker.privileged"),
+            (Severity::Warning, "$.docker.volumes[1]"),
+            (Severity::Warning, "$.docker.volumes[2]"),
+        ]
+    );
+    assert!(
+        v.problems[0].message.contains("runner token"),
+        "{}",
+        v.problems[0]
+    );
+    assert!(
+        v.problems[1].message.contains("Docker's socket"),
+        "{}",
+        v.problems[1]
+    );
+    // Neither without them.
+    let plain = check(
+        r#"{"url": "https://g.example.com", "token": "glrt-a", "executor": "docker", "docker": {"image": "alpine", "privileged": false, "volumes": ["/cache", "/srv/sock:/x"]}}"#,
+    );
+    assert!(plain.problems.is_empty(), "{:?}", plain.problems);
+}
+
+#[test]
+fn docker_socket_volumes_are_told_from_others() {
+    use crate::config::jobs::mounts_the_docker_socket as socket;
+    for yes in [
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "/run/docker.sock:/d.sock:ro",
+        "/run:/r",
+        "/var/run/:/r",
+        "/:/host",
+        "/run/containerd/containerd.sock:/c",
+    ] {
+        assert!(socket(yes), "{yes}");
+    }
+    for no in [
+        "/cache",
+        "/var/run",
+        "/srv/run:/run",
+        "/home/x/docker.socks:/y",
+        "/run/user:/u",
+    ] {
+        assert!(!socket(no), "{no}");
+    }
+}
