@@ -11,7 +11,9 @@
 #                         running units): DNS (53 udp/tcp) and NTP (123 udp) to the metadata
 #                         addresses stay open, the rest goes through the allow chain and is
 #                         rejected unless a rule there accepted it; packets to them that come
-#                         from containers (any bridge: PREROUTING) are dropped.
+#                         from containers (any bridge: PREROUTING) are dropped. A stand-in
+#                         that holds the address locally (a test) works: its replies (the
+#                         reply direction of a connection) and packets on lo pass.
 #   teardown [--all]      remove the static rules; --all also the allow rules.
 #   allow-self [SUBDIR]   allow the caller's own cgroup (read from /proc/self/cgroup), or its
 #                         sub-cgroup SUBDIR (made when missing). For systemd units:
@@ -164,6 +166,9 @@ ipt_setup() {
     ipt "$t" -N "$out" 2>/dev/null || ipt "$t" -F "$out"
     ipt "$t" -N "$allow" 2>/dev/null || true
     while read -r address; do
+      # Replies (conntrack's reply direction) of a stand-in that holds the address locally, a
+      # test: requests to the service are the original direction, whoever sends them.
+      ipt "$t" -A "$out" -d "$address" -m conntrack --ctdir REPLY -j RETURN
       ipt "$t" -t raw -A "$fwd" -d "$address" -p udp -m multiport --dports "${open_udp// /,}" -j RETURN
       ipt "$t" -t raw -A "$fwd" -d "$address" -p tcp -m multiport --dports "${open_tcp// /,}" -j RETURN
       ipt "$t" -t raw -A "$fwd" -d "$address" -j DROP
@@ -242,6 +247,7 @@ nft_setup() {
     rules+="add rule inet $table prerouting $family daddr $address udp dport $udp return
 add rule inet $table prerouting $family daddr $address tcp dport $tcp return
 add rule inet $table prerouting $family daddr $address drop
+add rule inet $table output $family daddr $address ct direction reply return
 add rule inet $table output $family daddr $address udp dport $udp return
 add rule inet $table output $family daddr $address tcp dport $tcp return
 add rule inet $table output $family daddr $address jump allow

@@ -100,13 +100,14 @@ def check_iptables(root):
         need(s.ipt(tool, "filter", "OUTPUT") == ["-j runner-metadata-out"], f"{tool} OUTPUT: {s.ipt(tool, 'filter', 'OUTPUT')}")
         need(s.ipt(tool, "raw", "PREROUTING") == ["-j runner-metadata-fwd"], f"{tool} raw PREROUTING: {s.ipt(tool, 'raw', 'PREROUTING')}")
         out = [
+            f"-d {address} -m conntrack --ctdir REPLY -j RETURN",
             f"-d {address} -p udp -m multiport --dports 53,123 -j RETURN",
             f"-d {address} -p tcp -m multiport --dports 53 -j RETURN",
             f"-d {address} -j runner-metadata-allow",
             f"-d {address} -j REJECT",
         ]
         need(s.ipt(tool, "filter", "runner-metadata-out") == out, f"{tool} runner-metadata-out: {s.ipt(tool, 'filter', 'runner-metadata-out')}")
-        fwd = ["-i lo -j RETURN"] + [r.replace("-j REJECT", "-j DROP") for r in out if "allow" not in r]
+        fwd = ["-i lo -j RETURN"] + [r.replace("-j REJECT", "-j DROP") for r in out[1:] if "allow" not in r]
         need(s.ipt(tool, "raw", "runner-metadata-fwd") == fwd, f"{tool} raw runner-metadata-fwd: {s.ipt(tool, 'raw', 'runner-metadata-fwd')}")
         need(s.ipt(tool, "filter", "runner-metadata-allow") == [], f"{tool}: the allow chain is not empty after setup")
     # IPv4 addresses go to iptables only, IPv6 ones to ip6tables only.
@@ -174,13 +175,14 @@ def check_nftables(root):
     want = []
     for family, address in (("ip", "169.254.169.254"), ("ip6", "fd00:ec2::254")):
         want += [
+            f"{family} daddr {address} ct direction reply return",
             f"{family} daddr {address} udp dport {{ 53,123 }} return",
             f"{family} daddr {address} tcp dport {{ 53 }} return",
             f"{family} daddr {address} jump allow",
             f"{family} daddr {address} reject",
         ]
     need(out == want, f"nft output chain: {out}")
-    need(s.nft("prerouting") == ["iifname lo return"] + [r.replace("reject", "drop") for r in want if "jump" not in r], f"nft prerouting chain: {s.nft('prerouting')}")
+    need(s.nft("prerouting") == ["iifname lo return"] + [r.replace("reject", "drop") for r in want if "jump" not in r and "reply" not in r], f"nft prerouting chain: {s.nft('prerouting')}")
     table = s.state()["nft"]["gitlab-runner-vm-metadata"]["chains"]
     need(table["output"]["spec"] == "type filter hook output priority filter; policy accept;", f"nft output hook: {table['output']['spec']}")
     need(table["prerouting"]["spec"] == "type filter hook prerouting priority raw; policy accept;", f"nft prerouting hook: {table['prerouting']['spec']}")
