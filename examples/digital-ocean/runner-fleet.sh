@@ -27,8 +27,8 @@
 #   COUNT        Droplets to keep (default 2; 0 lets the fleet drain: finished ones are not replaced)
 #   RUNNER_JSON  runner.json given to every Droplet as user-data (default ./runner.json)
 #   TAG          tag marking the fleet's Droplets, prefix of their names (default gitlab-runners)
-#   SSH_KEYS     optional comma-separated SSH key ids or fingerprints (the CI user `runner` may
-#                log in with them)
+#   SSH_KEYS     optional comma-separated SSH key ids or fingerprints (the operator user
+#                `operator` may log in with them)
 #   VPC_UUID     optional VPC; give the fleet a VPC of its own: the firewall lets the runners
 #                reach everything, other Droplets of their VPC included
 #   MAX_AGE      lifetime cap in seconds (default 21600, 6 h: a job's timeout (1 h) and the

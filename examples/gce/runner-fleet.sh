@@ -40,8 +40,8 @@
 #   GITLAB_RANGES optional comma-separated CIDRs of a GitLab on a private address (TCP 443)
 #   MAX_RUN_DURATION  lifetime cap per VM, gcloud's duration format (default 6h)
 #   NO_ADDRESS    1: no external IP (the subnet then needs Cloud NAT to reach GitLab)
-#   SSH_PUBLIC_KEY  optional public key file: the CI user `runner` may log in with it (the
-#                 image takes `ssh-keys` metadata entries `runner:KEY` at boot)
+#   SSH_PUBLIC_KEY  optional public key file: the operator user `operator` may log in with it
+#                 (the image takes `ssh-keys` metadata entries `operator:KEY` at boot)
 # gcloud's own settings (project, account) apply: CLOUDSDK_CORE_PROJECT, `gcloud config`.
 set -euo pipefail
 
@@ -73,7 +73,7 @@ create_template() {
   if [ -n "${SSH_PUBLIC_KEY:-}" ]; then
     [ -r "$SSH_PUBLIC_KEY" ] || die "cannot read $SSH_PUBLIC_KEY (SSH_PUBLIC_KEY)"
     keys=$(mktemp)
-    printf 'runner:%s\n' "$(head -n 1 "$SSH_PUBLIC_KEY")" >"$keys"
+    printf 'operator:%s\n' "$(head -n 1 "$SSH_PUBLIC_KEY")" >"$keys"
     metadata+=,ssh-keys=$keys
   fi
   # Template names are unique and kept while VMs use them: time of creation and a random part.

@@ -446,7 +446,7 @@ def test_gce_runner_fleet():
         (tpl2,) = find(calls, "gcloud", "compute", "instance-templates", "create")
         assert opt(tpl2, "--network") == "gitlab-runners" and opt(tpl2, "--max-run-duration") == "6h", "a MIG's templates share a network"
         metadata = fake.get_state()["metadata"][tpl2[4]]
-        assert metadata["ssh-keys"] == "runner:" + key.read_text(), metadata
+        assert metadata["ssh-keys"] == "operator:" + key.read_text(), metadata
         assert not list(fake.tmpdir.iterdir()), "the script left temporary files behind"
         (sit,) = find(calls, "gcloud", "compute", "instance-groups", "managed", "set-instance-template")
         assert opt(sit, "--template") == tpl2[4] != name

@@ -971,18 +971,22 @@ def test_the_runner_image_mounts_the_config_disk_by_id_as_iso9660(runner_image):
     assert {"overriderockperms", "mode=0400", "dmode=0500"} <= set(mount["options"]), f"runner.json is readable by every user: {mount['options']}"
 
 
-def test_ssh_and_job_user_is_the_ci_user_of_the_image(runner_image):
+def test_ssh_keys_go_to_the_operator_user_not_the_job_user(runner_image):
+    """accessCredentials name the image's operator user, whose ~/.ssh/authorized_keys (written
+    by the QEMU guest agent) sshd reads; never the user jobs run as, who could plant keys."""
     image = runner_image
-    ci_user = image["ciUser"]
+    ci_user, operator = image["ciUser"], image["operatorUser"]
     assert ci_user in image["normalUsers"], f"the runner image defines users {image['normalUsers']}, not the CI user {ci_user!r}"
-    assert image["agent"]["runnerUser"] == ci_user, f"the runner image runs jobs as {image['agent']['runnerUser']!r}, its CI user is {ci_user!r}"
+    assert image["agent"]["jobUser"] == ci_user, f"the runner image runs jobs as {image['agent']['jobUser']!r}, its CI user is {ci_user!r}"
+    assert operator in image["normalUsers"] and operator != ci_user, f"operator user {operator!r}, job user {ci_user!r}"
+    assert image["operatorHomedirKeys"], "sshd must read the operator's ~/.ssh/authorized_keys, where the guest agent writes keys"
     problems = []
     for path in manifest_files():
         for where, spec, _labels in vm_specs(path):
             for cred in spec["template"]["spec"].get("accessCredentials", []):
                 users = get(cred, "sshPublicKey.propagationMethod.qemuGuestAgent.users", [])
-                if users != [ci_user]:
-                    problems.append(f"{where}: SSH keys go to {users}, the CI user is {ci_user!r}")
+                if users != [operator]:
+                    problems.append(f"{where}: SSH keys go to {users}, the operator user is {operator!r}")
     assert not problems, "\n".join(problems)
 
 
