@@ -5,33 +5,17 @@
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
   runner = config.services.gitlab-runner-vm.enable or false;
-  doAgent = runner && config.services.do-agent.enable;
 in
 {
   imports = [ (modulesPath + "/virtualisation/digital-ocean-image.nix") ];
 
   virtualisation.digitalOcean.rebuildFromUserData = false;
 
-  systemd.services = lib.mkMerge [
-    # do-agent (metrics) reads the droplet's metadata. In runner images, which keep users other
-    # than root away from it (nixos-modules/hardening.nix), it runs as a user of its own
-    # instead of a dynamic one, so that the firewall lets it through by name.
-    {
-      do-agent.serviceConfig = lib.mkIf doAgent {
-        DynamicUser = lib.mkForce false;
-        User = "do-agent";
-        Group = "do-agent";
-      };
-    }
-    # The agent names the runner after the host name, which nixpkgs' DigitalOcean module sets.
-    # (mkIf on the whole set: a plain image must not get a gitlab-runner-vm unit at all.)
-    (lib.mkIf runner { gitlab-runner-vm.after = [ "digitalocean-set-hostname.service" ]; })
-  ];
-  users.users.do-agent = lib.mkIf doAgent {
-    isSystemUser = true;
-    group = "do-agent";
-  };
-  users.groups.do-agent = lib.mkIf doAgent { };
+  # The agent names the runner after the host name, which nixpkgs' DigitalOcean module sets.
+  # (mkIf on the whole set: a plain image must not get a gitlab-runner-vm unit at all.)
+  # do-agent (metrics) reads the droplet's metadata: the metadata firewall lets its unit
+  # through (nixos-modules/metadata-firewall.nix, by cgroup), whatever user it runs as.
+  systemd.services = lib.mkIf runner { gitlab-runner-vm.after = [ "digitalocean-set-hostname.service" ]; };
 
   system.build.digitalOceanImage = lib.mkForce (diskImage {
     name = "digital-ocean-image";

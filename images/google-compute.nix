@@ -45,8 +45,8 @@ in
 
     # The host name: nixpkgs leaves it to DHCP, whose client may not set it without polkit
     # (off here), and the guest agent of nixpkgs (20230821) does not set it. As nixpkgs does
-    # for EC2 and DigitalOcean: the instance's name, from the metadata service, as root (the
-    # runner images' metadata firewall lets root through). The agent names the runner after it.
+    # for EC2 and DigitalOcean: the instance's name, from the metadata service (the runner
+    # images' metadata firewall lets this unit through). The agent names the runner after it.
     systemd.services.gce-set-hostname = lib.mkIf (config.networking.hostName == "") {
       description = "Set the host name to the GCE instance's name";
       wantedBy = [ "multi-user.target" ];
