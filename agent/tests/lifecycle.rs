@@ -67,6 +67,35 @@ async fn glrt_token_verify_run_single_deregister_power_off() {
         toml.contains(&format!("url = \"{}\"", h.server.uri())),
         "{toml}"
     );
+    // Shell jobs run through this binary's job-exec as the job user; gitlab-runner, which reads
+    // the file, runs as the agent, which owns it.
+    let table: toml::Table = toml.parse().unwrap();
+    let runner = &table["runners"].as_array().unwrap()[0];
+    assert_eq!(runner["executor"].as_str(), Some("custom"), "{toml}");
+    let bin = std::fs::canonicalize(common::BIN).unwrap();
+    assert_eq!(
+        runner["custom"]["run_exec"].as_str(),
+        Some(bin.to_str().unwrap()),
+        "{toml}"
+    );
+    let job_user = if nix::unistd::Uid::current().is_root() {
+        "nobody".to_string()
+    } else {
+        nix::unistd::User::from_uid(nix::unistd::Uid::current())
+            .unwrap()
+            .unwrap()
+            .name
+    };
+    assert_eq!(
+        runner["custom"]["run_args"],
+        toml::Value::from(vec!["job-exec", "--job-user", job_user.as_str()]),
+        "{toml}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&config_toml).unwrap().uid(),
+        nix::unistd::Uid::current().as_raw()
+    );
 
     assert!(h.powered_off());
     let st = h.status();
