@@ -54,7 +54,8 @@ let
       inherit (config.networking.firewall) enable allowedTCPPorts allowedUDPPorts allowedTCPPortRanges allowedUDPPortRanges extraCommands extraStopCommands;
       nftables = config.networking.nftables.enable;
     };
-    metadataFirewall = config.gitlabRunnerVm.runner.metadataFirewall or null;
+    # Without allowedUsers: a removed option throws when read.
+    metadataFirewall = if config.gitlabRunnerVm.runner ? metadataFirewall then removeAttrs config.gitlabRunnerVm.runner.metadataFirewall [ "allowedUsers" ] else null;
     inherit (config.services.openssh.settings) PermitRootLogin;
     sshOpenFirewall = config.services.openssh.openFirewall;
     sshPorts = config.services.openssh.ports;
