@@ -55,7 +55,7 @@ let
       nftables = config.networking.nftables.enable;
     };
     # Without allowedUsers: a removed option throws when read.
-    metadataFirewall = if config.gitlabRunnerVm.runner ? metadataFirewall then removeAttrs config.gitlabRunnerVm.runner.metadataFirewall [ "allowedUsers" ] else null;
+    metadataFirewall = lib.mapNullable (m: removeAttrs m [ "allowedUsers" ]) (config.gitlabRunnerVm.runner.metadataFirewall or null);
     inherit (config.services.openssh.settings) PermitRootLogin;
     sshOpenFirewall = config.services.openssh.openFirewall;
     sshPorts = config.services.openssh.ports;
