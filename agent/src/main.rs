@@ -110,6 +110,14 @@ fn show_status(state_dir: &Path, json: bool) -> ExitCode {
             print!("{}", secret::scrub(&text));
             ExitCode::SUCCESS
         }
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+            // The state directory is root's: config.toml beside status.json holds the token.
+            eprintln!(
+                "error: cannot read {}: {e}; the state directory is root's only: sudo gitlab-runner-vm status",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!(
                 "error: cannot read {}: {e}; is gitlab-runner-vm running? (systemctl status gitlab-runner-vm)",

@@ -82,6 +82,34 @@ fn status_without_an_agent_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is gitlab-runner-vm running?"));
 }
 
+/// The state directory is root's (config.toml holds the token): anyone else is told to use
+/// sudo, not that the agent is not running.
+#[test]
+fn status_as_another_user_says_to_use_sudo() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        return;
+    };
+    if !nix::unistd::Uid::current().is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("status.json"), "{}").unwrap();
+    // As the unit makes it (RuntimeDirectoryMode=0700).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--state-dir"])
+        .arg(dir.path())
+        .uid(nobody.uid.as_raw())
+        .gid(nobody.gid.as_raw())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sudo gitlab-runner-vm status"), "{stderr}");
+}
+
 #[test]
 fn release_without_a_hold_is_not_an_error() {
     let dir = tempfile::tempdir().unwrap();
