@@ -226,12 +226,15 @@ def add_hostile_job(tree, scenario):
 
 FIREWALL_UNIT = """# The metadata firewall, set up at boot and torn down at shutdown as
 # nixos-modules/metadata-firewall.nix does it with the firewall's rules (scenarios f, g).
+# Not as early as NixOS's firewall.service (DefaultDependencies=no, before network-pre.target):
+# under TCG its iptables or nft commands would compete with udev for the config disk, whose
+# device timeout is 10 s. Before the agent is what matters here.
 [Unit]
 Description=VM system test: the metadata firewall (nixos-modules/metadata-firewall.sh)
-DefaultDependencies=no
-Wants=network-pre.target
-Before=network-pre.target gitlab-runner-vm.service vmtest-metadata.service
-After=local-fs.target systemd-modules-load.service
+After=runner\\x2dinfo.mount
+Before=gitlab-runner-vm.service vmtest-metadata.service vmtest-docker.service
+# Torn down after the evidence upload, which keeps the rules and their counters.
+Before=vmtest-evidence.service
 
 [Service]
 Type=oneshot
