@@ -107,12 +107,6 @@ def metadata_firewall():
     return METADATA_FIREWALL if os.path.exists(METADATA_FIREWALL) else None
 
 
-def agent_knows_job_user():
-    """Whether the agent under test has --job-user (issue 17); older ones take --runner-user."""
-    out = subprocess.run([AGENT_BIN, "run", "--help"], capture_output=True, text=True)
-    return "--job-user" in out.stdout
-
-
 def agent_dropin(scenario):
     """What the NixOS module (nixos-modules/gitlab-runner-vm.nix) adds to the unit: its ordering
     after the config mount and the agent's flags as environment variables, module defaults
@@ -135,8 +129,6 @@ def agent_dropin(scenario):
         "GITLAB_RUNNER_VM_HOLD_MAX": "14400",
         "GITLAB_RUNNER_VM_HOLD_EXTEND": "3600",
     }
-    if not agent_knows_job_user():
-        env["GITLAB_RUNNER_VM_RUNNER_USER"] = env.pop("GITLAB_RUNNER_VM_JOB_USER")
     if scenario.poweroff_disabled:
         # services.gitlab-runner-vm.powerOff = false (debug images) sets the agent's --no-poweroff.
         env["GITLAB_RUNNER_VM_NO_POWEROFF"] = "true"
