@@ -111,7 +111,8 @@ fn run_job(args: &JobExecArgs) -> Result<ExitStatus, String> {
             args.script.display()
         )
     })?;
-    let env = scrubbed_environment(&user, |key| std::env::var(key).ok());
+    let mut env = scrubbed_environment(&user, |key| std::env::var(key).ok());
+    env.extend(runtime_dir(&user, Path::new(RUN_USER)));
     let cwd = if user.home.is_dir() {
         user.home.as_path()
     } else {
@@ -133,6 +134,20 @@ fn run_job(args: &JobExecArgs) -> Result<ExitStatus, String> {
     child
         .wait()
         .map_err(|e| format!("cannot wait for the {} stage: {e}", args.stage))
+}
+
+/// Where systemd makes each user's runtime directory (the image lingers the job user, so it
+/// exists from boot although jobs start without a login session).
+const RUN_USER: &str = "/run/user";
+
+/// XDG_RUNTIME_DIR for the job, as a login session would set it: rootless Podman keeps its
+/// socket and state there. Only a directory of the job user's own, never another's.
+fn runtime_dir(user: &Account, base: &Path) -> Option<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = base.join(user.uid.to_string());
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (meta.is_dir() && meta.uid() == user.uid.as_raw())
+        .then(|| ("XDG_RUNTIME_DIR".to_string(), dir.display().to_string()))
 }
 
 /// `bash --login` as `user`, the script on stdin.
@@ -183,6 +198,26 @@ mod tests {
         assert_eq!(failure_code(ExitStatus::from_raw(1 << 8)), Some(1));
         // Killed by SIGTERM (15): reported as a shell would, 143.
         assert_eq!(failure_code(ExitStatus::from_raw(15)), Some(143));
+    }
+
+    #[test]
+    fn the_runtime_directory_is_the_job_users_own_or_none() {
+        let base = tempfile::tempdir().unwrap();
+        let me = Account::resolve(None).unwrap();
+        assert_eq!(runtime_dir(&me, base.path()), None);
+        let dir = base.path().join(me.uid.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(
+            runtime_dir(&me, base.path()),
+            Some(("XDG_RUNTIME_DIR".into(), dir.display().to_string()))
+        );
+        // Someone else's directory under the job user's uid is not the job user's.
+        let other = Account {
+            uid: Uid::from_raw(me.uid.as_raw() + 1),
+            ..me.clone()
+        };
+        std::fs::create_dir(base.path().join(other.uid.to_string())).unwrap();
+        assert_eq!(runtime_dir(&other, base.path()), None);
     }
 
     #[test]
