@@ -77,7 +77,13 @@ pub(super) fn docker(
         .and_then(|n| n.string_items(p))
         .unwrap_or_default()
     {
-        if mounts_the_docker_socket(volume) {
+        if let Some(what) = host_secret_in(volume) {
+            node.warning(
+                p,
+                format!("\"{volume}\" hands every job {what}: any job can read the runner token and take other projects' jobs with it for as long as it lives"),
+                "remove it; jobs share files with the VM through the builds directory and caches, never through the agent's or the platform's directories",
+            );
+        } else if mounts_the_docker_socket(volume) {
             node.warning(
                 p,
                 ROOT_IN_THE_VM.replace("{what}", &format!("\"{volume}\" hands jobs Docker's socket")),
@@ -95,6 +101,45 @@ pub(super) fn docker(
 
 /// What a job that is root in the VM can take: said for each setting that makes it so.
 const ROOT_IN_THE_VM: &str = "makes every job root in the VM ({what}): any job can then read config.toml with the runner token and reach the metadata service, and with the token take other projects' jobs for as long as it lives";
+
+/// Directories of the VM that hold the runner's credential: the agent's state (config.toml),
+/// runner.json on the config disk and on the clouds, the platforms' copies of user-data.
+const SECRET_DIRS: &[(&str, &str)] = &[
+    (
+        crate::cli::DEFAULT_STATE_DIR,
+        "config.toml with the runner token",
+    ),
+    ("/runner-info", "runner.json"),
+    ("/run/runner-info", "runner.json"),
+    (
+        "/etc/ec2-metadata",
+        "the instance's user-data (runner.json)",
+    ),
+    ("/run/do-metadata", "the Droplet's user-data (runner.json)"),
+];
+
+/// What of the VM's secrets a Docker volume's host side gives the container: a secret directory
+/// itself, one inside it, or one of its ancestors (`/run`, `/`).
+pub(super) fn host_secret_in(volume: &str) -> Option<&'static str> {
+    let (host, _) = volume.split_once(':')?;
+    // /var/run is a link to /run on every image.
+    let host = match host.strip_prefix("/var/run") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("/run{rest}"),
+        _ => host.to_string(),
+    };
+    let host = std::path::Path::new(&host);
+    if !host.is_absolute() {
+        // A named volume (`cache:/cache`): Docker's, not a host directory.
+        return None;
+    }
+    SECRET_DIRS
+        .iter()
+        .find(|(dir, _)| {
+            let dir = std::path::Path::new(dir);
+            dir.starts_with(host) || host.starts_with(dir)
+        })
+        .map(|(_, what)| *what)
+}
 
 /// Whether a Docker volume (`host:container[:mode]`, or a bare path) hands the job the host's
 /// Docker socket: the socket itself, or a directory holding it (/run, /var/run).

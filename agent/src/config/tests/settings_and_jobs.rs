@@ -207,3 +207,43 @@ fn docker_socket_volumes_are_told_from_others() {
         assert!(!socket(no), "{no}");
     }
 }
+
+/// A volume that reaches config.toml or runner.json hands every job the token, root or not.
+#[test]
+fn volumes_that_hold_the_token_are_told() {
+    use crate::config::jobs::host_secret_in as secret;
+    let state = Some("config.toml with the runner token");
+    assert_eq!(secret("/run/gitlab-runner-vm:/x"), state);
+    assert_eq!(secret("/run/gitlab-runner-vm/config.toml:/c:ro"), state);
+    assert_eq!(secret("/run:/r"), state);
+    assert_eq!(secret("/var/run:/r"), state);
+    assert_eq!(secret("/var/run/gitlab-runner-vm/:/r"), state);
+    assert_eq!(secret("/:/host"), state);
+    assert_eq!(secret("/runner-info:/ri"), Some("runner.json"));
+    assert_eq!(secret("/run/runner-info/:/ri"), Some("runner.json"));
+    assert_eq!(
+        secret("/etc:/etc-of-the-vm"),
+        Some("the instance's user-data (runner.json)")
+    );
+    for no in [
+        "/cache",
+        "cache:/run/gitlab-runner-vm",
+        "/srv/cache:/run/gitlab-runner-vm",
+        "/run/user:/u",
+        "/runner-information:/x",
+        "/var/runner:/x",
+        "/var/run/docker.sock:/var/run/docker.sock",
+    ] {
+        assert_eq!(secret(no), None, "{no}");
+    }
+    let v = check(
+        r#"{"url": "https://g.example.com", "token": "glrt-a", "executor": "docker", "docker": {"image": "alpine", "volumes": ["/cache", "/run/gitlab-runner-vm:/state:ro"]}}"#,
+    );
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    assert_eq!(v.problems[0].path, "$.docker.volumes[1]");
+    assert!(
+        v.problems[0].message.contains("runner token"),
+        "{}",
+        v.problems[0]
+    );
+}
