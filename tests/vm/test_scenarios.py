@@ -431,9 +431,15 @@ def test_the_unit_ended_cleanly(ev, expect):
 
 
 def test_systemd_never_had_to_kill_the_agent(ev, expect):
-    """systemd never had to kill the agent"""
+    """systemd never had to kill the agent nor gitlab-runner (a process that a job left behind is
+    SIGKILLed with the unit, as KillMode=mixed says)"""
+    def forced(message):
+        left_over = re.match(r".*Killing process \d+ \(([^)]*)\) with signal SIGKILL", message)
+        if left_over:
+            return left_over.group(1).startswith("gitlab-runner")
+        return bool(re.search(r"timed out|Killing process|SIGKILL", message))
     killed = ev.first(lambda e: e.get("UNIT") == UNIT and e.get("_PID") == "1"
-                      and re.search(r"timed out|Killing process|SIGKILL", e.get("MESSAGE", "")))
+                      and forced(e.get("MESSAGE", "")))
     expect(killed is None, (killed or {}).get("MESSAGE", ""))
 
 
@@ -796,3 +802,19 @@ def test_with_root_the_job_reached_the_metadata_service(run, report, expect):
     its cgroup for the agent's: a firewall inside the VM cannot stop root)"""
     found = [a for a in attempts(report, via="sudo") if a["hostile"].startswith("reach the metadata service")]
     expect(any(a["ok"] for a in found), "; ".join(say(run, a) for a in found) or "not attempted")
+
+
+@applies(hostile)
+def test_the_job_user_could_not_hold_the_vm(run, report, expect):
+    """as the job user: /etc/keep-runner (which holds a VM after its jobs) could not be made"""
+    refused(run, expect, attempts(report, "create the keep file"), None)
+
+
+@applies(hostile)
+def test_a_process_the_job_left_behind_did_not_keep_the_vm_up(run, report, expect):
+    """a process the job left behind (a session of its own) did not keep the VM up: it powered
+    itself off after deregistration"""
+    left = attempts(report, "leave a process behind")
+    ok, _, detail = run.step_result("powered off")
+    expect(left and left[0]["ok"] and ok,
+           f"{say(run, left[0]) if left else 'not attempted'}; power-off: {detail or ok}")

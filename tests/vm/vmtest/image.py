@@ -144,7 +144,14 @@ def agent_dropin(scenario):
     return "\n".join(lines) + "\n"
 
 
-def build_root_image(base, scenario, workdir):
+# The config disk's device timeout under TCG: the module's 10 s (guest/runner-info.device-timeout.conf)
+# is guest time, and an emulated guest on a loaded host (the compiler just done, other VMs) has
+# taken longer than that for udev to announce the disk; the agent then waits for a runner.json
+# that never comes. Under KVM the module's value stands.
+TCG_DEVICE_TIMEOUT = "60s"
+
+
+def build_root_image(base, scenario, workdir, kvm=True):
     """The guest's root disk: the cached tree plus the agent, its unit and the test's files."""
     tree = Tree(os.path.join(base, "rootfs"), os.path.join(workdir, "tree"))
     sysd = "/etc/systemd/system"
@@ -159,8 +166,11 @@ def build_root_image(base, scenario, workdir):
     device = systemd_escape_path(f"/dev/disk/by-id/virtio-{CONFIG_SERIAL}") + ".device"
     tree.put_file(f"{sysd}/{mount}", os.path.join(GUEST_FILES, "runner-info.mount"), 0o644)
     tree.enable(mount, f"../{mount}", "local-fs.target")
-    tree.put_file(f"{sysd}/{device}.d/50-device-timeout.conf",
-                  os.path.join(GUEST_FILES, "runner-info.device-timeout.conf"), 0o644)
+    with open(os.path.join(GUEST_FILES, "runner-info.device-timeout.conf")) as f:
+        timeout = f.read()
+    if not kvm:
+        timeout = timeout.replace("JobRunningTimeoutSec=10s", f"JobRunningTimeoutSec={TCG_DEVICE_TIMEOUT}")
+    tree.put(f"{sysd}/{device}.d/50-device-timeout.conf", timeout)
     # The fake gitlab-runner, and the evidence helpers.
     tree.put_file("/usr/local/bin/gitlab-runner", os.path.join(GUEST_FILES, "gitlab-runner"), 0o755)
     for helper in ("vmtest-status-watch", "vmtest-evidence"):

@@ -148,7 +148,7 @@ class Run:
         sc = self.sc
         log(f"scenario {sc.key}: {sc.title}")
         t = time.time()
-        root_image = image.build_root_image(base, sc, self.out)
+        root_image = image.build_root_image(base, sc, self.out, kvm)
         iso = image.build_config_iso(self.runner_json, self.out)
         self.image_seconds = time.time() - t
         self.gitlab = FakeGitLab(os.path.join(self.out, "gitlab-requests.jsonl"), self.token,
