@@ -724,6 +724,12 @@ def test_the_job_user_could_not_read_the_state_directory(run, report, expect):
 
 
 @applies(hostile)
+def test_the_job_user_could_not_run_the_agents_status_command(run, report, expect):
+    """as the job user: `gitlab-runner-vm status --json` refused (the state directory is root's)"""
+    refused(run, expect, attempts(report, "run the agent's status command"), None)
+
+
+@applies(hostile)
 def test_the_job_user_could_not_read_runner_json(run, report, expect):
     """as the job user: runner.json on the config disk unreadable"""
     refused(run, expect, attempts(report, "read runner.json on the config disk"), None)
@@ -752,9 +758,18 @@ def test_the_job_user_was_refused_by_the_docker_socket(run, report, expect):
 
 
 @applies(hostile)
-def test_the_job_user_could_not_reach_the_metadata_service(run, report, expect):
-    """as the job user: the metadata stand-in at 169.254.169.254 unreachable (the firewall)"""
-    refused(run, expect, attempts(report, "reach the metadata service"), None)
+def test_the_job_user_could_not_reach_the_metadata_service(run, report, ev, expect):
+    """as the job user: the metadata stand-in at 169.254.169.254 unreachable (the firewall:
+    the stand-in answered the agent's cgroup)"""
+    try:
+        probe = json.loads(ev.text("metadata-from-agent.json") or "{}")
+    except ValueError:
+        probe = {}
+    found = attempts(report, "reach the metadata service")
+    if not probe.get("ok"):
+        expect(False, "the stand-in did not answer the agent's cgroup either: the refusal proves nothing")
+        return
+    refused(run, expect, found, None)
 
 
 @applies(unprivileged)
