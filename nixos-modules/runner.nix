@@ -75,7 +75,7 @@ let
         device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
         fsType = "iso9660";
         # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
-        options = [ "ro" "nofail" "x-systemd.device-timeout=10s" "overriderockperms" "mode=0400" "dmode=0500" ];
+        options = [ "ro" "nofail" "x-systemd.device-timeout=10s" "overriderockperm" "mode=0400" "dmode=0500" ];
       };
     }
   // lib.optionalAttrs cfg.scratchDisk.enable {

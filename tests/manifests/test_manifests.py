@@ -968,7 +968,7 @@ def test_the_runner_image_mounts_the_config_disk_by_id_as_iso9660(runner_image):
     assert mount["fsType"] == "iso9660", f"the config disk is mounted as {mount['fsType']}, KubeVirt presents a Secret as ISO 9660"
     assert {"ro", "nofail"} <= set(mount["options"]), f"the config disk's mount options are {mount['options']}: ro and nofail expected"
     # KubeVirt's ISO keeps the Secret file's 0644 in Rock Ridge: the mount must override it.
-    assert {"overriderockperms", "mode=0400", "dmode=0500"} <= set(mount["options"]), f"runner.json is readable by every user: {mount['options']}"
+    assert {"overriderockperm", "mode=0400", "dmode=0500"} <= set(mount["options"]), f"runner.json is readable by every user: {mount['options']}"
 
 
 def test_ssh_keys_go_to_the_operator_user_not_the_job_user(runner_image):

@@ -173,8 +173,16 @@ def runner_problems(where, runner, kubevirt=True):
         need(config_disk["enable"], "no config disk")
         need(mounts["config"].get("device") == f"/dev/disk/by-id/virtio-{config_disk['serial']}", f"config disk device {mounts['config'].get('device')}")
         need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
-        need({"ro", "nofail", "overriderockperms", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
+        need({"ro", "nofail", "overriderockperm", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
              f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
+        # The VM system test mounts the disk with the unit systemd-fstab-generator makes of these
+        # options (x-systemd.* become unit settings): what it proves is what the image mounts.
+        tested = next(line.split("=", 1)[1].strip().split(",")
+                      for line in open("tests/vm/guest/runner-info.mount")
+                      if line.startswith("Options="))
+        shipped = [o for o in mounts["config"].get("options", []) if not o.startswith("x-systemd.")]
+        need(sorted(tested) == sorted(shipped),
+             f"tests/vm/guest/runner-info.mount mounts with {tested}, the image with {shipped}")
     else:
         # No disk to wait for: the agent writes runner.json from user-data into a root-only tmpfs directory.
         need(not config_disk["enable"] and mounts["config"] == {}, f"a config disk is mounted on a cloud: {mounts['config']}")
