@@ -68,6 +68,9 @@ let
   userData = pkgs.writeText "user-data" (builtins.toJSON { token = cloudToken; url = "http://gitlab"; executor = "shell"; max_jobs = 1; idle_timeout = 300; });
   keyPairKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHbUr2/vf4pyrTwMy0qnzsmIv5GuUDlfCNGXd1oBHGkp key-pair";
 
+  # The fake metadata service's address in vm-cloud-user-data: a second address of `gitlab`.
+  metadataAddress = "192.168.1.254";
+
   # As the job user, the way a job runs: no login session, a shell with the system's PATH.
   asJob = command: "su runner -s /bin/sh -c ${lib.escapeShellArg command}";
 
@@ -185,6 +188,9 @@ in
     nodes = {
       gitlab = lib.recursiveUpdate gitlabNode {
         networking.firewall.allowedTCPPorts = [ 80 8254 ];
+        # The metadata service's own address, apart from GitLab's (which jobs must reach): the
+        # runner's metadata firewall guards this one as it guards 169.254.169.254 on a cloud.
+        networking.interfaces.eth1.ipv4.addresses = lib.mkAfter [{ address = metadataAddress; prefixLength = 24; }];
         systemd.services.fake-imds = {
           wantedBy = [ "multi-user.target" ];
           environment.STATE_DIR = "/var/lib/fake-imds";
@@ -194,9 +200,11 @@ in
       runner = {
         imports = [ modules.runner ];
         gitlabRunnerVm.base.tools.enable = false;
+        gitlabRunnerVm.runner.metadataFirewall.addresses = [ metadataAddress ];
+        environment.systemPackages = [ pkgs.curl ];
         services.gitlab-runner-vm.settings = {
           config-source = "aws";
-          metadata-url = "http://gitlab:8254";
+          metadata-url = "http://${metadataAddress}:8254";
           failure-delay = 5;
           config-wait = 60;
         };
@@ -219,6 +227,16 @@ in
           runner.succeed("[ $(stat -c %a /run/runner-info/runner.json) = 600 ]")
           runner.succeed("[ $(stat -c %a:%U /run/runner-info) = 700:root ]")
           runner.fail("su runner -s /bin/sh -c 'cat /run/runner-info/runner.json'")
+
+      with subtest("the metadata service answers the agent's cgroup only: not a job, not root elsewhere"):
+          # The agent got runner.json through the firewall above (its `agent` cgroup is allowed).
+          # Refused is curl's exit 7 (the REJECT's "connection refused"), not a missing curl.
+          runner.succeed("iptables -S | grep -F -- '-d ${metadataAddress}'")
+          runner.succeed("${asJob "curl -s -m 5 http://${metadataAddress}:8254/latest/meta-data/; test $? = 7"}")
+          # Root outside the allowed units (this shell is the test driver's service) is refused too.
+          runner.succeed("curl -s -m 5 http://${metadataAddress}:8254/latest/meta-data/; test $? = 7")
+          # GitLab, on the same host, stays reachable for jobs.
+          runner.succeed("${asJob "curl -s -m 5 -o /dev/null http://gitlab/"}")
 
       with subtest("no cloud-init, no config disk to wait for"):
           runner.fail("systemctl cat cloud-init.service")
