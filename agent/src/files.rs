@@ -66,6 +66,40 @@ pub fn read_text(path: &Path, cap: u64) -> io::Result<String> {
     })
 }
 
+/// Where the symbolic link at `path` points (a relative target is taken from the link's
+/// directory, as the kernel does), if `path` is a link and its target does not exist: what an
+/// operator must be told instead of "exists" or "did not appear".
+pub fn dangling_link(path: &Path) -> Option<std::path::PathBuf> {
+    if !std::fs::symlink_metadata(path)
+        .ok()?
+        .file_type()
+        .is_symlink()
+    {
+        return None;
+    }
+    if std::fs::metadata(path).is_ok() {
+        return None;
+    }
+    let target = std::fs::read_link(path).ok()?;
+    Some(path.parent().unwrap_or(Path::new("/")).join(target))
+}
+
+/// At most the first `len` bytes of the regular file at `path`, opened as `read_capped` opens
+/// (never blocking); None when it is no regular file or cannot be read.
+pub fn read_prefix(path: &Path, len: usize) -> Option<Vec<u8>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOCTTY).bits())
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(len as u64).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
 /// Reads to the end, but never more than `cap` bytes: the size fstat gave may already be out
 /// of date (a file still being written, or a /proc file that says 0).
 fn read_at_most(file: File, cap: u64) -> io::Result<Vec<u8>> {
@@ -218,6 +252,22 @@ mod tests {
         assert_eq!(std::fs::read(&file).unwrap(), b"{\"a\": 1}");
         assert_eq!(mode(&file), 0o644);
         assert!(!dir.path().join("new/dir/.runner.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_link_to_nothing_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("runner.json");
+        std::os::unix::fs::symlink("disk/runner.json", &link).unwrap();
+        assert_eq!(
+            dangling_link(&link),
+            Some(dir.path().join("disk/runner.json"))
+        );
+        std::fs::create_dir(dir.path().join("disk")).unwrap();
+        std::fs::write(dir.path().join("disk/runner.json"), "{}").unwrap();
+        assert_eq!(dangling_link(&link), None);
+        assert_eq!(dangling_link(&dir.path().join("disk/runner.json")), None);
+        assert_eq!(dangling_link(&dir.path().join("missing")), None);
     }
 
     #[test]

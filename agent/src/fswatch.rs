@@ -79,6 +79,16 @@ impl MountWatch {
     }
 }
 
+/// The watch's next change; never, without a watch.
+async fn maybe_changed(
+    watch: Option<impl std::future::Future<Output = io::Result<()>>>,
+) -> Option<io::Result<()>> {
+    match watch {
+        Some(changed) => Some(changed.await),
+        None => std::future::pending().await,
+    }
+}
+
 /// The directory itself if it exists, else its nearest existing ancestor.
 fn nearest_existing_dir(path: &Path) -> PathBuf {
     let mut dir = path.to_path_buf();
@@ -107,6 +117,16 @@ pub async fn wait_for_file(path: &Path) -> io::Result<()> {
                 | AddWatchFlags::IN_DELETE_SELF
                 | AddWatchFlags::IN_MOVE_SELF,
         )?;
+        // A link to a file still to come (on a disk mounted later, in another directory): its
+        // target's directory changes, not the link's.
+        let target_dir = crate::files::dangling_link(path).and_then(|target| {
+            let dir = nearest_existing_dir(target.parent().unwrap_or(Path::new("/")));
+            DirWatch::new(
+                &dir,
+                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
+            )
+            .ok()
+        });
         let mounts = MountWatch::new().ok();
         if path.exists() {
             return Ok(());
@@ -116,12 +136,10 @@ pub async fn wait_for_file(path: &Path) -> io::Result<()> {
             path.display(),
             watched.display()
         );
-        match &mounts {
-            Some(mounts) => tokio::select! {
-                r = dir.changed() => r?,
-                r = mounts.changed() => r?,
-            },
-            None => dir.changed().await?,
+        tokio::select! {
+            r = dir.changed() => r?,
+            Some(r) = maybe_changed(mounts.as_ref().map(MountWatch::changed)) => r?,
+            Some(r) = maybe_changed(target_dir.as_ref().map(DirWatch::changed)) => r?,
         }
     }
 }

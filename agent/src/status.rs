@@ -18,12 +18,14 @@ pub const FILE_NAME: &str = "status.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// First in the file: a restarted agent that cannot parse the file still finds this boot's
+    /// id in its first bytes (`whose`).
+    pub boot_id: String,
     pub phase: Phase,
     #[serde(with = "rfc3339")]
     pub since: SystemTime,
     /// The agent's process id, for `gitlab-runner-vm drain`.
     pub pid: u32,
-    pub boot_id: String,
     pub runner: Option<String>,
     pub system_id: Option<String>,
     pub credential: Option<CredentialKind>,
@@ -31,7 +33,11 @@ pub struct Status {
     pub registered: bool,
     pub deregistered: bool,
     pub runner_started: bool,
+    /// The first `lifecycle::TIMELINE_HEAD` entries of this boot and the last
+    /// `lifecycle::TIMELINE_TAIL`; `timeline_dropped` counts those dropped between them.
     pub timeline: Vec<TimelineEntry>,
+    #[serde(default)]
+    pub timeline_dropped: u64,
     pub last_error: Option<String>,
     #[serde(with = "rfc3339_opt", default)]
     pub hold_deadline: Option<SystemTime>,
@@ -199,10 +205,114 @@ pub fn render(status: &Status, now: SystemTime) -> String {
     }
     line(&mut out, "boot record:", &status.boot_record.summary());
     out.push_str("timeline:\n");
-    for entry in &status.timeline {
+    for (i, entry) in status.timeline.iter().enumerate() {
+        if i == crate::lifecycle::TIMELINE_HEAD && status.timeline_dropped > 0 {
+            out.push_str(&format!(
+                "  ... {} entries dropped (restarts of this boot; the first and the last are kept)\n",
+                status.timeline_dropped
+            ));
+        }
         out.push_str(&format!("  {}  {}\n", fmt_time(entry.at), entry.phase));
     }
     out
+}
+
+/// What a starting agent finds in its state directory.
+#[derive(Debug)]
+pub enum Found {
+    /// No status.json: no run in this state directory.
+    Nothing,
+    Status(Box<Status>),
+    /// status.json is there but cannot be read or parsed (`error` says why).
+    Unreadable {
+        error: String,
+        whose: Whose,
+    },
+}
+
+/// Whose a status.json that cannot be parsed is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whose {
+    /// Written before this boot began, without this boot's id: starting afresh is safe.
+    AnotherBoot,
+    /// This boot's, for the reason given: this boot may have registered and run a job.
+    ThisBoot(&'static str),
+    /// Cannot be told (its content or its time cannot be read): taken as this boot's.
+    Unknown,
+}
+
+impl Whose {
+    pub fn may_be_this_boot(&self) -> bool {
+        !matches!(self, Whose::AnotherBoot)
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Whose::AnotherBoot => "it is from an earlier boot",
+            Whose::ThisBoot(why) => why,
+            Whose::Unknown => "which boot wrote it cannot be told, so it counts as this boot's",
+        }
+    }
+}
+
+/// How many bytes of an unparsable status.json are searched for the boot id (the first key).
+const BOOT_ID_PREFIX: usize = 4096;
+
+/// Judges a status.json that cannot be parsed, failing closed: it is another boot's only when
+/// its first bytes could be read and do not carry this boot's id, and it was last changed
+/// before this boot began. The time alone is not enough: NTP may set the clock forward after
+/// the file was written, making a file of this boot look older than the boot.
+pub fn whose(
+    prefix: Option<&[u8]>,
+    modified: Option<SystemTime>,
+    boot_id: &str,
+    boot_started: Option<SystemTime>,
+) -> Whose {
+    // An id is 36 characters; "unknown" (no /proc) would match any file that says so.
+    let id_known = boot_id.len() >= 16;
+    if let Some(prefix) = prefix
+        && id_known
+        && prefix
+            .windows(boot_id.len())
+            .any(|w| w == boot_id.as_bytes())
+    {
+        return Whose::ThisBoot("it names this boot's id");
+    }
+    match (prefix, modified, boot_started) {
+        (_, Some(modified), Some(started)) if modified >= started => {
+            Whose::ThisBoot("it was changed after this boot began")
+        }
+        (Some(_), Some(_), Some(_)) if id_known => Whose::AnotherBoot,
+        _ => Whose::Unknown,
+    }
+}
+
+/// status.json as a starting agent finds it; an unreadable file is judged by `whose`.
+pub fn find(state_dir: &Path, boot_id: &str) -> Found {
+    let path = path_in(state_dir);
+    let error = match read(state_dir) {
+        Ok(status) => return Found::Status(Box::new(status)),
+        Err(e) => e,
+    };
+    // Not even a dangling link or an unreadable directory: nothing ran here.
+    let meta = match fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Found::Nothing,
+        meta => meta.ok(),
+    };
+    let prefix = crate::files::read_prefix(&path, BOOT_ID_PREFIX);
+    let modified = meta.and_then(|m| m.modified().ok());
+    Found::Unreadable {
+        error: error.to_string(),
+        whose: whose(prefix.as_deref(), modified, boot_id, boot_started()),
+    }
+}
+
+/// When this boot began on the wall clock: now less the time since the kernel started.
+fn boot_started() -> Option<SystemTime> {
+    use nix::time::{ClockId, clock_gettime};
+    let up = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
+    let up = std::time::Duration::new(up.tv_sec() as u64, up.tv_nsec() as u32);
+    SystemTime::now().checked_sub(up)
 }
 
 pub fn fmt_time(t: SystemTime) -> String {
@@ -273,6 +383,7 @@ mod tests {
                     at: t0,
                 },
             ],
+            timeline_dropped: 0,
             last_error: None,
             hold_deadline: Some(t0 + Duration::from_secs(3600)),
             poweroff_at: None,
@@ -371,6 +482,75 @@ mod tests {
         }
         let old: Status = serde_json::from_value(raw).unwrap();
         assert_eq!(old.boot_record, crate::boot_record::BootRecord::default());
+    }
+
+    #[test]
+    fn the_boot_id_comes_first_and_dropped_entries_are_said() {
+        let mut s = sample();
+        let raw = serde_json::to_string_pretty(&s).unwrap();
+        assert!(raw.starts_with("{\n  \"boot_id\": \"b1\","), "{raw}");
+        s.timeline = (0..crate::lifecycle::TIMELINE_HEAD + 2)
+            .map(|_| s.timeline[0].clone())
+            .collect();
+        s.timeline_dropped = 5000;
+        let text = render(&s, s.since);
+        let lines: Vec<&str> = text.lines().skip_while(|l| *l != "timeline:").collect();
+        assert_eq!(
+            lines[1 + crate::lifecycle::TIMELINE_HEAD],
+            "  ... 5000 entries dropped (restarts of this boot; the first and the last are kept)"
+        );
+        assert_eq!(lines.len(), 1 + crate::lifecycle::TIMELINE_HEAD + 3);
+    }
+
+    #[test]
+    fn an_unparsable_file_is_another_boots_only_when_it_provably_is() {
+        let id = "0b5c3f8e-7d1a-4c2b-9e6f-1a2b3c4d5e6f";
+        let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let boot = Some(t(1000));
+        let other = b"{\n  \"boot_id\": \"11111111-2222-3333-4444-555555555555\", \"pha";
+        let mine = format!("{{\n  \"boot_id\": \"{id}\",\n  \"pha");
+        assert_eq!(
+            whose(Some(other), Some(t(10)), id, boot),
+            Whose::AnotherBoot
+        );
+        // This boot's id, even in a file that looks older than the boot (the clock moved).
+        assert!(matches!(
+            whose(Some(mine.as_bytes()), Some(t(10)), id, boot),
+            Whose::ThisBoot(_)
+        ));
+        // Changed since the boot began: this boot's, whatever it says.
+        assert!(matches!(
+            whose(Some(other), Some(t(1000)), id, boot),
+            Whose::ThisBoot(_)
+        ));
+        assert!(matches!(
+            whose(None, Some(t(2000)), id, boot),
+            Whose::ThisBoot(_)
+        ));
+        // Nothing to tell it by: fail closed.
+        assert_eq!(whose(None, Some(t(10)), id, boot), Whose::Unknown);
+        assert_eq!(whose(Some(other), None, id, boot), Whose::Unknown);
+        assert_eq!(whose(Some(other), Some(t(10)), id, None), Whose::Unknown);
+        assert_eq!(
+            whose(Some(b"unknown"), Some(t(10)), "unknown", boot),
+            Whose::Unknown
+        );
+    }
+
+    #[test]
+    fn find_tells_no_file_from_an_unreadable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "0b5c3f8e-7d1a-4c2b-9e6f-1a2b3c4d5e6f";
+        assert!(matches!(find(dir.path(), id), Found::Nothing));
+        // A link to nothing is there, and unreadable.
+        std::os::unix::fs::symlink("nowhere", path_in(dir.path())).unwrap();
+        assert!(matches!(
+            find(dir.path(), id),
+            Found::Unreadable { whose, .. } if whose.may_be_this_boot()
+        ));
+        fs::remove_file(path_in(dir.path())).unwrap();
+        write(dir.path(), &sample()).unwrap();
+        assert!(matches!(find(dir.path(), id), Found::Status(_)));
     }
 
     #[test]

@@ -12,6 +12,16 @@ pub enum AgentError {
     ConfigWatch { path: PathBuf, detail: String },
     #[error("{path} did not appear within {seconds} s")]
     ConfigMissing { path: PathBuf, seconds: u64 },
+    #[error(
+        "{path} is a symbolic link to {target}, which does not exist: it did not appear within {seconds} s"
+    )]
+    ConfigLinkDangling {
+        path: PathBuf,
+        target: PathBuf,
+        seconds: u64,
+        /// The platform whose user-data would be fetched if the link were not there.
+        user_data: Option<Platform>,
+    },
     #[error("cannot read {path}: {detail}")]
     ConfigUnreadable { path: PathBuf, detail: String },
     #[error("{path} has {count} error(s): {summary}")]
@@ -37,6 +47,14 @@ pub enum AgentError {
         "cannot record in {path} that gitlab-runner starts ({detail}), so it was not started: a restarted agent could otherwise start a second one"
     )]
     StartNotRecorded { path: PathBuf, detail: String },
+    #[error(
+        "{path} cannot be read, so the agent registers nothing and starts no gitlab-runner (this boot may have registered and run a job already): {detail}; {whose}"
+    )]
+    StatusUnreadable {
+        path: PathBuf,
+        detail: String,
+        whose: &'static str,
+    },
     #[error("gitlab-runner not found: {0}")]
     RunnerMissing(PathBuf),
     #[error("cannot start {program}: {detail}")]
@@ -68,6 +86,24 @@ impl AgentError {
         match self {
             ConfigWatch { .. } => "check that the agent may read the directory".into(),
             ConfigMissing { .. } => "attach the runner config disk (on KubeVirt: a Secret with the key runner.json as a disk with serial runner-info) or write the file; --config-wait sets how long to wait".into(),
+            ConfigLinkDangling {
+                path,
+                target,
+                user_data,
+                ..
+            } => {
+                let instead = match user_data {
+                    Some(platform) => format!(
+                        ", or remove the link: the {platform} user-data is then fetched into {}",
+                        path.display()
+                    ),
+                    None => format!(", or replace the link with runner.json itself (rm {})", path.display()),
+                };
+                format!(
+                    "create {} (attach or mount the disk it is on){instead}; --config-wait sets how long to wait",
+                    target.display()
+                )
+            }
             ConfigUnreadable { .. } => "make it a regular file the agent can read".into(),
             ConfigInvalid { path, .. } => format!(
                 "fix runner.json as listed above (gitlab-runner-vm check --config {} prints each problem with its fix)",
@@ -89,6 +125,10 @@ impl AgentError {
             StartNotRecorded { path, .. } => format!(
                 "make {} writable by the agent (is its file system full or read-only?)",
                 path.parent().unwrap_or(path).display()
+            ),
+            StatusUnreadable { path, .. } => format!(
+                "nothing to do in this VM: it deregisters what config.toml names and powers off; if it recurs, hold a VM (/etc/keep-runner) and look at {} and the journal",
+                path.display()
             ),
             RunnerMissing(_) => "install gitlab-runner in the image, or point --gitlab-runner (GITLAB_RUNNER_VM_GITLAB_RUNNER) at it".into(),
             RunnerSpawn { .. } => "check that it is an executable gitlab-runner".into(),

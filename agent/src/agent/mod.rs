@@ -172,16 +172,40 @@ impl Agent {
                 self.args.state_dir.display()
             )
         })?;
-        if let Ok(prev) = status::read(&self.args.state_dir) {
-            let previous_run = lifecycle::Previous {
-                boot_id: &prev.boot_id,
-                phase: prev.phase,
-                registered: prev.registered && !prev.deregistered,
-                runner_started: prev.runner_started,
-            };
-            if lifecycle::on_start(Some(previous_run), &self.boot_id) == StartDecision::TearDown {
-                let teardown = self.span().in_scope(|| self.resume(prev));
-                let next = self.teardown(teardown);
+        match status::find(&self.args.state_dir, &self.boot_id) {
+            status::Found::Nothing => {}
+            status::Found::Status(prev) => {
+                let previous_run = lifecycle::Previous {
+                    boot_id: &prev.boot_id,
+                    phase: prev.phase,
+                    registered: prev.registered && !prev.deregistered,
+                    runner_started: prev.runner_started,
+                };
+                if lifecycle::on_start(Some(previous_run), &self.boot_id) == StartDecision::TearDown
+                {
+                    let teardown = self.span().in_scope(|| self.resume(*prev));
+                    let next = self.teardown(teardown);
+                    return self.enter(next);
+                }
+            }
+            status::Found::Unreadable { error, whose } if !whose.may_be_this_boot() => {
+                tracing::warn!(
+                    "{} cannot be read ({error}); {}: starting afresh, and it is replaced",
+                    status::path_in(&self.args.state_dir).display(),
+                    whose.describe()
+                );
+            }
+            // Fail closed: this boot may have registered and run a job already.
+            status::Found::Unreadable { error, whose } => {
+                let teardown = self.span().in_scope(|| self.fail_closed());
+                let next = state::failed(
+                    error::AgentError::StatusUnreadable {
+                        path: status::path_in(&self.args.state_dir),
+                        detail: error,
+                        whose: whose.describe(),
+                    },
+                    teardown,
+                );
                 return self.enter(next);
             }
         }
@@ -280,6 +304,7 @@ impl Agent {
             deregistered: self.lc.deregistered,
             runner_started: self.lc.runner_started,
             timeline: self.lc.timeline.clone(),
+            timeline_dropped: self.lc.timeline_dropped,
             last_error: self.last_error.clone(),
             hold_deadline: self.hold_deadline,
             poweroff_at: self.poweroff_at,

@@ -314,6 +314,39 @@ impl Agent {
         exit(ExitCode::SUCCESS)
     }
 
+    /// A restarted agent found a status.json of this boot (or of a boot it cannot tell) that
+    /// it cannot read: whatever this boot did is unknown, so it is taken as the worst (it
+    /// registered and ran a job). No registration, no gitlab-runner: the teardown deletes what
+    /// config.toml names and powers off. Which flow registered is unknown too, so the deletion
+    /// is of this VM's manager: deleting "the runner" with a shared `glrt-` token would remove
+    /// the whole fleet's runner from GitLab.
+    pub(super) fn fail_closed(&mut self) -> Teardown {
+        let state_dir = self.args.state_dir.clone();
+        self.system_id = runner::read_system_id(&state_dir);
+        let registered = runner::read_runner_entry(&state_dir).and_then(|entry| {
+            self.shown.gitlab_url = Some(entry.url.clone());
+            let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
+                .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
+                .ok()?;
+            Some(Registered {
+                client,
+                runner_token: entry.token?,
+                system_id: self.system_id.clone().unwrap_or_default(),
+                target: Target::Manager,
+            })
+        });
+        match &registered {
+            Some(_) => tracing::warn!(
+                "tearing down with what config.toml names: this VM's runner manager is deleted from GitLab; a runner this boot created (registration_token, access_token) stays: delete it by hand (Settings > CI/CD > Runners)"
+            ),
+            None => tracing::warn!(
+                "config.toml names no runner: nothing to deregister; if this boot created a runner, delete it by hand (Settings > CI/CD > Runners)"
+            ),
+        }
+        self.lc.registered = registered.is_some();
+        Teardown { registered }
+    }
+
     /// A restarted agent found that this boot already registered, started gitlab-runner, was
     /// registering or began its teardown: it never starts another gitlab-runner, and resumes the
     /// teardown from the state directory alone (runner.json may be what made it crash).
@@ -369,10 +402,9 @@ impl Agent {
             .rev()
             .find(|e| e.phase == Phase::Failed)
             .map(|e| e.at);
-        // The earlier runs' timeline stays, so status shows the restart.
-        let mut timeline = prev.timeline;
-        timeline.append(&mut self.lc.timeline);
-        self.lc.timeline = timeline;
+        // The earlier runs' timeline stays (bounded), so status shows the restart.
+        self.lc
+            .continue_timeline(prev.timeline, prev.timeline_dropped);
         self.shown = Shown {
             runner: prev.runner,
             credential: prev.credential,

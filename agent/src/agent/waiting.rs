@@ -105,6 +105,16 @@ impl Agent {
         deadline: Instant,
     ) -> Result<(), AgentError> {
         let path = &self.args.config;
+        if let Some(target) = files::dangling_link(path) {
+            // Writing the user-data would replace the link someone put there on purpose.
+            tracing::warn!(
+                "{} is a symbolic link to {}, which does not exist: the {platform} user-data is not fetched (it would replace the link); waiting for {} (remove the link to have the user-data fetched)",
+                path.display(),
+                target.display(),
+                target.display()
+            );
+            return Ok(());
+        }
         if std::fs::symlink_metadata(path).is_ok() {
             tracing::info!(
                 "{} already exists (a config disk, the image, or an earlier run in this boot): using it; the {platform} user-data is not fetched",
@@ -145,6 +155,13 @@ impl Agent {
 
     async fn read_config(&self, deadline: Instant) -> Result<String, AgentError> {
         let path = &self.args.config;
+        if let Some(target) = files::dangling_link(path) {
+            tracing::info!(
+                "{} is a symbolic link to {}, which does not exist yet: waiting for it",
+                path.display(),
+                target.display()
+            );
+        }
         match tokio::time::timeout_at(deadline, fswatch::wait_for_file(path)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -154,6 +171,14 @@ impl Agent {
                 });
             }
             Err(_) => {
+                if let Some(target) = files::dangling_link(path) {
+                    return Err(AgentError::ConfigLinkDangling {
+                        path: path.clone(),
+                        target,
+                        seconds: self.args.config_wait,
+                        user_data: self.platform,
+                    });
+                }
                 return Err(AgentError::ConfigMissing {
                     path: path.clone(),
                     seconds: self.args.config_wait,

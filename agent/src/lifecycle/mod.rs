@@ -114,11 +114,36 @@ pub struct TimelineEntry {
     pub at: SystemTime,
 }
 
+/// The timeline keeps the first entries of a boot (its first run, which registered and ran the
+/// jobs) and the last ones (the latest runs); what lies between is only counted. Without a
+/// bound, an agent that systemd restarts again and again (a power-off command that keeps
+/// failing) grows status.json by every run until it passes the read cap.
+pub const TIMELINE_HEAD: usize = 8;
+pub const TIMELINE_TAIL: usize = 32;
+
+/// The entries of `timeline` worth keeping, and how many more are dropped (added to those
+/// dropped before): the first `TIMELINE_HEAD` and the last `TIMELINE_TAIL`.
+pub fn bounded_timeline(
+    mut timeline: Vec<TimelineEntry>,
+    dropped: u64,
+) -> (Vec<TimelineEntry>, u64) {
+    let keep = TIMELINE_HEAD + TIMELINE_TAIL;
+    if timeline.len() <= keep {
+        return (timeline, dropped);
+    }
+    let excess = timeline.len() - keep;
+    timeline.drain(TIMELINE_HEAD..TIMELINE_HEAD + excess);
+    (timeline, dropped.saturating_add(excess as u64))
+}
+
 /// The current phase, and what has happened so far in this boot.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     phase: Phase,
+    /// Bounded: see `bounded_timeline`.
     pub timeline: Vec<TimelineEntry>,
+    /// Entries dropped from the middle of the timeline.
+    pub timeline_dropped: u64,
     /// GitLab knows this VM (verify succeeded or a runner was created): it must be deregistered.
     pub registered: bool,
     pub deregistered: bool,
@@ -136,6 +161,7 @@ impl Lifecycle {
                 phase: Phase::WaitingForConfig,
                 at: now,
             }],
+            timeline_dropped: 0,
             registered: false,
             deregistered: false,
             runner_started: false,
@@ -167,7 +193,23 @@ impl Lifecycle {
         }
         self.phase = to;
         self.timeline.push(TimelineEntry { phase: to, at: now });
+        self.keep_timeline_bounded();
         Ok(())
+    }
+
+    /// Puts an earlier run's timeline (with what it had dropped) before this run's.
+    pub fn continue_timeline(&mut self, mut earlier: Vec<TimelineEntry>, earlier_dropped: u64) {
+        earlier.append(&mut self.timeline);
+        self.timeline = earlier;
+        self.timeline_dropped = self.timeline_dropped.saturating_add(earlier_dropped);
+        self.keep_timeline_bounded();
+    }
+
+    fn keep_timeline_bounded(&mut self) {
+        let (timeline, dropped) =
+            bounded_timeline(std::mem::take(&mut self.timeline), self.timeline_dropped);
+        self.timeline = timeline;
+        self.timeline_dropped = dropped;
     }
 
     /// Where teardown starts: deregistration if GitLab still knows this VM, else straight to

@@ -252,3 +252,37 @@ fn phase_names_are_the_ones_the_readme_documents() {
         );
     }
 }
+
+#[test]
+fn the_timeline_keeps_its_first_and_last_entries_and_counts_the_rest() {
+    let t = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+    let mut lc = Lifecycle::new(t(0));
+    // A thousand restarts of this boot, each a run of two entries after the first.
+    for run in 1..=1000u64 {
+        let mut next = Lifecycle::new(t(run * 10));
+        next.transition(PoweringOff, t(run * 10 + 1)).unwrap();
+        next.continue_timeline(std::mem::take(&mut lc.timeline), lc.timeline_dropped);
+        lc = next;
+    }
+    assert_eq!(lc.timeline.len(), TIMELINE_HEAD + TIMELINE_TAIL);
+    assert_eq!(
+        lc.timeline_dropped,
+        2001 - (TIMELINE_HEAD + TIMELINE_TAIL) as u64
+    );
+    // The boot's first entry stays, and the last is the latest run's.
+    assert_eq!(lc.timeline[0].at, t(0));
+    assert_eq!(lc.timeline.last().unwrap().at, t(10_001));
+    assert_eq!(lc.since(), t(10_001));
+    // Within one run too (a keep file created again and again in the failure delay).
+    let mut lc = Lifecycle::new(t(0));
+    lc.transition(PoweringOff, t(1)).unwrap();
+    for i in 0..100 {
+        lc.transition(Holding, t(2 + 2 * i)).unwrap();
+        lc.transition(PoweringOff, t(3 + 2 * i)).unwrap();
+    }
+    assert_eq!(lc.timeline.len(), TIMELINE_HEAD + TIMELINE_TAIL);
+    assert_eq!(
+        lc.timeline_dropped,
+        202 - (TIMELINE_HEAD + TIMELINE_TAIL) as u64
+    );
+}
