@@ -67,7 +67,15 @@ fn check(path: &Path) -> ExitCode {
     let text = match files::read_text(path, files::CONFIG_CAP) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!("error: cannot read {}: {e}", path.display());
+            match files::dangling_link(path) {
+                Some(target) => eprintln!(
+                    "error: {} is a symbolic link to {}, which does not exist: create {}, or replace the link with runner.json itself",
+                    path.display(),
+                    target.display(),
+                    target.display()
+                ),
+                None => eprintln!("error: cannot read {}: {e}", path.display()),
+            }
             return ExitCode::FAILURE;
         }
     };

@@ -361,3 +361,27 @@ async fn a_link_to_nothing_at_config_is_not_taken_for_runner_json_on_a_cloud() {
     // The link is left as it was.
     assert!(h.config_path().is_symlink());
 }
+
+#[test]
+fn check_says_what_a_link_to_nothing_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("runner.json");
+    let target = dir.path().join("disk/runner.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&link)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{} is a symbolic link to {}, which does not exist: create {}",
+            link.display(),
+            target.display(),
+            target.display()
+        )),
+        "{err}"
+    );
+}
