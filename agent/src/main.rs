@@ -21,6 +21,7 @@ mod runner;
 mod secret;
 mod status;
 mod systemd;
+mod timestamp;
 
 use std::io::ErrorKind;
 use std::path::Path;

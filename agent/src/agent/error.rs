@@ -140,7 +140,7 @@ impl AgentError {
                 platform.how_to_set_user_data()
             ),
             UserDataNotRunnerJson { platform, .. } => format!(
-                "set the instance's user-data to runner.json itself, one JSON object, uncompressed (the image has no cloud-init: no #cloud-config, no script): {}",
+                "set the instance's user-data to runner.json itself, one JSON object, as it is or gzip-compressed once (the image has no cloud-init: no #cloud-config, no script): {}",
                 platform.how_to_set_user_data()
             ),
             Metadata(error) => error.fix(),

@@ -87,9 +87,7 @@ pub struct Headers<'a> {
 /// HTTP date) wins over `Retry-After` (seconds, or an HTTP date), as in gitlab-runner.
 pub fn server_hint(headers: &Headers<'_>, now: SystemTime) -> Option<Hint> {
     let until = |date: &str| {
-        httpdate::parse_http_date(date.trim())
-            .ok()
-            .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
+        crate::timestamp::http_date(date).map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
     };
     let reset_in = match headers.ratelimit_reset_time.and_then(until) {
         Some(wait) => wait,

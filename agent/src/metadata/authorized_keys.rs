@@ -61,6 +61,9 @@ async fn write_keys(args: &SshKeysArgs, platform: Platform) -> Result<String, St
     for skipped in &keys.skipped {
         eprintln!("warning: skipped a key from {platform} metadata: {skipped}");
     }
+    if let Some(refused) = &keys.refused {
+        eprintln!("warning: {refused}");
+    }
     let path = key_file(&args.authorized_keys_dir, &args.user);
     let mut text = keys.lines.join("\n");
     if !text.is_empty() {
@@ -73,8 +76,13 @@ async fn write_keys(args: &SshKeysArgs, platform: Platform) -> Result<String, St
             path.display()
         )
     })?;
+    let refused = if keys.refused.is_some() {
+        " (OS Login is required: metadata keys are not used)"
+    } else {
+        ""
+    };
     Ok(format!(
-        "wrote {} SSH key(s) for {} from {platform} metadata to {}",
+        "wrote {} SSH key(s) for {} from {platform} metadata to {}{refused}",
         keys.lines.len(),
         args.user,
         path.display()

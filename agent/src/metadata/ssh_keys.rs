@@ -4,8 +4,10 @@
 //!
 //! - aws: the launch key pairs, `/latest/meta-data/public-keys/` (lines `0=name`), then
 //!   `/latest/meta-data/public-keys/<i>/openssh-key`: for whichever user the image logs in;
-//! - gce: `ssh-keys` of the instance, and of the project unless the instance sets
-//!   `block-project-ssh-keys` to true; lines `user:key`, only the user's, expired ones skipped;
+//! - gce: none at all where OS Login is required (`enable-oslogin`); else `ssh-keys` and the
+//!   legacy `sshKeys` of the instance, and of the project unless the instance sets
+//!   `block-project-ssh-keys` or has a legacy `sshKeys`; lines `user:key`, only the user's,
+//!   expired ones skipped (see `gce_keys` for the guest agent's rules this follows);
 //! - digitalocean: `/metadata/v1/public-keys`, one key per line: for whichever user.
 
 use std::time::SystemTime;
@@ -15,10 +17,8 @@ use tokio::time::Instant;
 use super::{MetadataClient, MetadataError, Platform};
 
 const AWS_KEYS: &str = "/latest/meta-data/public-keys/";
-const GCE_INSTANCE_KEYS: &str = "/computeMetadata/v1/instance/attributes/ssh-keys";
-const GCE_PROJECT_KEYS: &str = "/computeMetadata/v1/project/attributes/ssh-keys";
-const GCE_BLOCK_PROJECT_KEYS: &str =
-    "/computeMetadata/v1/instance/attributes/block-project-ssh-keys";
+const GCE_INSTANCE: &str = "/computeMetadata/v1/instance/attributes/";
+const GCE_PROJECT: &str = "/computeMetadata/v1/project/attributes/";
 const DO_KEYS: &str = "/metadata/v1/public-keys";
 
 /// Key types sshd accepts in authorized_keys (DSA is gone from OpenSSH).
@@ -37,6 +37,8 @@ const KEY_TYPES: &[&str] = &[
 pub struct Keys {
     pub lines: Vec<String>,
     pub skipped: Vec<String>,
+    /// Why no key of the platform's metadata is used at all (GCE's OS Login).
+    pub refused: Option<String>,
 }
 
 impl Keys {
@@ -81,28 +83,42 @@ pub async fn fetch(
             }
         }
         Platform::Gce => {
-            let instance = text(client.fetch(GCE_INSTANCE_KEYS, deadline).await?);
-            gce_keys(
-                &mut keys,
-                "instance ssh-keys",
-                &instance,
-                user,
-                SystemTime::now(),
-            );
-            let block = text(client.fetch(GCE_BLOCK_PROJECT_KEYS, deadline).await?);
-            if block.trim().eq_ignore_ascii_case("true") {
+            let value = async |scope: &str, name: &str| {
+                let body = client.fetch(&format!("{scope}{name}"), deadline).await?;
+                Ok::<_, MetadataError>(body.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            };
+            // OS Login first: where it is required, no metadata key may open the VM.
+            let instance_os_login = value(GCE_INSTANCE, "enable-oslogin").await?;
+            let project_os_login = match go_bool(instance_os_login.as_deref()) {
+                Some(_) => None,
+                None => value(GCE_PROJECT, "enable-oslogin").await?,
+            };
+            if let Some(why) =
+                os_login_required(instance_os_login.as_deref(), project_os_login.as_deref())
+            {
+                keys.refused = Some(why);
+                return Ok(keys);
+            }
+            let now = SystemTime::now();
+            let instance = value(GCE_INSTANCE, "ssh-keys").await?.unwrap_or_default();
+            gce_keys(&mut keys, "instance ssh-keys", &instance, user, now);
+            let legacy = value(GCE_INSTANCE, "sshKeys").await?.unwrap_or_default();
+            gce_keys(&mut keys, "instance sshKeys", &legacy, user, now);
+            let block = value(GCE_INSTANCE, "block-project-ssh-keys").await?;
+            if go_bool(block.as_deref()) == Some(true) {
                 tracing::info!(
                     "the instance sets block-project-ssh-keys: project keys are not used"
                 );
-            } else {
-                let project = text(client.fetch(GCE_PROJECT_KEYS, deadline).await?);
-                gce_keys(
-                    &mut keys,
-                    "project ssh-keys",
-                    &project,
-                    user,
-                    SystemTime::now(),
+            } else if !legacy.is_empty() {
+                // The guest agent: an instance's legacy sshKeys blocks the project's keys.
+                tracing::info!(
+                    "the instance has legacy sshKeys, which block project keys: project keys are not used"
                 );
+            } else {
+                let project = value(GCE_PROJECT, "ssh-keys").await?.unwrap_or_default();
+                gce_keys(&mut keys, "project ssh-keys", &project, user, now);
+                let legacy = value(GCE_PROJECT, "sshKeys").await?.unwrap_or_default();
+                gce_keys(&mut keys, "project sshKeys", &legacy, user, now);
             }
         }
         Platform::DigitalOcean => {
@@ -115,8 +131,38 @@ pub async fn fetch(
     Ok(keys)
 }
 
-/// GCE's `ssh-keys` value: lines `user:key-type key comment`; only `user`'s count, and a key
-/// whose `google-ssh {"userName":..,"expireOn":..}` comment says it expired is skipped.
+/// A GCE boolean attribute as Google's guest agent reads it (Go's `strconv.ParseBool`: `1`, `t`,
+/// `T`, `TRUE`, `true`, `True` and their false counterparts; anything else is unset), here after
+/// trimming white space, which can only make a value count that the agent would ignore.
+fn go_bool(value: Option<&str>) -> Option<bool> {
+    match value?.trim() {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether OS Login is required, and then why no metadata key is used. As the guest agent
+/// decides (`OSLoginEnabled` in google-guest-agent `internal/metadata/exported.go`): the
+/// instance's `enable-oslogin` when it is a boolean, else the project's, else off. Where OS
+/// Login is on, Google's guest agent stops managing metadata keys (`enableMetadataSSHKey`), and
+/// sshd asks OS Login, which this image does not have: nobody logs in with a metadata key.
+pub fn os_login_required(instance: Option<&str>, project: Option<&str>) -> Option<String> {
+    let (on, level) = match (go_bool(instance), go_bool(project)) {
+        (Some(on), _) => (on, "instance"),
+        (None, Some(on)) => (on, "project"),
+        (None, None) => (false, ""),
+    };
+    on.then(|| {
+        format!(
+            "the {level} metadata sets enable-oslogin: OS Login is required, so no SSH key from metadata is used (this image has no OS Login); fix: set enable-oslogin=FALSE on the instance to log in with metadata keys, or use the serial console"
+        )
+    })
+}
+
+/// GCE's `ssh-keys` (or legacy `sshKeys`) value: lines `user:key-type key comment`; only
+/// `user`'s count, and a key that Google's guest agent would refuse for its `google-ssh`
+/// comment is skipped (see `gce_expiry`).
 pub fn gce_keys(keys: &mut Keys, source: &str, value: &str, user: &str, now: SystemTime) {
     for (n, line) in value.lines().enumerate() {
         let line = line.trim();
@@ -131,67 +177,75 @@ pub fn gce_keys(keys: &mut Keys, source: &str, value: &str, user: &str, now: Sys
         if owner != user {
             continue;
         }
-        if gce_expired(key, now) {
-            keys.skipped.push(format!(
-                "{source} line {}: expired (google-ssh expireOn)",
-                n + 1
-            ));
+        if let Err(why) = gce_expiry(key, now) {
+            keys.skipped.push(format!("{source} line {}: {why}", n + 1));
             continue;
         }
         keys.offer(&format!("{source} line {}", n + 1), key);
     }
 }
 
-/// Whether a GCE key carries a `google-ssh` expiry that is past. An expiry that cannot be read
-/// keeps the key (the platform's own guest agent would decide; a key is never dropped on a
-/// guess).
-fn gce_expired(key: &str, now: SystemTime) -> bool {
-    let Some(json) = key.split_once("google-ssh ").map(|(_, json)| json.trim()) else {
-        return false;
+/// Whether Google's guest agent keeps a key for its comment (`CheckExpiredKey` in
+/// GoogleCloudPlatform/guest-agent `utils/ssh.go`, the same in google-guest-agent
+/// `internal/utils/ssh/ssh.go`): the comment is what follows the key data; only a comment that
+/// *starts* with `google-ssh` makes the key an expiring one, and then the rest after the first
+/// space must be a JSON object whose `expireOn` (matched without regard to case, as Go does)
+/// is a date in one of the two forms the agent reads (`timestamp::gce_expire_on`) and not
+/// before now. A missing, unreadable or past expiry means expired: the agent refuses the key.
+fn gce_expiry(key: &str, now: SystemTime) -> Result<(), &'static str> {
+    let mut rest = key.trim();
+    // Past the key type and the key data.
+    for _ in 0..2 {
+        rest = rest
+            .trim_start()
+            .split_once([' ', '\t'])
+            .map_or("", |(_, after)| after);
+    }
+    let comment = rest.trim();
+    if !comment.starts_with("google-ssh") {
+        return Ok(());
+    }
+    let Some((_, json)) = comment.split_once(' ') else {
+        return Err("a google-ssh key without its expiry (Google's guest agent refuses it)");
     };
-    let Some(expire_on) = serde_json::from_str::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v.get("expireOn")?.as_str().map(str::to_owned))
-    else {
-        return false;
-    };
-    parse_expiry(&expire_on).is_some_and(|at| at <= now)
-}
-
-/// `2026-11-30T18:00:00+0000` (what gcloud writes), `...Z` or `...+00:00`.
-fn parse_expiry(text: &str) -> Option<SystemTime> {
-    let text = text.trim();
-    let (local, offset) = match text.strip_suffix('Z') {
-        Some(local) => (local, 0),
-        None => {
-            // The zone's sign is the last + or -: the date's dashes come before it.
-            let at = text.rfind(['+', '-'])?;
-            (&text[..at], zone_seconds(&text[at..].replace(':', ""))?)
+    let unreadable = "a google-ssh key whose expiry is not JSON with expireOn and userName strings (Google's guest agent refuses it)";
+    // Go fills nothing from null: no expiry. Duplicate or differently cased `expireOn`s: Go
+    // keeps the last in the text, which serde_json's map does not record, so every one must
+    // be a date to come (a key the agent would keep is at worst left out, never the reverse).
+    let mut expire_on = Vec::new();
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(serde_json::Value::Null) => {}
+        Ok(serde_json::Value::Object(fields)) => {
+            for (name, value) in &fields {
+                let is_expiry = name.eq_ignore_ascii_case("expireOn");
+                if !is_expiry && !name.eq_ignore_ascii_case("userName") {
+                    continue;
+                }
+                match value {
+                    serde_json::Value::String(text) if is_expiry => expire_on.push(text.clone()),
+                    serde_json::Value::String(_) | serde_json::Value::Null => {}
+                    // Go's json.Unmarshal fails on a non-string for a string field.
+                    _ => return Err(unreadable),
+                }
+            }
         }
-    };
-    // Whole seconds; a fraction is dropped.
-    let local = local.split('.').next()?;
-    let as_if_utc = humantime::parse_rfc3339(&format!("{local}Z")).ok()?;
-    let shift = std::time::Duration::from_secs(offset.unsigned_abs());
-    if offset >= 0 {
-        as_if_utc.checked_sub(shift)
-    } else {
-        as_if_utc.checked_add(shift)
+        _ => return Err(unreadable),
     }
-}
-
-/// `+hhmm` or `-hhmm` as seconds east of UTC.
-fn zone_seconds(zone: &str) -> Option<i64> {
-    let digits = zone.get(1..5)?;
-    if zone.len() != 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+    if expire_on.is_empty() {
+        return Err("a google-ssh key without expireOn (Google's guest agent refuses it)");
     }
-    let seconds = digits[..2].parse::<i64>().ok()? * 3600 + digits[2..].parse::<i64>().ok()? * 60;
-    Some(if zone.starts_with('-') {
-        -seconds
-    } else {
-        seconds
-    })
+    for text in expire_on {
+        match crate::timestamp::gce_expire_on(&text) {
+            None => {
+                return Err(
+                    "a google-ssh expireOn that is not a date Google's guest agent reads (it refuses the key)",
+                );
+            }
+            Some(at) if at < now => return Err("expired (google-ssh expireOn)"),
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// A public key line as authorized_keys takes it: a known type, then base64 key data, then an
@@ -220,7 +274,6 @@ pub fn check_key(line: &str) -> Result<&str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     const ED: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyDataForTestsOnly0123456789abcdef alice@laptop";
@@ -277,33 +330,82 @@ mod tests {
     }
 
     #[test]
-    fn expiry_times_in_the_forms_gcloud_and_others_write() {
-        let at = |s: &str| parse_expiry(s).map(|t| humantime::format_rfc3339(t).to_string());
-        assert_eq!(
-            at("2026-11-30T18:00:00+0000").as_deref(),
-            Some("2026-11-30T18:00:00Z")
+    fn google_ssh_comments_are_judged_as_googles_guest_agent_does() {
+        let now = humantime::parse_rfc3339("2026-11-30T16:00:00Z").unwrap();
+        let key = |comment: &str| format!("ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB {comment}");
+        let judge = |comment: &str| gce_expiry(&key(comment), now);
+        let json = |expire_on: &str| {
+            format!("google-ssh {{\"userName\":\"a@b.c\",\"expireOn\":\"{expire_on}\"}}")
+        };
+        // Kept: no comment, another comment, google-ssh not at the comment's start, a date to
+        // come in each form, at exactly now (the agent drops keys *before* now).
+        for comment in [
+            String::new(),
+            "alice@laptop".into(),
+            format!("alice {}", json("2020-01-01T00:00:00+0000")),
+            json("2026-11-30T17:00:00+0000"),
+            json("2026-11-30T18:00:00+01:00"),
+            json("2026-11-30T16:30:00Z"),
+            json("2026-11-30T16:00:00.000001Z"),
+            json("2026-11-30T13:00:00-0330"),
+            json("2999-12-31T23:59:59+0000"),
+            json("2026-11-30T16:00:00Z"),
+            "google-ssh {\"EXPIREON\":\"2027-01-01T00:00:00Z\",\"username\":null}".into(),
+            "google-ssh   {\"expireOn\":\"2027-01-01T00:00:00Z\"}".into(),
+        ] {
+            assert_eq!(judge(&comment), Ok(()), "{comment:?}");
+        }
+        // Refused: past in each form, far past, unreadable dates (the 2020 one too), no
+        // expiry, not JSON, wrong types, trailing text, google-ssh with no space.
+        for comment in [
+            json("2026-11-30T15:59:59+0000"),
+            json("2026-11-30T16:59:59+01:00"),
+            json("2026-11-30T15:00:00Z"),
+            json("2026-11-30T15:59:59.999Z"),
+            json("2026-11-30T17:00:00+0200"),
+            json("1970-01-01T00:00:00+0000"),
+            json("2020-04-23 12:34:56"),
+            json("2020-04-23T12:34:56"),
+            json("Thu, 23 Apr 2020 12:34:56 GMT"),
+            json("2099-04-23"),
+            json("tomorrow"),
+            json(""),
+            "google-ssh".into(),
+            "google-ssh{\"expireOn\":\"2027-01-01T00:00:00Z\"}".into(),
+            "google-ssh {\"userName\":\"a@b.c\"}".into(),
+            "google-ssh not json".into(),
+            "google-ssh {\"expireOn\":1893456000}".into(),
+            "google-ssh {\"expireOn\":\"2027-01-01T00:00:00Z\",\"userName\":7}".into(),
+            "google-ssh [\"2027-01-01T00:00:00Z\"]".into(),
+            "google-ssh {\"expireOn\":\"2027-01-01T00:00:00Z\"} trailing".into(),
+            "google-ssh {\"expireOn\":\"2027-01-01T00:00:00Z\",\"ExpireOn\":\"2020-01-01T00:00:00Z\"}".into(),
+            "google-ssh null".into(),
+            "google-sshx {\"expireOn\":\"2020-01-01T00:00:00Z\"}".into(),
+        ] {
+            assert!(judge(&comment).is_err(), "{comment:?} was kept");
+        }
+    }
+
+    #[test]
+    fn os_login_follows_the_instance_then_the_project() {
+        assert_eq!(os_login_required(None, None), None);
+        for on in ["TRUE", "true", "True", "1", "t", "T", " true\n"] {
+            assert!(os_login_required(Some(on), None).is_some(), "{on:?}");
+            assert!(os_login_required(None, Some(on)).is_some(), "{on:?}");
+        }
+        // The instance's value wins over the project's, either way.
+        assert_eq!(os_login_required(Some("FALSE"), Some("TRUE")), None);
+        assert!(
+            os_login_required(Some("TRUE"), Some("false"))
+                .unwrap()
+                .contains("instance")
         );
-        assert_eq!(
-            at("2026-11-30T18:00:00+0100").as_deref(),
-            Some("2026-11-30T17:00:00Z")
+        // A value that is no boolean is unset (Go's ParseBool): the project's counts.
+        assert!(
+            os_login_required(Some("yes"), Some("TRUE"))
+                .unwrap()
+                .contains("project")
         );
-        assert_eq!(
-            at("2026-11-30T18:00:00-02:30").as_deref(),
-            Some("2026-11-30T20:30:00Z")
-        );
-        assert_eq!(
-            at("2026-11-30T18:00:00.5Z").as_deref(),
-            Some("2026-11-30T18:00:00Z")
-        );
-        assert_eq!(at("tomorrow"), None);
-        assert_eq!(at("2026-11-30T18:00:00+01000"), None);
-        assert_eq!(at("2026-11-30T18:00:00"), None);
-        // An unreadable expiry keeps the key.
-        let now = SystemTime::now() + Duration::from_secs(1);
-        assert!(!gce_expired(
-            "ssh-rsa AAAA google-ssh {\"expireOn\":\"soon\"}",
-            now
-        ));
-        assert!(!gce_expired("ssh-rsa AAAA google-ssh not json", now));
+        assert_eq!(os_login_required(Some("yes"), Some("on")), None);
     }
 }

@@ -3,8 +3,12 @@
 //! fetch.
 //!
 //! What user-data is judged on here is only its shape (JSON object, or what else it looks
-//! like); the keys are validated afterwards exactly as a file's are. A description never quotes
+//! like); the keys are validated afterwards exactly as a file's are. Gzip-compressed user-data
+//! (EC2 passes user-data through as it is given, and cloud-init decompresses gzip) is
+//! decompressed first, to at most `MAX_DECOMPRESSED`. A description never quotes
 //! the content: user-data holds the runner token.
+
+use std::io::Read;
 
 use tokio::time::Instant;
 
@@ -37,6 +41,10 @@ impl Platform {
     }
 }
 
+/// Decompressed user-data is read up to this size, the cap of every metadata answer: a few
+/// hundred bytes of gzip can expand to gigabytes (a decompression bomb).
+pub const MAX_DECOMPRESSED: usize = super::client::MAX_BODY;
+
 /// Why fetched user-data is not runner.json.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotRunnerJson {
@@ -63,10 +71,15 @@ pub fn runner_json(body: Option<&[u8]>) -> Result<String, NotRunnerJson> {
     let Some(body) = body.filter(|b| !b.iter().all(u8::is_ascii_whitespace)) else {
         return Err(NotRunnerJson::Missing);
     };
-    if body.starts_with(&[0x1f, 0x8b]) {
-        return Err(NotRunnerJson::Other(
-            "gzip-compressed data (the agent reads runner.json uncompressed)".into(),
-        ));
+    if is_gzip(body) {
+        let plain = gunzip(body)?;
+        if is_gzip(&plain) {
+            return Err(NotRunnerJson::Other(
+                "gzip-compressed data, compressed twice (compress runner.json once: gzip -c runner.json)"
+                    .into(),
+            ));
+        }
+        return runner_json(Some(&plain));
     }
     let text = match std::str::from_utf8(body) {
         Ok(text) => text,
@@ -115,6 +128,35 @@ pub fn runner_json(body: Option<&[u8]>) -> Result<String, NotRunnerJson> {
             e.column()
         ))),
     }
+}
+
+fn is_gzip(body: &[u8]) -> bool {
+    body.starts_with(&[0x1f, 0x8b])
+}
+
+/// Every member of a gzip stream (as cloud-init's `gzip.decompress` reads it), at most
+/// `MAX_DECOMPRESSED` bytes of it.
+fn gunzip(body: &[u8]) -> Result<Vec<u8>, NotRunnerJson> {
+    let mut plain = Vec::new();
+    let limit = MAX_DECOMPRESSED as u64 + 1;
+    flate2::read::MultiGzDecoder::new(body)
+        .take(limit)
+        .read_to_end(&mut plain)
+        .map_err(|e| {
+            NotRunnerJson::Other(format!(
+                "{} bytes of gzip-compressed data that cannot be decompressed ({}; corrupt or cut short?)",
+                body.len(),
+                e.kind()
+            ))
+        })?;
+    if plain.len() > MAX_DECOMPRESSED {
+        return Err(NotRunnerJson::Other(format!(
+            "{} bytes of gzip-compressed data that decompress to more than {} KiB (the cap of user-data)",
+            body.len(),
+            MAX_DECOMPRESSED / 1024
+        )));
+    }
+    Ok(plain)
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -183,7 +225,10 @@ mod tests {
                 format!("<!DOCTYPE html><p>{secret}</p>").into_bytes(),
                 "HTML page",
             ),
-            (vec![0x1f, 0x8b, 0x08, 0, 0xff, 0xfe], "gzip"),
+            (
+                vec![0x1f, 0x8b, 0x08, 0, 0xff, 0xfe],
+                "cannot be decompressed",
+            ),
             (vec![b'{', 0xff, 0xfe, b'}'], "not UTF-8"),
             (format!("url: {secret}").into_bytes(), "not JSON"),
             (format!("[\"{secret}\"]").into_bytes(), "an array"),
@@ -194,6 +239,44 @@ mod tests {
             assert!(!what.contains("glrt-"), "{what:?} quotes the content");
         }
         assert!(other(b"{\"url\": ").contains("ends too early"));
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_compressed_runner_json_is_decompressed_up_to_the_cap() {
+        let text = "{\"url\": \"https://gitlab.example.com\", \"token\": \"glrt-x\"}";
+        assert_eq!(
+            runner_json(Some(&gzip(text.as_bytes()))),
+            Ok(text.to_string())
+        );
+        // Two members, as `cat a.gz b.gz` makes: read whole, like cloud-init.
+        let mut two = gzip(b"{\"url\": ");
+        two.extend(gzip(b"\"u\"}"));
+        assert_eq!(runner_json(Some(&two)), Ok("{\"url\": \"u\"}".to_string()));
+        // Exactly at the cap is read; one byte more is refused, and so is a bomb.
+        let mut at_cap = b"{\"url\": \"u\"}".to_vec();
+        at_cap.resize(MAX_DECOMPRESSED, b' ');
+        assert!(runner_json(Some(&gzip(&at_cap))).is_ok());
+        at_cap.push(b' ');
+        assert!(other(&gzip(&at_cap)).contains("more than 1024 KiB"));
+        let bomb = gzip(&vec![b' '; MAX_DECOMPRESSED]).repeat(64);
+        assert!(bomb.len() < 100_000, "{}", bomb.len());
+        assert!(other(&bomb).contains("more than 1024 KiB"));
+        // What is inside is judged as uncompressed user-data is.
+        assert!(other(&gzip(b"#cloud-config\nruncmd: []")).contains("#cloud-config"));
+        assert!(other(&gzip(&gzip(text.as_bytes()))).contains("compressed twice"));
+        let cut = gzip(text.as_bytes());
+        assert!(other(&cut[..cut.len() / 2]).contains("cannot be decompressed"));
+        assert_eq!(
+            runner_json(Some(&gzip(b" \n"))),
+            Err(NotRunnerJson::Missing)
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub fn aws_instance_action(body: &[u8], now: SystemTime) -> Reading {
     let Ok(answer) = serde_json::from_slice::<InstanceAction>(body) else {
         return unrecognised(body);
     };
-    let Ok(time) = humantime::parse_rfc3339_weak(answer.time.trim()) else {
+    let Some(time) = crate::timestamp::instant_utc_by_default(&answer.time) else {
         return unrecognised(body);
     };
     let action = match answer.action.as_str() {
@@ -70,7 +70,7 @@ pub fn aws_rebalance(body: &[u8], now: SystemTime) -> Reading {
     let Ok(answer) = serde_json::from_slice::<Rebalance>(body) else {
         return unrecognised(body);
     };
-    let Ok(time) = humantime::parse_rfc3339_weak(answer.notice_time.trim()) else {
+    let Some(time) = crate::timestamp::instant_utc_by_default(&answer.notice_time) else {
         return unrecognised(body);
     };
     Reading::Notice(Notice {

@@ -67,40 +67,9 @@ impl Expiry {
 }
 
 /// `2026-12-01T10:00:00.000Z`, `2026-12-01T11:00:00.000+01:00` (Rails renders times in the
-/// instance's time zone), with or without fractions.
+/// instance's time zone), with or without fractions: `timestamp::instant`.
 pub fn parse(text: &str) -> Option<SystemTime> {
-    let text = text.trim();
-    // The zone: Z, or ±HH:MM / ±HHMM / ±HH after the time of day.
-    let (local, offset_s): (&str, i64) = if let Some(local) = text.strip_suffix(['Z', 'z']) {
-        (local, 0)
-    } else {
-        let time_at = text.find(['T', 't', ' '])?;
-        let sign_at = time_at + text[time_at..].rfind(['+', '-'])?;
-        let (local, zone) = text.split_at(sign_at);
-        let sign = if zone.starts_with('-') { -1 } else { 1 };
-        let digits: String = zone[1..].chars().filter(|c| *c != ':').collect();
-        if !matches!(digits.len(), 2 | 4) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let hours: i64 = digits[..2].parse().ok()?;
-        let minutes: i64 = digits[2..].parse().unwrap_or(0);
-        if hours > 23 || minutes > 59 {
-            return None;
-        }
-        (local, sign * (hours * 3600 + minutes * 60))
-    };
-    // A bare date or a time without its date is no expiry.
-    if local.len() < "2026-12-01T10:00".len() {
-        return None;
-    }
-    let utc_as_if = humantime::parse_rfc3339_weak(local).ok()?;
-    let shift = Duration::from_secs(offset_s.unsigned_abs());
-    // Local time = UTC + offset.
-    if offset_s >= 0 {
-        utc_as_if.checked_sub(shift)
-    } else {
-        utc_as_if.checked_add(shift)
-    }
+    crate::timestamp::instant(text)
 }
 
 #[cfg(test)]

@@ -339,12 +339,12 @@ async fn ssh_keys_of_each_platform() {
             answer("instance/attributes/block-project-ssh-keys", "TRUE".into())
                 .mount(&server)
                 .await;
-        } else {
-            Mock::given(method("GET"))
-                .respond_with(ResponseTemplate::new(404).insert_header("metadata-flavor", "Google"))
-                .mount(&server)
-                .await;
         }
+        // Every other attribute (enable-oslogin, the legacy sshKeys) is unset.
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(404).insert_header("metadata-flavor", "Google"))
+            .mount(&server)
+            .await;
         let keys = ssh_keys::fetch(&client(Platform::Gce, &server), "runner", soon())
             .await
             .unwrap();
