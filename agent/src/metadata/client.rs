@@ -149,6 +149,28 @@ impl MetadataClient {
         }
     }
 
+    /// One GET of `path` and nothing more: on AWS a 401 (the session token expired, or a
+    /// service that refuses every token) is returned as it is, not answered with a new token
+    /// and a second GET at once. For a caller that polls on a schedule (the preemption
+    /// watcher): it calls `forget_aws_token` and the next poll, no sooner, gets a new token,
+    /// so that neither the GET nor the token's PUT is sent more often than the schedule says.
+    pub async fn get_answer_once(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Option<Answer>, MetadataError> {
+        let token = match self.platform {
+            Platform::Aws => Some(self.aws_token(false).await?),
+            _ => None,
+        };
+        self.send_get(path, token, timeout).await
+    }
+
+    /// Drops the kept AWS session token: the next request gets a new one first.
+    pub async fn forget_aws_token(&self) {
+        *self.aws_token.lock().await = None;
+    }
+
     /// `get`, retried on network errors, 408, 429 and 5xx until it succeeds, fails for good,
     /// `MAX_ATTEMPTS`, or the next attempt could not start before `deadline`. Waits follow
     /// `backoff::plan` as for GitLab: at least a second, never before a `Retry-After`,

@@ -32,7 +32,7 @@ pub fn aws_instance_action(body: &[u8], now: SystemTime) -> Reading {
         action: String,
         time: String,
     }
-    let Ok(answer) = serde_json::from_slice::<InstanceAction>(body) else {
+    let Some(answer) = json::<InstanceAction>(body) else {
         return unrecognised(body);
     };
     let Some(time) = crate::timestamp::instant_utc_by_default(&answer.time) else {
@@ -67,7 +67,7 @@ pub fn aws_rebalance(body: &[u8], now: SystemTime) -> Reading {
         #[serde(rename = "noticeTime")]
         notice_time: String,
     }
-    let Ok(answer) = serde_json::from_slice::<Rebalance>(body) else {
+    let Some(answer) = json::<Rebalance>(body) else {
         return unrecognised(body);
     };
     let Some(time) = crate::timestamp::instant_utc_by_default(&answer.notice_time) else {
@@ -114,6 +114,13 @@ pub fn gce_maintenance_event(body: &[u8], now: SystemTime) -> Reading {
         }),
         _ => unrecognised(body),
     }
+}
+
+/// An AWS answer's JSON, only when the whole body is UTF-8: serde_json checks the strings it
+/// keeps but skips over the ones it ignores unchecked, so an answer with a mangled field
+/// beside a well-formed `action` would otherwise be taken for a notice.
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+    serde_json::from_str(std::str::from_utf8(body).ok()?).ok()
 }
 
 /// A bare value (`TRUE`, `NONE`), trimmed, optionally in double quotes (`?alt=json`).

@@ -5,8 +5,8 @@
 //! after failures), each GCE key at most once a second (a service that ignores
 //! `wait_for_change` must not turn the long poll into a busy loop).
 //!
-//! Requests go through the shared `MetadataClient`: it keeps the IMDSv2 session token (and
-//! renews it on a 401), sends `Metadata-Flavor: Google` and refuses GCE answers without it,
+//! Requests go through the shared `MetadataClient`: it keeps the IMDSv2 session token (renewed
+//! at the poll after a 401, never at once: see `watch_aws`), sends `Metadata-Flavor: Google` and refuses GCE answers without it,
 //! follows no redirect and reads no body past `MAX_BODY`; what it refuses is trouble here.
 
 use std::collections::HashSet;
@@ -165,12 +165,17 @@ async fn watch_aws(client: MetadataClient, tx: watch::Sender<Option<Notice>>) {
         ),
     ];
     let mut failures = 0;
+    // A GET answered 401: the session token is renewed at the next poll, not at once (a
+    // renewal and a second GET within milliseconds would ask each endpoint twice per poll).
+    let mut token_refused = false;
     loop {
         let started = Instant::now();
         let mut ok = true;
-        // The client keeps the session token and renews it when the service answers 401.
+        if std::mem::take(&mut token_refused) {
+            client.forget_aws_token().await;
+        }
         for (path, complaints, read) in endpoints.iter_mut() {
-            match client.get_answer(path, REQUEST_TIMEOUT).await {
+            match client.get_answer_once(path, REQUEST_TIMEOUT).await {
                 // 404: nothing announced.
                 Ok(None) => {}
                 Ok(Some(Answer { body, .. })) => {
@@ -185,6 +190,9 @@ async fn watch_aws(client: MetadataClient, tx: watch::Sender<Option<Notice>>) {
                     break;
                 }
                 Err(e) => {
+                    // The other endpoint is still asked this poll, with the same token: each
+                    // endpoint and the token's PUT at most once per poll.
+                    token_refused |= matches!(e, MetadataError::Status { status: 401, .. });
                     complaints.trouble(&e);
                     ok = false;
                 }
