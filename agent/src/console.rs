@@ -68,20 +68,9 @@ pub fn failure_text(error: &str, fix: &str) -> String {
     format!("failed: {error}; fix: {fix}")
 }
 
-/// `text` scrubbed of tokens, control characters made spaces (runs of them one), cut to `max`
-/// bytes with an ellipsis.
+/// `text` scrubbed of tokens, made `printable`, cut to `max` bytes with an ellipsis.
 fn one_line(text: &str, max: usize) -> String {
-    let scrubbed = secret::scrub(text);
-    let mut line = String::with_capacity(scrubbed.len());
-    let mut last_space = false;
-    for c in scrubbed.trim().chars() {
-        let c = if c.is_control() { ' ' } else { c };
-        if c == ' ' && last_space {
-            continue;
-        }
-        last_space = c == ' ';
-        line.push(c);
-    }
+    let mut line = printable(&secret::scrub(text));
     if line.len() > max {
         let mut cut = max.saturating_sub('…'.len_utf8());
         while !line.is_char_boundary(cut) {
@@ -91,6 +80,51 @@ fn one_line(text: &str, max: usize) -> String {
         line.push('…');
     }
     line
+}
+
+/// `text` as one line that is safe on a terminal, for the console and for every command's
+/// output a person reads (`status`, `check`, `drain`, errors): each character `hides` says
+/// could act on the terminal or disguise the text becomes a space (runs of spaces one), so that
+/// a value from GitLab, the metadata service or runner.json can neither retitle, clear or
+/// link the operator's terminal nor forge a line of the output.
+pub fn printable(text: &str) -> String {
+    let mut line = String::with_capacity(text.len());
+    let mut last_space = true;
+    for c in text.chars() {
+        let c = if hides(c) { ' ' } else { c };
+        if c == ' ' && last_space {
+            continue;
+        }
+        last_space = c == ' ';
+        line.push(c);
+    }
+    if line.ends_with(' ') {
+        line.pop();
+    }
+    line
+}
+
+/// Whether `c` is no text to show: a control character (C0 with newline and tab, DEL, C1:
+/// ESC starts the sequences that retitle, clear or plant hyperlinks, and 0x9B is a CSI by
+/// itself for terminals that take 8-bit controls), or an invisible format character that
+/// reorders or hides text (the bidirectional embeddings, overrides and isolates of "Trojan
+/// Source", CVE-2021-42574; marks, zero-width characters, line and paragraph separators,
+/// tags). Also the one rule `status.json` escapes by (`status::write`).
+pub fn hides(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{061C}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E007F}'
+        )
 }
 
 /// The bytes of one line for its destination: on /dev/kmsg a record with a priority (user
@@ -362,6 +396,30 @@ mod tests {
         assert!(long.len() <= MAX_LINE, "{}", long.len());
         assert!(long.ends_with("é…"), "{long}");
         assert!(!format_line("a\u{85}b\u{7f}c").contains(['\u{85}', '\u{7f}']));
+    }
+
+    #[test]
+    fn printable_text_has_nothing_a_terminal_acts_on() {
+        let hostile = [
+            ("\x1b]0;owned\x07title", "]0;owned title"),
+            ("\x1b[2J\x1b[Hclear", "[2J [Hclear"),
+            (
+                "\x1b]8;;https://evil.example/\x1b\\link\x1b]8;;\x1b\\",
+                "]8;;https://evil.example/ \\link ]8;; \\",
+            ),
+            ("a\u{9b}31mb\u{9d}c", "a 31mb c"),
+            (
+                "gitlab\u{202E}moc.live\u{202C}.example",
+                "gitlab moc.live .example",
+            ),
+            ("x\u{2066}y\u{2069}\u{200B}z\u{FEFF}", "x y z"),
+            ("one\nphase: forged\r\n", "one phase: forged"),
+            ("  plain  text, é 日本 ", "plain text, é 日本"),
+        ];
+        for (text, shown) in hostile {
+            assert_eq!(printable(text), shown, "{text:?}");
+            assert!(!printable(text).chars().any(hides));
+        }
     }
 
     #[test]

@@ -140,18 +140,13 @@ fn too_large(cap: u64) -> io::Error {
 
 /// Writes `contents` to `path` whole or not at all: a file beside it (created with `mode`),
 /// synced, then renamed over `path`, so a reader (or an agent restarted mid-write) never sees
-/// half a file. A missing parent directory is created with `dir_mode`; an existing one is left
-/// as it is.
+/// half a file. A missing parent directory is created with `dir_mode` exactly (see
+/// `create_dirs`); an existing one is left as it is.
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32, dir_mode: u32) -> io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(dir_mode)
-            .create(dir)?;
-    }
+    create_dirs(dir, dir_mode)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
     // Left behind by a write that was cut short; create_new must not follow a planted link.
@@ -166,6 +161,29 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32, dir_mode: u32) 
     // The umask may have narrowed the mode: 0644 must stay readable by sshd's users.
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&tmp, path)
+}
+
+/// Creates `dir` and whichever of its ancestors are missing, each with `mode` exactly: the
+/// process umask (077 in a hardened unit) must not narrow it, or sshd, reading
+/// `/run/ssh-keys/<user>` as that user, could not enter a 0700 directory. Directories that
+/// exist are left as they are: someone made them so (a unit's `RuntimeDirectoryMode`, an
+/// operator), and a chmod here could undo a deliberate choice.
+pub fn create_dirs(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            // Made by this call: its mode is ours to set.
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?,
+            // Made meanwhile by someone else: theirs.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,20 @@
 //! gitlab-runner-vm: the lifecycle agent of a disposable GitLab CI runner VM.
 
+/// A line for a person at a terminal (stdout), made `console::printable`: no value in it (a
+/// path, GitLab's error, runner.json's url) can act on the terminal or forge a second line.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::console::printable(&format!($($arg)*)))
+    };
+}
+
+/// `say!` on stderr.
+macro_rules! complain {
+    ($($arg:tt)*) => {
+        eprintln!("{}", $crate::console::printable(&format!($($arg)*)))
+    };
+}
+
 mod agent;
 mod backoff;
 mod boot_record;
@@ -69,13 +84,13 @@ fn check(path: &Path) -> ExitCode {
         Ok(text) => text,
         Err(e) => {
             match files::dangling_link(path) {
-                Some(target) => eprintln!(
+                Some(target) => complain!(
                     "error: {} is a symbolic link to {}, which does not exist: create {}, or replace the link with runner.json itself",
                     path.display(),
                     target.display(),
                     target.display()
                 ),
-                None => eprintln!("error: cannot read {}: {e}", path.display()),
+                None => complain!("error: cannot read {}: {e}", path.display()),
             }
             return ExitCode::FAILURE;
         }
@@ -86,7 +101,7 @@ fn check(path: &Path) -> ExitCode {
     // A token pasted into another field (name, url, runner_type...) is masked like the
     // credential itself.
     for problem in &validated.problems {
-        println!("{}", secret::scrub(&problem.to_string()));
+        say!("{}", secret::scrub(&problem.to_string()));
     }
     match validated.config {
         Some(c) => {
@@ -100,7 +115,7 @@ fn check(path: &Path) -> ExitCode {
                 c.max_jobs,
                 c.url
             );
-            println!("{}", secret::scrub(&summary));
+            say!("{}", secret::scrub(&summary));
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
@@ -121,14 +136,14 @@ fn show_status(state_dir: &Path, json: bool) -> ExitCode {
         }
         Err(e) if e.kind() == ErrorKind::PermissionDenied => {
             // The state directory is root's: config.toml beside status.json holds the token.
-            eprintln!(
+            complain!(
                 "error: cannot read {}: {e}; the state directory is root's only: sudo gitlab-runner-vm status",
                 path.display()
             );
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!(
+            complain!(
                 "error: cannot read {}: {e}; is gitlab-runner-vm running? (systemctl status gitlab-runner-vm)",
                 path.display()
             );
@@ -140,18 +155,18 @@ fn show_status(state_dir: &Path, json: bool) -> ExitCode {
 fn release(keep_file: &Path) -> ExitCode {
     match std::fs::remove_file(keep_file) {
         Ok(()) => {
-            println!(
+            say!(
                 "released: removed {}; the VM powers off once the agent's teardown is done",
                 keep_file.display()
             );
             ExitCode::SUCCESS
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            println!("no hold: {} does not exist", keep_file.display());
+            say!("no hold: {} does not exist", keep_file.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!(
+            complain!(
                 "error: cannot remove {}: {e}; run as root (sudo gitlab-runner-vm release)",
                 keep_file.display()
             );
@@ -165,7 +180,7 @@ fn drain(state_dir: &Path) -> ExitCode {
     let status = match status::read(state_dir) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
+            complain!(
                 "error: cannot read {}: {e}; is gitlab-runner-vm running?",
                 status::path_in(state_dir).display()
             );
@@ -175,13 +190,13 @@ fn drain(state_dir: &Path) -> ExitCode {
     match status.phase {
         Phase::WaitingForConfig | Phase::Registering | Phase::Running => {}
         Phase::Draining => {
-            println!(
+            say!(
                 "already draining: gitlab-runner finishes its current job, then the VM is torn down"
             );
             return ExitCode::SUCCESS;
         }
         finished => {
-            eprintln!(
+            complain!(
                 "error: nothing to drain: the agent is {finished}, past running jobs (gitlab-runner-vm status shows what it does)"
             );
             return ExitCode::FAILURE;
@@ -189,19 +204,19 @@ fn drain(state_dir: &Path) -> ExitCode {
     }
     // status.json may outlive the agent, and its pid may since belong to another program.
     if let Err(why) = is_this_agent(status.pid) {
-        eprintln!("error: {why}; nothing was signalled");
+        complain!("error: {why}; nothing was signalled");
         return ExitCode::FAILURE;
     }
     let pid = nix::unistd::Pid::from_raw(status.pid as i32);
     match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1) {
         Ok(()) => {
-            println!(
+            say!(
                 "drain requested: gitlab-runner finishes its current job, takes no new one, then the VM is torn down"
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!(
+            complain!(
                 "error: cannot signal the agent (pid {}): {e}; run as root (sudo gitlab-runner-vm drain)",
                 status.pid
             );

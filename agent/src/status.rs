@@ -107,12 +107,75 @@ pub fn write(state_dir: &Path, status: &Status) -> io::Result<()> {
     let mut file = fs::File::create(&tmp)?;
     // The file is world-readable: whatever a field carries (a token pasted into runner.json's
     // name, an error body that echoed one), no token goes in whole.
-    let text = serde_json::to_string_pretty(status).map_err(io::Error::other)?;
+    let text = to_json(status).map_err(io::Error::other)?;
     let mut text = crate::secret::scrub(&text);
     text.push('\n');
     file.write_all(text.as_bytes())?;
     file.sync_data()?;
     fs::rename(&tmp, path_in(state_dir))
+}
+
+/// The status as pretty JSON in which every character a terminal could act on is escaped
+/// (`\uXXXX`), not just the C0 controls serde_json escapes: `status --json` prints the file
+/// as it is, and so does `cat`. Still JSON, with the same values.
+fn to_json(status: &Status) -> serde_json::Result<String> {
+    let mut out = Vec::new();
+    let formatter = TerminalSafe(serde_json::ser::PrettyFormatter::new());
+    status.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, formatter,
+    ))?;
+    // Only whole characters and ASCII escapes were written.
+    String::from_utf8(out).map_err(serde::ser::Error::custom)
+}
+
+struct TerminalSafe<'a>(serde_json::ser::PrettyFormatter<'a>);
+
+impl serde_json::ser::Formatter for TerminalSafe<'_> {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut rest = fragment;
+        while let Some((at, c)) = rest.char_indices().find(|(_, c)| crate::console::hides(*c)) {
+            writer.write_all(&rest.as_bytes()[..at])?;
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                write!(writer, "\\u{unit:04x}")?;
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        writer.write_all(rest.as_bytes())
+    }
+
+    // Everything else as the pretty formatter does it.
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.0.end_object_value(w)
+    }
 }
 
 pub fn read(state_dir: &Path) -> io::Result<Status> {
@@ -131,8 +194,12 @@ pub fn render(status: &Status, now: SystemTime) -> String {
         Err(_) => "just now".to_string(),
     };
     // One column wider than the longest label ("gitlab-runner:", "power-off at:").
-    let line =
-        |out: &mut String, key: &str, value: &str| out.push_str(&format!("{key:<16}{value}\n"));
+    // Values come from GitLab (an error body, token_expires_at), runner.json and the metadata
+    // service: each shown as one printable line, so none can act on the operator's terminal
+    // or pass for another line.
+    let line = |out: &mut String, key: &str, value: &str| {
+        out.push_str(&format!("{key:<16}{}\n", crate::console::printable(value)))
+    };
     line(
         &mut out,
         "phase:",

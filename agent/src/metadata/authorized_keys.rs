@@ -14,14 +14,14 @@ use crate::cli::SshKeysArgs;
 pub fn run(args: &SshKeysArgs) -> ExitCode {
     crate::logging::init();
     if let Err(why) = check_user_name(&args.user) {
-        eprintln!(
+        complain!(
             "error: --user {:?} {why}; fix: give a login name such as runner",
             args.user
         );
         return ExitCode::FAILURE;
     }
     let Some(platform) = args.config_source.platform(&args.dmi_dir) else {
-        println!(
+        say!(
             "no SSH keys: --config-source {} names no platform with a metadata service (DMI read from {}); nothing written",
             args.config_source,
             args.dmi_dir.display()
@@ -34,17 +34,17 @@ pub fn run(args: &SshKeysArgs) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            complain!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(write_keys(args, platform)) {
         Ok(message) => {
-            println!("{message}");
+            say!("{message}");
             ExitCode::SUCCESS
         }
         Err(message) => {
-            eprintln!("error: {message}");
+            complain!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -59,10 +59,10 @@ async fn write_keys(args: &SshKeysArgs, platform: Platform) -> Result<String, St
         .await
         .map_err(|e| format!("{e}; fix: {}", e.fix()))?;
     for skipped in &keys.skipped {
-        eprintln!("warning: skipped a key from {platform} metadata: {skipped}");
+        complain!("warning: skipped a key from {platform} metadata: {skipped}");
     }
     if let Some(refused) = &keys.refused {
-        eprintln!("warning: {refused}");
+        complain!("warning: {refused}");
     }
     let path = key_file(&args.authorized_keys_dir, &args.user);
     let mut text = keys.lines.join("\n");
@@ -76,6 +76,20 @@ async fn write_keys(args: &SshKeysArgs, platform: Platform) -> Result<String, St
             path.display()
         )
     })?;
+    // A directory that was there before keeps its mode (see `files::create_dirs`); say when
+    // it keeps sshd out, rather than chmod what someone chose.
+    if let Some(problem) = std::fs::metadata(&args.authorized_keys_dir)
+        .ok()
+        .and_then(|meta| {
+            dir_mode_problem(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()))
+        })
+    {
+        complain!(
+            "warning: {} {problem}; fix: chmod 0755 {}",
+            args.authorized_keys_dir.display(),
+            args.authorized_keys_dir.display()
+        );
+    }
     let refused = if keys.refused.is_some() {
         " (OS Login is required: metadata keys are not used)"
     } else {
@@ -93,6 +107,19 @@ fn key_file(dir: &Path, user: &str) -> PathBuf {
     dir.join(user)
 }
 
+/// What keeps sshd from using keys in a directory of this mode: sshd opens
+/// `AuthorizedKeysFile` as the user logging in, who must be able to enter the directory, and
+/// with `StrictModes` refuses a directory others can write to.
+fn dir_mode_problem(mode: u32) -> Option<&'static str> {
+    if mode & 0o001 == 0 {
+        Some("cannot be entered by other users (sshd reads the keys as the user logging in)")
+    } else if mode & 0o022 != 0 {
+        Some("is writable by others (sshd's StrictModes refuses keys there)")
+    } else {
+        None
+    }
+}
+
 /// The user name becomes a file name: nothing that could leave the directory or hide.
 fn check_user_name(user: &str) -> Result<(), &'static str> {
     if user.is_empty() || user.len() > 256 {
@@ -107,6 +134,20 @@ fn check_user_name(user: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_sshd_cannot_use_is_named() {
+        assert_eq!(dir_mode_problem(0o40755), None);
+        assert_eq!(dir_mode_problem(0o711), None);
+        assert!(
+            dir_mode_problem(0o700)
+                .unwrap()
+                .contains("cannot be entered")
+        );
+        assert!(dir_mode_problem(0o750).is_some());
+        assert!(dir_mode_problem(0o777).unwrap().contains("StrictModes"));
+        assert!(dir_mode_problem(0o775).is_some());
+    }
 
     #[test]
     fn user_names_that_would_leave_the_directory_are_refused() {
