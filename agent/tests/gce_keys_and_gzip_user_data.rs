@@ -339,3 +339,93 @@ async fn a_gzip_bomb_or_broken_gzip_as_user_data_is_refused_with_its_reason() {
         assert!(!h.config_path().exists(), "nothing written");
     }
 }
+
+/// A gitlab-runner whose job takes 30 s: SIGQUIT is recorded and the job goes on, SIGTERM is
+/// recorded and aborts it (as in tests/preemption.rs).
+fn write_runner(h: &Harness) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = h.dir.path().display();
+    let script = format!(
+        r#"#!/bin/sh
+trap 'echo QUIT >> {dir}/runner-signals' QUIT
+trap 'echo TERM >> {dir}/runner-signals; kill $job 2>/dev/null; exit 1' TERM
+echo "$*" >> {dir}/runner-invocations
+sleep 30 &
+job=$!
+echo started > {dir}/runner-started
+while kill -0 $job 2>/dev/null; do wait $job; done
+exit 0
+"#
+    );
+    let path = h.path("gitlab-runner");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// AWS writes its notice times in UTC, but a time with an offset names the same instant: read
+/// through `timestamp`, not as "not a notice" (humantime read UTC only).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aws_spot_time_with_an_offset_is_read_at_its_instant() {
+    const INSTANCE_ACTION: &str = "/latest/meta-data/spot/instance-action";
+    let east = Duration::from_secs(5 * 3600 + 1800);
+    let west = Duration::from_secs(8 * 3600);
+    // How the instant 10 s from now is written.
+    let write = |form: &str, t: SystemTime| match form {
+        "+05:30" => format!("{}+05:30", civil_utc(t + east)),
+        "-0800" => format!("{}-0800", civil_utc(t - west)),
+        _ => civil_utc(t),
+    };
+    for form in ["+05:30", "-0800", "no zone"] {
+        let mut h = Harness::new().await;
+        h.mount_glrt_happy_path().await;
+        h.write_config(json!({"token": TOKEN}));
+        let meta = MockServer::start().await;
+        Mock::given(method("PUT"))
+            .and(path("/latest/api/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_string(AWS_TOKEN))
+            .mount(&meta)
+            .await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(404))
+            .with_priority(10)
+            .mount(&meta)
+            .await;
+        let runner = write_runner(&h);
+        let url = meta.uri();
+        h.start(
+            &runner,
+            &[
+                "--watch-preemption",
+                "on",
+                "--metadata-url",
+                &url,
+                "--config-source",
+                "aws",
+            ],
+        );
+        h.wait_until("the job", |h| h.read("runner-started").is_some())
+            .await;
+        let at = SystemTime::now() + Duration::from_secs(10);
+        let time = write(form, at);
+        Mock::given(method("GET"))
+            .and(path(INSTANCE_ACTION))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_string(format!(r#"{{"action": "terminate", "time": "{time}"}}"#)),
+            )
+            .with_priority(1)
+            .mount(&meta)
+            .await;
+        assert!(h.wait_exit().await.success(), "{form}: {}", h.log());
+        assert_eq!(h.runner_signals(), "QUIT\nTERM\n", "{form}: {}", h.log());
+        assert!(h.powered_off());
+        let st = h.status();
+        assert_eq!(st["preemption"]["kind"], "spot-interruption", "{form}");
+        assert_eq!(
+            st["preemption"]["detail"],
+            format!("terminate at {}.000Z", civil_utc(at)),
+            "{form}: {time}"
+        );
+    }
+}
