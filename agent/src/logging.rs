@@ -55,7 +55,45 @@ where
         .without_time()
         .with_target(false)
         .with_ansi(false)
-        .with_writer(writer)
+        .with_writer(Inert(writer))
+}
+
+/// The stderr log, which a person reads on a terminal when the agent runs by hand: each
+/// record is one line with every character `console::hides` made a space, newlines in a
+/// message included (a message must not pass for a second record). tracing-subscriber
+/// escapes ESC and C1 itself, not a carriage return that overwrites the line nor a bidi
+/// override. The formatter writes each record whole, its newline last.
+struct Inert<M>(M);
+
+impl<'w, M: tracing_subscriber::fmt::MakeWriter<'w>> tracing_subscriber::fmt::MakeWriter<'w>
+    for Inert<M>
+{
+    type Writer = Inert<M::Writer>;
+
+    fn make_writer(&'w self) -> Self::Writer {
+        Inert(self.0.make_writer())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Inert<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let (record, end) = match text.strip_suffix('\n') {
+            Some(record) => (record, "\n"),
+            None => (text.as_ref(), ""),
+        };
+        let mut line: String = record
+            .chars()
+            .map(|c| if crate::console::hides(c) { ' ' } else { c })
+            .collect();
+        line.push_str(end);
+        self.0.write_all(line.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Wraps the layer that writes the log: an event with anything to scrub in its message or
@@ -271,6 +309,23 @@ mod tests {
         assert!(log.contains("job printed GR1348941…xxxx"), "{log}");
         // A field recorded as a string keeps its form.
         assert!(log.contains("stream=\"stdout\""), "{log}");
+    }
+
+    #[test]
+    fn a_record_on_stderr_is_one_inert_line() {
+        let text = logged(|| {
+            tracing::warn!(
+                "GitLab said \u{1b}]0;title\u{7}\r\u{9b}2J\u{202e}evil\nWARN forged, detail = {}",
+                "x\u{1b}[2J"
+            )
+        });
+        assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+        assert!(text.ends_with('\n'), "{text:?}");
+        assert!(
+            !text.trim_end().chars().any(crate::console::hides),
+            "{text:?}"
+        );
+        assert!(text.contains("GitLab said"), "{text:?}");
     }
 
     #[test]

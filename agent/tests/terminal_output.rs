@@ -131,6 +131,9 @@ async fn status_shows_gitlabs_error_body_and_the_url_inert() {
         let st = h.status();
         let error = st["last_error"].as_str().unwrap_or_default().to_owned();
         assert!(error.contains(tag), "the body reached status.json: {st}");
+        // The agent's own log on stderr, as a person running it by hand reads it.
+        assert_inert("the agent's stderr log", h.log().as_bytes());
+        assert!(h.log().contains(tag), "{}", h.log());
         let out = status_of(&h.state_dir(), false);
         assert!(out.status.success(), "{out:?}");
         assert_inert("status", &both(&out));
