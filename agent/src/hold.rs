@@ -56,10 +56,16 @@ fn forever() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
 }
 
-/// The deadline of a hold that begins now, if the keep file exists and has not expired.
-pub fn deadline(keep_file: &Path, limits: HoldLimits) -> Option<SystemTime> {
-    let now = SystemTime::now();
-    hold_state(now, modified(keep_file).ok()?, limits, now).ok()
+/// The deadline of a hold that began at `started`, if the keep file exists and the hold has
+/// not expired.
+pub fn deadline(keep_file: &Path, limits: HoldLimits, started: SystemTime) -> Option<SystemTime> {
+    hold_state(
+        started,
+        modified(keep_file).ok()?,
+        limits,
+        SystemTime::now(),
+    )
+    .ok()
 }
 
 pub fn keep_file_exists(keep_file: &Path) -> bool {
@@ -91,15 +97,16 @@ pub async fn keep_file_created(keep_file: &Path) -> io::Result<()> {
     }
 }
 
-/// Holds until the keep file is removed or expires. `on_deadline` is called with each new
-/// deadline (for status.json).
+/// Holds until the keep file is removed or expires. `started`: when the hold began, which a
+/// restarted agent keeps (each restart must not begin a new `max`). `on_deadline` is called
+/// with each new deadline (for status.json).
 pub async fn hold(
     keep_file: &Path,
     limits: HoldLimits,
+    started: SystemTime,
     mut on_deadline: impl FnMut(SystemTime),
 ) -> io::Result<HoldEnd> {
     let dir = keep_file.parent().unwrap_or(Path::new("/"));
-    let started = SystemTime::now();
     let mut last_deadline = None;
     loop {
         let watch = DirWatch::new(
@@ -215,7 +222,9 @@ mod tests {
         let mut deadlines = Vec::new();
         let end = tokio::time::timeout(
             Duration::from_secs(10),
-            hold(&keep, limits(3600, 3600), |d| deadlines.push(d)),
+            hold(&keep, limits(3600, 3600), SystemTime::now(), |d| {
+                deadlines.push(d)
+            }),
         )
         .await
         .unwrap()
@@ -258,6 +267,7 @@ mod tests {
                     max: Duration::from_secs(3600),
                     extend: Duration::from_millis(300),
                 },
+                SystemTime::now(),
                 |_| {},
             ),
         )

@@ -41,6 +41,9 @@ pub struct Status {
     pub last_error: Option<String>,
     #[serde(with = "rfc3339_opt", default)]
     pub hold_deadline: Option<SystemTime>,
+    /// When this boot's hold began: `--hold-max` counts from it, also for a restarted agent.
+    #[serde(with = "rfc3339_opt", default)]
+    pub hold_started: Option<SystemTime>,
     #[serde(with = "rfc3339_opt", default)]
     pub poweroff_at: Option<SystemTime>,
     /// The preemption or maintenance notice acted on (absent: none, or an older agent).
@@ -453,6 +456,7 @@ mod tests {
             timeline_dropped: 0,
             last_error: None,
             hold_deadline: Some(t0 + Duration::from_secs(3600)),
+            hold_started: Some(t0),
             poweroff_at: None,
             preemption: None,
             boot_record: BootRecord::default(),

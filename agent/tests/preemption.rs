@@ -30,6 +30,8 @@ trap 'echo TERM >> {dir}/runner-signals; kill $job 2>/dev/null; echo "fake gitla
 echo "$*" >> {dir}/runner-invocations
 sleep {job_seconds} &
 job=$!
+# As gitlab-runner says it took a job (a rebalance recommendation drains only after one).
+echo "Checking for jobs... received                      job=4242 repo_url=https://gitlab.example.com/g/p.git runner=abc123"
 echo started > {dir}/runner-started
 while kill -0 $job 2>/dev/null; do wait $job; done
 echo "fake gitlab-runner: job done"

@@ -51,8 +51,11 @@ impl Interrupts {
         Ok(Interrupts(rx, None))
     }
 
-    /// A preemption notice counts as a drain (no new job); what more it asks (the abort before
-    /// its deadline, no hold) the steps read from `notice()`.
+    /// A notice that the VM goes away counts as a drain (no new job); what more it asks (the
+    /// abort before its deadline, no hold) the steps read from `notice()`. A notice without a
+    /// deadline (AWS's rebalance recommendation) is no drain here: it drains only once the VM
+    /// took a job (`preemption::drains_now`, which the running step applies), so that a VM
+    /// booted into an at-risk pool still does its first job instead of powering off at once.
     pub fn with_notices(mut self, notices: watch::Receiver<Option<Notice>>) -> Self {
         self.1 = Some(notices);
         self
@@ -61,8 +64,8 @@ impl Interrupts {
     pub fn current(&self) -> Interrupt {
         let signalled = *self.0.borrow();
         match self.notice() {
-            Some(_) => signalled.max(Interrupt::Drain),
-            None => signalled,
+            Some(notice) if notice.vm_goes_away() => signalled.max(Interrupt::Drain),
+            _ => signalled,
         }
     }
 
@@ -81,7 +84,7 @@ impl Interrupts {
         };
         tokio::select! {
             _ = signalled => {}
-            _ = self.notice_other_than(None), if level <= Interrupt::Drain => {}
+            _ = self.vm_goes_away(), if level <= Interrupt::Drain => {}
         }
     }
 

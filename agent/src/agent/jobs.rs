@@ -1,6 +1,6 @@
 //! running and draining: gitlab-runner `run-single` until it exits. A drain (SIGUSR1,
-//! `max_lifetime` or a preemption notice) sends it SIGQUIT: finish the current job, take no new
-//! one. A notice with a deadline then sends SIGTERM when `preemption::plan` says, so that
+//! `max_lifetime`, a notice that the VM goes away, or a rebalance recommendation once a job was
+//! received) sends it SIGQUIT: finish the current job, take no new one. A notice with a deadline then sends SIGTERM when `preemption::plan` says, so that
 //! gitlab-runner aborts and reports the job while the VM can still deregister.
 
 use std::process::ExitStatus;
@@ -28,15 +28,13 @@ impl Agent {
                 return self.stopping(Some(job.child), job.teardown);
             }
             exit = job.child.wait() => return self.jobs_ended(exit, job, false).await,
-            _ = self.interrupts.reached(Interrupt::Drain) => match self.interrupts.notice() {
-                Some(notice) => {
-                    let why = notice.describe(SystemTime::now());
-                    // Seen from outside: why the VM takes no more jobs.
-                    self.milestone(&format!("draining: {why}"));
-                    why
+            _ = self.interrupts.reached(Interrupt::Drain) => {
+                match self.interrupts.notice().filter(Notice::vm_goes_away) {
+                    Some(notice) => self.draining_for(&notice),
+                    None => "drain requested (SIGUSR1)".to_string(),
                 }
-                None => "drain requested (SIGUSR1)".to_string(),
-            },
+            }
+            notice = self.notice_that_drains(&mut job.jobs_received) => self.draining_for(&notice),
             _ = sleep_until_opt(job.lifetime_end) => {
                 format!("max_lifetime of {} s reached", job.max_lifetime_seconds)
             }
@@ -49,6 +47,32 @@ impl Agent {
         }
         let detail = format!("{why}; gitlab-runner finishes its current job and takes no new one");
         (State::Draining(job), detail)
+    }
+
+    /// A notice resolves this once it stops further jobs (`preemption::drains_now`): one that
+    /// the VM goes away at once, a rebalance recommendation once gitlab-runner received a job.
+    async fn notice_that_drains(&self, jobs: &mut tokio::sync::watch::Receiver<u32>) -> Notice {
+        let mut counting = true;
+        loop {
+            let seen = self.interrupts.notice();
+            if let Some(notice) = &seen
+                && preemption::drains_now(notice, *jobs.borrow_and_update())
+            {
+                return notice.clone();
+            }
+            tokio::select! {
+                _ = self.interrupts.notice_other_than(seen.as_ref()) => {}
+                // Its sender ends with the forwarding of gitlab-runner's output.
+                changed = jobs.changed(), if counting => counting = changed.is_ok(),
+            }
+        }
+    }
+
+    /// The drain's reason, also on the console: why the VM takes no more jobs.
+    fn draining_for(&self, notice: &Notice) -> String {
+        let why = notice.describe(SystemTime::now());
+        self.milestone(&format!("draining: {why}"));
+        why
     }
 
     /// draining: until gitlab-runner exits, a stop, or the abort a preemption notice plans

@@ -48,10 +48,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Read once: DMI/SMBIOS does not change while the VM runs.
     let platform = args.config_source.platform(&args.dmi_dir);
     let watcher = watch_preemption(&args, platform);
-    if let Some(w) = &watcher {
-        interrupts = interrupts.with_notices(w.notices.clone());
-    }
+    // Notices come from the watcher, or from status.json of this boot's earlier run (restored
+    // by `start` even when nothing is watched now).
+    let notices = match &watcher {
+        Some(w) => w.sender.clone(),
+        None => Arc::new(tokio::sync::watch::channel(None).0),
+    };
+    interrupts = interrupts.with_notices(notices.subscribe());
     let mut agent = Agent::new(args, interrupts);
+    agent.notices = notices;
     agent.runner_cgroup = runner_cgroup;
     agent.platform = platform;
     agent.watcher = watcher.map(|w| w.task);
@@ -95,11 +100,15 @@ struct Agent {
     system_id: Option<String>,
     last_error: Option<String>,
     hold_deadline: Option<SystemTime>,
+    /// When this boot's hold began (kept across restarts: `--hold-max` counts from it).
+    hold_started: Option<SystemTime>,
     poweroff_at: Option<SystemTime>,
     /// The platform from `--config-source` (recognised from DMI/SMBIOS with `auto`).
     platform: Option<Platform>,
     /// The preemption watcher's task, ended with the run.
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// Where notices are published (the watcher's channel): a restart restores one here.
+    notices: Arc<tokio::sync::watch::Sender<Option<preemption::Notice>>>,
     /// Milestones and failures, one line each, for reading from outside the VM.
     console: Console,
     /// When each milestone of this boot happened; shared with the forwarding of gitlab-runner's
@@ -152,8 +161,10 @@ impl Agent {
             system_id: None,
             last_error: None,
             hold_deadline: None,
+            hold_started: None,
             poweroff_at: None,
             watcher: None,
+            notices: Arc::new(tokio::sync::watch::channel(None).0),
             platform: None,
         }
     }
@@ -175,6 +186,14 @@ impl Agent {
         match status::find(&self.args.state_dir, &self.boot_id) {
             status::Found::Nothing => {}
             status::Found::Status(prev) => {
+                if prev.boot_id == self.boot_id
+                    && let Some(notice) = prev.preemption.clone()
+                {
+                    // A notice this boot received before the restart still holds (its
+                    // deadline included): the platform may not announce it again in time.
+                    self.span()
+                        .in_scope(|| preemption::restore(&self.notices, notice));
+                }
                 let previous_run = lifecycle::Previous {
                     boot_id: &prev.boot_id,
                     phase: prev.phase,
@@ -307,6 +326,7 @@ impl Agent {
             timeline_dropped: self.lc.timeline_dropped,
             last_error: self.last_error.clone(),
             hold_deadline: self.hold_deadline,
+            hold_started: self.hold_started,
             poweroff_at: self.poweroff_at,
             preemption: self.interrupts.notice(),
             boot_record: self

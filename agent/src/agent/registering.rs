@@ -42,31 +42,53 @@ impl Agent {
             registered: flow.known_runner_token().map(&registered),
         };
         let deadline = deadline_after(Duration::from_secs(self.args.register_timeout));
-        let call = flow.register(&client, &system_id, deadline);
+        // A drain, a notice that the VM goes away or a stop ends the retries at once.
+        let give_up = {
+            let interrupts = self.interrupts.clone();
+            Box::pin(async move { interrupts.reached(Interrupt::Drain).await })
+        };
+        let call = flow.register(&client, &system_id, deadline, give_up);
         tokio::pin!(call);
-        let result = match self.interrupts.unless(Interrupt::Stop, &mut call).await {
+        let result = match self.interrupts.unless(Interrupt::Drain, &mut call).await {
             Some(result) => result,
-            None if target.only_the_answer_names_it() => {
-                // Dropping the request would leave a runner GitLab may be creating right now,
-                // with a token nobody knows: let it finish (bounded), then the stop deletes it.
-                let bound = Duration::from_secs(self.args.stop_timeout);
-                tracing::warn!(
-                    "stop requested while GitLab may be creating this VM's runner: waiting up to {} s for its answer so that the runner can be deleted",
-                    bound.as_secs()
-                );
-                let teardown = match tokio::time::timeout(bound, call).await {
-                    Ok(Ok(accepted)) => {
-                        self.accept_created(&config, &job_user, registered(accepted.token))
+            None => {
+                let teardown = if target.only_the_answer_names_it() {
+                    // Dropping a request in flight would leave a runner GitLab may be creating
+                    // right now, with a token nobody knows: let it finish (within the notice's
+                    // warning, if any), then the teardown deletes it. Between attempts nothing
+                    // is in flight and the call ends at once.
+                    let bound = self.answer_budget();
+                    tracing::warn!(
+                        "{} while GitLab may be creating this VM's runner: no further attempt; waiting up to {} s for the answer of a request in flight, so that the runner can be deleted",
+                        self.interruption(),
+                        bound.as_secs()
+                    );
+                    match tokio::time::timeout(bound, call).await {
+                        Ok(Ok(accepted)) => {
+                            self.accept_created(&config, &job_user, registered(accepted.token))
+                        }
+                        Ok(Err(RetryError::Interrupted { .. })) => {
+                            tracing::info!("no request was in flight: nothing was created");
+                            pending
+                        }
+                        Ok(Err(_)) | Err(_) => {
+                            tracing::warn!("{}", possibly_created(&config.name));
+                            pending
+                        }
                     }
-                    Ok(Err(_)) => pending,
-                    Err(_) => {
-                        tracing::warn!("{}", possibly_created(&config.name));
-                        pending
-                    }
+                } else {
+                    // A verify that may have reached GitLab: teardown deletes the manager.
+                    pending
                 };
-                return self.stopping(None, teardown);
+                if self.interrupt() == Interrupt::Stop {
+                    return self.stopping(None, teardown);
+                }
+                tracing::info!(
+                    "{} while registering: gitlab-runner is not started; tearing down",
+                    self.interruption()
+                );
+                return self.teardown(teardown);
             }
-            None => return self.stopping(None, pending),
         };
         let (teardown, token_expires_at) = match result {
             Ok(accepted) if target == Target::Manager => (
@@ -113,14 +135,34 @@ impl Agent {
         if self.interrupt() == Interrupt::Drain {
             // gitlab-runner killed by a SIGQUIT that arrives before it installs its handlers
             // would count as a failed run; a drain asked for before the start means no start.
-            let why = match self.interrupts.notice() {
-                Some(_) => "a preemption notice came",
-                None => "drain requested",
-            };
-            tracing::info!("{why} before gitlab-runner started: not starting it, tearing down");
+            tracing::info!(
+                "{} before gitlab-runner started: not starting it, tearing down",
+                self.interruption()
+            );
             return self.teardown(teardown);
         }
         self.start_runner(&config, &job_user, teardown)
+    }
+
+    /// What cut registration short, for the journal.
+    fn interruption(&self) -> String {
+        match (self.interrupt(), self.interrupts.notice()) {
+            (Interrupt::Stop, _) => "stop requested (SIGTERM)".into(),
+            (_, Some(notice)) if notice.vm_goes_away() => notice.describe(SystemTime::now()),
+            _ => "drain requested (SIGUSR1)".into(),
+        }
+    }
+
+    /// How long a create request in flight may take to answer once registration is cut short:
+    /// `--stop-timeout`, within a notice's warning less the deregistration's reserve.
+    fn answer_budget(&self) -> Duration {
+        let stop_timeout = Duration::from_secs(self.args.stop_timeout);
+        match self.interrupts.notice() {
+            Some(notice) => {
+                crate::preemption::abort_budget(&notice, SystemTime::now(), stop_timeout)
+            }
+            None => stop_timeout,
+        }
     }
 
     /// Warns when the token expires within a day or this VM's max_lifetime; a token already
@@ -213,13 +255,14 @@ impl Agent {
         .flatten()
         .collect();
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (jobs_tx, jobs_received) = tokio::sync::watch::channel(0);
         let watch: LineWatch = {
             let (record, console, published) = (
                 self.record.clone(),
                 self.console.clone(),
                 self.published.clone(),
             );
-            Arc::new(move |line: &str| job_milestone(line, &record, &console, &published))
+            Arc::new(move |line: &str| job_milestone(line, &record, &console, &published, &jobs_tx))
         };
         // gitlab-runner's lines are logged in the phase it runs in.
         let forwarding = tokio::spawn(tracing::Instrument::instrument(
@@ -230,6 +273,7 @@ impl Agent {
             child,
             pid,
             forwarding,
+            jobs_received,
             lifetime_end: config.max_lifetime.map(deadline_after),
             max_lifetime_seconds: config.max_lifetime.unwrap_or_default().as_secs(),
             teardown,
@@ -246,7 +290,13 @@ impl Agent {
 
 /// A line of gitlab-runner that says a job started or ended: the boot record, status.json, the
 /// journal and the console learn it.
-fn job_milestone(line: &str, record: &Mutex<BootRecord>, console: &Console, published: &Published) {
+fn job_milestone(
+    line: &str,
+    record: &Mutex<BootRecord>,
+    console: &Console,
+    published: &Published,
+    jobs_received: &tokio::sync::watch::Sender<u32>,
+) {
     let Some(event) = job_lines::parse(line) else {
         return;
     };
@@ -256,6 +306,7 @@ fn job_milestone(line: &str, record: &Mutex<BootRecord>, console: &Console, publ
         match event {
             JobLine::Started { job } => {
                 record.job_started(job, now);
+                jobs_received.send_replace(record.jobs);
                 format!("job {job} started")
             }
             JobLine::Finished { job, outcome } => {

@@ -64,6 +64,8 @@ pub struct Job {
     pub child: Child,
     pub pid: u32,
     pub forwarding: JoinHandle<()>,
+    /// How many jobs gitlab-runner received so far (from its output).
+    pub jobs_received: tokio::sync::watch::Receiver<u32>,
     /// `max_lifetime`: the drain starts here.
     pub lifetime_end: Option<Instant>,
     pub max_lifetime_seconds: u64,

@@ -59,8 +59,11 @@ impl Agent {
     }
 
     fn holding(&mut self, teardown: Teardown) -> Next {
+        // The first hold of this boot sets the start that `--hold-max` counts from; a
+        // restarted agent read it back (`resume`), so a restart never grants a new ceiling.
+        let started = *self.hold_started.get_or_insert_with(SystemTime::now);
         // Shown from the hold's first status.json on, not only once its step has begun.
-        self.hold_deadline = hold::deadline(&self.args.keep_file, self.hold_limits());
+        self.hold_deadline = hold::deadline(&self.args.keep_file, self.hold_limits(), started);
         let detail = format!(
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.args.keep_file.display()
@@ -175,7 +178,8 @@ impl Agent {
         let keep_file = self.args.keep_file.clone();
         let limits = self.hold_limits();
         let interrupts = self.interrupts.clone();
-        let held = hold::hold(&keep_file, limits, |deadline| {
+        let started = *self.hold_started.get_or_insert_with(SystemTime::now);
+        let held = hold::hold(&keep_file, limits, started, |deadline| {
             self.hold_deadline = Some(deadline);
             tracing::info!(
                 "the hold lasts until {} at most (touching {} extends it by --hold-extend, up to --hold-max after the hold began)",
@@ -411,6 +415,8 @@ impl Agent {
             gitlab_url: prev.gitlab_url,
         };
         self.last_error = prev.last_error;
+        // The hold goes on from when it began, not from this restart.
+        self.hold_started = prev.hold_started;
         self.token_expires_at = prev.token_expires_at;
         self.token_warning = prev.token_warning;
         // The boot's record goes on; jobs that ran are over (gitlab-runner is not ours anymore).

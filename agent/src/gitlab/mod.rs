@@ -21,4 +21,4 @@ mod mock_tests;
 pub use api::{Call, CreatedRunner, Deletion, RunnerInfo};
 pub use client::Client;
 pub use error::{ApiError, Endpoint, retry_is_safe};
-pub use retry::{MAX_ATTEMPTS, RetryError, with_retries};
+pub use retry::{MAX_ATTEMPTS, RetryError, with_retries, with_retries_until};

@@ -80,8 +80,9 @@ impl Phase {
             // A restarted agent that finds this boot's registration or teardown resumes the
             // teardown at once.
             (WaitingForConfig, Deregistering | Holding | PoweringOff) => true,
-            // Registering -> Deregistering: a drain asked for before gitlab-runner started.
-            (Registering, Running | Deregistering | Failed) => true,
+            // Registering -> Deregistering (or, with nothing registered, Holding or
+            // PoweringOff): a drain or a notice before gitlab-runner started.
+            (Registering, Running | Deregistering | Holding | PoweringOff | Failed) => true,
             (Running, Draining | Deregistering | Failed) => true,
             (Draining, Deregistering | Failed) => true,
             (Failed, Deregistering | Holding | PoweringOff) => true,

@@ -11,6 +11,8 @@ const LEGAL: &[(Phase, Phase)] = &[
     (WaitingForConfig, Stopping),
     (Registering, Running),
     (Registering, Deregistering),
+    (Registering, Holding),
+    (Registering, PoweringOff),
     (Registering, Failed),
     (Registering, Stopping),
     (Running, Draining),

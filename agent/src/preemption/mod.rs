@@ -8,7 +8,8 @@
 //!   `instance/maintenance-event` (TERMINATE_ON_HOST_MAINTENANCE about 60 s ahead; a live
 //!   migration is logged, not acted on), each a long poll (`wait_for_change` with the last ETag).
 //!
-//! On a notice the agent drains at once (no new job); when the deadline leaves no more time than
+//! On a notice the agent drains at once (no new job; a rebalance recommendation only once the
+//! VM received its first job: `drains_now`); when the deadline leaves no more time than
 //! gitlab-runner's abort and the deregistration need (`plan`), gitlab-runner gets SIGTERM, so
 //! that it reports the job as failed by the system (`runner_system_failure`, which a job can
 //! `retry`), then the VM deregisters and powers off without a hold.
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metadata::{ConfigSource, Platform};
 
-pub use watch::{Watcher, start};
+pub use watch::{Watcher, restore, start};
 
 /// Time kept at the end of a notice's warning for the deregistration (one DELETE to GitLab).
 pub const DEREGISTER_RESERVE: Duration = Duration::from_secs(10);
@@ -168,6 +169,15 @@ pub fn more_urgent(current: Option<&Notice>, new: &Notice) -> bool {
         (Some(old), Some(new), _) => new < old,
         (_, None, _) => false,
     }
+}
+
+/// Whether `notice` stops gitlab-runner from taking further jobs now, after `jobs_received` jobs:
+/// a notice that the VM goes away always does; a rebalance recommendation (a risk, no deadline)
+/// only once a job came. Draining a VM before its first job would have it power off at once,
+/// and an Auto Scaling group launching into an at-risk pool would then cycle VMs as fast as it
+/// can without running a single job.
+pub fn drains_now(notice: &Notice, jobs_received: u32) -> bool {
+    notice.vm_goes_away() || jobs_received > 0
 }
 
 /// What a notice asks of the running jobs.

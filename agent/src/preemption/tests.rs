@@ -295,3 +295,13 @@ fn the_time_left_is_whole_seconds_and_now_under_one() {
     assert_eq!(seconds_left(now + Duration::from_millis(999), now), "now");
     assert_eq!(seconds_left(now, now + Duration::from_secs(5)), "now");
 }
+
+#[test]
+fn a_rebalance_recommendation_drains_only_after_a_job_and_a_deadline_at_once() {
+    let rebalance = notice(NoticeKind::RebalanceRecommendation, None);
+    let spot = notice(NoticeKind::SpotInterruption, Some(t0() + secs(120)));
+    for jobs in [0, 1, 7] {
+        assert_eq!(drains_now(&rebalance, jobs), jobs > 0, "{jobs}");
+        assert!(drains_now(&spot, jobs), "{jobs}");
+    }
+}

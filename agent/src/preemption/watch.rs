@@ -10,6 +10,7 @@
 //! follows no redirect and reads no body past `MAX_BODY`; what it refuses is trouble here.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -38,10 +39,14 @@ const MAX_ETAG: usize = 128;
 /// After repeated failures the wait doubles up to this: a notice is still seen within it.
 pub const RETRY_CAP: Duration = Duration::from_secs(30);
 
-/// The running watcher: the most urgent notice so far (None: none yet), and its task, which the
+/// The running watcher: the most urgent notice so far (None: none yet), its sender (through
+/// which a restarted agent restores a notice an earlier run received), and its task, which the
 /// agent aborts at the end of its run.
 pub struct Watcher {
+    /// The agent subscribes to `sender` instead; the watcher's own tests read this.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub notices: watch::Receiver<Option<Notice>>,
+    pub sender: Arc<watch::Sender<Option<Notice>>>,
     pub task: JoinHandle<()>,
 }
 
@@ -61,15 +66,20 @@ pub fn start(platform: Platform, base_url: &str) -> Option<Watcher> {
         }
     };
     let (tx, rx) = watch::channel(None);
+    let sender = Arc::new(tx);
     let task = match platform {
-        Platform::Gce => tokio::spawn(watch_gce(client, tx)),
-        _ => tokio::spawn(watch_aws(client, tx)),
+        Platform::Gce => tokio::spawn(watch_gce(client, sender.clone())),
+        _ => tokio::spawn(watch_aws(client, sender.clone())),
     };
     tracing::info!(
         "watching {platform}'s preemption and maintenance notices at {}",
         crate::secret::scrub(base_url)
     );
-    Some(Watcher { notices: rx, task })
+    Some(Watcher {
+        notices: rx,
+        sender,
+        task,
+    })
 }
 
 /// The wait before the next request after `failures` failures in a row: `floor`, doubled per
@@ -97,6 +107,26 @@ fn offer(tx: &watch::Sender<Option<Notice>>, notice: Notice) {
         };
         tracing::warn!("{}: {action}", notice.describe(SystemTime::now()));
     }
+}
+
+/// A notice an earlier run of this boot received (status.json), published again at the start
+/// of a restarted agent: the platform announced it once, and the next poll may not repeat it
+/// (or come too late). Kept unless a more urgent one is already known; true when published.
+pub fn restore(tx: &watch::Sender<Option<Notice>>, notice: Notice) -> bool {
+    let restored = tx.send_if_modified(|current| {
+        let replace = more_urgent(current.as_ref(), &notice);
+        if replace {
+            *current = Some(notice.clone());
+        }
+        replace
+    });
+    if restored {
+        tracing::warn!(
+            "{} (received by this boot's earlier run, before the agent was restarted)",
+            notice.describe(SystemTime::now())
+        );
+    }
+    restored
 }
 
 /// Each kind of trouble with one endpoint is logged once.
@@ -150,7 +180,7 @@ impl Complaints {
     }
 }
 
-async fn watch_aws(client: MetadataClient, tx: watch::Sender<Option<Notice>>) {
+async fn watch_aws(client: MetadataClient, tx: Arc<watch::Sender<Option<Notice>>>) {
     let mut token_trouble = Complaints::new("IMDSv2 PUT /latest/api/token");
     let mut endpoints = [
         (
@@ -223,7 +253,7 @@ fn take(reading: Reading, complaints: &mut Complaints, tx: &watch::Sender<Option
     }
 }
 
-async fn watch_gce(client: MetadataClient, tx: watch::Sender<Option<Notice>>) {
+async fn watch_gce(client: MetadataClient, tx: Arc<watch::Sender<Option<Notice>>>) {
     tokio::join!(
         watch_gce_key(&client, "preempted", parse::gce_preempted, &tx),
         watch_gce_key(

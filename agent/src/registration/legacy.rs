@@ -36,9 +36,10 @@ impl CredentialFlow for Legacy {
         client: &'a Client,
         _system_id: &'a str,
         deadline: Instant,
+        give_up: BoxFuture<'a, ()>,
     ) -> BoxFuture<'a, Result<Accepted, RetryError>> {
         Box::pin(async move {
-            let runner = gitlab::with_retries("register", deadline, || {
+            let runner = gitlab::with_retries_until("register", deadline, give_up, || {
                 client.register(&self.token, &self.info, &self.settings)
             })
             .await?;

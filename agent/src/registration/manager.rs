@@ -35,9 +35,10 @@ impl CredentialFlow for Manager {
         client: &'a Client,
         system_id: &'a str,
         deadline: Instant,
+        give_up: BoxFuture<'a, ()>,
     ) -> BoxFuture<'a, Result<Accepted, RetryError>> {
         Box::pin(async move {
-            let token_expires_at = gitlab::with_retries("verify", deadline, || {
+            let token_expires_at = gitlab::with_retries_until("verify", deadline, give_up, || {
                 client.verify(&self.token, system_id, &self.info)
             })
             .await?;

@@ -37,12 +37,15 @@ pub trait CredentialFlow {
     /// token): config.toml is then written before the first request, so that the manager GitLab
     /// creates and the one gitlab-runner reports are the same.
     fn known_runner_token(&self) -> Option<Secret>;
-    /// Registers with GitLab; the answer is the token gitlab-runner uses.
+    /// Registers with GitLab; the answer is the token gitlab-runner uses. Once `give_up`
+    /// resolves (a drain, a notice, a stop) no further attempt is made; a create request in
+    /// flight still gets its answer (`gitlab::with_retries_until`).
     fn register<'a>(
         &'a self,
         client: &'a Client,
         system_id: &'a str,
         deadline: Instant,
+        give_up: BoxFuture<'a, ()>,
     ) -> BoxFuture<'a, Result<Accepted, RetryError>>;
 }
 

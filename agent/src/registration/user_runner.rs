@@ -39,9 +39,10 @@ impl CredentialFlow for UserRunner {
         client: &'a Client,
         _system_id: &'a str,
         deadline: Instant,
+        give_up: BoxFuture<'a, ()>,
     ) -> BoxFuture<'a, Result<Accepted, RetryError>> {
         Box::pin(async move {
-            let runner = gitlab::with_retries("create runner", deadline, || {
+            let runner = gitlab::with_retries_until("create runner", deadline, give_up, || {
                 client.create_user_runner(
                     &self.token,
                     &self.runner_type,

@@ -32,6 +32,10 @@ pub enum RetryError {
         elapsed_s: u64,
         last: ApiError,
     },
+    /// Asked to make no more attempts (a drain, a preemption notice, a stop) while no request
+    /// that may create a runner was in flight: nothing of this call was created.
+    #[error("interrupted after {attempts} attempt(s): no more are made")]
+    Interrupted { attempts: u32 },
 }
 
 /// Calls `op` until it succeeds, fails permanently, or the next retry could not start before
@@ -44,15 +48,29 @@ pub enum RetryError {
 ///   ambiguous failures come back as the permanent `ApiError::MaybeCreated`;
 /// - a deletion that GitLab throttles (429 with a reset time) keeps going past `deadline`, up to
 ///   `THROTTLED_DELETION_LIMIT` after it started, as long as the answers stay such 429s.
-pub async fn with_retries<T, F, Fut>(
+pub async fn with_retries<T, F, Fut>(what: &str, deadline: Instant, op: F) -> Result<T, RetryError>
+where
+    F: FnMut() -> Call<Fut>,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    with_retries_until(what, deadline, std::future::pending(), op).await
+}
+
+/// `with_retries`, until `give_up` resolves: from then on no attempt is made and a wait between
+/// attempts ends at once (`RetryError::Interrupted`). A request in flight that may create a
+/// runner is not dropped: its answer is the only way to learn the token of what it created, so
+/// the call ends with that answer (bounded by the request's timeout, and by the caller).
+pub async fn with_retries_until<T, F, Fut>(
     what: &str,
     deadline: Instant,
+    give_up: impl Future<Output = ()>,
     mut op: F,
 ) -> Result<T, RetryError>
 where
     F: FnMut() -> Call<Fut>,
     Fut: Future<Output = Result<T, ApiError>>,
 {
+    tokio::pin!(give_up);
     let started = Instant::now();
     let throttled_limit = started
         .checked_add(THROTTLED_DELETION_LIMIT)
@@ -61,6 +79,12 @@ where
     let mut limit = deadline;
     let mut attempt: u32 = 0;
     loop {
+        // `give_up` is polled only until it resolves: every select below returns when it does.
+        tokio::select! {
+            biased;
+            _ = &mut give_up => return Err(RetryError::Interrupted { attempts: attempt }),
+            _ = std::future::ready(()) => {}
+        }
         let call = op();
         let endpoint = call.endpoint;
         attempt += 1;
@@ -73,9 +97,13 @@ where
             call.future.await
         } else {
             let remaining = limit.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(remaining, call.future).await {
-                Ok(outcome) => outcome,
-                Err(_) => return Err(gave_up(ApiError::NoAnswer)),
+            tokio::select! {
+                biased;
+                _ = &mut give_up => return Err(RetryError::Interrupted { attempts: attempt }),
+                answer = tokio::time::timeout(remaining, call.future) => match answer {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Err(gave_up(ApiError::NoAnswer)),
+                },
             }
         };
         let error = match outcome {
@@ -112,7 +140,11 @@ where
                 String::new()
             }
         );
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            biased;
+            _ = &mut give_up => return Err(RetryError::Interrupted { attempts: attempt }),
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
