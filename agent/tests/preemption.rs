@@ -165,9 +165,11 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
     // --stop-timeout 20 plus the deregistration's 10 s fill GCE's 30 s: the abort is at once
     // (as with the default 40 s).
     start_with(&mut h, &runner, "gce", &meta, &["--stop-timeout", "20"]);
-    h.wait_until("the job", |h| h.read("runner-started").is_some())
-        .await;
-    assert_eq!(h.phase().as_deref(), Some("running"));
+    // The agent records `running` once the spawn returned, which may be after the script began.
+    h.wait_until("the job", |h| {
+        h.read("runner-started").is_some() && h.phase().as_deref() == Some("running")
+    })
+    .await;
 
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     let status = h.wait_exit().await;
