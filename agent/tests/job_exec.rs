@@ -53,7 +53,7 @@ fn text(out: &[u8]) -> String {
 fn a_stage_runs_as_the_job_user_and_sees_nothing_of_gitlab_runner() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("config.toml");
-    std::fs::write(&secret, "token = \"glrt-secret-of-the-runner\"\n").unwrap();
+    std::fs::write(&secret, format!("token = \"{}\"\n", common::TOKEN)).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let script = stage_script(
         dir.path(),
@@ -70,7 +70,7 @@ tr '\0' '\n' < /proc/$PPID/environ 2>/dev/null && echo "read the parent's enviro
         &script,
         &[
             ("CUSTOM_ENV_CI_JOB_TOKEN", "job-token-of-gitlab-runner"),
-            ("RUNNER_SECRET", "glrt-secret-of-the-runner"),
+            ("RUNNER_SECRET", common::TOKEN),
             ("TMPDIR", "/root/gitlab-runner-tmp"),
             ("LANG", "C.UTF-8"),
         ],
@@ -79,7 +79,7 @@ tr '\0' '\n' < /proc/$PPID/environ 2>/dev/null && echo "read the parent's enviro
     .unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(!stdout.contains("glrt-secret"), "{stdout}");
+    assert!(!stdout.contains(common::TOKEN), "{stdout}");
     assert!(!stdout.contains("job-token-of-gitlab-runner"), "{stdout}");
     let env_line = stdout.lines().find(|l| l.starts_with("env: ")).unwrap();
     for name in env_line["env: ".len()..].split_whitespace() {
