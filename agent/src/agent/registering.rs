@@ -16,7 +16,7 @@ use crate::lifecycle::Phase;
 use crate::registration::expiry::{self, Expiry};
 use crate::registration::{Registered, Target, possibly_created};
 use crate::runner::job_lines::{self, JobLine, Outcome};
-use crate::runner::{self, Account, LineWatch, ShellJobs};
+use crate::runner::{self, LineWatch, ShellJobs};
 use crate::secret::Secret;
 use crate::status::{self, Published};
 
@@ -25,7 +25,8 @@ impl Agent {
         let Setup {
             config,
             client,
-            job_user,
+            shell_jobs,
+            runner_env,
             system_id,
             flow,
         } = setup;
@@ -65,7 +66,7 @@ impl Agent {
                     );
                     match tokio::time::timeout(bound, call).await {
                         Ok(Ok(accepted)) => {
-                            self.accept_created(&config, &job_user, registered(accepted.token))
+                            self.accept_created(&config, &shell_jobs, registered(accepted.token))
                         }
                         Ok(Err(RetryError::Interrupted { .. })) => {
                             tracing::info!("no request was in flight: nothing was created");
@@ -98,7 +99,7 @@ impl Agent {
                 accepted.token_expires_at,
             ),
             Ok(accepted) => (
-                self.accept_created(&config, &job_user, registered(accepted.token)),
+                self.accept_created(&config, &shell_jobs, registered(accepted.token)),
                 accepted.token_expires_at,
             ),
             Err(error) => {
@@ -141,7 +142,7 @@ impl Agent {
             );
             return self.teardown(teardown);
         }
-        self.start_runner(&config, &job_user, teardown)
+        self.start_runner(&config, &shell_jobs, &runner_env, teardown)
     }
 
     /// What cut registration short, for the journal.
@@ -194,12 +195,11 @@ impl Agent {
     fn accept_created(
         &mut self,
         config: &RunnerConfig,
-        job_user: &Account,
+        shell_jobs: &ShellJobs,
         registered: Registered,
     ) -> Teardown {
         self.lc.registered = true;
-        let shell = ShellJobs::for_user(job_user);
-        let toml = runner::render_config_toml(config, &registered.runner_token, &shell);
+        let toml = runner::render_config_toml(config, &registered.runner_token, shell_jobs);
         if let Err(e) = self.write_runner_files(&registered.system_id, &toml) {
             tracing::warn!("{}", e.with_fix());
         }
@@ -213,20 +213,12 @@ impl Agent {
     fn start_runner(
         &mut self,
         config: &RunnerConfig,
-        job_user: &Account,
+        shell_jobs: &ShellJobs,
+        env: &[(String, String)],
         teardown: Teardown,
     ) -> Next {
         let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, config);
-        // gitlab-runner runs as the agent itself: the token's holder is never the job's user.
-        let own = match Account::resolve(None) {
-            Ok(own) => own,
-            Err(e) => {
-                let detail = format!("{e:#}");
-                return failed(AgentError::JobUser(detail), teardown);
-            }
-        };
-        let env = runner::scrubbed_environment(&own, |key| std::env::var(key).ok());
         self.lc.runner_started = true;
         if let Err(e) = self.try_write_status() {
             let path = status::path_in(&self.args.state_dir);
@@ -236,7 +228,7 @@ impl Agent {
         let program = self.args.gitlab_runner.clone();
         let cwd = self.args.state_dir.clone();
         let cgroup = self.runner_cgroup.as_ref();
-        let mut child = match runner::spawn(&program, &args, &env, &cwd, cgroup) {
+        let mut child = match runner::spawn(&program, &args, env, &cwd, cgroup) {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return failed(AgentError::RunnerMissing(program), teardown);
@@ -281,7 +273,7 @@ impl Agent {
         let detail = format!(
             "gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job",
             config.max_jobs,
-            job_user.name,
+            shell_jobs.user,
             config.idle_timeout.as_secs()
         );
         (State::Running(job), detail)

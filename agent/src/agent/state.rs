@@ -12,7 +12,7 @@ use crate::config::RunnerConfig;
 use crate::gitlab::Client;
 use crate::lifecycle::Phase;
 use crate::registration::{CredentialFlow, Registered};
-use crate::runner::Account;
+use crate::runner::ShellJobs;
 
 pub enum State {
     WaitingForConfig,
@@ -53,8 +53,11 @@ pub type Next = (State, String);
 pub struct Setup {
     pub config: RunnerConfig,
     pub client: Client,
-    /// Who shell jobs run as (`job-exec` switches to this user; gitlab-runner never does).
-    pub job_user: Account,
+    /// How shell jobs reach the job user (`job-exec` switches to it; gitlab-runner never does).
+    pub shell_jobs: ShellJobs,
+    /// gitlab-runner's whole environment, made from the agent's own account before any
+    /// GitLab call: gitlab-runner runs as the agent, never as the job user.
+    pub runner_env: Vec<(String, String)>,
     pub system_id: String,
     pub flow: Box<dyn CredentialFlow>,
 }

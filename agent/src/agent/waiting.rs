@@ -227,6 +227,9 @@ impl Agent {
                 "shell jobs would run as root (no --job-user, and the agent runs as root): job-exec refuses, since root can read the runner token".into(),
             ));
         }
+        let own = Account::resolve(None).map_err(|e| AgentError::JobUser(format!("{e:#}")))?;
+        let runner_env = runner::scrubbed_environment(&own, |key| std::env::var(key).ok());
+        let shell_jobs = ShellJobs::for_user(&job_user);
         let system_id =
             runner::generate_system_id().map_err(|e| AgentError::SystemId(e.to_string()))?;
         self.system_id = Some(system_id.clone());
@@ -235,15 +238,14 @@ impl Agent {
         // runner's token is written when GitLab returns it.
         let toml = flow
             .known_runner_token()
-            .map(|token| {
-                runner::render_config_toml(&config, &token, &ShellJobs::for_user(&job_user))
-            })
+            .map(|token| runner::render_config_toml(&config, &token, &shell_jobs))
             .unwrap_or_default();
         self.write_runner_files(&system_id, &toml)?;
         Ok(Setup {
             config,
             client,
-            job_user,
+            shell_jobs,
+            runner_env,
             system_id,
             flow,
         })

@@ -4,6 +4,7 @@
 use super::keys;
 use super::node::{Node, Problems};
 use super::{DockerSettings, Executor};
+use std::path::{Path, PathBuf};
 
 pub(super) fn executor(root: &Node<'_>, p: &mut Problems) -> Option<Executor> {
     let Some(node) = root.get(&keys::EXECUTOR) else {
@@ -118,40 +119,43 @@ const SECRET_DIRS: &[(&str, &str)] = &[
     ("/run/do-metadata", "the Droplet's user-data (runner.json)"),
 ];
 
-/// What of the VM's secrets a Docker volume's host side gives the container: a secret directory
-/// itself, one inside it, or one of its ancestors (`/run`, `/`).
-pub(super) fn host_secret_in(volume: &str) -> Option<&'static str> {
+/// The host side of a Docker volume (`host:container[:mode]`) as a path of the VM: /var/run
+/// read as /run (a link to it on every image), no trailing `/` (but `/` itself). None for a
+/// bare path (a fresh volume at that path in the container) or a named volume (`cache:/cache`,
+/// Docker's): nothing of the host's.
+fn host_side(volume: &str) -> Option<PathBuf> {
     let (host, _) = volume.split_once(':')?;
-    // /var/run is a link to /run on every image.
     let host = match host.strip_prefix("/var/run") {
         Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("/run{rest}"),
         _ => host.to_string(),
     };
-    let host = std::path::Path::new(&host);
-    if !host.is_absolute() {
-        // A named volume (`cache:/cache`): Docker's, not a host directory.
-        return None;
-    }
+    // Path's components drop trailing and repeated slashes.
+    let host: PathBuf = Path::new(&host).components().collect();
+    host.is_absolute().then_some(host)
+}
+
+/// What of the VM's secrets a Docker volume's host side gives the container: a secret directory
+/// itself, one inside it, or one of its ancestors (`/run`, `/`).
+pub(super) fn host_secret_in(volume: &str) -> Option<&'static str> {
+    let host = host_side(volume)?;
     SECRET_DIRS
         .iter()
-        .find(|(dir, _)| {
-            let dir = std::path::Path::new(dir);
-            dir.starts_with(host) || host.starts_with(dir)
-        })
+        .find(|(dir, _)| Path::new(dir).starts_with(&host) || host.starts_with(dir))
         .map(|(_, what)| *what)
 }
 
-/// Whether a Docker volume (`host:container[:mode]`, or a bare path) hands the job the host's
-/// Docker socket: the socket itself, or a directory holding it (/run, /var/run).
+/// Whether a Docker volume hands the job the host's Docker socket: the socket itself, or a
+/// directory holding it (/run, /var/run, /).
 pub(super) fn mounts_the_docker_socket(volume: &str) -> bool {
-    // A bare path is a fresh volume at that path in the container, nothing of the host's.
-    let Some((host, _)) = volume.split_once(':') else {
+    let Some(host) = host_side(volume) else {
         return false;
     };
-    let host = host.trim_end_matches('/');
-    host.ends_with("docker.sock")
-        || host.ends_with("containerd.sock")
-        || ["/run", "/var/run", "/run/docker", "/var/run/docker", ""].contains(&host)
+    let name = host.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with("docker.sock")
+        || name.ends_with("containerd.sock")
+        || ["/run", "/run/docker", "/"]
+            .iter()
+            .any(|dir| host == Path::new(dir))
 }
 
 pub(super) fn builds_dir(root: &Node<'_>, p: &mut Problems) -> Option<String> {
