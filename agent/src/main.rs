@@ -105,15 +105,21 @@ fn check(path: &Path) -> ExitCode {
     }
     match validated.config {
         Some(c) => {
+            // The cache as gitlab-runner scopes it: per runner unless shared.
+            let cache = c.cache.as_ref().map(|cache| {
+                let shared = if cache.shared { "shared" } else { "per runner" };
+                format!(", {} cache {shared}", cache.cache_type.as_str())
+            });
             let summary = format!(
-                "ok: {} is valid (runner {}, {} credential {}, {} executor, {} job(s), url {})",
+                "ok: {} is valid (runner {}, {} credential {}, {} executor, {} job(s), url {}{})",
                 path.display(),
                 c.name,
                 c.credential.kind(),
                 c.credential.secret(),
                 c.executor.as_str(),
                 c.max_jobs,
-                c.url
+                c.url,
+                cache.unwrap_or_default()
             );
             say!("{}", secret::scrub(&summary));
             ExitCode::SUCCESS

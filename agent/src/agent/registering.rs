@@ -245,6 +245,8 @@ impl Agent {
         ]
         .into_iter()
         .flatten()
+        // The cache's keys, which gitlab-runner reads from config.toml like the token.
+        .chain(config.cache.iter().flat_map(|c| c.secrets()))
         .collect();
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let (jobs_tx, jobs_received) = tokio::sync::watch::channel(0);

@@ -65,6 +65,7 @@ pub(super) const MAX_LIFETIME: Key = key("max_lifetime", Integer, Vm);
 pub(super) const TLS_CA_FILE: Key = key("tls_ca_file", Text, Vm);
 pub(super) const BUILDS_DIR: Key = key("builds_dir", Text, Vm);
 pub(super) const ENVIRONMENT: Key = key("environment", TextList, Vm);
+pub(super) const CACHE: Key = key("cache", Object, Vm);
 
 /// The keys of runner.json, in the order the unknown-key error lists them.
 pub(super) const TOP_LEVEL: &[Key] = &[
@@ -92,6 +93,7 @@ pub(super) const TOP_LEVEL: &[Key] = &[
     TLS_CA_FILE,
     BUILDS_DIR,
     ENVIRONMENT,
+    CACHE,
 ];
 
 pub(super) const IMAGE: Key = key("image", Text, Vm);
@@ -100,6 +102,25 @@ pub(super) const VOLUMES: Key = key("volumes", TextList, Vm);
 
 /// The keys of `docker`.
 pub(super) const DOCKER_SECTION: &[Key] = &[IMAGE, PRIVILEGED, VOLUMES];
+
+/// The keys of `cache`: gitlab-runner's `[runners.cache]`, named as it names them (see cache.rs).
+pub(super) const CACHE_TYPE: Key = key("Type", Text, Vm);
+pub(super) const CACHE_PATH: Key = key("Path", Text, Vm);
+pub(super) const CACHE_SHARED: Key = key("Shared", Boolean, Vm);
+pub(super) const CACHE_MAX_UPLOADED_ARCHIVE_SIZE: Key = key("MaxUploadedArchiveSize", Integer, Vm);
+pub(super) const CACHE_S3: Key = key("s3", Object, Vm);
+pub(super) const CACHE_GCS: Key = key("gcs", Object, Vm);
+pub(super) const CACHE_AZURE: Key = key("azure", Object, Vm);
+
+pub(super) const CACHE_SECTION: &[Key] = &[
+    CACHE_TYPE,
+    CACHE_PATH,
+    CACHE_SHARED,
+    CACHE_MAX_UPLOADED_ARCHIVE_SIZE,
+    CACHE_S3,
+    CACHE_GCS,
+    CACHE_AZURE,
+];
 
 /// The keys of the table used for `used`, in table order.
 pub(super) fn used_for(used: Use) -> impl Iterator<Item = &'static Key> {
@@ -113,9 +134,24 @@ pub(super) fn unknown(node: &Node<'_>, known: &[Key], p: &mut Problems) {
         if known.iter().any(|k| k.name == name) {
             continue;
         }
+        // gitlab-runner's `BucketName` written as `bucket_name` or `bucketname` is the same
+        // key in another spelling: that one is meant, however far the letters are.
+        let spelled = |s: &str| -> String {
+            s.chars()
+                .filter(|c| *c != '_' && *c != '-')
+                .flat_map(char::to_lowercase)
+                .collect()
+        };
         let nearest = known
             .iter()
-            .map(|k| (strsim::jaro_winkler(name, k.name), k.name))
+            .map(|k| {
+                let score = if spelled(name) == spelled(k.name) {
+                    2.0
+                } else {
+                    strsim::jaro_winkler(name, k.name)
+                };
+                (score, k.name)
+            })
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .filter(|(score, _)| *score > 0.7);
         let fix = match nearest {

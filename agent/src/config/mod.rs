@@ -6,9 +6,10 @@
 //! them all and `run` can refuse a bad file with one clear message. The checks are split by
 //! concern: `credential` (which token, and how this VM's runner comes to exist), `connection`
 //! (url, tls_ca_file), `runner_settings` (what GitLab stores with a runner), `jobs` (executor,
-//! docker, builds_dir, environment); `keys` is the table of known keys and `node` the reader
+//! docker, builds_dir, environment), `cache` (GitLab's distributed cache); `keys` is the table of known keys and `node` the reader
 //! they are all written with.
 
+mod cache;
 mod connection;
 mod credential;
 mod jobs;
@@ -28,6 +29,7 @@ use serde_json::Value;
 
 pub use crate::cli::MAX_SECONDS;
 use crate::secret::Secret;
+pub use cache::{CacheSettings, CacheValue};
 use node::{Node, Problems};
 pub use node::{Problem, Severity};
 
@@ -192,6 +194,9 @@ pub struct RunnerConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub builds_dir: Option<String>,
     pub environment: Vec<String>,
+    /// GitLab's distributed cache: config.toml's `[runners.cache]` (boxed: rarely given, and
+    /// the states that carry the configuration stay small).
+    pub cache: Option<Box<CacheSettings>>,
 }
 
 pub const DEFAULT_MAX_JOBS: u32 = 1;
@@ -272,6 +277,7 @@ fn runner_config(
     let tls_ca_file = connection::tls_ca_file(root, read_file, p);
     let builds_dir = jobs::builds_dir(root, p);
     let environment = jobs::environment(root, p);
+    let cache = cache::check(root, read_file, p).map(Box::new);
 
     Some(RunnerConfig {
         name,
@@ -286,6 +292,7 @@ fn runner_config(
         tls_ca_file,
         builds_dir,
         environment,
+        cache,
     })
 }
 

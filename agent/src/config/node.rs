@@ -120,6 +120,23 @@ impl<'a> Node<'a> {
         p.push(Severity::Error, &path, message.into(), fix.into());
     }
 
+    /// A warning about a key of this object, present or not.
+    pub fn warning_at(
+        &self,
+        p: &mut Problems,
+        key: &Key,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        let path = self.path_of(key.name);
+        p.push(Severity::Warning, &path, message.into(), fix.into());
+    }
+
+    /// The JSON value itself, for reads the methods here do not cover.
+    pub fn raw(&self) -> &'a Value {
+        self.value
+    }
+
     fn reads(&self, kind: Kind) {
         debug_assert_eq!(self.kind, kind, "{} is read as {kind:?}", self.path);
     }

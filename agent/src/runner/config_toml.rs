@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::CONFIG_FILE;
-use crate::config::{Executor, RunnerConfig};
+use crate::config::{CacheSettings, CacheValue, Executor, RunnerConfig};
 use crate::files;
 use crate::secret::Secret;
 
@@ -121,11 +121,45 @@ pub fn render_config_toml(
         }
         runner.insert("docker".into(), Value::Table(d));
     }
+    if let Some(cache) = &config.cache {
+        runner.insert("cache".into(), Value::Table(cache_table(cache)));
+    }
     let mut root = Table::new();
     // run-single ignores `concurrent`, but gitlab-runner's config loader expects it.
     root.insert("concurrent".into(), Value::from(1));
     root.insert("runners".into(), Value::Array(vec![Value::Table(runner)]));
     format!("# Written by gitlab-runner-vm for this boot only; rewritten at every start.\n{root}")
+}
+
+/// `[runners.cache]` and its type's section, with gitlab-runner's key names and TOML types
+/// (`cache/cacheconfig/cacheconfig.go`: strings, booleans, `MaxUploadedArchiveSize` an int64).
+/// The toml crate writes every string as a quoted, escaped TOML string: no value can end its
+/// string or start a table of its own.
+fn cache_table(cache: &CacheSettings) -> toml::Table {
+    use toml::{Table, Value};
+    let mut table = Table::new();
+    table.insert("Type".into(), Value::from(cache.cache_type.as_str()));
+    if let Some(path) = &cache.path {
+        table.insert("Path".into(), Value::from(path.as_str()));
+    }
+    table.insert("Shared".into(), Value::from(cache.shared));
+    if let Some(size) = cache.max_uploaded_archive_size {
+        // Validated to fit an int64.
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        table.insert("MaxUploadedArchiveSize".into(), Value::from(size));
+    }
+    let mut section = Table::new();
+    for (name, value) in &cache.settings {
+        let value = match value {
+            CacheValue::Text(s) => Value::from(s.as_str()),
+            CacheValue::Secret(s) => Value::from(s.expose()),
+            CacheValue::Flag(b) => Value::from(*b),
+            CacheValue::Number(n) => Value::from(*n),
+        };
+        section.insert((*name).into(), value);
+    }
+    table.insert(cache.cache_type.as_str().into(), Value::Table(section));
+    table
 }
 
 #[cfg(test)]

@@ -44,5 +44,6 @@ fn sample_config(executor: crate::config::Executor) -> crate::config::RunnerConf
         tls_ca_file: Some("/etc/ca.pem".into()),
         builds_dir: None,
         environment: vec!["FOO=bar".into()],
+        cache: None,
     }
 }

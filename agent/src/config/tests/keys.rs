@@ -21,7 +21,7 @@ fn a_key_near_none_lists_them_all_in_table_order() {
         "remove it; known keys are: name, url, token, token_file, registration_token, \
          registration_token_file, access_token, access_token_file, runner_type, group_id, \
          project_id, executor, tags, run_untagged, locked, access_level, maximum_timeout, docker, \
-         max_jobs, idle_timeout, max_lifetime, tls_ca_file, builds_dir, environment"
+         max_jobs, idle_timeout, max_lifetime, tls_ca_file, builds_dir, environment, cache"
     );
     let p = only_error(fixture!("docker-unknown-key-far"));
     assert_eq!(
@@ -100,6 +100,12 @@ fn every_known_key_is_read_as_its_kind() {
         doc["docker"][key.name] = not_a(key.kind);
         cases.push((doc, format!("$.docker.{}", key.name)));
     }
+    for key in keys::CACHE_SECTION {
+        let mut doc = base.clone();
+        doc["cache"] = json!({"Type": "s3", "s3": {"BucketName": "b"}});
+        doc["cache"][key.name] = not_a(key.kind);
+        cases.push((doc, format!("$.cache.{}", key.name)));
+    }
     for (doc, path) in cases {
         let v = check(&doc.to_string());
         assert!(
@@ -113,11 +119,30 @@ fn every_known_key_is_read_as_its_kind() {
 #[test]
 fn the_readme_documents_every_key() {
     let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
-    for key in keys::TOP_LEVEL.iter().chain(keys::DOCKER_SECTION) {
+    let sections = [keys::TOP_LEVEL, keys::DOCKER_SECTION, keys::CACHE_SECTION];
+    for key in sections.into_iter().flatten() {
         assert!(
             readme.contains(&format!("`{}`", key.name)),
             "README.md does not mention `{}`",
             key.name
         );
+    }
+}
+
+#[test]
+fn a_key_in_another_spelling_is_suggested_as_gitlab_runner_spells_it() {
+    for (written, meant) in [
+        ("bucket_name", "BucketName"),
+        ("bucketname", "BucketName"),
+        ("server-address", "ServerAddress"),
+        ("AUTHENTICATIONTYPE", "AuthenticationType"),
+    ] {
+        let doc = json!({"url": "https://g.example.com", "token": "glrt-abc",
+            "cache": {"Type": "s3", "s3": {"BucketName": "b", written: "x"}}});
+        let v = check(&doc.to_string());
+        let e: Vec<_> = v.errors().collect();
+        assert_eq!(e.len(), 1, "{written}: {:#?}", v.problems);
+        assert_eq!(e[0].path, format!("$.cache.s3.{written}"));
+        assert_eq!(e[0].fix, format!("did you mean \"{meant}\"?"));
     }
 }
