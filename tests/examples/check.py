@@ -292,8 +292,8 @@ class Fake:
     def get_state(self):
         return json.loads(self.state.read_text()) if self.state.exists() else {}
 
-    def run(self, script, *args, env=None, check=True):
-        self.log.write_text("")
+    def environ(self, env=None):
+        """The environment a script runs in: the stand-ins first on PATH, their log and state."""
         e = {
             "PATH": f"{self.bin}:{os.environ['PATH']}",
             "HOME": str(self.tmp),
@@ -302,14 +302,22 @@ class Fake:
             "FAKE_HOME": str(self.tmp),
             "POLL_INTERVAL": "0",
             "TMPDIR": str(self.tmpdir),
+            "LOCK_FILE": str(self.tmp / "fleet.lock"),
         }
         if REAL_GCLOUD:
             e["REAL_GCLOUD"] = REAL_GCLOUD
         e.update(env or {})
-        proc = subprocess.run([str(script), *args], env=e, cwd=self.tmp, capture_output=True, text=True, timeout=120)
+        return e
+
+    def calls(self):
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def run(self, script, *args, env=None, check=True):
+        self.log.write_text("")
+        proc = subprocess.run([str(script), *args], env=self.environ(env), cwd=self.tmp, capture_output=True, text=True, timeout=120)
         if check:
             assert proc.returncode == 0, f"{script.name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-        calls = [json.loads(line) for line in self.log.read_text().splitlines()]
+        calls = self.calls()
         self.aws_calls += [c[1:] for c in calls if c[0] == "aws"]
         return proc, calls
 
@@ -525,6 +533,7 @@ def test_digital_ocean_runner_fleet():
         _, calls = fake.run(script, "reconcile", env=env)
         (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
         assert "--force" in delete and sorted(a for a in delete if a.isdigit()) == ["2", "3"], delete
+        assert not [c for c in calls if c[2] == "droplet-action"], "powered-off Droplets need no shutdown"
         (create,) = find(calls, "doctl", "compute", "droplet", "create")
         names = [a for a in create[4:] if not a.startswith("-")][:2]
         assert all(n.startswith("gitlab-runners-") for n in names) and len(set(names)) == 2, create
@@ -558,9 +567,19 @@ def test_digital_ocean_runner_fleet():
         assert not [c for c in calls if c[3:4] == ["create"] and c[2] == "droplet"]
         assert fake.get_state()["droplets"] == []
 
+        # delete: every Droplet still up is shut down (the agent deregisters) before the destroy.
+        fake.set_state({**fake.get_state(), "droplets": [
+            {"id": 7, "status": "off", "tag": "gitlab-runners", "created_at": young},
+            {"id": 8, "status": "active", "tag": "gitlab-runners", "created_at": young},
+            {"id": 9, "status": "new", "tag": "gitlab-runners", "created_at": young},
+            {"id": 5, "status": "active", "tag": "something-else", "created_at": young}]})
         _, calls = fake.run(script, "delete", env=env)
         (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
         assert opt(delete, "--tag-name") == "gitlab-runners" and "--force" in delete
+        shutdowns = find(calls, "doctl", "compute", "droplet-action", "shutdown")
+        assert sorted(c[4] for c in shutdowns) == ["8", "9"] and all("--wait" in c for c in shutdowns), shutdowns
+        assert all(calls.index(c) < calls.index(delete) for c in shutdowns), calls
+        assert [d["id"] for d in fake.get_state()["droplets"]] == [5]
         (fwdel,) = find(calls, "doctl", "compute", "firewall", "delete")
         assert "--force" in fwdel and not fake.get_state()["firewalls"], fwdel
 
@@ -584,6 +603,10 @@ def test_digital_ocean_lifetime_cap_and_ssh_source():
         proc, calls = fake.run(script, "reconcile", env=env)
         (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
         assert sorted(a for a in delete if a.isdigit()) == ["1", "2"], delete
+        # A destroy is no shutdown: each Droplet still up is shut down (ACPI) first, and waited for.
+        shutdowns = find(calls, "doctl", "compute", "droplet-action", "shutdown")
+        assert sorted(c[4] for c in shutdowns) == ["1", "2"] and all("--wait" in c for c in shutdowns), shutdowns
+        assert all(calls.index(c) < calls.index(delete) for c in shutdowns), calls
         (create,) = find(calls, "doctl", "compute", "droplet", "create")
         assert len([a for a in create[4:] if a.startswith("gitlab-runners-")]) == 2, create
         assert calls.index(delete) < calls.index(create)
@@ -634,12 +657,219 @@ def test_digital_ocean_failures_create_and_destroy_nothing():
         proc, _ = fake.run(script, "reconcile", env={**env, "PATH": f"{bad}:{os.environ['PATH']}"}, check=False)
         made = Path(str(fake.log) + ".bad").read_text().splitlines()
         assert proc.returncode != 0 and not [m for m in made if m.startswith(("compute droplet create", "compute droplet delete"))], made
-        # watch goes on after a failed run instead of exiting.
-        fake.set_state({"droplets": droplets, "fail": {"compute droplet list": too_many}})
-        proc = subprocess.run(["timeout", "3", str(script), "watch"], env={
-            "PATH": f"{fake.bin}:{os.environ['PATH']}", "FAKE_LOG": str(fake.log), "FAKE_STATE": str(fake.state),
-            "INTERVAL": "1", **env}, cwd=tmp, capture_output=True, text=True)
-        assert proc.returncode == 124 and proc.stderr.count("trying again") >= 2, (proc.returncode, proc.stderr)
+        # Lists that doctl could print cut short or malformed (exit 0): each a failure, never an
+        # empty fleet. An empty list is an empty fleet.
+        for raw in ('{"id": "too_many_requests", "message": "API Rate limit exceeded."}',
+                    '[{"id": 1, "status": "off", "created_at": "2026-12-06T06:',
+                    '[{"id": 1, "status": "active"}]',
+                    '[{"id": "1 off 2026-01-01T00:00:00Z", "status": "active", "created_at": "2026-01-01T00:00:00Z"}]',
+                    '[{"id": 1, "status": "active", "created_at": "yesterday"}]',
+                    ''):
+            fake.set_state({"droplets": droplets, "raw": {"compute droplet list": raw}})
+            proc, calls = fake.run(script, "reconcile", env=env, check=False)
+            changes = [c for c in calls if c[2:4] in (["droplet", "create"], ["droplet", "delete"])]
+            assert proc.returncode != 0 and not changes, (raw, proc.stdout, proc.stderr, changes)
+            assert "nothing created or destroyed" in proc.stderr, (raw, proc.stderr)
+        fake.set_state({"droplets": droplets, "raw": {"compute droplet list": "[]\n"}})
+        proc, calls = fake.run(script, "reconcile", env=env)
+        (create,) = find(calls, "doctl", "compute", "droplet", "create")
+        assert len([a for a in create if a.startswith("gitlab-runners-")]) == 3, create
+        # A list that hangs (a connection that never answers): cut at CLI_TIMEOUT, nothing changed.
+        fake.set_state({"droplets": droplets, "hang": {"compute droplet list": 60}})
+        start = time.monotonic()
+        proc, calls = fake.run(script, "reconcile", env={**env, "CLI_TIMEOUT": "1"}, check=False)
+        assert time.monotonic() - start < 15, "the hung list was not cut at CLI_TIMEOUT"
+        assert proc.returncode != 0 and "did not finish within 1 s" in proc.stderr, proc.stderr
+        assert not [c for c in calls if c[2:4] in (["droplet", "create"], ["droplet", "delete"])], calls
+        # Settings that are not numbers stop the run before any call.
+        for bad in ({"COUNT": "3; reboot"}, {"MAX_AGE": "6h"}, {"CLI_TIMEOUT": "-1"}):
+            proc, calls = fake.run(script, "reconcile", env={**env, **bad}, check=False)
+            assert proc.returncode != 0 and not calls and next(iter(bad)) in proc.stderr, (bad, proc.stderr, calls)
+
+
+def do_fleet(tmp):
+    fake = Fake(tmp)
+    (Path(tmp) / "runner.json").write_text('{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n')
+    return fake
+
+
+def test_digital_ocean_lock():
+    """Two reconciles at once (the first slowed down, as doctl's retries of a 429 do): the second
+    finds the fleet's lock held, calls nothing and exits 0; COUNT Droplets are created once.
+    The same two runs without a shared lock both create: the test can fail. `delete` waits for
+    the lock instead of racing a reconcile."""
+    script = DO / "runner-fleet.sh"
+    env = {"IMAGE": "123456", "REGION": "ams3", "COUNT": "3"}
+
+    def overlapping(fake, lock_first, lock_second):
+        fake.log.write_text("")
+        fake.set_state({"firewalls": [{"id": "fw-0", "name": "gitlab-runners"}], "hang": {"compute droplet list": 3}})
+        first = subprocess.Popen([str(script), "reconcile"], env=fake.environ({**env, "LOCK_FILE": lock_first}),
+                                 cwd=fake.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        second = subprocess.run([str(script), "reconcile"], env=fake.environ({**env, "LOCK_FILE": lock_second}),
+                                cwd=fake.tmp, capture_output=True, text=True, timeout=60)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 0, out + err
+        return second, fake.calls()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = do_fleet(tmp)
+        lock = str(Path(tmp) / "fleet.lock")
+        second, calls = overlapping(fake, lock, lock)
+        assert second.returncode == 0 and "holds the fleet's lock" in second.stderr, second.stderr
+        lists = find(calls, "doctl", "compute", "droplet", "list")
+        assert len(lists) == 1, "the second run called doctl although the lock was held"
+        (create,) = find(calls, "doctl", "compute", "droplet", "create")
+        assert len([a for a in create if a.startswith("gitlab-runners-")]) == 3, create
+        assert len(fake.get_state()["droplets"]) == 3, fake.get_state()["droplets"]
+        # Without a shared lock: both list an empty fleet and both create (what the lock prevents).
+        _, calls = overlapping(fake, str(Path(tmp) / "a.lock"), str(Path(tmp) / "b.lock"))
+        assert len(find(calls, "doctl", "compute", "droplet", "create")) == 2, calls
+
+        # delete during a reconcile: waits for it, then destroys what it created.
+        fake.log.write_text("")
+        fake.set_state({"firewalls": [{"id": "fw-0", "name": "gitlab-runners"}], "hang": {"compute droplet list": 2}})
+        first = subprocess.Popen([str(script), "reconcile"], env=fake.environ(env), cwd=fake.tmp,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        delete = subprocess.run([str(script), "delete"], env=fake.environ(env), cwd=fake.tmp, capture_output=True, text=True, timeout=60)
+        first.communicate(timeout=60)
+        assert delete.returncode == 0, delete.stderr
+        calls = fake.calls()
+        (create,) = find(calls, "doctl", "compute", "droplet", "create")
+        (destroy,) = find(calls, "doctl", "compute", "droplet", "delete")
+        assert calls.index(create) < calls.index(destroy) and not fake.get_state()["droplets"], calls
+        # A lock file that cannot be opened: a clear error, nothing called.
+        proc, calls = fake.run(script, "reconcile", env={**env, "LOCK_FILE": str(Path(tmp) / "no" / "such" / "dir")}, check=False)
+        assert proc.returncode != 0 and "LOCK_FILE" in proc.stderr and not calls, proc.stderr
+
+
+def test_digital_ocean_watch_keeps_going():
+    """watch reports a failed run and runs again INTERVAL seconds later: a list that fails twice
+    (429) and then answers leads to COUNT Droplets; within a run a failed create stops that run
+    (set -e holds in each run), and the next run creates what is missing."""
+    script = DO / "runner-fleet.sh"
+    too_many = "Error: GET https://api.digitalocean.com/v2/droplets?tag_name=gitlab-runners: 429 Too many requests"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = do_fleet(tmp)
+        env = fake.environ({"IMAGE": "123456", "REGION": "ams3", "COUNT": "2", "INTERVAL": "1"})
+        fake.set_state({"fail_times": {"compute droplet list": [2, too_many]}})
+        proc = subprocess.run(["timeout", "6", str(script), "watch"], env=env, cwd=tmp, capture_output=True, text=True)
+        assert proc.returncode == 124, (proc.returncode, proc.stderr)
+        assert proc.stderr.count("reconcile failed (exit 1); trying again in 1 s") == 2, proc.stderr
+        assert len(fake.get_state()["droplets"]) == 2 and len(find(fake.calls(), "doctl", "compute", "droplet", "create")) == 1
+        # A failed create (the first of three requests) ends that run; the next run lists again.
+        fake.log.write_text("")
+        fake.set_state({"fail_times": {"compute droplet create": [1, "Error: POST https://api.digitalocean.com/v2/droplets: 503"]}})
+        proc = subprocess.run(["timeout", "6", str(script), "watch"], env={**env, "COUNT": "23"}, cwd=tmp, capture_output=True, text=True)
+        calls = fake.calls()
+        first = calls.index(find(calls, "doctl", "compute", "droplet", "create")[0])
+        assert calls[first + 1][1:4] == ["compute", "droplet", "list"], calls[first:first + 3]
+        assert "creating Droplets failed" in proc.stderr and len(fake.get_state()["droplets"]) == 23, proc.stderr
+
+
+def test_digital_ocean_shutdown_that_hangs():
+    """A Droplet past the cap whose shutdown never completes is destroyed after SHUTDOWN_TIMEOUT
+    all the same, with a warning, and replaced; so is one whose shutdown action fails."""
+    script = DO / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = do_fleet(tmp)
+        env = {"IMAGE": "123456", "REGION": "ams3", "COUNT": "1", "SHUTDOWN_TIMEOUT": "1"}
+        old = [{"id": 1, "status": "active", "tag": "gitlab-runners", "created_at": iso(7 * 3600)}]
+        for trouble in ({"hang": {"compute droplet-action shutdown": 60}},
+                        {"fail": {"compute droplet-action shutdown": "Error: POST https://api.digitalocean.com/v2/droplets/1/actions: 429 Too many requests"}}):
+            fake.set_state({"droplets": old, **trouble})
+            start = time.monotonic()
+            proc, calls = fake.run(script, "reconcile", env=env)
+            assert time.monotonic() - start < 15, "the shutdown was waited for past SHUTDOWN_TIMEOUT"
+            assert "Droplet 1 did not shut down within 1 s" in proc.stderr, proc.stderr
+            (delete,) = find(calls, "doctl", "compute", "droplet", "delete")
+            assert "1" in delete, delete
+            assert [d["id"] for d in fake.get_state()["droplets"]] != [1] and len(fake.get_state()["droplets"]) == 1
+
+
+def script_settings(script):
+    """{NAME: default or None} of a fleet script: the settings its header lists, with the
+    defaults its code gives them (`${NAME:-x}`, `whole NAME x`)."""
+    text = script.read_text()
+    header = text.split("\nset -euo pipefail", 1)[0]
+    block = header.split("# Settings (environment", 1)[1]
+    names = re.findall(r"^#   ([A-Z][A-Z0-9_]+)\b", block, re.M)
+    defaults = dict(re.findall(r"\$\{([A-Z][A-Z0-9_]+):-([^}$]+)\}", text))
+    defaults.update(re.findall(r"\$\(whole ([A-Z][A-Z0-9_]+) ([^)\s]+)\)", text))
+    return {n: defaults.get(n) for n in names}
+
+
+def env_file(path):
+    """{KEY: value} of a KEY=value file, commented-out keys as None."""
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.fullmatch(r"(#\s*)?([A-Z][A-Z0-9_]+)=(\S*)", line.strip())
+        if m:
+            out[m[2]] = None if m[1] else m[3]
+    return out
+
+
+FLEET_UNITS = {"digital-ocean": "DIGITALOCEAN_ACCESS_TOKEN"}
+
+
+def test_fleet_settings_units_and_pages():
+    """Each fleet script's fleet.env names every setting of the script (and nothing else but
+    the CLI's token), with the script's defaults; sh reads it; its service runs `watch` with
+    that file, restarts, and passes `systemd-analyze verify`; the page states the defaults the
+    script has, and installs the files where the unit looks for them."""
+    problems = []
+    for platform, extra in FLEET_UNITS.items():
+        script = EXAMPLES / platform / "runner-fleet.sh"
+        settings = script_settings(script)
+        env = env_file(EXAMPLES / platform / "fleet.env")
+        page = (ROOT / "docs" / f"{platform}.md").read_text()
+        where = f"examples/{platform}"
+        problems += [f"{where}/fleet.env: no {n}" for n in settings if n not in env]
+        problems += [f"{where}/fleet.env: {k} is no setting of runner-fleet.sh" for k in env if k not in settings and k != extra]
+        for name, default in settings.items():
+            value = env.get(name)
+            if default and value is not None and "$" not in default and value != default and name not in ("RUNNER_JSON", "LOCK_FILE", "IMAGE"):
+                problems.append(f"{where}/fleet.env: {name}={value}, the script's default is {default}")
+            # The page's "default N" next to a setting is the script's.
+            for m in re.finditer(rf"`{name}`[^`]{{0,40}}?default\s+`?([0-9]+)", page):
+                if default != m[1]:
+                    problems.append(f"docs/{platform}.md: {name} default {m[1]}, the script's is {default}")
+        proc = subprocess.run(["sh", "-c", 'set -a; . "$1"; printf %s "$TAG"', "sh", str(EXAMPLES / platform / "fleet.env")],
+                              capture_output=True, text=True)
+        if proc.returncode or proc.stderr:
+            problems.append(f"{where}/fleet.env: sh cannot read it: {proc.stderr}")
+        unit = (EXAMPLES / platform / "runner-fleet.service").read_text()
+        service = dict(re.findall(r"^(\w+)=(.*)$", unit.split("[Service]", 1)[1].split("[Install]", 1)[0], re.M))
+        exe, _, verb = service["ExecStart"].partition(" ")
+        if verb != "watch" or service.get("Restart") != "always":
+            problems.append(f"{where}/runner-fleet.service: ExecStart {service['ExecStart']}, Restart {service.get('Restart')}")
+        for path in (exe, service["EnvironmentFile"]):
+            if path not in page:
+                problems.append(f"docs/{platform}.md does not install {path} (runner-fleet.service uses it)")
+        if service["EnvironmentFile"] not in (EXAMPLES / platform / "fleet.env").read_text():
+            problems.append(f"{where}/fleet.env does not say it goes to {service['EnvironmentFile']}")
+        if shutil.which("systemd-analyze"):
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / "gitlab-runner-fleet.service"
+                copy.write_text(unit.replace(exe, str(script)))
+                proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+                if proc.returncode or str(copy) in proc.stderr:
+                    problems.append(f"{where}/runner-fleet.service: systemd-analyze verify: {proc.stdout}{proc.stderr}")
+    assert not problems, "\n".join(problems)
+
+
+def test_digital_ocean_shutdown_timeout_covers_the_agent():
+    """SHUTDOWN_TIMEOUT's default leaves the agent its --stop-timeout and --deregister-timeout
+    (README's table), as the script's comment says."""
+    readme = (ROOT / "README.md").read_text()
+    stop = int(re.search(r"^\| `--stop-timeout` \|[^|]*\| (\d+) \|", readme, re.M)[1])
+    deregister = int(re.search(r"^\| `--deregister-timeout` \|[^|]*\| (\d+) \|", readme, re.M)[1])
+    text = (DO / "runner-fleet.sh").read_text()
+    default = int(script_settings(DO / "runner-fleet.sh")["SHUTDOWN_TIMEOUT"])
+    assert default > stop + deregister, (default, stop, deregister)
+    assert f"--stop-timeout ({stop} s) and --deregister-timeout ({deregister} s)" in text, "the comment's figures"
 
 
 REAPER_SOURCES = (ROOT / "vm-template.yaml", EXAMPLES / "kubevirt" / "pool.yaml")
@@ -736,10 +966,10 @@ def test_docs_name_the_example_files():
     docs = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
     problems = []
     for name, text in docs.items():
-        for ref in set(re.findall(r"examples/[\w./-]+\.(?:sh|yaml|json)", text)):
+        for ref in set(re.findall(r"examples/[\w./-]+\.(?:sh|yaml|json|service|env)", text)):
             if not (ROOT / ref).exists():
                 problems.append(f"docs/{name}: {ref} does not exist")
-    for example in [*EXAMPLES.rglob("*.sh"), *EXAMPLES.rglob("*.yaml")]:
+    for example in [*EXAMPLES.rglob("*.sh"), *EXAMPLES.rglob("*.yaml"), *EXAMPLES.rglob("*.service"), *EXAMPLES.rglob("*.env")]:
         ref = str(example.relative_to(ROOT))
         if not any(ref in text for text in docs.values()):
             problems.append(f"{ref} is on no page of docs/")
@@ -749,6 +979,7 @@ def test_docs_name_the_example_files():
 def test_every_example_is_checked():
     covered = {
         *AWS.glob("*.yaml"), *AWS.glob("parameters-*.json"), *EXAMPLES.rglob("*.sh"),
+        *EXAMPLES.rglob("runner-fleet.service"), *EXAMPLES.rglob("fleet.env"),  # test_fleet_settings_units_and_pages
         *(EXAMPLES / "kubevirt").glob("*.yaml"),  # tests/manifests
     }
     others = [p for p in EXAMPLES.rglob("*") if p.is_file() and p not in covered and p.name != "README.md"]
@@ -757,6 +988,9 @@ def test_every_example_is_checked():
 
 def main():
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
+    # `tests/examples/run digital_ocean proxmox`: only the checks whose names hold one of those.
+    if sys.argv[1:]:
+        tests = [(name, fn) for name, fn in tests if any(word in name for word in sys.argv[1:])]
     passed = failed = skipped = 0
     for name, fn in tests:
         try:

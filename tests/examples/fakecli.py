@@ -8,6 +8,9 @@ file). check.py hands the aws calls to the real AWS CLI afterwards (awscheck.py)
 $REAL_GCLOUD names the Google Cloud CLI (where installed), each gcloud call is first given to it
 without an account: it rejects an unknown flag or value first, and otherwise asks for an account.
 """
+import contextlib
+import fcntl
+import io
 import json
 import os
 import subprocess
@@ -132,19 +135,47 @@ def gcloud(args, state):
     return 0
 
 
+def matching(table, args):
+    """The value of the first key of table that starts the arguments ("compute droplet list")."""
+    line = " ".join(args)
+    for prefix, value in (table or {}).items():
+        if line.startswith(prefix):
+            return prefix, value
+    return None, None
+
+
 def failing(name, args, state):
     """A call the test made fail, as the real CLI fails: its message on stderr, exit 1.
-    state["fail"] maps a prefix of the arguments ("compute droplet list") to the message."""
-    for prefix, message in state.get("fail", {}).items():
-        if " ".join(args).startswith(prefix):
-            sys.stderr.write(message + "\n")
-            return True
+    state["fail"] maps a prefix of the arguments ("compute droplet list") to the message;
+    state["fail_times"] maps a prefix to [count, message]: the next count calls fail, then the
+    CLI answers again (a 429 that passes)."""
+    _, message = matching(state.get("fail"), args)
+    if message is not None:
+        sys.stderr.write(message + "\n")
+        return True
+    prefix, times = matching(state.get("fail_times"), args)
+    if times and times[0] > 0:
+        times[0] -= 1
+        sys.stderr.write(times[1] + "\n")
+        return True
+    return False
+
+
+def canned(args, state):
+    """state["raw"] maps a prefix to what the CLI prints instead of its answer (exit 0): a cut
+    short or malformed list."""
+    _, text = matching(state.get("raw"), args)
+    if text is not None:
+        sys.stdout.write(text)
+        return True
     return False
 
 
 def doctl(args, state):
     if failing("doctl", args, state):
         return 1
+    if canned(args, state):
+        return 0
     droplets = state.setdefault("droplets", [])
     firewalls = state.setdefault("firewalls", [])
     if args[:3] == ["compute", "droplet", "list"]:
@@ -157,6 +188,14 @@ def doctl(args, state):
         else:
             for d in mine:
                 print(f"{d['id']}    {d['status']}")
+    elif args[:3] == ["compute", "droplet-action", "shutdown"]:
+        # The power button: the Droplet goes off (the test's stand-in for a guest that obeys).
+        (droplet,) = [d for d in droplets if str(d["id"]) == args[3]]
+        if "--wait" not in args:
+            sys.stderr.write("fake doctl: the scripts wait for the shutdown\n")
+            return 1
+        droplet["status"] = "off"
+        print(f"{args[3]}    shutdown    completed")
     elif args[:3] == ["compute", "droplet", "delete"]:
         ids = [a for a in args[3:] if a.isdigit()]
         tag = option(args, "--tag-name")
@@ -223,9 +262,21 @@ def main():
     name, args = sys.argv[1], sys.argv[2:]
     with open(os.environ["FAKE_LOG"], "a") as log:
         log.write(json.dumps([name, *args]) + "\n")
-    state = load_state()
-    status = {"aws": aws, "gcloud": gcloud, "doctl": doctl, "kubectl": kubectl}[name](args, state)
-    save_state(state)
+    # One call at a time changes the state (the scripts run some calls in parallel).
+    out, err = io.StringIO(), io.StringIO()
+    with open(os.environ["FAKE_STATE"] + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = load_state()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = {"aws": aws, "gcloud": gcloud, "doctl": doctl, "kubectl": kubectl}[name](args, state)
+        save_state(state)
+    # state["hang"] maps a prefix to seconds the answer takes to arrive (a slow API, doctl's own
+    # retries of a 429, a connection that hangs): the answer is the state's when the call came.
+    _, seconds = matching(state.get("hang"), args)
+    if seconds:
+        time.sleep(seconds)
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())
     sys.exit(status)
 
 
