@@ -23,6 +23,7 @@
         google-compute-image = ./images/google-compute.nix;
         digital-ocean-image = ./images/digital-ocean.nix;
         proxmox-image = ./images/proxmox.nix;
+        proxmox-runner-image = ./images/proxmox-runner.nix;
       };
 
       # Runner images on clouds without a config disk: the agent fetches runner.json from the
@@ -60,6 +61,12 @@
         proxmox-template = {
           modules = [ modules.proxmox-template modules.proxmox-image ];
           build = "VMA";
+          systems = [ "x86_64-linux" ];
+        };
+        # Imported as a Proxmox template's disk; runner.json on a CD-ROM per VM (examples/proxmox).
+        runner-proxmox = {
+          modules = [ modules.runner modules.proxmox-runner-image ];
+          build = "image";
           systems = [ "x86_64-linux" ];
         };
         runner-digital-ocean = {

@@ -72,7 +72,7 @@ let
   mounts = lib.optionalAttrs cfg.configDisk.enable
     {
       ${cfg.configDisk.mountPoint} = {
-        device = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
+        inherit (cfg.configDisk) device;
         fsType = "iso9660";
         # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
         options = [ "ro" "nofail" "x-systemd.device-timeout=10s" "overriderockperm" "mode=0400" "dmode=0500" ];
@@ -123,6 +123,17 @@ in
         description = ''
           Serial of the disk holding runner.json (the KubeVirt disk's `serial`, at most 20
           characters); it appears as /dev/disk/by-id/virtio-<serial>.
+        '';
+      };
+      device = mkOption {
+        type = types.str;
+        default = "/dev/disk/by-id/virtio-${cfg.configDisk.serial}";
+        defaultText = lib.literalExpression ''"/dev/disk/by-id/virtio-''${config.gitlabRunnerVm.runner.configDisk.serial}"'';
+        description = ''
+          The config disk's device: the virtio disk with `serial` (KubeVirt, QEMU), or, for a
+          CD-ROM on any bus, the ISO 9660 volume's label: `/dev/disk/by-label/cfgdata` in the
+          Proxmox VE runner image (`runner-proxmox`), whose fleet script writes one such ISO
+          per VM. Mounted the same way whatever the device.
         '';
       };
       mountPoint = mkOption {

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Stand-in for the CLIs (aws, gcloud, doctl, kubectl) the example scripts call.
+"""Stand-in for the CLIs (aws, gcloud, doctl, kubectl, Proxmox VE's pvesh and qm) the example
+scripts call.
 
 Called as `fakecli.py CLI ARGS...` by a wrapper named after the CLI in a directory put first on
 PATH. Every call is appended to $FAKE_LOG as a JSON list (the CLI's name, then its arguments);
@@ -258,6 +259,105 @@ def kubectl(args, state):
     return 0
 
 
+def pve_vm(state, vmid):
+    return next((v for v in state.setdefault("vms", []) if str(v["vmid"]) == str(vmid)), None)
+
+
+def pvesh(args, state):
+    """The calls of examples/proxmox/runner-fleet.sh: the node's VMs (JSON), the next free id."""
+    if failing("pvesh", args, state):
+        return 255
+    if canned(args, state):
+        return 0
+    vms = state.setdefault("vms", [])
+    node = state.get("node", "pve")
+    if args[:2] == ["get", f"/nodes/{node}/qemu"] and option(args, "--output-format") == "json":
+        out = []
+        for v in vms:
+            entry = {"vmid": v["vmid"], "status": v["status"], "name": v.get("name"), "cpus": 2, "maxmem": 4294967296}
+            if v.get("template"):
+                entry["template"] = 1
+            if v.get("lock"):
+                entry["lock"] = v["lock"]
+            if v.get("tags"):
+                entry["tags"] = v["tags"]
+            out.append({k: x for k, x in entry.items() if x is not None})
+        print(json.dumps(out))
+    elif args[:1] == ["get"] and args[1].startswith("/nodes/") and args[1].endswith("/qemu"):
+        sys.stderr.write(f"hostname lookup '{args[1].split('/')[2]}' failed - failed to get address info for: "
+                         f"{args[1].split('/')[2]}: Name or service not known\n")
+        return 255
+    elif args[:2] == ["get", "/cluster/nextid"]:
+        print(max([99] + [v["vmid"] for v in vms]) + 1)
+    else:
+        sys.stderr.write(f"fake pvesh: unexpected call {args}\n")
+        return 255
+    return 0
+
+
+def qm(args, state):
+    """qm clone/set/start/shutdown/stop/destroy as Proxmox VE's qm answers them."""
+    if failing("qm", args, state):
+        return 255
+    vms = state.setdefault("vms", [])
+    verb, vmid = args[0], args[1] if len(args) > 1 else None
+    vm = pve_vm(state, vmid)
+    if verb != "clone" and vm is None:
+        sys.stderr.write(f"Configuration file 'nodes/pve/qemu-server/{vmid}.conf' does not exist\n")
+        return 2
+    if verb == "clone":
+        source, new = vm, args[2]
+        if source is None:
+            sys.stderr.write(f"Configuration file 'nodes/pve/qemu-server/{vmid}.conf' does not exist\n")
+            return 2
+        if pve_vm(state, new):
+            sys.stderr.write(f"unable to create VM {new}: config file already exists\n")
+            return 2
+        if option(args, "--storage") and option(args, "--full") != "1":
+            sys.stderr.write("parameter verification failed. storage: option is only allowed for full clones\n")
+            return 255
+        vms.append({"vmid": int(new), "name": option(args, "--name"), "status": "stopped",
+                    "config": dict(source.get("config", {})), "clone_of": int(vmid),
+                    "full": option(args, "--full") == "1", "storage": option(args, "--storage")})
+    elif verb == "set":
+        for i in range(2, len(args) - 1, 2):
+            vm.setdefault("config", {})[args[i].lstrip("-")] = args[i + 1]
+        if option(args, "--tags"):
+            vm["tags"] = option(args, "--tags")
+    elif verb == "start":
+        cdrom = vm.get("config", {}).get("ide2", "").split(",")[0]
+        if cdrom.startswith("/") and not os.path.exists(cdrom):
+            sys.stderr.write(f"kvm: -drive file={cdrom},if=none,id=drive-ide2,media=cdrom: Could not open '{cdrom}': No such file or directory\n")
+            return 255
+        if vm["status"] == "running":
+            sys.stderr.write(f"VM {vmid} already running\n")
+            return 255
+        vm["status"] = "running"
+    elif verb == "shutdown":
+        if option(args, "--forceStop") != "1" or not option(args, "--timeout"):
+            sys.stderr.write("fake qm: the scripts shut down with --timeout and --forceStop 1\n")
+            return 255
+        vm["status"] = "stopped"
+        vm["shut_down"] = True
+    elif verb == "stop":
+        vm["status"] = "stopped"
+    elif verb == "destroy":
+        if vm["status"] == "running":
+            sys.stderr.write(f"VM {vmid} is running - destroy failed\n")
+            return 255
+        if vm.get("lock"):
+            sys.stderr.write(f"VM is locked ({vm['lock']})\n")
+            return 255
+        state["vms"] = [v for v in vms if v is not vm]
+        state.setdefault("destroyed", []).append({"vmid": vm["vmid"], "shut_down": vm.get("shut_down", False),
+                                                  "purge": option(args, "--purge"),
+                                                  "unreferenced": option(args, "--destroy-unreferenced-disks")})
+    else:
+        sys.stderr.write(f"fake qm: unexpected call {args}\n")
+        return 255
+    return 0
+
+
 def main():
     name, args = sys.argv[1], sys.argv[2:]
     with open(os.environ["FAKE_LOG"], "a") as log:
@@ -268,7 +368,7 @@ def main():
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = load_state()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = {"aws": aws, "gcloud": gcloud, "doctl": doctl, "kubectl": kubectl}[name](args, state)
+            status = {"aws": aws, "gcloud": gcloud, "doctl": doctl, "kubectl": kubectl, "pvesh": pvesh, "qm": qm}[name](args, state)
         save_state(state)
     # state["hang"] maps a prefix to seconds the answer takes to arrive (a slow API, doctl's own
     # retries of a 429, a connection that hangs): the answer is the state's when the call came.

@@ -38,8 +38,9 @@ EXTENSIONS = {
     "runner-digital-ocean": "qcow2.gz",
     "digital-ocean": "qcow2.gz",
     "proxmox-template": "vma.zst",
+    "runner-proxmox": "qcow2",
 }
-X86_ONLY = {"digital-ocean", "runner-digital-ocean", "proxmox-template"}
+X86_ONLY = {"digital-ocean", "runner-digital-ocean", "proxmox-template", "runner-proxmox"}
 KUBEVIRT = {"nixos-base", "nixos-runner", "default"}
 # The cloud runner images: where the agent fetches runner.json (no cloud-init).
 CLOUD_SOURCES = {"runner-amazon": "aws", "runner-gce": "gce", "runner-digital-ocean": "digitalocean"}
@@ -160,7 +161,7 @@ def check_firmware_and_clouds(facts):
     assert not problems, "\n".join(problems)
 
 
-def runner_problems(where, runner, kubevirt=True):
+def runner_problems(where, runner, kubevirt=True, config_device=None):
     problems = []
 
     def need(ok, message):
@@ -171,7 +172,8 @@ def runner_problems(where, runner, kubevirt=True):
     config_disk, scratch_disk = runner["configDisk"], runner["scratchDisk"]
     if kubevirt:
         need(config_disk["enable"], "no config disk")
-        need(mounts["config"].get("device") == f"/dev/disk/by-id/virtio-{config_disk['serial']}", f"config disk device {mounts['config'].get('device')}")
+        device = config_device or f"/dev/disk/by-id/virtio-{config_disk['serial']}"
+        need(mounts["config"].get("device") == device, f"config disk device {mounts['config'].get('device')}, not {device}")
         need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
         need({"ro", "nofail", "overriderockperm", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
              f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
@@ -316,12 +318,27 @@ def check_runner_image(facts):
     assert not problems, "\n".join(problems)
 
 
+def check_proxmox_runner_image(facts):
+    """runner-proxmox: the runner with runner.json from a CD-ROM found by its ISO 9660 label,
+    `cfgdata` (what examples/proxmox/runner-fleet.sh writes), mounted as KubeVirt's config disk."""
+    problems = runner_problems("runner-proxmox", facts["runnerProxmox"], config_device="/dev/disk/by-label/cfgdata")
+    script = open("examples/proxmox/runner-fleet.sh").read()
+    if "-V cfgdata" not in script:
+        problems.append("examples/proxmox/runner-fleet.sh does not label its ISO cfgdata")
+    page = open("docs/proxmox.md").read()
+    gib = facts["runnerProxmoxDiskMiB"] // 1024
+    if f"a compressed qcow2 of a {gib} GiB disk" not in page:
+        problems.append(f"docs/proxmox.md does not give the image's disk size, {gib} GiB")
+    assert not problems, "\n".join(problems)
+
+
 def check_jobs_cannot_reach_the_metadata_service(facts):
     """The metadata firewall runs in every runner image, by cgroup and never by uid; its rules,
     allowed units and nftables variant are checked by check-firewall.py (firewall-facts.nix)."""
     problems = []
     for where, runner in [("runner-amazon", facts["runnerAmazon"]), ("runner-gce", facts["runnerGce"]),
-                          ("runner-digital-ocean", facts["runnerDo"]), ("nixos-runner", facts["runner"]["x86_64-linux"])]:
+                          ("runner-digital-ocean", facts["runnerDo"]), ("runner-proxmox", facts["runnerProxmox"]),
+                          ("nixos-runner", facts["runner"]["x86_64-linux"])]:
         fw = runner["access"]["firewall"]
         if not re.search(r"/bin/gitlab-runner-vm-metadata-firewall setup$", fw["extraCommands"], re.M):
             problems.append(f"{where}: the firewall does not set up the metadata firewall: {fw['extraCommands']}")

@@ -288,6 +288,8 @@ in
   runnerAmazon = runner flake.nixosConfigurations.runner-amazon.config;
   runnerGce = runner flake.nixosConfigurations.runner-gce.config;
   runnerDo = runner flake.nixosConfigurations.runner-digital-ocean.config;
+  runnerProxmox = runner flake.nixosConfigurations.runner-proxmox.config;
+  runnerProxmoxDiskMiB = flake.nixosConfigurations.runner-proxmox.config.virtualisation.diskSize;
   # The same images with the options that open what they close.
   opened = {
     amazon = access (extend flake.nixosConfigurations.runner-amazon {
