@@ -259,7 +259,7 @@ case ${1:-} in
     # cron job first, or it creates new ones.
     lock wait
     list=$(droplets) || die "listing the fleet's Droplets failed; nothing destroyed"
-    mapfile -t up < <(awk '$2 != "off" { print $1 }' <<<"$list")
+    mapfile -t up < <(awk 'NF && $2 != "off" { print $1 }' <<<"$list")
     shut_down "${up[@]}"
     do_ctl compute droplet delete --force --tag-name "$tag"
     do_ctl compute firewall list --format ID,Name --no-header | while read -r id name; do

@@ -589,6 +589,9 @@ def test_digital_ocean_runner_fleet():
         assert [d["id"] for d in fake.get_state()["droplets"]] == [5]
         (fwdel,) = find(calls, "doctl", "compute", "firewall", "delete")
         assert "--force" in fwdel and not fake.get_state()["firewalls"], fwdel
+        # An empty fleet: nothing to shut down.
+        _, calls = fake.run(script, "delete", env=env)
+        assert not find_none(calls, "doctl", "compute", "droplet-action"), calls
 
         proc, calls = fake.run(script, "reconcile", env={"REGION": "ams3"}, check=False)
         assert proc.returncode != 0 and "IMAGE" in proc.stderr and not calls, proc.stderr
@@ -1012,6 +1015,8 @@ def test_proxmox_runner_fleet():
         assert len(shutdowns) == 2 and len(destroys) == 3, calls
         assert max(calls.index(c) for c in shutdowns) < min(calls.index(c) for c in destroys), calls
         assert {v["vmid"] for v in fake.get_state()["vms"]} == {9000, 200, 300} and not list(iso.glob("*.iso"))
+        _, calls = fake.run(PVE / "runner-fleet.sh", "delete", env=env)
+        assert not pve_changes(calls), "an empty fleet: nothing to shut down or destroy"
 
         # Settings are checked before any call.
         for bad, word in (({"TEMPLATE": ""}, "TEMPLATE"), ({"TEMPLATE": "90; reboot"}, "TEMPLATE"), ({"SCRATCH": "local-lvm"}, "SCRATCH"),
