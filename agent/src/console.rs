@@ -9,18 +9,24 @@
 //!
 //! Writing never holds the agent up: a serial port stopped by flow control, or a FIFO nobody
 //! reads, would otherwise stall the lifecycle (and with it deregistration and power-off). The
-//! agent only queues lines, dropping them when the queue is full; a thread writes them to a
-//! descriptor opened non-blocking and gives up on a line after `LINE_TIMEOUT`.
+//! agent only queues lines, dropping them when the queue is full; a task of the agent's runtime
+//! writes them to a descriptor opened non-blocking, waits for it to take more through the
+//! runtime's poller, and gives up on a line after `LINE_TIMEOUT`. A task rather than a thread
+//! of its own: a second thread, even one that never woke, made the start of gitlab-runner
+//! 15-20 ms slower (BENCHMARKS.md), and the runtime's single thread has nothing to wait for
+//! while it writes.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc::{Receiver, Sender, error::TrySendError};
+use tokio::time::Instant;
 
 use crate::secret;
 
@@ -158,7 +164,7 @@ pub struct Console {
 }
 
 struct Inner {
-    tx: SyncSender<Request>,
+    tx: Sender<Request>,
     path: PathBuf,
     kind: Kind,
     health: Arc<Health>,
@@ -168,7 +174,7 @@ struct Inner {
     told_error: AtomicBool,
 }
 
-/// What the writer thread reports back.
+/// What the writer task reports back.
 #[derive(Default)]
 struct Health {
     /// The last line was not written within LINE_TIMEOUT.
@@ -203,17 +209,15 @@ impl Console {
         }
     }
 
+    /// Starts the writer task on the current runtime (the agent's), which `open` needs.
     fn start(file: File, path: &Path, kind: Kind) -> Console {
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let health = Arc::new(Health::default());
-        let writer_health = health.clone();
-        let spawned = std::thread::Builder::new()
-            .name("console".into())
-            .spawn(move || write_lines(file, rx, &writer_health));
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start the console writer: {e}; no console lines");
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no runtime to write the console from; no console lines");
             return Console::default();
-        }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let health = Arc::new(Health::default());
+        runtime.spawn(write_lines(Output::new(file), rx, health.clone()));
         Console {
             inner: Some(Arc::new(Inner {
                 tx,
@@ -242,7 +246,7 @@ impl Console {
                     );
                 }
             }
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Closed(_)) => {}
         }
     }
 
@@ -319,15 +323,85 @@ fn open_nonblocking(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The writer thread: each line within LINE_TIMEOUT, or given up.
-fn write_lines(mut file: File, rx: Receiver<Request>, health: &Health) {
+/// Where the writer task writes: a descriptor the runtime polls for room (a serial port, a
+/// FIFO), or one it cannot poll, which never makes a non-blocking write wait (a regular file;
+/// /dev/kmsg, which takes a record or refuses it at once).
+enum Output {
+    Polled(AsyncFd<File>),
+    Plain(File),
+}
+
+impl Output {
+    fn new(file: File) -> Output {
+        // SAFETY: the AsyncFd owns the File, so the descriptor stays open and the same for the
+        // AsyncFd's lifetime.
+        match unsafe { AsyncFd::register(file) } {
+            Ok(polled) => Output::Polled(polled),
+            Err(e) => Output::Plain(e.into_parts().0),
+        }
+    }
+
+    /// Writes all of `buf` to the non-blocking descriptor, waiting for it to take more at
+    /// most `timeout` in all.
+    async fn write_within(&mut self, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
+        while !buf.is_empty() {
+            let written = match self {
+                Output::Polled(fd) => {
+                    let mut ready = tokio::time::timeout_at(deadline, fd.writable())
+                        .await
+                        .map_err(timed_out)??;
+                    // A write that would block clears the readiness, so the next wait is for
+                    // the poller's word that there is room.
+                    match ready.try_io(|fd| retry_interrupted(|| fd.get_ref().write(buf))) {
+                        Ok(result) => result?,
+                        Err(_would_block) => continue,
+                    }
+                }
+                Output::Plain(file) => match retry_interrupted(|| file.write(buf)) {
+                    Ok(n) => n,
+                    // Not pollable, yet refusing for now: try again shortly.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if Instant::now() >= deadline {
+                            return Err(io::ErrorKind::TimedOut.into());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[written..];
+        }
+        Ok(())
+    }
+}
+
+fn retry_interrupted(mut write: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        match write() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => return result,
+        }
+    }
+}
+
+/// The writer task: each line within LINE_TIMEOUT, or given up.
+async fn write_lines(mut out: Output, mut rx: Receiver<Request>, health: Arc<Health>) {
     // A line cut off by the timeout leaves the console mid-line: the next starts on a new one.
     let mut mid_line = false;
-    for request in rx {
+    while let Some(request) = rx.recv().await {
         match request {
             Request::Line(bytes) => {
                 let newline: &[u8] = if mid_line { b"\n" } else { b"" };
-                match write_within(&mut file, &[newline, &bytes].concat(), LINE_TIMEOUT) {
+                match out
+                    .write_within(&[newline, &bytes].concat(), LINE_TIMEOUT)
+                    .await
+                {
                     Ok(()) => {
                         mid_line = false;
                         health.stuck.store(false, Ordering::Relaxed);
@@ -350,38 +424,11 @@ fn write_lines(mut file: File, rx: Receiver<Request>, health: &Health) {
     }
 }
 
-/// Writes all of `buf` to a non-blocking descriptor, waiting for it to take more at most
-/// `timeout` in all.
-fn write_within(file: &mut File, mut buf: &[u8], timeout: Duration) -> io::Result<()> {
-    use nix::poll::{PollFd, PollFlags, poll};
-    let deadline = Instant::now() + timeout;
-    while !buf.is_empty() {
-        match file.write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX).max(1);
-                let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLOUT)];
-                match poll(&mut fds, ms) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::OwnedFd;
+    use std::time::Instant;
 
     #[test]
     fn a_line_is_prefixed_scrubbed_one_line_and_capped() {
@@ -512,6 +559,8 @@ mod tests {
         // Far more than the pipe (64 KiB) and the queue hold.
         for i in 0..2000 {
             console.milestone(&format!("line {i} {}", "x".repeat(400)));
+            // The agent goes on between its lines: the writer gets its turns.
+            tokio::task::yield_now().await;
         }
         console.flush(Duration::from_secs(3)).await;
         console.failure("still not blocked");
@@ -529,5 +578,37 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(inner.health.stuck.load(Ordering::Relaxed));
+    }
+
+    /// A terminal whose other side reads nothing (a serial port stopped by flow control): the
+    /// lines that fit are written, then the writer waits on the runtime's poller, gives up
+    /// after a line's timeout and says so, and the agent's calls never wait.
+    #[tokio::test]
+    async fn a_terminal_that_takes_nothing_is_found_stuck() {
+        use nix::fcntl::OFlag;
+        let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY).unwrap();
+        nix::pty::grantpt(&master).unwrap();
+        nix::pty::unlockpt(&master).unwrap();
+        let terminal = PathBuf::from(nix::pty::ptsname_r(&master).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let console = Console::open(&terminal, &dir.path().join("kmsg"));
+        let inner = console.inner.as_ref().unwrap().clone();
+        assert_eq!(inner.path, terminal, "the terminal itself, not the fallback");
+        let started = Instant::now();
+        for i in 0..500 {
+            console.milestone(&format!("line {i} {}", "y".repeat(200)));
+            tokio::task::yield_now().await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !inner.health.stuck.load(Ordering::Relaxed) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(inner.health.stuck.load(Ordering::Relaxed));
+        // Once stuck, a flush before the power-off does not wait.
+        let flushing = Instant::now();
+        console.flush(Duration::from_secs(30)).await;
+        assert!(flushing.elapsed() < Duration::from_secs(5), "{:?}", flushing.elapsed());
+        drop(master);
     }
 }
