@@ -7,7 +7,7 @@ let
   runner = config.services.gitlab-runner-vm.enable or false;
 in
 {
-  imports = [ (modulesPath + "/virtualisation/digital-ocean-image.nix") ];
+  imports = [ (modulesPath + "/virtualisation/digital-ocean-image.nix") ./host-key-fingerprints.nix ];
 
   virtualisation.digitalOcean.rebuildFromUserData = false;
 

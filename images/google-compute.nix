@@ -9,7 +9,7 @@ let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
 in
 {
-  imports = [ (modulesPath + "/virtualisation/google-compute-image.nix") ];
+  imports = [ (modulesPath + "/virtualisation/google-compute-image.nix") ./host-key-fingerprints.nix ];
 
   # Access paths of nixpkgs' GCE configuration that a runner image (where user-data is data and
   # SSH keys go to the operator user) leaves off unless asked: each one is root for whoever

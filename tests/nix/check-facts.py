@@ -360,6 +360,32 @@ def check_cloud_runner_images(facts):
     assert not problems, "\n".join(problems)
 
 
+def check_host_key_fingerprints_reach_the_console(facts):
+    """GCE and DigitalOcean images print the SSH host keys' fingerprints on the console once
+    sshd-keygen made them (nothing else does there); EC2 images have nixpkgs' own unit."""
+    problems = []
+    for system, images in facts["images"].items():
+        for name, image in images.items():
+            unit = image["hostKeyFingerprints"]
+            cloud = image["gceEfi"] is not None or image["doRebuildFromUserData"] is not None
+            if not cloud:
+                if unit is not None:
+                    problems.append(f"{system} {name}: prints host key fingerprints but is no GCE or DigitalOcean image")
+                continue
+            if unit is None:
+                problems.append(f"{system} {name}: a GCE/DigitalOcean image without print-host-key-fingerprints")
+                continue
+            exec_start = " ".join(unit["ExecStart"]) if isinstance(unit["ExecStart"], list) else unit["ExecStart"]
+            if ("sshd-keygen.service" not in unit["after"] or "multi-user.target" not in unit["wantedBy"]
+                    or unit["StandardOutput"] != "file:/dev/console" or unit["Type"] != "oneshot"
+                    or "host-key-fingerprints.sh" not in exec_start or "/bin/ssh-keygen /etc/ssh" not in exec_start):
+                problems.append(f"{system} {name}: print-host-key-fingerprints is not what it should be: {unit}")
+        for name, image in images.items():
+            if image["amazonInit"] is not None and not image["ec2PrintHostKey"]:
+                problems.append(f"{system} {name}: an EC2 image without nixpkgs' print-host-key unit")
+    assert not problems, "\n".join(problems)
+
+
 def check_options_open_what_runner_images_close(facts):
     o = facts["opened"]
     assert o["amazon"]["ssmAgent"] and o["amazon"]["PermitRootLogin"] == "prohibit-password", o["amazon"]

@@ -214,6 +214,13 @@ let
         cloudInitUnits = (cloudInitFacts p.config).units;
         configSource = p.config.services.gitlab-runner-vm.settings.config-source or null;
         agentAfter = p.config.systemd.services.gitlab-runner-vm.after or [ ];
+        hostKeyFingerprints = lib.mapNullable
+          (u: {
+            inherit (u) wantedBy after;
+            inherit (u.serviceConfig) ExecStart StandardOutput Type;
+          })
+          (p.config.systemd.services.print-host-key-fingerprints or null);
+        ec2PrintHostKey = p.config.systemd.services ? print-host-key;
       })
       (lib.filterAttrs (_: p: p ? config) flake.packages.${system}));
 
