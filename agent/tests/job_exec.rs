@@ -161,7 +161,8 @@ fn what_the_job_never_ran_is_a_system_failure_with_its_cause() {
         if why.is_empty() && !Uid::current().is_root() {
             continue;
         }
-        let missing = dir.path().join("missing-script");
+        // A path with an escape sequence: the job's log shows none of it.
+        let missing = dir.path().join("missing-\x1b]0;retitled\x07-script");
         let target = if why.is_empty() { &missing } else { &script };
         let out = Command::new(BIN)
             .arg("job-exec")
@@ -180,6 +181,7 @@ fn what_the_job_never_ran_is_a_system_failure_with_its_cause() {
             why
         };
         assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(!stderr.contains(['\x1b', '\x07']), "{args:?}: {stderr:?}");
     }
 }
 

@@ -80,8 +80,11 @@ pub fn run(args: &JobExecArgs) -> ExitCode {
                     && let Err(e) = std::fs::write(file, format!("{code}\n"))
                 {
                     eprintln!(
-                        "gitlab-runner-vm job-exec: cannot write the exit code to {}: {e}",
-                        file.display()
+                        "gitlab-runner-vm job-exec: {}",
+                        crate::console::printable(&format!(
+                            "cannot write the exit code to {}: {e}",
+                            file.display()
+                        ))
                     );
                 }
                 ExitCode::from(codes.build_failure)
@@ -89,7 +92,8 @@ pub fn run(args: &JobExecArgs) -> ExitCode {
         },
         Err(why) => {
             // gitlab-runner shows this in the job's log: a system failure, not the job's.
-            eprintln!("gitlab-runner-vm job-exec: {why}");
+            // Made printable: the path and the stage come from gitlab-runner's arguments.
+            eprintln!("gitlab-runner-vm job-exec: {}", crate::console::printable(&why));
             ExitCode::from(codes.system_failure)
         }
     }
