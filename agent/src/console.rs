@@ -593,13 +593,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let console = Console::open(&terminal, &dir.path().join("kmsg"));
         let inner = console.inner.as_ref().unwrap().clone();
-        assert_eq!(inner.path, terminal, "the terminal itself, not the fallback");
+        assert_eq!(
+            inner.path, terminal,
+            "the terminal itself, not the fallback"
+        );
         let started = Instant::now();
         for i in 0..500 {
             console.milestone(&format!("line {i} {}", "y".repeat(200)));
             tokio::task::yield_now().await;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while !inner.health.stuck.load(Ordering::Relaxed) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -608,7 +615,11 @@ mod tests {
         // Once stuck, a flush before the power-off does not wait.
         let flushing = Instant::now();
         console.flush(Duration::from_secs(30)).await;
-        assert!(flushing.elapsed() < Duration::from_secs(5), "{:?}", flushing.elapsed());
+        assert!(
+            flushing.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            flushing.elapsed()
+        );
         drop(master);
     }
 }

@@ -93,7 +93,10 @@ pub fn run(args: &JobExecArgs) -> ExitCode {
         Err(why) => {
             // gitlab-runner shows this in the job's log: a system failure, not the job's.
             // Made printable: the path and the stage come from gitlab-runner's arguments.
-            eprintln!("gitlab-runner-vm job-exec: {}", crate::console::printable(&why));
+            eprintln!(
+                "gitlab-runner-vm job-exec: {}",
+                crate::console::printable(&why)
+            );
             ExitCode::from(codes.system_failure)
         }
     }
