@@ -91,6 +91,7 @@ in
 {
   imports = [
     ./base
+    ./caches.nix
     ./gitlab-runner-vm.nix
     ./hardening.nix
     ./metadata-firewall.nix

@@ -12,6 +12,11 @@ pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
 pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
 pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
 pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/run/ssh-keys";
+/// Docker's own default; the runner images' dockerd reads it (nixos-modules/runner.nix).
+pub const DEFAULT_DOCKER_DAEMON_CONFIG: &str = "/etc/docker/daemon.json";
+/// After the image's own drop-ins (`40-...`), so that the fleet's mirrors win.
+pub const DEFAULT_REGISTRIES_CONF: &str =
+    "/etc/containers/registries.conf.d/60-gitlab-runner-vm.conf";
 /// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
 /// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
@@ -207,6 +212,27 @@ pub struct RunArgs {
     /// VM (the serial console); `off` for nowhere. When it cannot be opened, /dev/kmsg
     #[arg(long, env = "GITLAB_RUNNER_VM_CONSOLE", default_value = crate::console::DEFAULT)]
     pub console: PathBuf,
+    /// Docker's daemon.json, where runner.json's registry_mirrors are merged before registering
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_DOCKER_DAEMON_CONFIG",
+        default_value = DEFAULT_DOCKER_DAEMON_CONFIG
+    )]
+    pub docker_daemon_config: PathBuf,
+    /// Run with /bin/sh -c after daemon.json changed, so that a running Docker rereads it
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_DOCKER_RELOAD_COMMAND",
+        default_value = "systemctl try-reload-or-restart docker.service"
+    )]
+    pub docker_reload_command: String,
+    /// The containers-registries.conf.d drop-in where runner.json's registry_mirrors go for Podman
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_REGISTRIES_CONF",
+        default_value = DEFAULT_REGISTRIES_CONF
+    )]
+    pub registries_conf: PathBuf,
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod cgroup;
 mod cli;
 mod config;
 mod console;
+mod daemon_config;
 mod files;
 mod fswatch;
 mod gitlab;

@@ -578,6 +578,48 @@ def check_the_module_keeps_the_agents_defaults(facts):
     assert not missing, f"the module does not document these flags' defaults: {missing}"
 
 
+def caches_problems(where, caches, mirrors):
+    """dockerd reads /etc/docker/daemon.json (where the agent merges runner.json's
+    registry_mirrors), which holds the image's settings and its mirrors; Podman's drop-in names
+    the same mirrors; the agent's flags keep their defaults (the paths the image uses)."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(f"{where}: {message}")
+
+    exec_start = caches["dockerExecStart"] or []
+    need(any("--config-file=/etc/docker/daemon.json" in line for line in exec_start),
+         f"dockerd does not read /etc/docker/daemon.json: {exec_start}")
+    need(not any("--config-file=/nix/store/" in line for line in exec_start),
+         f"dockerd reads a daemon.json in the store: {exec_start}")
+    etc = json.loads(caches["etcDaemonJson"] or "null")
+    need(etc == caches["dockerSettings"], f"/etc/docker/daemon.json is not the image's settings: {etc} != {caches['dockerSettings']}")
+    need((etc or {}).get("registry-mirrors", []) == mirrors, f"daemon.json's registry-mirrors: {(etc or {}).get('registry-mirrors')} != {mirrors}")
+    podman = caches["podmanMirrors"]
+    if mirrors:
+        hosts = [m.split("://", 1)[1].rstrip("/") for m in mirrors]
+        found = re.findall(r'^location = "([^"]+)"', podman or "", re.M)
+        need(found == ["docker.io"] + hosts, f"Podman's drop-in mirrors: {found}")
+        need(('insecure = true' in (podman or "")) == any(m.startswith("http://") for m in mirrors), "Podman's drop-in: insecure for plain http")
+    else:
+        need(podman is None, f"a Podman mirror drop-in without mirrors: {podman}")
+    need(caches["agentSettings"] == {}, f"the agent's daemon paths are set: {caches['agentSettings']}")
+    return problems
+
+
+def check_caches_registry_mirrors_land_in_the_daemons_settings(facts):
+    problems = []
+    for where, runner in [("runner-amazon", facts["runnerAmazon"]), ("runner-gce", facts["runnerGce"]),
+                          ("runner-digital-ocean", facts["runnerDo"]), ("runner-proxmox", facts["runnerProxmox"])] \
+            + [(f"nixos-runner {s}", facts["runner"][s]) for s in SYSTEMS]:
+        problems += caches_problems(where, runner["caches"], [])
+    for system in SYSTEMS:
+        problems += caches_problems(f"registryMirrors set, {system}", facts["withCaches"][system],
+                                    ["https://mirror.gcr.io", "http://registry-cache.ci.svc.cluster.local:5000"])
+    assert not problems, "\n".join(problems)
+
+
 def main():
     facts = json.loads(Path(sys.argv[1]).read_text())
     checks = [(name[len("check_"):].replace("_", " "), fn) for name, fn in globals().items() if name.startswith("check_") and callable(fn)]

@@ -150,6 +150,21 @@ let
   # A configuration plus a user's module.
   extend = nixos: module: (nixos.extendModules { modules = [ module ]; }).config;
 
+  # Caches (issue 20): what dockerd reads (the file the agent merges runner.json's mirrors
+  # into), Podman's drop-in of the image's mirrors.
+  cachesFacts = config: {
+    dockerExecStart = config.systemd.services.docker.serviceConfig.ExecStart or null;
+    dockerSettings = config.virtualisation.docker.daemon.settings;
+    etcDaemonJson = config.environment.etc."docker/daemon.json".text or null;
+    podmanMirrors = config.environment.etc."containers/registries.conf.d/40-gitlab-runner-vm-image.conf".text or null;
+    agentSettings = lib.filterAttrs (n: _: lib.elem n [ "docker-daemon-config" "registries-conf" ]) config.services.gitlab-runner-vm.settings;
+  };
+  # The module options set, on both systems.
+  withCaches = lib.genAttrs systems (system: cachesFacts (extend runnerX86 {
+    nixpkgs.hostPlatform = system;
+    gitlabRunnerVm.runner.registryMirrors = [ "https://mirror.gcr.io" "http://registry-cache.ci.svc.cluster.local:5000" ];
+  }));
+
   runner = config: {
     inherit (config.gitlabRunnerVm.runner) configDisk scratchDisk;
     inherit (config.gitlabRunnerVm.runner) platformSshKeys;
@@ -189,6 +204,7 @@ let
     access = access config;
     trust = trustFacts config;
     nix = nixFacts config;
+    caches = cachesFacts config;
     docker = {
       logDriver = config.virtualisation.docker.daemon.settings.log-driver;
       logOpts = config.virtualisation.docker.daemon.settings.log-opts or null;
@@ -289,7 +305,7 @@ let
   proxmox = flake.nixosConfigurations.proxmox-template.config;
 in
 {
-  inherit images;
+  inherit images withCaches;
   packages = lib.genAttrs systems (system: lib.attrNames flake.packages.${system});
   runner = lib.genAttrs systems (system: runner flake.packages.${system}.nixos-runner.config);
   runnerAmazon = runner flake.nixosConfigurations.runner-amazon.config;

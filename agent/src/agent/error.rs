@@ -75,6 +75,8 @@ pub enum AgentError {
     UserDataNotRunnerJson { platform: Platform, what: String },
     #[error("cannot fetch runner.json from the instance's user-data: {0}")]
     Metadata(MetadataError),
+    #[error("cannot write the fleet's settings for the VM's daemons: {0}")]
+    DaemonConfig(String),
     #[error("cannot write the user-data to {path}: {detail}")]
     ConfigWrite { path: PathBuf, detail: String },
 }
@@ -144,6 +146,7 @@ impl AgentError {
                 platform.how_to_set_user_data()
             ),
             Metadata(error) => error.fix(),
+            DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot; check `systemctl status docker`), or remove registry_mirrors from runner.json; --docker-daemon-config, --docker-reload-command and --registries-conf name the files and the command".into(),
             ConfigWrite { path, .. } => format!(
                 "make {} writable by the agent, or point --config at a writable place",
                 path.parent().unwrap_or(path).display()

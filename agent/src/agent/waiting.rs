@@ -14,6 +14,7 @@ use super::interrupt::Interrupt;
 use super::state::{Next, Setup, State, Teardown, failed};
 use super::{Agent, Shown, deadline_after};
 use crate::config::RunnerConfig;
+use crate::daemon_config;
 use crate::gitlab::Client;
 use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
 use crate::registration::{self, Target};
@@ -52,6 +53,11 @@ impl Agent {
             Ok(config) => config,
             Err(error) => return failed(error, Teardown::default()),
         };
+        // Before any GitLab call: a VM whose daemons cannot take the fleet's settings takes
+        // no job.
+        if let Err(error) = self.configure_daemons(&config).await {
+            return failed(error, Teardown::default());
+        }
         match self.set_up(config) {
             Ok(setup) => {
                 // Any verify that reaches GitLab creates (or refreshes) this VM's manager,
@@ -213,6 +219,22 @@ impl Agent {
             gitlab_url: Some(config.url.clone()),
         };
         Ok(config)
+    }
+
+    /// runner.json's registry mirrors (and Nix substituters) into the daemons' configuration.
+    async fn configure_daemons(&self, config: &RunnerConfig) -> Result<(), AgentError> {
+        let paths = daemon_config::DaemonPaths {
+            docker_daemon_json: self.args.docker_daemon_config.clone(),
+            docker_reload_command: self.args.docker_reload_command.clone(),
+            registries_conf: self.args.registries_conf.clone(),
+        };
+        let applied = daemon_config::apply(&paths, config)
+            .await
+            .map_err(AgentError::DaemonConfig)?;
+        for line in applied {
+            tracing::info!("{line}");
+        }
+        Ok(())
     }
 
     /// The client, the job user, a fresh system id and config.toml, before any GitLab call.

@@ -66,6 +66,7 @@ pub(super) const TLS_CA_FILE: Key = key("tls_ca_file", Text, Vm);
 pub(super) const BUILDS_DIR: Key = key("builds_dir", Text, Vm);
 pub(super) const ENVIRONMENT: Key = key("environment", TextList, Vm);
 pub(super) const CACHE: Key = key("cache", Object, Vm);
+pub(super) const REGISTRY_MIRRORS: Key = key("registry_mirrors", TextList, Vm);
 
 /// The keys of runner.json, in the order the unknown-key error lists them.
 pub(super) const TOP_LEVEL: &[Key] = &[
@@ -94,6 +95,7 @@ pub(super) const TOP_LEVEL: &[Key] = &[
     BUILDS_DIR,
     ENVIRONMENT,
     CACHE,
+    REGISTRY_MIRRORS,
 ];
 
 pub(super) const IMAGE: Key = key("image", Text, Vm);

@@ -5,13 +5,14 @@
 //! reports every problem at once, each with its JSON path and a fix, so that `check` can print
 //! them all and `run` can refuse a bad file with one clear message. The checks are split by
 //! concern: `credential` (which token, and how this VM's runner comes to exist), `connection`
-//! (url, tls_ca_file), `runner_settings` (what GitLab stores with a runner), `jobs` (executor,
+//! (url, tls_ca_file), `daemons` (registry mirrors), `runner_settings` (what GitLab stores with a runner), `jobs` (executor,
 //! docker, builds_dir, environment), `cache` (GitLab's distributed cache); `keys` is the table of known keys and `node` the reader
 //! they are all written with.
 
 mod cache;
 mod connection;
 mod credential;
+mod daemons;
 mod jobs;
 mod keys;
 mod node;
@@ -30,6 +31,7 @@ use serde_json::Value;
 pub use crate::cli::MAX_SECONDS;
 use crate::secret::Secret;
 pub use cache::{CacheSettings, CacheValue};
+pub use daemons::RegistryMirror;
 use node::{Node, Problems};
 pub use node::{Problem, Severity};
 
@@ -197,6 +199,9 @@ pub struct RunnerConfig {
     /// GitLab's distributed cache: config.toml's `[runners.cache]` (boxed: rarely given, and
     /// the states that carry the configuration stay small).
     pub cache: Option<Box<CacheSettings>>,
+    /// Pull-through caches of Docker Hub for Docker and Podman, written into their
+    /// configuration before registering.
+    pub registry_mirrors: Vec<RegistryMirror>,
 }
 
 pub const DEFAULT_MAX_JOBS: u32 = 1;
@@ -278,6 +283,7 @@ fn runner_config(
     let builds_dir = jobs::builds_dir(root, p);
     let environment = jobs::environment(root, p);
     let cache = cache::check(root, read_file, p).map(Box::new);
+    let registry_mirrors = daemons::registry_mirrors(root, p);
 
     Some(RunnerConfig {
         name,
@@ -293,6 +299,7 @@ fn runner_config(
         builds_dir,
         environment,
         cache,
+        registry_mirrors,
     })
 }
 

@@ -45,5 +45,6 @@ fn sample_config(executor: crate::config::Executor) -> crate::config::RunnerConf
         builds_dir: None,
         environment: vec!["FOO=bar".into()],
         cache: None,
+        registry_mirrors: Vec::new(),
     }
 }
