@@ -1,32 +1,42 @@
 //! Retry timing: exponential back-off with full jitter, and GitLab's own hints (`Retry-After`,
-//! `RateLimit-ResetTime`, and the `RateLimit-Observed` / `RateLimit-Limit` pair of its throttle).
-//! Pure functions; the caller supplies the random number and the clock.
+//! `RateLimit-Reset`, `RateLimit-ResetTime`, and the `RateLimit-Observed` / `RateLimit-Limit`
+//! pair of its throttle). Pure functions; the caller supplies the random number, the clock and
+//! the `Memory` of one call's earlier answers.
 //!
 //! Three rules hold for every wait:
 //! - never shorter than `MIN_WAIT`: a reset time in the past (clock skew) or `Retry-After: 0`
 //!   must not turn into a tight loop;
-//! - never before the server's reset: a request sent earlier is rejected for sure;
+//! - never before the server's reset (the latest of the three headers that say when): a
+//!   request sent earlier is rejected for sure;
 //! - randomised: VMs that were rejected together must not come back together.
 //!
-//! A boot storm against GitLab's throttle (Rack::Attack: a fixed window of `limit` requests per
-//! `period`, one budget for all of a fleet's VMs) is the case that shapes the rest. If every
-//! rejected VM retried at the reset, about `N - limit` would be rejected again in each window.
-//! The throttle counts every request of its window, rejected ones included, and tells each
-//! rejected client its count (`RateLimit-Observed`) and the rate (`RateLimit-Limit`, per
-//! minute). So a client rejected as the c-th request of its window knows that `c - 1` requests
-//! came before it, and takes its turn after them: `(c - 1) / rate` from the start of the window,
-//! of which the window itself served about one period. The retries of one window count on a
-//! third of the rate (`RETRY_SHARE`): a third stays for the call each of them makes next (the
-//! deregistration after a verify), and a third for requests that are not retries (VMs that
-//! boot later) and for collisions, because clients cannot see the turns that the rejected of
-//! other windows took. Within its turn each client picks a random moment, over one period and
-//! one more per earlier rejection of the same call, so that turns interleave and a client
-//! rejected again moves further out.
-//! Without those two headers (a migration back-off, an older GitLab, a proxy), the only hint is
-//! the reset: the retry then falls at a random moment in a span of `SPREAD_PERIODS` periods per
-//! attempt after the reset (up to `CAP`). That spreads a storm less evenly (see BENCHMARKS.md).
+//! A boot storm against GitLab's throttle is the case that shapes the rest. GitLab's
+//! Rack::Attack throttle (lib/gitlab/rack_attack.rb, the rack-attack gem's `Throttle`) is a
+//! fixed window of `limit` requests per `period` seconds, aligned to the epoch, one budget for
+//! all of a fleet's VMs; it counts every request of its window, rejected ones included, and
+//! tells each rejected client its count (`RateLimit-Observed`), the rate (`RateLimit-Limit`,
+//! per minute, rounded up) and the reset (`Retry-After` = `period - now % period`).
+//!
+//! With the counts, a client rejected as the c-th request of its window knows that `c - 1 -
+//! limit` rejected requests came before it: it takes a turn after them, as in a queue. Each of
+//! those will need two requests (its verify, then its deregistration), so the turn is
+//! `TURN_COST × (c - 1 - limit) / rate` after the reset, picked within one request's share of
+//! the rate: the queue fills each window and no more, and the last turn is close to where an
+//! ideal schedule would put it. The window's `limit` needs the period, which GitLab does not
+//! send: the period divides the reset's Unix time (the windows are aligned to the epoch) and
+//! is at least the longest wait to a reset seen, so the smallest such divisor is taken (a
+//! shorter guess only makes turns later). VMs that boot over several windows form several
+//! queues that cannot see each other and overlap; a client whose turn is rejected (its
+//! window was wanted by another queue too) takes a new turn after the rejected requests before
+//! it, counted at `LOSER_TURN_COST`, plus `LOSER_CARRY` of its first turn: the queue it
+//! collided with probably goes on about as far.
+//!
+//! Without the counts (a proxy, an older GitLab, a migration back-off), the only hint is the
+//! reset: the retry falls at a random moment within `BLIND_SPREAD_PERIODS` periods per throttled
+//! attempt after the reset, at most `BLIND_SPREAD_CAP`. That spreads a storm less evenly and
+//! costs more rejected requests (BENCHMARKS.md).
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const BASE: Duration = Duration::from_secs(1);
 pub const CAP: Duration = Duration::from_secs(60);
@@ -36,13 +46,18 @@ pub const MIN_WAIT: Duration = Duration::from_secs(1);
 /// `18446744073709551615`) must neither overflow a clock nor park the agent for years. GitLab's
 /// longest throttle period is one hour by default.
 pub const MAX_HINT: Duration = Duration::from_secs(3600);
-/// With `RateLimit-Observed`: the turn after the requests counted before this one is this many
-/// times their share of the rate, i.e. retries count on `1 / RETRY_SHARE` of the rate (see the
-/// module documentation; tuned with `cargo bench --bench storm`).
-pub const RETRY_SHARE: u32 = 3;
-/// Without `RateLimit-Observed`: how many periods (estimated from the hint) the retries after a
-/// throttle's reset spread over, per attempt so far.
-pub const SPREAD_PERIODS: u32 = 6;
+/// With `RateLimit-Observed`: how many requests each rejected request before this one will need
+/// (its verify and the deregistration that follows).
+pub const TURN_COST: f64 = 2.0;
+/// With `RateLimit-Observed`, for a client whose turn was rejected: the cost of each rejected
+/// request before it, and the share of its first turn added (see the module documentation;
+/// tuned with `cargo bench --bench storm`).
+pub const LOSER_TURN_COST: f64 = 3.0;
+pub const LOSER_CARRY: f64 = 0.25;
+/// Without `RateLimit-Observed`: how many periods after a throttle's reset the retries spread
+/// over, per throttled attempt so far, and at most how long.
+pub const BLIND_SPREAD_PERIODS: u32 = 4;
+pub const BLIND_SPREAD_CAP: Duration = Duration::from_secs(40);
 
 /// The ceiling of "full jitter" before retry number `attempt` (0 for the first retry):
 /// `min(CAP, BASE * 2^attempt)`.
@@ -61,9 +76,11 @@ fn uniform(span: Duration, random: u64) -> Duration {
 /// What a server said about when to come back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hint {
-    /// Until the reset (`RateLimit-ResetTime`, else `Retry-After`), at most `MAX_HINT`; zero
-    /// when the reset is already past.
+    /// Until the latest reset the answer names, at most `MAX_HINT`; zero when it is past.
     pub reset_in: Duration,
+    /// That reset as Unix time in whole seconds, when an absolute header (`RateLimit-Reset`,
+    /// `RateLimit-ResetTime`) named it: GitLab's throttle period divides it.
+    pub reset_at: Option<u64>,
     /// GitLab's throttle: this request's count in its window, and the limit per minute.
     pub queue: Option<Queue>,
 }
@@ -78,94 +95,169 @@ pub struct Queue {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Headers<'a> {
     pub retry_after: Option<&'a str>,
+    pub ratelimit_reset: Option<&'a str>,
     pub ratelimit_reset_time: Option<&'a str>,
     pub ratelimit_observed: Option<&'a str>,
     pub ratelimit_limit: Option<&'a str>,
 }
 
-/// The server's own answer to "when may I retry?", if it gave one. `RateLimit-ResetTime` (an
-/// HTTP date) wins over `Retry-After` (seconds, or an HTTP date), as in gitlab-runner.
+/// Below this, a `RateLimit-Reset` is a number of seconds (as in the IETF draft) rather than
+/// GitLab's Unix time.
+const UNIX_TIME_FLOOR: u64 = 1_000_000_000;
+
+/// The server's own answer to "when may I retry?", if it gave one: the latest of the resets
+/// that `Retry-After` (seconds, or an HTTP date), `RateLimit-Reset` (Unix time, or seconds) and
+/// `RateLimit-ResetTime` (an HTTP date) name; values that cannot be read are left out.
 pub fn server_hint(headers: &Headers<'_>, now: SystemTime) -> Option<Hint> {
-    let until = |date: &str| {
-        crate::timestamp::http_date(date).map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
-    };
-    let reset_in = match headers.ratelimit_reset_time.and_then(until) {
-        Some(wait) => wait,
-        None => {
-            let value = headers.retry_after?.trim();
-            match value.parse::<u64>() {
-                Ok(secs) => Duration::from_secs(secs.min(MAX_HINT.as_secs())),
-                Err(_) => until(value)?,
-            }
-        }
-    };
+    let until = |at: SystemTime| at.duration_since(now).unwrap_or(Duration::ZERO);
     let number = |v: Option<&str>| v.and_then(|v| v.trim().parse::<u64>().ok());
+    let clamp_secs = |secs: u64| Duration::from_secs(secs.min(MAX_HINT.as_secs()));
+    let unix_secs = |at: SystemTime| at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+
+    let retry_after = headers.retry_after.and_then(|v| {
+        let v = v.trim();
+        match v.parse::<u64>() {
+            Ok(secs) => Some((clamp_secs(secs), None)),
+            Err(_) => crate::timestamp::http_date(v).map(|at| (until(at), unix_secs(at))),
+        }
+    });
+    let reset = number(headers.ratelimit_reset).map(|v| {
+        if v >= UNIX_TIME_FLOOR {
+            let at = UNIX_EPOCH.checked_add(Duration::from_secs(v));
+            (at.map_or(MAX_HINT, until), Some(v))
+        } else {
+            (clamp_secs(v), None)
+        }
+    });
+    let reset_time = headers
+        .ratelimit_reset_time
+        .and_then(crate::timestamp::http_date)
+        .map(|at| (until(at), unix_secs(at)));
+    let (reset_in, _) = [retry_after, reset, reset_time]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(wait, _)| *wait)?;
+    // The absolute reset that the period divides: GitLab's RateLimit-Reset and -ResetTime name
+    // the same second.
+    let reset_at = [reset, reset_time]
+        .into_iter()
+        .flatten()
+        .find_map(|(_, at)| at);
     let queue = match (
         number(headers.ratelimit_observed),
         number(headers.ratelimit_limit),
     ) {
-        (Some(observed), Some(limit_per_minute)) if limit_per_minute > 0 => Some(Queue {
-            observed,
-            limit_per_minute,
-        }),
+        (Some(observed), Some(limit_per_minute)) if limit_per_minute > 0 && observed > 0 => {
+            Some(Queue {
+                observed,
+                limit_per_minute,
+            })
+        }
         _ => None,
     };
     Some(Hint {
         reset_in: reset_in.min(MAX_HINT),
+        reset_at,
         queue,
     })
 }
 
-/// When to retry: at a uniformly random moment in `[earliest, earliest + spread]`.
+/// What one call (a verify, a deletion) has learnt from the throttle's earlier answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The longest wait to a reset seen, in whole seconds rounded up: the period is at least
+    /// this.
+    longest_reset_s: u64,
+    /// The first turn given after a reset (with the counts), and how many throttled answers
+    /// came so far.
+    first_turn: Option<Duration>,
+    throttled: u32,
+}
+
+impl Memory {
+    /// The throttle's period, as well as the answers tell: the smallest divisor of the reset's
+    /// Unix time that is at least the longest wait seen (GitLab's windows are aligned to the
+    /// epoch, `Retry-After = period - now % period`); without an absolute reset, that wait.
+    fn period(&mut self, hint: &Hint) -> u64 {
+        let wait = hint.reset_in.min(MAX_HINT);
+        let wait_s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.longest_reset_s = self.longest_reset_s.max(wait_s).max(1);
+        let shortest = self.longest_reset_s;
+        hint.reset_at
+            .filter(|at| *at > 0)
+            .and_then(|at| (shortest..=MAX_HINT.as_secs()).find(|d| at % d == 0))
+            .unwrap_or(shortest)
+    }
+}
+
+/// When to retry: at a uniformly random moment in `[earliest, earliest + spread]`, and never
+/// before `not_before` (the server's reset, or the floor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
+    pub not_before: Duration,
     pub earliest: Duration,
     pub spread: Duration,
 }
 
-/// The plan for retry number `attempt` (0 for the first retry) after an answer with `hint`.
-pub fn plan(attempt: u32, hint: Option<&Hint>) -> Plan {
+/// The plan for retry number `attempt` (0 for the first retry) after an answer with `hint`;
+/// `memory` is the same call's, updated with this answer.
+pub fn plan(attempt: u32, hint: Option<&Hint>, memory: &mut Memory) -> Plan {
     let Some(hint) = hint else {
         // No hint: "full jitter" on top of the floor, a uniformly random duration up to a
         // doubling ceiling, so a fleet of VMs that failed together does not retry together.
         return Plan {
+            not_before: MIN_WAIT,
             earliest: MIN_WAIT,
             spread: ceiling(attempt),
         };
     };
     let reset = hint.reset_in.clamp(MIN_WAIT, MAX_HINT);
-    // The throttle's period is unknown; the time to its reset is at most one period, and a
-    // lower estimate only makes the turn below later.
-    let period = reset.min(CAP);
-    match hint.queue {
+    let period_s = memory.period(hint);
+    memory.throttled = memory.throttled.saturating_add(1);
+    let (earliest, spread) = match hint.queue {
         Some(q) => {
-            let ahead = Duration::try_from_secs_f64(
-                q.observed.saturating_sub(1) as f64 * 60.0 / q.limit_per_minute as f64,
-            )
-            .unwrap_or(MAX_HINT)
-            .min(MAX_HINT);
-            let turn = ahead.saturating_sub(period).saturating_mul(RETRY_SHARE);
-            Plan {
-                earliest: reset.saturating_add(turn).min(MAX_HINT),
-                spread: period.saturating_mul(attempt.saturating_add(1)).min(CAP),
-            }
+            let rate = q.limit_per_minute as f64 / 60.0;
+            let per_window = (q.limit_per_minute.saturating_mul(period_s) / 60).max(1);
+            let before = q.observed.saturating_sub(1).saturating_sub(per_window) as f64;
+            let seconds = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(MAX_HINT);
+            let turn = match memory.first_turn {
+                None => {
+                    let turn = seconds(TURN_COST * before / rate).min(MAX_HINT);
+                    memory.first_turn = Some(turn);
+                    turn
+                }
+                Some(first) => seconds(LOSER_TURN_COST * before / rate)
+                    .min(MAX_HINT)
+                    .saturating_add(first.mul_f64(LOSER_CARRY)),
+            };
+            // One request's share of the rate: turns next to each other interleave.
+            (reset.saturating_add(turn), seconds(1.0 / rate).min(CAP))
         }
-        None => Plan {
-            earliest: reset,
-            spread: period
-                .saturating_mul(SPREAD_PERIODS)
-                .saturating_mul(attempt.saturating_add(1))
-                .min(CAP),
-        },
+        None => (
+            reset,
+            Duration::from_secs(period_s)
+                .saturating_mul(BLIND_SPREAD_PERIODS)
+                .saturating_mul(memory.throttled)
+                .min(BLIND_SPREAD_CAP),
+        ),
+    };
+    Plan {
+        not_before: reset,
+        earliest: earliest.min(MAX_HINT),
+        spread: spread.max(Duration::from_millis(1)),
     }
 }
 
 impl Plan {
-    /// The wait, if the retry can start within `room`: the spread shrinks to fit, `earliest`
-    /// never moves. None when even `earliest` is beyond `room`.
+    /// The wait, if the retry can start within `room`: a turn beyond it moves back to the end
+    /// of the room (one last try rather than none) and the spread shrinks to fit, but never
+    /// before `not_before`. None when even `not_before` is beyond `room`.
     pub fn pick(&self, random: u64, room: Duration) -> Option<Duration> {
-        let free = room.checked_sub(self.earliest)?;
-        Some(self.earliest + uniform(self.spread.min(free), random))
+        if room < self.not_before {
+            return None;
+        }
+        let start = self.earliest.max(self.not_before).min(room);
+        Some(start + uniform(self.spread.min(room - start), random))
     }
 }
 

@@ -130,8 +130,9 @@ impl Client {
                 header("location").as_deref(),
             ));
         }
-        let (retry_after, reset_time, observed, limit) = (
+        let (retry_after, reset, reset_time, observed, limit) = (
             header("retry-after"),
+            header("ratelimit-reset"),
             header("ratelimit-resettime"),
             header("ratelimit-observed"),
             header("ratelimit-limit"),
@@ -139,6 +140,7 @@ impl Client {
         let retry_hint = backoff::server_hint(
             &backoff::Headers {
                 retry_after: retry_after.as_deref(),
+                ratelimit_reset: reset.as_deref(),
                 ratelimit_reset_time: reset_time.as_deref(),
                 ratelimit_observed: observed.as_deref(),
                 ratelimit_limit: limit.as_deref(),

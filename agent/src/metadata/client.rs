@@ -182,6 +182,7 @@ impl MetadataClient {
     ) -> Result<Option<Vec<u8>>, MetadataError> {
         let started = Instant::now();
         let mut attempt: u32 = 0;
+        let mut memory = backoff::Memory::default();
         loop {
             attempt += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -210,7 +211,7 @@ impl MetadataClient {
             let room = deadline
                 .saturating_duration_since(Instant::now())
                 .saturating_sub(RETRY_SLACK);
-            let plan = backoff::plan(attempt - 1, error.retry_hint());
+            let plan = backoff::plan(attempt - 1, error.retry_hint(), &mut memory);
             let Some(wait) = plan.pick(backoff::random_u64(), room) else {
                 return Err(gave_up(error));
             };

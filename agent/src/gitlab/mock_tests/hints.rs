@@ -1,6 +1,6 @@
 //! When GitLab says to come back: every form of `Retry-After` (seconds, an HTTP date, garbage,
-//! the past, the absurd), `RateLimit-ResetTime` and the `RateLimit-Observed` / `-Limit` counts,
-//! read from real answers, and `with_retries` honouring them against a server.
+//! the past, the absurd), `RateLimit-Reset`, `RateLimit-ResetTime` (the latest of the three
+//! wins) and the `RateLimit-Observed` / `-Limit` counts, read from real answers, and `with_retries` honouring them against a server.
 
 use std::time::{Duration, SystemTime};
 
@@ -72,23 +72,43 @@ async fn retry_after_as_an_http_date() {
 }
 
 #[tokio::test]
-async fn ratelimit_reset_time_wins_over_retry_after_unless_it_is_garbage() {
+async fn the_latest_reset_wins_and_garbage_is_left_out() {
     let reset = date(40);
     let both = [
         ("RateLimit-ResetTime", reset.as_str()),
         ("Retry-After", "7"),
     ];
     assert!(about(reset_in(&both).await, 40));
+    let later = [("RateLimit-ResetTime", reset.as_str()), ("Retry-After", "50")];
+    assert_eq!(reset_in(&later).await, secs(50));
+    // GitLab's RateLimit-Reset, in Unix time, counts as well; so does a reset in the past (as
+    // now) next to a Retry-After.
+    let unix = |offset: u64| {
+        (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + offset)
+            .to_string()
+    };
+    let in_90 = unix(90);
+    let three = [
+        ("RateLimit-ResetTime", reset.as_str()),
+        ("RateLimit-Reset", in_90.as_str()),
+        ("Retry-After", "7"),
+    ];
+    assert!(about(reset_in(&three).await, 90));
     let past = date(-10);
     let reset_past = [("RateLimit-ResetTime", past.as_str()), ("Retry-After", "7")];
-    assert_eq!(reset_in(&reset_past).await, secs(0));
-    let garbage = [("RateLimit-ResetTime", "tomorrow"), ("Retry-After", "7")];
+    assert_eq!(reset_in(&reset_past).await, secs(7));
+    let garbage = [
+        ("RateLimit-ResetTime", "tomorrow"),
+        ("RateLimit-Reset", "-1"),
+        ("Retry-After", "7"),
+    ];
     assert_eq!(reset_in(&garbage).await, secs(7));
-    // Alone, RateLimit-ResetTime is enough.
+    // Alone, RateLimit-ResetTime is enough, and so is RateLimit-Reset.
     assert!(about(
         reset_in(&[("RateLimit-ResetTime", &reset)]).await,
         40
     ));
+    assert!(about(reset_in(&[("RateLimit-Reset", &in_90)]).await, 90));
 }
 
 #[tokio::test]
@@ -145,6 +165,7 @@ async fn the_throttle_counts_come_with_the_reset() {
         hint,
         Hint {
             reset_in: Duration::from_secs(1),
+            reset_at: None,
             queue: Some(Queue {
                 observed: 187,
                 limit_per_minute: 1200

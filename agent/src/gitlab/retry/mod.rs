@@ -78,6 +78,8 @@ where
     // Where the current attempt and the next wait must end.
     let mut limit = deadline;
     let mut attempt: u32 = 0;
+    // What GitLab's throttle said in this call's earlier answers.
+    let mut memory = backoff::Memory::default();
     loop {
         // `give_up` is polled only until it resolves: every select below returns when it does.
         tokio::select! {
@@ -123,7 +125,7 @@ where
         let room = limit
             .saturating_duration_since(now)
             .saturating_sub(RETRY_SLACK);
-        let plan = backoff::plan(attempt - 1, error.retry_hint());
+        let plan = backoff::plan(attempt - 1, error.retry_hint(), &mut memory);
         let Some(wait) = plan.pick(backoff::random_u64(), room) else {
             return Err(gave_up(error));
         };

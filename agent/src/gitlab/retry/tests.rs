@@ -24,6 +24,7 @@ pub(super) fn throttled(endpoint: Endpoint, reset_s: u64) -> ApiError {
         message: "Retry later".into(),
         retry_hint: Some(Hint {
             reset_in: Duration::from_secs(reset_s),
+            reset_at: None,
             queue: None,
         }),
     }

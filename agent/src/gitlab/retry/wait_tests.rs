@@ -72,6 +72,7 @@ async fn an_absurd_hint_neither_overflows_nor_parks_the_agent() {
                 message: "m".into(),
                 retry_hint: Some(Hint {
                     reset_in: Duration::MAX,
+                    reset_at: None,
                     queue: Some(Queue {
                         observed: u64::MAX,
                         limit_per_minute: 1,
