@@ -271,3 +271,5 @@ pub fn random_u64() -> u64 {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod storm_model;
