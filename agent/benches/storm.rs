@@ -427,11 +427,18 @@ async fn main() {
     println!(
         "Targets: every VM registered and deregistered, none left, none early, at most 1 rejected per accepted, makespan within 1.3x ideal (1.6x without RateLimit-Observed)."
     );
-    println!("(wall time of the last run: {:.1} s)", outcomes.last().map_or(0.0, |(o, _)| o.wall.as_secs_f64()));
+    println!(
+        "(wall time of the last run: {:.1} s)",
+        outcomes.last().map_or(0.0, |(o, _)| o.wall.as_secs_f64())
+    );
     if !bench {
         // The smoke test checks what must always hold; timings are for the benchmark only.
         for (o, v) in &outcomes {
-            assert!(v.all_in_and_out, "not every agent registered and deregistered: {} agents failed", o.failed_agents);
+            assert!(
+                v.all_in_and_out,
+                "not every agent registered and deregistered: {} agents failed",
+                o.failed_agents
+            );
             assert!(v.none_left, "runner managers were left in GitLab");
             assert!(v.none_early, "requests came before the advertised reset");
         }

@@ -270,6 +270,6 @@ pub fn random_u64() -> u64 {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod storm_model;
+#[cfg(test)]
+mod tests;

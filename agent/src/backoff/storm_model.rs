@@ -113,7 +113,11 @@ pub fn storm(agents: usize, limit: u64, period_s: u64, with_counts: bool, seed: 
             }),
         };
         vm.not_before_ms = reset_ms;
-        let room_ms = if vm.deleting { delete_room_ms } else { register_room_ms };
+        let room_ms = if vm.deleting {
+            delete_room_ms
+        } else {
+            register_room_ms
+        };
         let room = Duration::from_millis((vm.call_started_ms + room_ms).saturating_sub(answered));
         let plan = plan(vm.attempt, Some(&hint), &mut vm.memory);
         vm.attempt += 1;
@@ -132,14 +136,26 @@ pub fn storm(agents: usize, limit: u64, period_s: u64, with_counts: bool, seed: 
     }
 }
 
-fn check(agents: usize, limit: u64, period_s: u64, with_counts: bool, makespan: f64, rejected_per_accepted: f64) {
+fn check(
+    agents: usize,
+    limit: u64,
+    period_s: u64,
+    with_counts: bool,
+    makespan: f64,
+    rejected_per_accepted: f64,
+) {
     for seed in 1..=3 {
         let o = storm(agents, limit, period_s, with_counts, seed);
-        let what = format!("{agents} VMs, {limit} per {period_s} s, counts {with_counts}, seed {seed}: {o:?}");
+        let what = format!(
+            "{agents} VMs, {limit} per {period_s} s, counts {with_counts}, seed {seed}: {o:?}"
+        );
         assert_eq!((o.registered, o.deregistered), (agents, agents), "{what}");
         assert_eq!(o.early, 0, "{what}");
         assert!(o.makespan_over_ideal <= makespan, "{what}");
-        assert!(o.rejected as f64 <= rejected_per_accepted * o.accepted as f64, "{what}");
+        assert!(
+            o.rejected as f64 <= rejected_per_accepted * o.accepted as f64,
+            "{what}"
+        );
     }
 }
 
@@ -164,9 +180,12 @@ fn a_storm_over_several_short_windows_gets_through_at_a_cost_in_rejections() {
 /// storms end within 1.6× the ideal, none beyond 2.5×.
 #[test]
 fn without_the_counts_storms_mostly_end_within_one_and_six_tenths_of_the_ideal() {
-    for (agents, limit, period_s, rejected_per_accepted) in
-        [(200, 50, 6, 1.0), (200, 100, 5, 1.0), (1000, 600, 60, 1.0), (1000, 50, 6, 3.5)]
-    {
+    for (agents, limit, period_s, rejected_per_accepted) in [
+        (200, 50, 6, 1.0),
+        (200, 100, 5, 1.0),
+        (1000, 600, 60, 1.0),
+        (1000, 50, 6, 3.5),
+    ] {
         let mut ratios: Vec<f64> = (1..=5)
             .map(|seed| {
                 let o = storm(agents, limit, period_s, false, seed);
@@ -174,11 +193,17 @@ fn without_the_counts_storms_mostly_end_within_one_and_six_tenths_of_the_ideal()
                 assert_eq!((o.registered, o.deregistered), (agents, agents), "{what}");
                 assert_eq!(o.early, 0, "{what}");
                 assert!(o.makespan_over_ideal <= 2.5, "{what}");
-                assert!(o.rejected as f64 <= rejected_per_accepted * o.accepted as f64, "{what}");
+                assert!(
+                    o.rejected as f64 <= rejected_per_accepted * o.accepted as f64,
+                    "{what}"
+                );
                 o.makespan_over_ideal
             })
             .collect();
         ratios.sort_by(f64::total_cmp);
-        assert!(ratios[2] <= 1.6, "{agents} VMs, {limit} per {period_s} s: {ratios:?}");
+        assert!(
+            ratios[2] <= 1.6,
+            "{agents} VMs, {limit} per {period_s} s: {ratios:?}"
+        );
     }
 }

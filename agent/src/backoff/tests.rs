@@ -53,7 +53,10 @@ const RESET_6: u64 = 1_765_000_806;
 
 #[test]
 fn jitter_stays_within_the_doubling_ceiling() {
-    assert_eq!(full_jitter(0, u64::MAX), Duration::from_millis(u64::MAX % 1001));
+    assert_eq!(
+        full_jitter(0, u64::MAX),
+        Duration::from_millis(u64::MAX % 1001)
+    );
     for attempt in 0..10 {
         let ceiling = secs(1 << attempt).min(CAP);
         for r in [0, 1, 999, 12_345, u64::MAX / 3, u64::MAX] {
@@ -131,19 +134,28 @@ fn the_latest_of_the_three_resets_wins() {
     assert_eq!(reset_in(&reset(&in_9), now), Some(secs(9)));
     assert_eq!(reset_in(&reset("42"), now), Some(secs(42)));
     // The absolute reset is kept for the period; Retry-After alone has none.
-    assert_eq!(server_hint(&reset(&in_9), now).unwrap().reset_at, Some(unix + 9));
+    assert_eq!(
+        server_hint(&reset(&in_9), now).unwrap().reset_at,
+        Some(unix + 9)
+    );
     let date_only = Headers {
         ratelimit_reset_time: Some(date_5),
         ..Headers::default()
     };
-    assert_eq!(server_hint(&date_only, now).unwrap().reset_at, Some(unix + 5));
+    assert_eq!(
+        server_hint(&date_only, now).unwrap().reset_at,
+        Some(unix + 5)
+    );
     assert_eq!(server_hint(&retry_after("3"), now).unwrap().reset_at, None);
 }
 
 #[test]
 fn absurd_hints_are_clamped() {
     let now = UNIX_EPOCH;
-    assert_eq!(reset_in(&retry_after("18446744073709551615"), now), Some(MAX_HINT));
+    assert_eq!(
+        reset_in(&retry_after("18446744073709551615"), now),
+        Some(MAX_HINT)
+    );
     let far = Headers {
         ratelimit_reset_time: Some("Fri, 31 Dec 9999 23:59:59 GMT"),
         ratelimit_reset: Some("18446744073709551615"),
@@ -252,7 +264,11 @@ fn never_before_the_reset_whatever_the_counts() {
             let mut memory = Memory::default();
             for attempt in 0..5 {
                 let p = plan(attempt, Some(&h), &mut memory);
-                for (r, room) in [(0, Duration::MAX), (u64::MAX, Duration::MAX), (1, secs(reset))] {
+                for (r, room) in [
+                    (0, Duration::MAX),
+                    (u64::MAX, Duration::MAX),
+                    (1, secs(reset)),
+                ] {
                     let wait = p.pick(r, room).unwrap();
                     assert!(wait >= secs(reset), "{wait:?} < {reset} s");
                 }
@@ -273,16 +289,31 @@ fn the_period_is_the_smallest_divisor_of_the_reset_at_least_the_longest_wait() {
     // 5.2 s to a reset that 6 divides: 6.
     assert_eq!(m.period(&at(Duration::from_millis(5200), Some(RESET_6))), 6);
     // Later, 0.3 s before a reset: still 6, the longest wait seen counts.
-    assert_eq!(m.period(&at(Duration::from_millis(300), Some(RESET_6 + 6))), 6);
+    assert_eq!(
+        m.period(&at(Duration::from_millis(300), Some(RESET_6 + 6))),
+        6
+    );
     // Alone, 0.3 s before a reset that 6 divides: 1 divides it too (a shorter guess only makes
     // turns later).
-    assert_eq!(Memory::default().period(&at(Duration::from_millis(300), Some(RESET_6))), 1);
+    assert_eq!(
+        Memory::default().period(&at(Duration::from_millis(300), Some(RESET_6))),
+        1
+    );
     // An hourly window, 3,550 s before its reset: 3,600 divides 1,765,000,800 and nothing from
     // 3,550 up does before it.
-    assert_eq!(Memory::default().period(&at(secs(3550), Some(1_765_000_800))), 3600);
+    assert_eq!(
+        Memory::default().period(&at(secs(3550), Some(1_765_000_800))),
+        3600
+    );
     // Without an absolute reset, or with one no number up to an hour divides: the wait.
-    assert_eq!(Memory::default().period(&at(Duration::from_millis(4100), None)), 5);
-    assert_eq!(Memory::default().period(&at(secs(5), Some(1_000_000_007))), 5);
+    assert_eq!(
+        Memory::default().period(&at(Duration::from_millis(4100), None)),
+        5
+    );
+    assert_eq!(
+        Memory::default().period(&at(secs(5), Some(1_000_000_007))),
+        5
+    );
     assert_eq!(Memory::default().period(&at(secs(5), Some(0))), 5);
 }
 
@@ -323,7 +354,13 @@ fn a_client_whose_turn_was_rejected_goes_further() {
     // it counted at three requests each (7.2 s) and a quarter of its first turn (12 s).
     let again = plan(
         1,
-        Some(&gitlab(71, 50, 6, RESET_6 + 54, Duration::from_millis(5900))),
+        Some(&gitlab(
+            71,
+            50,
+            6,
+            RESET_6 + 54,
+            Duration::from_millis(5900),
+        )),
         &mut memory,
     );
     assert_eq!(again.not_before, Duration::from_secs(1));
@@ -333,8 +370,16 @@ fn a_client_whose_turn_was_rejected_goes_further() {
     );
     // Rejected right after the limit: a quarter of its first turn, no more.
     let mut memory = Memory::default();
-    plan(0, Some(&gitlab(251, 50, 6, RESET_6, Duration::ZERO)), &mut memory);
-    let p = plan(1, Some(&gitlab(51, 50, 6, RESET_6, Duration::ZERO)), &mut memory);
+    plan(
+        0,
+        Some(&gitlab(251, 50, 6, RESET_6, Duration::ZERO)),
+        &mut memory,
+    );
+    let p = plan(
+        1,
+        Some(&gitlab(51, 50, 6, RESET_6, Duration::ZERO)),
+        &mut memory,
+    );
     assert_eq!(p.earliest, secs(6) + secs(12));
 }
 
@@ -350,7 +395,11 @@ fn without_the_counts_the_spread_grows_with_each_throttled_answer() {
     // Four periods of 6 s per throttled answer, at most 40 s, all from the reset.
     assert_eq!(plans[0].spread, secs(24));
     assert_eq!(plans[1].spread, BLIND_SPREAD_CAP);
-    assert!(plans.iter().all(|p| p.earliest == Duration::from_millis(5200)));
+    assert!(
+        plans
+            .iter()
+            .all(|p| p.earliest == Duration::from_millis(5200))
+    );
     assert!(plans.iter().all(|p| p.spread <= BLIND_SPREAD_CAP));
     // GitLab's migration back-off answers Retry-After: 60 alone: it spreads over at most 40 s.
     let migration = Hint {

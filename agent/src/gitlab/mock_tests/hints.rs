@@ -79,12 +79,19 @@ async fn the_latest_reset_wins_and_garbage_is_left_out() {
         ("Retry-After", "7"),
     ];
     assert!(about(reset_in(&both).await, 40));
-    let later = [("RateLimit-ResetTime", reset.as_str()), ("Retry-After", "50")];
+    let later = [
+        ("RateLimit-ResetTime", reset.as_str()),
+        ("Retry-After", "50"),
+    ];
     assert_eq!(reset_in(&later).await, secs(50));
     // GitLab's RateLimit-Reset, in Unix time, counts as well; so does a reset in the past (as
     // now) next to a Retry-After.
     let unix = |offset: u64| {
-        (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + offset)
+        (SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + offset)
             .to_string()
     };
     let in_90 = unix(90);
