@@ -17,6 +17,9 @@ rustPlatform.buildRustPackage {
       ../Cargo.toml
       ../Cargo.lock
       ../agent
+      # A workspace member: cargo reads its manifest (and `--workspace` runs its tests) even
+      # though only the agent is installed here.
+      ../broker
       # The crate's tests check the README's flag, key and phase tables against the code.
       ../README.md
     ];
