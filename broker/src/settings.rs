@@ -56,8 +56,8 @@ pub struct Settings {
     #[arg(long, env = "BROKER_GITLAB_URL")]
     pub gitlab_url: String,
 
-    /// File holding the GitLab access token (scope `create_runner` and `manage_runner`, or
-    /// `api`): a mounted Secret. Read once at start.
+    /// File holding the GitLab access token (scopes `create_runner`, `manage_runner` and `read_api`,
+    /// or `api`): a mounted Secret. Read once at start.
     #[arg(long, env = "BROKER_ACCESS_TOKEN_FILE")]
     pub access_token_file: PathBuf,
 
@@ -213,5 +213,33 @@ impl Settings {
             host
         };
         Ok(format!("https://{host}:{port}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+    use clap::CommandFactory;
+
+    /// docs/broker.md's settings table names every flag, and its env variable follows the rule
+    /// it states (`BROKER_` and the flag's name).
+    #[test]
+    fn every_flag_is_documented_with_its_variable() {
+        let doc = include_str!("../../docs/broker.md");
+        for arg in Settings::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            assert!(
+                doc.contains(&format!("`--{long}`")),
+                "docs/broker.md lacks --{long}"
+            );
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            assert_eq!(
+                env,
+                format!("BROKER_{}", long.to_uppercase().replace('-', "_"))
+            );
+        }
     }
 }
