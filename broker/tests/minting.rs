@@ -283,3 +283,77 @@ async fn bad_settings_name_the_flag_to_fix() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_a_clear_refusal_and_the_broker_carries_on() {
+    let mut h = Harness::new().await;
+    h.start(&[]).await;
+    // Odd bytes in the token header: not UTF-8, or not Bearer.
+    let raw = reqwest::header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap();
+    let r = h
+        .http
+        .post(format!("{}/v1/runner", h.url))
+        .header("authorization", raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = h
+        .http
+        .post(format!("{}/v1/runner", h.url))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // A token far larger than any real one: refused before it reaches the API server.
+    let (s, _) = h.ask(&"x".repeat(20 * 1024)).await;
+    assert_eq!(s, 401);
+    // Headers beyond the server's buffer: the connection is refused, the broker lives on.
+    let huge = h
+        .http
+        .post(format!("{}/v1/runner", h.url))
+        .header("x-padding", "y".repeat(200 * 1024))
+        .send()
+        .await;
+    assert!(huge.is_err() || huge.unwrap().status().is_client_error());
+    // Wrong method and path.
+    let r = h
+        .http
+        .get(format!("{}/v1/runner", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let r = h.http.get(format!("{}/admin", h.url)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = h
+        .http
+        .get(format!("{}/healthz", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // None of it reached the API server.
+    assert_eq!(h.cluster.0.lock().unwrap().reviews, 0);
+    // After all that, a real VM still gets its runner.
+    let (token, _) = h.vm("runner-8");
+    assert_eq!(h.ask(&token).await.0, 201);
+    assert_eq!(h.gitlab.runner_count(), 1);
+    h.assert_no_secrets_logged();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_broker_cleanly() {
+    let mut h = Harness::new().await;
+    h.start(&[]).await;
+    let mut child = h.broker.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", h.logs());
+    assert!(h.logs().contains("SIGTERM"));
+}

@@ -35,6 +35,8 @@ pub struct ClusterState {
     pub resource_version: u64,
     pub patches: usize,
     pub conflicts: usize,
+    /// TokenReviews asked for.
+    pub reviews: usize,
 }
 
 #[derive(Clone, Default)]
@@ -170,7 +172,8 @@ impl Respond for TokenReviews {
         }
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let token = body["spec"]["token"].as_str().unwrap_or("");
-        let s = self.0.0.lock().unwrap();
+        let mut s = self.0.0.lock().unwrap();
+        s.reviews += 1;
         // A bound token is valid only while its pod (that very UID) exists.
         let review = match s.tokens.get(token) {
             Some((ns, sa, pod, uid))
@@ -350,6 +353,8 @@ pub struct GitLabState {
     pub deletes: Vec<u64>,
     /// Every runner token ever minted, deleted or not.
     pub minted: Vec<String>,
+    /// Runners per page of a list; 0 means 2, small enough to make the broker page.
+    pub page_size: usize,
 }
 
 #[derive(Clone, Default)]
@@ -469,14 +474,14 @@ impl Respond for Lists {
             .unwrap_or(1);
         let mut all: Vec<(&u64, &(String, String))> = s.runners.iter().collect();
         all.sort_by_key(|(id, _)| **id);
-        // Pages of 2, to make the broker follow pagination.
+        let size = if s.page_size == 0 { 2 } else { s.page_size };
         let items: Vec<Value> = all
             .iter()
-            .skip((page - 1) * 2)
-            .take(2)
+            .skip((page - 1) * size)
+            .take(size)
             .map(|(id, (d, _))| json!({"id": id, "description": d, "runner_type": "group_type", "paused": false, "status": "online"}))
             .collect();
-        let next = if page * 2 < all.len() {
+        let next = if page * size < all.len() {
             (page + 1).to_string()
         } else {
             String::new()
