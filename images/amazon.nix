@@ -12,6 +12,8 @@
 let
   diskImage = import ./disk-image.nix { inherit config lib pkgs modulesPath; };
   runner = config.services.gitlab-runner-vm.enable or false;
+  # CircleCI's machine runner (circleci images only): a runner VM too, holding a token.
+  machineRunner = config.gitlabRunnerVm.circleci.machineRunner.enable or false;
   jq = lib.getExe pkgs.jq;
   qemu-img = lib.getExe' pkgs.qemu-utils "qemu-img";
 in
@@ -20,11 +22,14 @@ in
 
   options.gitlabRunnerVm.amazon.ssmAgent = lib.mkOption {
     type = lib.types.bool;
-    default = !(config.services.gitlab-runner-vm.enable or false);
-    defaultText = lib.literalExpression "!config.services.gitlab-runner-vm.enable";
+    default = !(runner || machineRunner);
+    defaultText = lib.literalExpression "!(config.services.gitlab-runner-vm.enable || config.gitlabRunnerVm.circleci.machineRunner.enable)";
     description = ''
       Whether amazon-ssm-agent runs (Session Manager and Run Command: a root shell for whoever
-      holds the IAM permissions). Off in runner images, on in the others as in Amazon's AMIs.
+      holds the IAM permissions, once the instance can register with Systems Manager through an
+      instance profile or the account's Default Host Management Configuration). Off in runner
+      images (the agent's, and CircleCI's machine runner when enabled), on in the others as in
+      Amazon's AMIs.
     '';
   };
 

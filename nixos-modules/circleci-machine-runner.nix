@@ -41,6 +41,13 @@ let
     chown ${lib.escapeShellArg user} ${env}
   '';
 
+  # The units that name the host after the VM (nixpkgs' EC2 and DigitalOcean modules, this
+  # repository's GCE image), those of them this image has: the runner's name is `uname -n` when
+  # the token step runs, so it must run after them, or every runner of a fleet registers under
+  # the name the image was built with.
+  hostNameUnits = map (name: "${name}.service") (lib.filter (name: config.systemd.services ? ${name})
+    [ "apply-ec2-data" "gce-set-hostname" "digitalocean-set-hostname" ]);
+
   # One job, then the VM powers off for the platform to replace it; a runner that failed waits a
   # minute first, so that a broken fleet does not boot VMs in a tight loop.
   powerOff = pkgs.writeShellScript "circleci-runner-poweroff" ''
@@ -118,8 +125,8 @@ in
     systemd.services.circleci-runner = {
       description = "CircleCI machine runner";
       wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ]
+      wants = [ "network-online.target" ] ++ hostNameUnits;
+      after = [ "network-online.target" ] ++ hostNameUnits
         ++ lib.optional (cfg.token.source == "ec2-user-data") "fetch-ec2-metadata.service";
       # The jobs' tool set, and sudo.
       path = config.environment.systemPackages ++ [ "/run/wrappers" ];

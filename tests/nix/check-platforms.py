@@ -11,9 +11,11 @@ Usage: check-platforms.py PLATFORMS.json
 2. The plain images (`amazon`, `digital-ocean`) run no agent, no Docker, no CI user and no
    cloud-init, take SSH keys only, never execute user-data, and log root in with the
    platform's keys; `runner-digital-ocean` is the runner.
-3. CircleCI's machine runner (with a stand-in binary) runs as `circleci` at boot, its token read
-   by a root-only step into a 0700 runtime directory, after the EC2 user-data is fetched; with
-   singleTask, no restart and a power-off; off unless enabled.
+3. CircleCI's machine runner (with a stand-in binary), on both images and both systems, runs as
+   `circleci` at boot, its token read by a root-only step into a 0700 runtime directory, after
+   the EC2 user-data is fetched and after the unit that names the host (apply-ec2-data,
+   gce-set-hostname: the runner's name is `uname -n`), with no SSM agent beside it on AWS;
+   with singleTask, no restart and a power-off; off unless enabled.
 4. A Proxmox clone rebuilds: the files of the template's /etc/nixos are laid out in a directory
    and evaluated as `nixos-rebuild switch` does (tests/nix/proxmox-clone.nix); the clone has
    the template's users, SSH, cloud-init, boot loader, file systems, packages and services, and
@@ -202,31 +204,57 @@ def check_proxmox_clone(facts):
     assert not problems, "\n".join(problems)
 
 
+# The unit that names the host after the VM on each platform's image (nixpkgs' EC2 module; this
+# repository's GCE image): machine runner takes its name from `uname -n` after it.
+HOST_NAME_UNIT = {"aws": "apply-ec2-data", "gce": "gce-set-hostname"}
+
+
 def check_machine_runner(facts):
     m = facts["machineRunner"]
     problems = []
     if m["off"]:
         problems.append("circleci-amazon runs a machine runner without being asked to")
-    for name, f in (("aws", m["aws"]), ("gce", m["gce"])):
-        sc = f["serviceConfig"]
-        if sc.get("User") != f["ciUser"] or f["ciUser"] != "circleci":
-            problems.append(f"{name}: runs as {sc.get('User')}, not the CI user circleci")
-        if not re.fullmatch(r"/nix/store/\S+/bin/circleci-runner machine -c /nix/store/\S+-circleci-runner-config\.yaml", sc.get("ExecStart", "")):
-            problems.append(f"{name}: ExecStart {sc.get('ExecStart')} is not `circleci-runner machine -c CONFIG`")
-        if not sc.get("ExecStartPre", "").startswith("+/nix/store/"):
-            problems.append(f"{name}: the token is not read by a root-only ExecStartPre")
-        if sc.get("EnvironmentFile") != "-/run/circleci-runner/env" or sc.get("RuntimeDirectoryMode") != "0700":
-            problems.append(f"{name}: the token's file is not /run/circleci-runner/env in a 0700 directory")
-        if "multi-user.target" not in f["wantedBy"] or f["display"] != ":99":
-            problems.append(f"{name}: not started at boot, or without DISPLAY=:99")
-        if "/run/wrappers" not in f["path"]:
-            problems.append(f"{name}: jobs would have no sudo (no /run/wrappers/bin on PATH)")
-    if "fetch-ec2-metadata.service" not in m["aws"]["after"]:
-        problems.append("aws: the runner may start before fetch-ec2-metadata wrote the user-data")
-    if m["aws"]["serviceConfig"].get("Restart") != "no" or not m["aws"]["serviceConfig"].get("ExecStopPost", "").startswith("+/nix/store/"):
-        problems.append("single task: the runner must not restart, and the VM must power off after it")
-    if m["gce"]["serviceConfig"].get("Restart") != "always" or "ExecStopPost" in m["gce"]["serviceConfig"]:
-        problems.append("continuous: the runner must restart, and nothing powers the VM off")
+    for platform in ("aws", "gce"):
+        for system, f in m[platform].items():
+            name = f"{platform} ({system})"
+            if f["hostPlatform"] != system:
+                problems.append(f"{name}: evaluated for {f['hostPlatform']}")
+            sc = f["serviceConfig"]
+            if sc.get("User") != f["ciUser"] or f["ciUser"] != "circleci":
+                problems.append(f"{name}: runs as {sc.get('User')}, not the CI user circleci")
+            if not re.fullmatch(r"/nix/store/\S+/bin/circleci-runner machine -c /nix/store/\S+-circleci-runner-config\.yaml", sc.get("ExecStart", "")):
+                problems.append(f"{name}: ExecStart {sc.get('ExecStart')} is not `circleci-runner machine -c CONFIG`")
+            if not sc.get("ExecStartPre", "").startswith("+/nix/store/"):
+                problems.append(f"{name}: the token is not read by a root-only ExecStartPre")
+            if sc.get("EnvironmentFile") != "-/run/circleci-runner/env" or sc.get("RuntimeDirectoryMode") != "0700":
+                problems.append(f"{name}: the token's file is not /run/circleci-runner/env in a 0700 directory")
+            if "multi-user.target" not in f["wantedBy"] or f["display"] != ":99":
+                problems.append(f"{name}: not started at boot, or without DISPLAY=:99")
+            if "/run/wrappers" not in f["path"]:
+                problems.append(f"{name}: jobs would have no sudo (no /run/wrappers/bin on PATH)")
+            # The runner's name is the host name when the token step runs: after the unit that
+            # sets it, which this image must have (else every runner has the built-in name).
+            unit = HOST_NAME_UNIT[platform]
+            if not f["hostNameUnits"][unit] or f["builtHostName"] != "":
+                problems.append(f"{name}: the image has no {unit} naming the host (host name built in: {f['builtHostName']!r})")
+            for field in ("after", "wants"):
+                if f"{unit}.service" not in f[field]:
+                    problems.append(f"{name}: the runner is not ordered ({field}) after {unit}, so it may register under the built-in host name")
+                absent = [u for u, present in f["hostNameUnits"].items() if not present and f"{u}.service" in f[field]]
+                if absent:
+                    problems.append(f"{name}: {field} names host-name units this image does not have: {absent}")
+        if platform == "aws":
+            for system, f in m["aws"].items():
+                if "fetch-ec2-metadata.service" not in f["after"]:
+                    problems.append(f"aws ({system}): the runner may start before fetch-ec2-metadata wrote the user-data")
+                if f["ssmAgent"] is not False:
+                    problems.append(f"aws ({system}): amazon-ssm-agent runs beside the machine runner (SSM Run Command would be root on a VM holding the token)")
+                if f["serviceConfig"].get("Restart") != "no" or not f["serviceConfig"].get("ExecStopPost", "").startswith("+/nix/store/"):
+                    problems.append(f"single task ({system}): the runner must not restart, and the VM must power off after it")
+        else:
+            for system, f in m["gce"].items():
+                if f["serviceConfig"].get("Restart") != "always" or "ExecStopPost" in f["serviceConfig"]:
+                    problems.append(f"continuous ({system}): the runner must restart, and nothing powers the VM off")
     assert not problems, "\n".join(problems)
 
 

@@ -57,12 +57,14 @@ let
 
   template = flake.nixosConfigurations.proxmox-template.config;
 
-  # CircleCI's machine runner, with a stand-in for the binary this repository does not fetch.
-  machineRunner = name: source: singleTask:
+  # CircleCI's machine runner, with a stand-in for the binary this repository does not fetch,
+  # for both systems (the image moved to aarch64 as extendModules allows).
+  machineRunner = name: source: singleTask: lib.genAttrs systems (system:
     let
       nixos = flake.nixosConfigurations.${name};
       config = (nixos.extendModules {
         modules = [{
+          nixpkgs.hostPlatform = system;
           gitlabRunnerVm.circleci.machineRunner = {
             enable = true;
             package = nixos.pkgs.writeShellScriptBin "circleci-runner" "exit 0";
@@ -74,12 +76,19 @@ let
       service = config.systemd.services.circleci-runner;
     in
     {
-      inherit (service) wantedBy after;
+      inherit (service) wantedBy after wants;
       serviceConfig = lib.filterAttrs (_: v: builtins.isString v || builtins.isBool v) service.serviceConfig;
       path = map toString service.path;
       display = service.environment.DISPLAY or null;
       ciUser = config.gitlabRunnerVm.base.user;
-    };
+      hostPlatform = config.nixpkgs.hostPlatform.system;
+      # The units of this image that could name the host (whether they exist, and the host name
+      # the image is built with: empty when the platform names it).
+      hostNameUnits = lib.genAttrs [ "apply-ec2-data" "gce-set-hostname" "digitalocean-set-hostname" ]
+        (unit: config.systemd.services ? ${unit} && config.systemd.services.${unit}.enable);
+      builtHostName = config.networking.hostName;
+      ssmAgent = config.services.amazon-ssm-agent.enable or null;
+    });
 in
 {
   inherit postVM;
