@@ -43,6 +43,13 @@ in
   config = {
     virtualisation.googleComputeImage.efi = lib.mkDefault pkgs.stdenv.hostPlatform.isAarch64;
 
+    # gVNIC, Google's virtual NIC: the only one of the third-generation and Arm machine series
+    # (C4A, C3, N4...; T2A), which take an image only when it declares GVNIC among its guest OS
+    # features (docs/gce.md). nixpkgs' GCE configuration loads virtio_net only; its kernel builds
+    # gve as a module. Listed for the initrd so that a kernel without it fails the build rather
+    # than a boot (udev loads it for the device).
+    boot.initrd.availableKernelModules = [ "gve" ];
+
     # The host name: nixpkgs leaves it to DHCP, whose client may not set it without polkit
     # (off here), and the guest agent of nixpkgs (20230821) does not set it. As nixpkgs does
     # for EC2 and DigitalOcean: the instance's name, from the metadata service (the runner

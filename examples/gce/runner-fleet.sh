@@ -14,6 +14,9 @@
 # Lifetime cap: each VM is deleted MAX_RUN_DURATION after it started (default 6h: a job's
 # timeout, 1 h, and the agent's --hold-max, 4 h, with margin), and the MIG recreates it.
 #
+#   examples/gce/runner-fleet.sh image NAME FILE BUCKET
+#                                            # upload FILE (result/*.raw.tar.gz) through
+#                                            # gs://BUCKET and register it as image NAME
 #   examples/gce/runner-fleet.sh create      # template + MIG of SIZE VMs
 #   examples/gce/runner-fleet.sh update      # new template (new IMAGE or runner.json); each VM
 #                                            # takes it when it is next recreated, no job is cut
@@ -26,6 +29,9 @@
 #   IMAGE         the runner image, `gcloud compute images create` of .#runner-gce (create, update)
 #   IMAGE_PROJECT project holding IMAGE (default: the current project)
 #   RUNNER_JSON   runner.json to give every VM (default ./runner.json)
+#   METADATA_KEY  the metadata key RUNNER_JSON's content is given under (default user-data, which
+#                 the runner image reads); circleci-runner-token, with RUNNER_JSON naming a file
+#                 that holds the token, for CircleCI's machine runner (docs/circleci.md)
 #   FLEET         name of the MIG, prefix of its VMs and templates (default gitlab-runners)
 #   SIZE          VMs to keep (default 2)
 #   MACHINE_TYPE  default e2-standard-4; an aarch64 image needs an Arm type, e.g. t2a-standard-4
@@ -42,6 +48,9 @@
 #   NO_ADDRESS    1: no external IP (the subnet then needs Cloud NAT to reach GitLab)
 #   SSH_PUBLIC_KEY  optional public key file: the operator user `operator` may log in with it
 #                 (the image takes `ssh-keys` metadata entries `operator:KEY` at boot)
+#   ARCH          (image) X86_64 or ARM64; by default read from FILE's name (*-x86_64-linux.*,
+#                 *-aarch64-linux.*, as `nix build` names it)
+#   IMAGE_FAMILY  (image) the image's family (default gitlab-runner-vm, or gitlab-runner-vm-arm64)
 # gcloud's own settings (project, account) apply: CLOUDSDK_CORE_PROJECT, `gcloud config`.
 set -euo pipefail
 
@@ -60,6 +69,9 @@ need() {
 check_template_settings() {
   need IMAGE
   [ -r "${RUNNER_JSON:-runner.json}" ] || die "cannot read ${RUNNER_JSON:-runner.json} (set RUNNER_JSON)"
+  # Compute Engine's metadata keys; a comma or `=` would also break --metadata-from-file's list.
+  [[ ${METADATA_KEY:-user-data} =~ ^[A-Za-z0-9_-]{1,128}$ ]] ||
+    die "METADATA_KEY '${METADATA_KEY}' is not a metadata key (letters, digits, - and _, at most 128)"
   [ -z "${SSH_PUBLIC_KEY:-}" ] || [ -r "$SSH_PUBLIC_KEY" ] || die "cannot read $SSH_PUBLIC_KEY (SSH_PUBLIC_KEY)"
 }
 
@@ -69,7 +81,7 @@ create_template() {
   local runner_json=${RUNNER_JSON:-runner.json} name metadata keys=
   # runner.json; the agent reads the user-data as runner.json and writes it to
   # /run/runner-info/runner.json (mode 0600); nothing runs it.
-  metadata=user-data=$runner_json
+  metadata=${METADATA_KEY:-user-data}=$runner_json
   if [ -n "${SSH_PUBLIC_KEY:-}" ]; then
     [ -r "$SSH_PUBLIC_KEY" ] || die "cannot read $SSH_PUBLIC_KEY (SSH_PUBLIC_KEY)"
     keys=$(mktemp)
@@ -112,6 +124,28 @@ region() {
   echo "${ZONE%-*}"
 }
 
+# Uploads an image file of `nix build .#runner-gce` (or .#circleci-gce) and registers it as the
+# Compute Engine image NAME, with the guest OS features its architecture needs: GVNIC always
+# (gVNIC is the only network interface of C4A, T2A and the third-generation x86 series, which
+# refuse an image without it), UEFI_COMPATIBLE on Arm (the aarch64 image boots UEFI only).
+# The upload is deleted afterwards: the image keeps its own copy.
+create_image() {
+  [ $# -eq 3 ] || die "usage: $0 image NAME FILE BUCKET"
+  local name=$1 file=$2 bucket=${3#gs://} arch features family
+  [ -r "$file" ] || die "cannot read $file (the result/*.raw.tar.gz of nix build .#runner-gce)"
+  case ${ARCH:-$(basename "$file")} in
+    ARM64 | *-aarch64-linux.*) arch=ARM64 features=GVNIC,UEFI_COMPATIBLE family=gitlab-runner-vm-arm64 ;;
+    X86_64 | *-x86_64-linux.*) arch=X86_64 features=GVNIC family=gitlab-runner-vm ;;
+    *) die "cannot tell the architecture of $file from its name: set ARCH=X86_64 or ARCH=ARM64" ;;
+  esac
+  local object=gs://$bucket/$name.raw.tar.gz status=0
+  gcloud storage cp "$file" "$object"
+  gcloud compute images create "$name" --source-uri "$object" --family "${IMAGE_FAMILY:-$family}" \
+    --architecture "$arch" --guest-os-features "$features" || status=$?
+  gcloud storage rm "$object" || [ "$status" -ne 0 ]
+  return "$status"
+}
+
 # The fleet's own network, subnet and firewall rules, created when missing (not with NETWORK).
 ensure_network() {
   [ -z "${NETWORK:-}" ] || return 0
@@ -143,6 +177,10 @@ mig() {
 
 command -v gcloud >/dev/null || die "the Google Cloud CLI (gcloud) is required"
 case ${1:-} in
+  image)
+    shift
+    create_image "$@"
+    ;;
   create)
     need ZONE
     check_template_settings
@@ -189,7 +227,7 @@ case ${1:-} in
     fi
     ;;
   *)
-    sed -n '17,22p' "$0" | sed 's/^# *//' >&2
+    sed -n '17,25p' "$0" | sed 's/^# *//' >&2
     exit 2
     ;;
 esac

@@ -518,6 +518,77 @@ def test_gce_network_options():
         assert proc.returncode != 0 and not [c for c in calls if c[2] in ("instance-templates", "instance-groups") and "create" in c], calls
 
 
+def test_gce_image_features_per_architecture():
+    """`image` registers each architecture's build with the guest OS features its machine types
+    need: GVNIC (C4A, T2A and the gVNIC-only x86 series refuse an image without it), and
+    UEFI_COMPATIBLE on Arm; the upload is removed, also when the image cannot be created."""
+    script = GCE / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        made = {}
+        for system, arch, features, family in (
+            ("x86_64-linux", "X86_64", {"GVNIC"}, "gitlab-runner-vm"),
+            ("aarch64-linux", "ARM64", {"GVNIC", "UEFI_COMPATIBLE"}, "gitlab-runner-vm-arm64"),
+        ):
+            tarball = Path(tmp) / f"runner-gce-26.05.20260715.abcdef0-{system}.raw.tar.gz"
+            tarball.write_bytes(b"\0" * 64)
+            _, calls = fake.run(script, "image", "runner-gce-v1", str(tarball), "gs://my-image-bucket")
+            object_url = "gs://my-image-bucket/runner-gce-v1.raw.tar.gz"
+            (cp,) = find(calls, "gcloud", "storage", "cp")
+            assert cp[3:] == [str(tarball), object_url], cp
+            (img,) = find(calls, "gcloud", "compute", "images", "create", "runner-gce-v1")
+            assert opt(img, "--source-uri") == object_url and opt(img, "--architecture") == arch, img
+            assert set(opt(img, "--guest-os-features").split(",")) == features, img
+            assert opt(img, "--family") == family, img
+            find(calls, "gcloud", "storage", "rm", object_url)
+            assert calls.index(cp) < calls.index(img) < calls.index(find(calls, "gcloud", "storage", "rm")[0])
+            made[arch] = (opt(img, "--family"), opt(img, "--architecture"), set(opt(img, "--guest-os-features").split(",")))
+        # docs/gce.md shows the same commands.
+        page = re.sub(r"\\\n\s*", "", (ROOT / "docs" / "gce.md").read_text())
+        shown = {m[1]: (m[0], m[1], set(m[2].split(",")))
+                 for m in re.findall(r"gcloud compute images create \S+ .*?--family (\S+) --architecture (\S+) --guest-os-features (\S+)", page)}
+        assert shown == made, f"docs/gce.md shows {shown}, the script makes {made}"
+        # A failed create still removes the upload, and fails.
+        fake.set_state({"fail": {"compute images create": "ERROR: (gcloud.compute.images.create) Quota 'IMAGES' exceeded."}})
+        proc, calls = fake.run(script, "image", "runner-gce-v1", str(tarball), "my-image-bucket", check=False)
+        assert proc.returncode != 0 and find(calls, "gcloud", "storage", "rm"), (proc.returncode, calls)
+        # A name that says no architecture: refused before any upload, unless ARCH says it.
+        other = Path(tmp) / "disk.raw.tar.gz"
+        other.write_bytes(b"\0")
+        proc, calls = fake.run(script, "image", "img", str(other), "b", check=False)
+        assert proc.returncode != 0 and "ARCH" in proc.stderr and not calls, proc.stderr
+        fake.set_state({})
+        _, calls = fake.run(script, "image", "img", str(other), "b", env={"ARCH": "ARM64"})
+        (img,) = find(calls, "gcloud", "compute", "images", "create")
+        assert opt(img, "--architecture") == "ARM64" and "UEFI_COMPATIBLE" in opt(img, "--guest-os-features"), img
+        proc, calls = fake.run(script, "image", "img", str(Path(tmp) / "missing.raw.tar.gz"), "b", check=False)
+        assert proc.returncode != 0 and not calls, proc.stderr
+
+
+def test_gce_metadata_key():
+    """METADATA_KEY gives the file under another metadata key (CircleCI's machine runner reads
+    its token from circleci-runner-token) without editing the script; a key that would break
+    gcloud's list is refused before anything is created."""
+    script = GCE / "runner-fleet.sh"
+    with tempfile.TemporaryDirectory() as tmp:
+        fake = Fake(tmp)
+        token = Path(tmp) / "token.txt"
+        token.write_text("fake-circleci-resource-class-token\n")
+        env = {"ZONE": "europe-west1-b", "IMAGE": "circleci-gce-v1", "RUNNER_JSON": "token.txt",
+               "METADATA_KEY": "circleci-runner-token"}
+        _, calls = fake.run(script, "create", env=env)
+        (tpl,) = find(calls, "gcloud", "compute", "instance-templates", "create")
+        assert opt(tpl, "--metadata-from-file") == "circleci-runner-token=token.txt", tpl
+        assert fake.get_state()["metadata"][tpl[4]] == {"circleci-runner-token": token.read_text()}
+        for bad in ("user-data,ssh-keys=/etc/passwd", "a=b", "", "x" * 129):
+            fake.set_state({})
+            proc, calls = fake.run(script, "create", env={**env, "METADATA_KEY": bad}, check=False)
+            if bad == "":  # empty: the default, user-data
+                assert proc.returncode == 0 and opt(find(calls, "gcloud", "compute", "instance-templates", "create")[0], "--metadata-from-file") == "user-data=token.txt"
+                continue
+            assert proc.returncode != 0 and "METADATA_KEY" in proc.stderr and not calls, (bad, proc.stderr, calls)
+
+
 def iso(seconds_ago):
     """An RFC 3339 UTC time seconds_ago seconds before now, as the APIs write creation times."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))

@@ -149,6 +149,8 @@ def check_firmware_and_clouds(facts):
                 need(image["ec2Efi"] is aarch64, f"ec2.efi is {image['ec2Efi']}")
             if name.endswith("-gce"):
                 need(image["gceEfi"] is aarch64, f"googleComputeImage.efi is {image['gceEfi']}")
+                # gVNIC (C4A, T2A, C3...): the image is registered with GVNIC (docs/gce.md).
+                need("gve" in image["initrdModules"], "the gVNIC driver gve is not in the image")
             if name in ("digital-ocean", "runner-digital-ocean"):
                 need(image["doRebuildFromUserData"] is False, "rebuilds the system from user-data")
             if name in CLOUD_SOURCES:

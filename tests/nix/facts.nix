@@ -225,6 +225,7 @@ let
         amazonInit = p.config.virtualisation.amazon-init.enable or null;
         ec2Efi = p.config.ec2.efi or null;
         gceEfi = p.config.virtualisation.googleComputeImage.efi or null;
+        initrdModules = p.config.boot.initrd.availableKernelModules;
         doRebuildFromUserData = p.config.virtualisation.digitalOcean.rebuildFromUserData or null;
         cloudInitDatasources = p.config.services.cloud-init.settings.datasource_list or null;
         cloudInitUnits = (cloudInitFacts p.config).units;
