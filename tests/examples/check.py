@@ -589,6 +589,17 @@ def test_gce_metadata_key():
             assert proc.returncode != 0 and "METADATA_KEY" in proc.stderr and not calls, (bad, proc.stderr, calls)
 
 
+def test_circleci_page_names_the_modules_metadata_key():
+    """docs/circleci.md's GCE fleet command gives the token under the key the machine runner
+    module reads by default (token.metadataKey)."""
+    module = (ROOT / "nixos-modules" / "circleci-machine-runner.nix").read_text()
+    m = re.search(r'metadataKey = lib\.mkOption \{[^}]*?default = "([^"]+)"', module, re.S)
+    assert m, "no default token.metadataKey in nixos-modules/circleci-machine-runner.nix"
+    page = (ROOT / "docs" / "circleci.md").read_text()
+    keys = set(re.findall(r"METADATA_KEY=(\S+) RUNNER_JSON=\S+ examples/gce/runner-fleet\.sh create", page))
+    assert keys == {m.group(1)}, f"docs/circleci.md gives the token under {keys}, the module reads {m.group(1)}"
+
+
 def iso(seconds_ago):
     """An RFC 3339 UTC time seconds_ago seconds before now, as the APIs write creation times."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
