@@ -538,6 +538,92 @@ def test_ephemeral_storage_covers_what_a_vm_may_write(evaluated_runner_image):
     assert not problems, "\n".join(problems)
 
 
+def test_the_pages_resource_figures_are_the_manifests(evaluated_runner_image):
+    """What docs/kubevirt.md (and any other page) says a runner VM requests is what the
+    manifests request: nodes sized from the page must fit the VMIs, or they stay Pending."""
+    image, _why_not = evaluated_runner_image
+    root_gi = image["diskSizeMiB"] / 1024 if image is not None else 20
+    figures = set()
+    for path in manifest_files():
+        for _where, spec, _labels in vm_specs(path):
+            requests = get(spec["template"]["spec"], "domain.resources.requests", {})
+            scratch = quantity_gi(disk_roles(spec)["scratch"][1]["emptyDisk"]["capacity"])
+            figures.add((int(requests["cpu"]), quantity_gi(requests["memory"]),
+                         quantity_gi(requests["ephemeral-storage"]), scratch))
+    assert len(figures) == 1, f"the VM and the pool request different resources {figures}: the page gives one set"
+    ((cpu, memory, ephemeral, scratch),) = figures
+    problems = []
+
+    def claims(page, pattern, want, what, required=True):
+        text = re.sub(r"\s+", " ", page.read_text())
+        found = [float(x) for x in re.findall(pattern, text)]
+        if required and not found:
+            problems.append(f"{rel(page)}: states no figure for {what} (looked for {pattern!r})")
+        problems.extend(f"{rel(page)}: {x:g} for {what}, the manifests {want:g}" for x in found if x != want)
+
+    claims(KUBEVIRT_DOC, r"\b(\d+) CPUs\b", cpu, "the CPUs requested")
+    claims(KUBEVIRT_DOC, r"\b(\d+) GiB of memory", memory, "the memory requested")
+    claims(KUBEVIRT_DOC, r"sparse (\d+) GiB scratch disk", scratch, "the scratch disk's capacity")
+    claims(KUBEVIRT_DOC, r"up to the image's (\d+) GiB", root_gi, "the root disk (the image's size)")
+    claims(KUBEVIRT_DOC, r"and (\d+) GiB for logs", ephemeral - scratch - root_gi, "the margin beyond the two disks")
+    claims(KUBEVIRT_DOC, r"holds (\d+) GiB", ephemeral, "the ephemeral storage one VM takes of a node")
+    claims(KUBEVIRT_DOC, r"scratch \+ root \+ (\d+) GiB", EPHEMERAL_MARGIN_GI, "the margin the test requires")
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        claims(page, r"\b(\d+) GiB of (?:node-local )?ephemeral storage", ephemeral,
+               "the ephemeral storage requested", required=page == KUBEVIRT_DOC)
+        claims(page, r"`emptyDisk` \((\d+) GiB\)", scratch, "the scratch disk's capacity", required=False)
+    assert not problems, "\n".join(problems)
+
+
+def arm64_snippet():
+    """The YAML that docs/kubevirt.md's "aarch64 nodes" section tells users to add."""
+    section = KUBEVIRT_DOC.read_text().split("\n## aarch64 nodes\n", 1)
+    assert len(section) == 2, "docs/kubevirt.md has no section \"## aarch64 nodes\""
+    blocks = re.findall(r"```yaml\n(.*?)```", section[1].split("\n## ", 1)[0], re.S)
+    assert len(blocks) == 1, f"the aarch64 section should show one YAML snippet, not {len(blocks)}"
+    return yaml.safe_load(blocks[0])
+
+
+def merged(base, patch):
+    """base with patch's mappings merged in (as the user edits the manifest)."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def with_snippet(doc, snippet):
+    if doc.get("kind") == "VirtualMachine":
+        return merged(doc, snippet)
+    out = copy.deepcopy(doc)
+    out["spec"]["virtualMachineTemplate"] = merged(out["spec"]["virtualMachineTemplate"], snippet)
+    return out
+
+
+def test_the_arm64_snippet_is_valid_in_both_manifests():
+    """The page's arm64 setting is KubeVirt's `architecture` field of the VMI spec, in the place
+    the VM and the pool take it; KubeVirt's schema accepts both results (and would reject a
+    misspelling there), and `arm64` is the value of the nodes' kubernetes.io/arch label that
+    KubeVirt derives its node selector from."""
+    snippet = arm64_snippet()
+    assert get(snippet, "spec.template.spec.architecture") == "arm64", snippet
+    problems, patched_kinds = [], []
+    for path in manifest_files():
+        for doc in load_docs(path):
+            if doc.get("kind") not in ("VirtualMachine", "VirtualMachinePool"):
+                continue
+            patched = with_snippet(doc, snippet)
+            patched_kinds.append(doc["kind"])
+            bases = (DEFAULT_SCHEMAS, OLD_SCHEMAS) if doc["kind"] == "VirtualMachine" else (DEFAULT_SCHEMAS,)
+            for base in bases:
+                problems += [f"{rel(path)} with the snippet ({base.name}): {e}" for e in validate(patched, base)]
+            wrong = with_snippet(doc, {"spec": {"template": {"spec": {"architectur": "arm64"}}}})
+            if not validate(wrong):
+                problems.append(f"{rel(path)}: the schema would accept a misspelled architecture field; the check proves nothing")
+    assert sorted(patched_kinds) == ["VirtualMachine", "VirtualMachinePool"], patched_kinds
+    assert not problems, "\n".join(problems)
+
+
 # Egress a runner VM must not have: the cluster, nodes and private networks (issue 17).
 PRIVATE_RANGES = [ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
