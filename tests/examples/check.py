@@ -7,13 +7,19 @@
    fixed size; the egress of its security group (HTTPS, optional HTTP) and its lifetime cap
    (MaxInstanceLifetime, and a scheduled Lambda function run here against a stand-in EC2
    client). The parameter files (x86_64 and Graviton) name only parameters of the template,
-   every one without a default, and instance types of their architecture.
+   every one without a default, and instance types of their architecture; cfn-lint
+   --parameter-files passes (on a copy with the list parameter as the array cfn-lint wants:
+   the files themselves are what the AWS CLI takes, and it refuses the array). docs/aws.md's
+   deploy as written: its jq run (a 0600 parameters file with runner.json), its aws commands
+   through the AWS CLI, its instance types of the architecture each line names.
 2. Shell scripts (examples/**/*.sh): shellcheck, and each one run against a stand-in of its
    cloud's CLI (fakecli.py) that records the calls:
    - aws/import-image.sh: the vmimport role; both architectures from image-info.json
      (x86_64 + legacy-bios, arm64 + uefi), the upload, the snapshot import and the AMI's root
      device. With the real AWS CLI installed (install-deps), every call also passes its checks.
-   - gce/runner-fleet.sh: the instance template (runner.json as user-data, no service account,
+   - gce/runner-fleet.sh: the image of each architecture (GVNIC; UEFI_COMPATIBLE on Arm; as
+     docs/gce.md shows), the upload removed also on failure; METADATA_KEY (CircleCI's key, as
+     docs/circleci.md and the module name it); the instance template (runner.json as user-data, no service account,
      deleted after MAX_RUN_DURATION), the fleet's own network and firewall rules (egress to
      private ranges denied, SSH in only from SSH_SOURCE_RANGES), the MIG that repairs stopped
      VMs, updates, resizes, removal. Where the Google Cloud CLI
@@ -40,6 +46,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -252,6 +259,118 @@ def test_parameter_files():
         arm = "aarch64" in f.name
         if bool(graviton.match(itype)) != arm:
             problems.append(f"{f.name}: {itype} is not an {'arm64 (Graviton)' if arm else 'x86_64'} type")
+    assert not problems, "\n".join(problems)
+
+
+def aws_cli_verdicts(calls, cwd):
+    """The real AWS CLI's verdict on each call (None: accepted, else its message), run in cwd
+    (file:// paths are read from there); None when the AWS CLI is not installed."""
+    python = BIN / "python" if BIN else None
+    if not python or not python.exists():
+        return None
+    verdicts = []
+    for call in calls:
+        proc = subprocess.run([str(python), str(HERE / "awscheck.py")], input=json.dumps(call) + "\n",
+                              capture_output=True, text=True, timeout=300, cwd=cwd)
+        verdicts.append(None if proc.returncode == 0 else proc.stdout + proc.stderr)
+    return verdicts
+
+
+def lint_copy(path, params, out_dir):
+    """A copy of a parameter file with each List<...> parameter as the JSON array cfn-lint's E2900
+    wants (CloudFormation's API, and the AWS CLI, take a comma-separated string)."""
+    values = json.loads(path.read_text())
+    for p in values:
+        if "List" in params.get(p["ParameterKey"], {}).get("Type", ""):
+            p["ParameterValue"] = p["ParameterValue"].split(",")
+    out = Path(out_dir) / path.name
+    out.write_text(json.dumps(values))
+    return out
+
+
+def test_parameter_files_lint_and_cli():
+    """cfn-lint with the parameter files is clean, but for its array-for-lists false alarm (E2900,
+    and the W1030 that follows), which docs/aws.md explains: the files themselves pass the AWS
+    CLI, which refuses the array cfn-lint asks for."""
+    params = load_cfn(FLEET_TEMPLATE)["Parameters"]
+    lists = {k for k, v in params.items() if "List" in v.get("Type", "")}
+    files = sorted(AWS.glob("parameters-*.json"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            copy = lint_copy(f, params, tmp)
+            proc = subprocess.run([tool("cfn-lint"), "--parameter-files", str(copy), "--", str(FLEET_TEMPLATE)],
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, f"cfn-lint --parameter-files {f.name}:\n{proc.stdout}{proc.stderr}"
+            # The shipped file: nothing but the false alarm about the lists (if cfn-lint ever takes
+            # comma-separated lists, this fails: then lint the files as they are).
+            proc = subprocess.run([tool("cfn-lint"), "--format", "parseable", "--parameter-files", str(f), "--", str(FLEET_TEMPLATE)],
+                                  capture_output=True, text=True)
+            findings = [line for line in proc.stdout.splitlines() if line.strip()]
+            assert findings, f"cfn-lint now accepts {f.name} as it is: lint the files directly and drop lint_copy"
+            list_values = [p["ParameterValue"] for p in json.loads(f.read_text()) if p["ParameterKey"] in lists]
+            others = [line for line in findings
+                      if not (re.search(r":(E2900|W1030):", line) and "is not of type 'array'" in line
+                              and any(f"'{v}'" in line for v in list_values))]
+            assert not others, f"cfn-lint --parameter-files {f.name}: more than the list false alarm:\n" + "\n".join(others)
+            calls = [["cloudformation", "create-stack", "--stack-name", "gitlab-runners",
+                      "--template-body", f"file://{FLEET_TEMPLATE}", "--parameters", f"file://{f}"],
+                     ["cloudformation", "create-stack", "--stack-name", "gitlab-runners",
+                      "--template-body", f"file://{FLEET_TEMPLATE}", "--parameters", f"file://{copy}"]]
+            verdicts = aws_cli_verdicts(calls, tmp)
+            if verdicts is None:
+                continue
+            assert verdicts[0] is None, f"the AWS CLI rejects {f.name}:\n{verdicts[0]}"
+            assert verdicts[1] and "valid types: <class 'str'>" in verdicts[1], \
+                f"the AWS CLI now takes a list parameter as an array ({verdicts[1]}): docs/aws.md says it does not"
+
+
+def page_commands(text):
+    """The page's lines with continuations (a trailing backslash) joined."""
+    return re.sub(r"\\\n\s*", "", text).splitlines()
+
+
+GRAVITON = re.compile(r"^[a-z]+[0-9]+[a-z]*g[a-z]*\.")  # m7g, c7gn, r8g, t4g ...
+INSTANCE_TYPE = re.compile(r"\b([a-z][a-z0-9-]*[0-9][a-z0-9-]*\.(?:nano|micro|small|medium|[0-9]*x?large|metal))\b")
+
+
+def test_aws_page_deploy_commands():
+    """docs/aws.md's deploy runs as written: its jq puts runner.json into a 0600 parameters file
+    and changes nothing else; its aws commands pass the real AWS CLI's checks with that file;
+    every instance type the page names with an architecture is of that architecture, and each
+    run-instances command names the architecture of its AMI."""
+    page = (ROOT / "docs" / "aws.md").read_text()
+    lines = [line.strip() for line in page_commands(page)]
+    (jq_line,) = [line for line in lines if line.startswith("(umask 077; jq ")]
+    with tempfile.TemporaryDirectory() as tmp:
+        runner_json = '{"url": "https://gitlab.example.com", "token": "glrt-REPLACE-ME"}\n'
+        (Path(tmp) / "runner.json").write_text(runner_json)
+        shutil.copy(AWS / "parameters-x86_64.json", Path(tmp) / "my-parameters.json")
+        (Path(tmp) / "examples").symlink_to(EXAMPLES)
+        proc = subprocess.run(["bash", "-euc", jq_line], cwd=tmp, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        out = Path(tmp) / "parameters.json"
+        assert out.stat().st_mode & 0o777 == 0o600, oct(out.stat().st_mode)
+        before = {p["ParameterKey"]: p["ParameterValue"] for p in json.loads((AWS / "parameters-x86_64.json").read_text())}
+        after = {p["ParameterKey"]: p["ParameterValue"] for p in json.loads(out.read_text())}
+        assert after == {**before, "RunnerJson": runner_json}, after
+        commands = [shlex.split(line, comments=True) for line in lines
+                    if re.match(r"aws (cloudformation (create|update)-stack|cloudformation wait|ec2 (run-instances|describe-instance-types|describe-instance-attribute)) ", line)]
+        assert len(commands) >= 6, commands
+        assert all("RunnerJson" not in " ".join(c) and "runner.json" not in " ".join(c) for c in commands), "runner.json on a command line"
+        verdicts = aws_cli_verdicts([c[1:] for c in commands], tmp)
+        if verdicts is not None:
+            bad = [f"{' '.join(c)}\n  {v}" for c, v in zip(commands, verdicts) if v]
+            assert not bad, "the AWS CLI rejects:\n" + "\n".join(bad)
+    problems = []
+    for line in lines:
+        words = line.lower()
+        arm = any(w in words for w in ("aarch64", "arm64", "graviton"))
+        x86 = "x86_64" in words
+        for itype in INSTANCE_TYPE.findall(line):
+            if line.startswith("aws ec2 run-instances") and arm == x86:
+                problems.append(f"run-instances names no one architecture for {itype}: {line}")
+            elif arm != x86 and bool(GRAVITON.match(itype)) != arm:
+                problems.append(f"{itype} is not an {'arm64' if arm else 'x86_64'} type: {line}")
     assert not problems, "\n".join(problems)
 
 
