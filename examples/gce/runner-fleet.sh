@@ -26,7 +26,7 @@
 #
 # Settings (environment):
 #   ZONE          the MIG's zone, e.g. europe-west1-b (required)
-#   IMAGE         the runner image, `gcloud compute images create` of .#runner-gce (create, update)
+#   IMAGE         the runner image, registered with `image` from .#runner-gce (create, update)
 #   IMAGE_PROJECT project holding IMAGE (default: the current project)
 #   RUNNER_JSON   runner.json to give every VM (default ./runner.json)
 #   METADATA_KEY  the metadata key RUNNER_JSON's content is given under (default user-data, which
