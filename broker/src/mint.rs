@@ -58,67 +58,9 @@ impl Broker {
                 return r.into();
             }
         };
-        let pod = match self.kube.get_pod(&bound.namespace, &bound.name).await {
-            Ok(p) => p,
-            Err(e) => {
-                warn!("pod {}/{}: {e}", bound.namespace, bound.name);
-                return Answer::error(503, format!("cannot read the pod now ({e}); try again"));
-            }
-        };
-        let admitted = match admission::admit(&bound, pod.as_ref(), &self.policy, now_unix()) {
-            Ok(a) => a,
-            Err(r) => {
-                info!(
-                    "refused pod {}/{} (uid {}): {}",
-                    bound.namespace, bound.name, bound.uid, r.message
-                );
-                return r.into();
-            }
-        };
-
-        // The claim: only one request can move the pod from this resourceVersion.
-        let claim = Grant {
-            state: State::Claimed,
-            at: now_unix(),
-            runner_id: None,
-            claim: Some(grant::random_claim()),
-        };
-        match self
-            .kube
-            .patch_pod(
-                &bound.namespace,
-                &bound.name,
-                &grant::patch(&admitted.resource_version, Some(&claim)),
-            )
-            .await
-        {
-            Ok(Patched::Done) => {}
-            Ok(Patched::Conflict) => {
-                info!(
-                    "pod {}/{}: another request claimed it first",
-                    bound.namespace, bound.name
-                );
-                return Answer::error(
-                    409,
-                    format!(
-                        "another request for pod {}/{} came first; a VM gets one runner per boot",
-                        bound.namespace, bound.name
-                    ),
-                );
-            }
-            Ok(Patched::Gone) => {
-                return Answer::error(
-                    403,
-                    format!(
-                        "pod {}/{} is gone: its VM has ended",
-                        bound.namespace, bound.name
-                    ),
-                );
-            }
-            Err(e) => {
-                warn!("claiming pod {}/{}: {e}", bound.namespace, bound.name);
-                return Answer::error(503, format!("cannot record the claim now ({e}); try again"));
-            }
+        let (admitted, claim) = match self.claim(&bound).await {
+            Ok(claimed) => claimed,
+            Err(answer) => return answer,
         };
 
         let description = gitlab::description(&bound.namespace, &admitted.vm_name, &bound.uid);
@@ -222,6 +164,58 @@ impl Broker {
             }
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Reads the pod, admits it and claims it. The claim carries the pod's resourceVersion, so
+    /// of two requests only one can win; a conflict may also be kubelet updating the pod's
+    /// status in between, so the pod is read and judged again, and only a claim or grant by
+    /// another request refuses this one.
+    async fn claim(
+        &self,
+        bound: &admission::BoundPod,
+    ) -> Result<(admission::Admitted, Grant), Answer> {
+        let (ns, name) = (&bound.namespace, &bound.name);
+        for _ in 0..5 {
+            let pod = self.kube.get_pod(ns, name).await.map_err(|e| {
+                warn!("pod {ns}/{name}: {e}");
+                Answer::error(503, format!("cannot read the pod now ({e}); try again"))
+            })?;
+            let admitted = admission::admit(bound, pod.as_ref(), &self.policy, now_unix())
+                .map_err(|r| {
+                    info!("refused pod {ns}/{name} (uid {}): {}", bound.uid, r.message);
+                    Answer::from(r)
+                })?;
+            let claim = Grant {
+                state: State::Claimed,
+                at: now_unix(),
+                runner_id: None,
+                claim: Some(grant::random_claim()),
+            };
+            let patch = grant::patch(&admitted.resource_version, Some(&claim));
+            match self.kube.patch_pod(ns, name, &patch).await {
+                Ok(Patched::Done) => return Ok((admitted, claim)),
+                Ok(Patched::Conflict) => {
+                    info!("pod {ns}/{name} changed while being claimed; reading it again");
+                }
+                Ok(Patched::Gone) => {
+                    return Err(Answer::error(
+                        403,
+                        format!("pod {ns}/{name} is gone: its VM has ended"),
+                    ));
+                }
+                Err(e) => {
+                    warn!("claiming pod {ns}/{name}: {e}");
+                    return Err(Answer::error(
+                        503,
+                        format!("cannot record the claim now ({e}); try again"),
+                    ));
+                }
+            }
+        }
+        Err(Answer::error(
+            503,
+            format!("pod {ns}/{name} kept changing while being claimed; try again"),
+        ))
     }
 
     /// Replaces this request's own claim on the pod (by a grant, or by nothing to release it),

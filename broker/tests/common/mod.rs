@@ -37,6 +37,9 @@ pub struct ClusterState {
     pub conflicts: usize,
     /// TokenReviews asked for.
     pub reviews: usize,
+    /// The next this many patches find the pod changed by kubelet (a new resourceVersion) just
+    /// before them, and get the 409 that a real API server answers.
+    pub kubelet_races: usize,
 }
 
 #[derive(Clone, Default)]
@@ -254,6 +257,11 @@ impl Respond for Pods {
                 }
                 let patch: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
                 s.patches += 1;
+                if s.kubelet_races > 0 {
+                    s.kubelet_races -= 1;
+                    let rv = Cluster::next_rv(&mut s);
+                    s.pods.get_mut(name).unwrap()["metadata"]["resourceVersion"] = json!(rv);
+                }
                 // A resourceVersion in a patch is a precondition (optimistic concurrency).
                 if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
                     && s.pods[name]["metadata"]["resourceVersion"] != json!(rv)
