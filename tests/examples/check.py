@@ -452,6 +452,24 @@ class Fake:
         check_aws_calls(self.aws_calls)
 
 
+def watch_until(script, env, cwd, done, limit=120):
+    """Runs `script watch` until `done()` holds (polled), then stops it; returns its stderr.
+    Waiting for the outcome, not a fixed time, keeps the test right on a busy machine."""
+    proc = subprocess.Popen([str(script), "watch"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + limit
+    try:
+        while not done():
+            assert proc.poll() is None, f"watch ended (exit {proc.returncode}): {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, f"not done within {limit} s"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+        _, err = proc.communicate(timeout=30)
+    return err
+
+
 def find(calls, *prefix):
     found = [c for c in calls if c[: len(prefix)] == list(prefix)]
     assert found, f"no call {' '.join(prefix)} in:\n" + "\n".join(" ".join(c) for c in calls)
@@ -966,18 +984,17 @@ def test_digital_ocean_watch_keeps_going():
         fake = do_fleet(tmp)
         env = fake.environ({"IMAGE": "123456", "REGION": "ams3", "COUNT": "2", "INTERVAL": "1"})
         fake.set_state({"fail_times": {"compute droplet list": [2, too_many]}})
-        proc = subprocess.run(["timeout", "6", str(script), "watch"], env=env, cwd=tmp, capture_output=True, text=True)
-        assert proc.returncode == 124, (proc.returncode, proc.stderr)
-        assert proc.stderr.count("reconcile failed (exit 1); trying again in 1 s") == 2, proc.stderr
+        err = watch_until(script, env, tmp, lambda: len(fake.get_state().get("droplets", [])) == 2)
+        assert err.count("reconcile failed (exit 1); trying again in 1 s") == 2, err
         assert len(fake.get_state()["droplets"]) == 2 and len(find(fake.calls(), "doctl", "compute", "droplet", "create")) == 1
         # A failed create (the first of three requests) ends that run; the next run lists again.
         fake.log.write_text("")
         fake.set_state({"fail_times": {"compute droplet create": [1, "Error: POST https://api.digitalocean.com/v2/droplets: 503"]}})
-        proc = subprocess.run(["timeout", "6", str(script), "watch"], env={**env, "COUNT": "23"}, cwd=tmp, capture_output=True, text=True)
+        err = watch_until(script, {**env, "COUNT": "23"}, tmp, lambda: len(fake.get_state().get("droplets", [])) >= 23)
         calls = fake.calls()
         first = calls.index(find(calls, "doctl", "compute", "droplet", "create")[0])
         assert calls[first + 1][1:4] == ["compute", "droplet", "list"], calls[first:first + 3]
-        assert "creating Droplets failed" in proc.stderr and len(fake.get_state()["droplets"]) == 23, proc.stderr
+        assert "creating Droplets failed" in err and len(fake.get_state()["droplets"]) == 23, err
 
 
 def test_digital_ocean_shutdown_that_hangs():
@@ -1347,9 +1364,9 @@ def test_proxmox_lock_and_watch():
 
         fake.log.write_text("")
         fake.set_state({**base, "fail_times": {"get /nodes/pve/qemu": [2, "ipcc_send_rec[1] failed: Connection refused"]}})
-        proc = subprocess.run(["timeout", "7", str(PVE / "runner-fleet.sh"), "watch"], env=fake.environ({**env, "INTERVAL": "1"}),
-                              cwd=tmp, capture_output=True, text=True)
-        assert proc.returncode == 124 and proc.stderr.count("reconcile failed (exit 1); trying again in 1 s") == 2, proc.stderr
+        err = watch_until(PVE / "runner-fleet.sh", fake.environ({**env, "INTERVAL": "1"}), tmp,
+                          lambda: len([v for v in fake.get_state()["vms"] if v["vmid"] != 9000]) >= 3)
+        assert err.count("reconcile failed (exit 1); trying again in 1 s") == 2, err
         running = [v for v in fake.get_state()["vms"] if v["vmid"] != 9000]
         assert len(running) == 3 and len(find(fake.calls(), "qm", "clone")) == 3, running
 

@@ -28,8 +28,12 @@ def load_state():
 
 
 def save_state(state):
-    with open(os.environ["FAKE_STATE"], "w") as f:
+    # Replaced whole (write, then rename), so that a test reading the state while a script runs
+    # never sees half of it.
+    path = os.environ["FAKE_STATE"]
+    with open(path + ".new", "w") as f:
         json.dump(state, f)
+    os.replace(path + ".new", path)
 
 
 def option(args, name):
