@@ -9,6 +9,11 @@
 # - Podman: a containers-registries.conf.d drop-in (version 2, as drop-ins must be; nixpkgs
 #   writes the main registries.conf in version 1, which drop-ins may follow). The agent's own
 #   drop-in (60-...) comes after the image's (40-...) and wins for docker.io.
+# - Nix: the image's substituters and keys are gitlabRunnerVm.base's (nix.settings); a fleet's
+#   (runner.json's nix_substituters, nix_trusted_public_keys) go to a file that nix.conf
+#   includes last, `extra-` settings that add to the image's, written by the agent before the
+#   first job, which then restarts a running nix-daemon (it reads nix.conf when it starts).
+#   `!include`: no such file (a fleet without them, an image without the agent) is no error.
 { config, lib, ... }:
 let
   cfg = config.gitlabRunnerVm.runner;
@@ -51,6 +56,11 @@ in
   };
 
   config = lib.mkMerge [
+    {
+      nix.extraOptions = ''
+        !include /etc/nix/gitlab-runner-vm.conf
+      '';
+    }
     (mkIf docker.enable {
       virtualisation.docker.daemon.settings.registry-mirrors = mkIf (cfg.registryMirrors != [ ]) cfg.registryMirrors;
       environment.etc."docker/daemon.json".text = builtins.toJSON docker.daemon.settings;

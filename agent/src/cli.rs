@@ -15,6 +15,8 @@ pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/run/ssh-keys";
 /// Docker's own default; the runner images' dockerd reads it (nixos-modules/runner.nix).
 pub const DEFAULT_DOCKER_DAEMON_CONFIG: &str = "/etc/docker/daemon.json";
 /// After the image's own drop-ins (`40-...`), so that the fleet's mirrors win.
+/// The runner images' nix.conf includes it (`!include`: none is no error).
+pub const DEFAULT_NIX_CONF: &str = "/etc/nix/gitlab-runner-vm.conf";
 pub const DEFAULT_REGISTRIES_CONF: &str =
     "/etc/containers/registries.conf.d/60-gitlab-runner-vm.conf";
 /// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
@@ -233,6 +235,17 @@ pub struct RunArgs {
         default_value = DEFAULT_REGISTRIES_CONF
     )]
     pub registries_conf: PathBuf,
+    /// The nix.conf fragment (included by the image's nix.conf) where runner.json's
+    /// nix_substituters and nix_trusted_public_keys go
+    #[arg(long, env = "GITLAB_RUNNER_VM_NIX_CONF", default_value = DEFAULT_NIX_CONF)]
+    pub nix_conf: PathBuf,
+    /// Run with /bin/sh -c after the nix.conf fragment changed, so that nix-daemon rereads it
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_NIX_RESTART_COMMAND",
+        default_value = "systemctl try-restart nix-daemon.service"
+    )]
+    pub nix_restart_command: String,
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The configuration of the VM's other daemons, per fleet, written before registering so that
 //! one image serves fleets with different caches: Docker's `registry-mirrors` (merged into the
 //! daemon.json the image has; Docker then reloads it on SIGHUP), Podman's mirrors (a drop-in of
-//! containers-registries.conf.d, read by every `podman` run).
+//! containers-registries.conf.d, read by every `podman` run), and nix-daemon's extra
+//! substituters and keys (a file the image's nix.conf includes with `!include`; nix-daemon
+//! reads its configuration when it starts, so a running one is restarted).
 //!
 //! The decisions (what each file holds) are pure; `apply` does the I/O: each file written in
 //! one rename, the daemon reloaded only when its file changed. Nothing is written when
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::config::{RegistryMirror, RunnerConfig};
+use crate::config::{NixCaches, RegistryMirror, RunnerConfig};
 
 /// How long a daemon's reload command may take (a Docker that is still starting finishes its
 /// start first).
@@ -26,6 +28,8 @@ pub struct DaemonPaths {
     pub docker_daemon_json: PathBuf,
     pub docker_reload_command: String,
     pub registries_conf: PathBuf,
+    pub nix_conf: PathBuf,
+    pub nix_restart_command: String,
 }
 
 /// What `apply` did, one line each for the journal.
@@ -103,13 +107,74 @@ pub fn registries_conf(mirrors: &[RegistryMirror]) -> String {
     text
 }
 
-/// Writes what runner.json asks for and reloads Docker if its file changed. An error names
-/// the file or command and why: the run fails before registering.
+/// The nix.conf fragment: the fleet's caches and keys besides the image's (`extra-`: the
+/// image's own settings stay), and the caches as trusted substituters, so that a job's `nix`
+/// (which reads the same nix.conf and passes its substituters on) is not told that it may not
+/// use them. No user becomes trusted. Values are validated as single words (no white space,
+/// `#` or line break).
+pub fn nix_conf(substituters: &[String], keys: &[String]) -> String {
+    let mut text = String::from(
+        "# Written by gitlab-runner-vm from runner.json's nix_substituters and\n\
+         # nix_trusted_public_keys, before the first job; included by /etc/nix/nix.conf.\n",
+    );
+    if !substituters.is_empty() {
+        let words = substituters.join(" ");
+        text.push_str(&format!("extra-substituters = {words}\n"));
+        text.push_str(&format!("extra-trusted-substituters = {words}\n"));
+    }
+    if !keys.is_empty() {
+        text.push_str(&format!("extra-trusted-public-keys = {}\n", keys.join(" ")));
+    }
+    text
+}
+
+/// Writes what runner.json asks for and reloads Docker (restarts nix-daemon) if its file
+/// changed. An error names the file or command and why: the run fails before registering.
 pub async fn apply(paths: &DaemonPaths, config: &RunnerConfig) -> Result<Applied, String> {
     let mut applied = Vec::new();
-    if config.registry_mirrors.is_empty() {
-        return Ok(applied);
+    if let Some(nix) = &config.nix_caches {
+        applied.push(apply_nix(paths, nix).await?);
     }
+    if !config.registry_mirrors.is_empty() {
+        applied.extend(apply_mirrors(paths, config).await?);
+    }
+    Ok(applied)
+}
+
+async fn apply_nix(paths: &DaemonPaths, nix: &NixCaches) -> Result<String, String> {
+    let file = &paths.nix_conf;
+    if !has_parent_dir(file) {
+        return Ok(format!(
+            "no Nix here ({} has no directory): its substituters are not set",
+            file.display()
+        ));
+    }
+    let text = nix_conf(&nix.substituters, &nix.trusted_public_keys);
+    let existing =
+        read_optional(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if existing.as_deref() == Some(text.as_str()) {
+        return Ok(format!(
+            "{} already holds the fleet's substituters",
+            file.display()
+        ));
+    }
+    write_replacing(file, &text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    run_reload(&paths.nix_restart_command).await?;
+    Ok(format!(
+        "nix-daemon's {} names the substituters {} and {} key(s); restarted with `{}`",
+        file.display(),
+        if nix.substituters.is_empty() {
+            "(none)".to_string()
+        } else {
+            nix.substituters.join(", ")
+        },
+        nix.trusted_public_keys.len(),
+        paths.nix_restart_command
+    ))
+}
+
+async fn apply_mirrors(paths: &DaemonPaths, config: &RunnerConfig) -> Result<Applied, String> {
+    let mut applied = Vec::new();
     let mirrors = &config.registry_mirrors;
     let mut image_mirrors = Vec::new();
     let docker = &paths.docker_daemon_json;
@@ -287,6 +352,37 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn nix_conf_adds_to_the_images_settings_and_trusts_no_user() {
+        let text = nix_conf(
+            &[
+                "https://a.example.com".into(),
+                "s3://b?region=eu-west-1".into(),
+            ],
+            &["a.example.com-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()],
+        );
+        let settings: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            settings,
+            [
+                "extra-substituters = https://a.example.com s3://b?region=eu-west-1",
+                "extra-trusted-substituters = https://a.example.com s3://b?region=eu-west-1",
+                "extra-trusted-public-keys = a.example.com-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+            ]
+        );
+        assert!(!text.contains("trusted-users"));
+        // Keys alone: no substituter lines.
+        let text = nix_conf(
+            &[],
+            &["k:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()],
+        );
+        let settings: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            settings,
+            ["extra-trusted-public-keys = k:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]
+        );
     }
 
     #[test]

@@ -607,18 +607,31 @@ def caches_problems(where, caches, mirrors):
     else:
         need(podman is None, f"a Podman mirror drop-in without mirrors: {podman}")
     need(caches["agentSettings"] == {}, f"the agent's daemon paths are set: {caches['agentSettings']}")
+    need("!include /etc/nix/gitlab-runner-vm.conf" in caches["nixExtraOptions"].splitlines(),
+         f"nix.conf does not include the fleet's substituters (the agent's --nix-conf): {caches['nixExtraOptions']!r}")
+    need(set(caches["trusted-users"]) == {"root"}, f"trusted users besides root: {caches['trusted-users']}")
+    need(caches["trustedSubstituters"] == [], f"the image trusts substituters for users: {caches['trustedSubstituters']}")
     return problems
 
 
-def check_caches_registry_mirrors_land_in_the_daemons_settings(facts):
+def check_caches_registry_mirrors_and_substituters_land_in_the_daemons_settings(facts):
     problems = []
     for where, runner in [("runner-amazon", facts["runnerAmazon"]), ("runner-gce", facts["runnerGce"]),
                           ("runner-digital-ocean", facts["runnerDo"]), ("runner-proxmox", facts["runnerProxmox"])] \
             + [(f"nixos-runner {s}", facts["runner"][s]) for s in SYSTEMS]:
         problems += caches_problems(where, runner["caches"], [])
     for system in SYSTEMS:
-        problems += caches_problems(f"registryMirrors set, {system}", facts["withCaches"][system],
+        with_caches = facts["withCaches"][system]
+        problems += caches_problems(f"registryMirrors set, {system}", with_caches,
                                     ["https://mirror.gcr.io", "http://registry-cache.ci.svc.cluster.local:5000"])
+        if "https://nix-cache.example.com" not in with_caches["substituters"] \
+                or "nix-cache.example.com-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" not in with_caches["trusted-public-keys"]:
+            problems.append(f"gitlabRunnerVm.base.substituters, {system}: not in nix.conf: "
+                            f"{with_caches['substituters']}, {with_caches['trusted-public-keys']}")
+    for where, runner in [("runner-amazon", facts["runnerAmazon"]), (f"nixos-runner {SYSTEMS[1]}", facts["runner"][SYSTEMS[1]])]:
+        # nixpkgs adds its own default (with a trailing /) to the image's.
+        if {s.rstrip("/") for s in runner["caches"]["substituters"]} != {"https://cache.nixos.org"}:
+            problems.append(f"{where}: the image's substituters are not the default: {runner['caches']['substituters']}")
     assert not problems, "\n".join(problems)
 
 

@@ -151,18 +151,27 @@ let
   extend = nixos: module: (nixos.extendModules { modules = [ module ]; }).config;
 
   # Caches (issue 20): what dockerd reads (the file the agent merges runner.json's mirrors
-  # into), Podman's drop-in of the image's mirrors.
+  # into), Podman's drop-in of the image's mirrors, nix.conf's substituters, keys, trusted users
+  # and the file of the fleet's that it includes.
   cachesFacts = config: {
     dockerExecStart = config.systemd.services.docker.serviceConfig.ExecStart or null;
     dockerSettings = config.virtualisation.docker.daemon.settings;
     etcDaemonJson = config.environment.etc."docker/daemon.json".text or null;
     podmanMirrors = config.environment.etc."containers/registries.conf.d/40-gitlab-runner-vm-image.conf".text or null;
-    agentSettings = lib.filterAttrs (n: _: lib.elem n [ "docker-daemon-config" "registries-conf" ]) config.services.gitlab-runner-vm.settings;
+    agentSettings = lib.filterAttrs (n: _: lib.elem n [ "docker-daemon-config" "registries-conf" "nix-conf" ]) config.services.gitlab-runner-vm.settings;
+    nixExtraOptions = config.nix.extraOptions;
+    inherit (config.nix.settings) substituters trusted-public-keys trusted-users;
+    trustedSubstituters = config.nix.settings.trusted-substituters or [ ];
   };
   # The module options set, on both systems.
   withCaches = lib.genAttrs systems (system: cachesFacts (extend runnerX86 {
     nixpkgs.hostPlatform = system;
     gitlabRunnerVm.runner.registryMirrors = [ "https://mirror.gcr.io" "http://registry-cache.ci.svc.cluster.local:5000" ];
+    gitlabRunnerVm.base.substituters = [ "https://cache.nixos.org" "https://nix-cache.example.com" ];
+    gitlabRunnerVm.base.trustedPublicKeys = [
+      "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+      "nix-cache.example.com-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    ];
   }));
 
   runner = config: {

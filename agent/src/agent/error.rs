@@ -146,7 +146,7 @@ impl AgentError {
                 platform.how_to_set_user_data()
             ),
             Metadata(error) => error.fix(),
-            DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot; check `systemctl status docker`), or remove registry_mirrors from runner.json; --docker-daemon-config, --docker-reload-command and --registries-conf name the files and the command".into(),
+            DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot; check `systemctl status docker`), or remove registry_mirrors (nix_substituters) from runner.json; --docker-daemon-config, --docker-reload-command, --registries-conf, --nix-conf and --nix-restart-command name the files and the commands".into(),
             ConfigWrite { path, .. } => format!(
                 "make {} writable by the agent, or point --config at a writable place",
                 path.parent().unwrap_or(path).display()

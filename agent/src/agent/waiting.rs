@@ -227,6 +227,8 @@ impl Agent {
             docker_daemon_json: self.args.docker_daemon_config.clone(),
             docker_reload_command: self.args.docker_reload_command.clone(),
             registries_conf: self.args.registries_conf.clone(),
+            nix_conf: self.args.nix_conf.clone(),
+            nix_restart_command: self.args.nix_restart_command.clone(),
         };
         let applied = daemon_config::apply(&paths, config)
             .await

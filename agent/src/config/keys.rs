@@ -67,6 +67,8 @@ pub(super) const BUILDS_DIR: Key = key("builds_dir", Text, Vm);
 pub(super) const ENVIRONMENT: Key = key("environment", TextList, Vm);
 pub(super) const CACHE: Key = key("cache", Object, Vm);
 pub(super) const REGISTRY_MIRRORS: Key = key("registry_mirrors", TextList, Vm);
+pub(super) const NIX_SUBSTITUTERS: Key = key("nix_substituters", TextList, Vm);
+pub(super) const NIX_TRUSTED_PUBLIC_KEYS: Key = key("nix_trusted_public_keys", TextList, Vm);
 
 /// The keys of runner.json, in the order the unknown-key error lists them.
 pub(super) const TOP_LEVEL: &[Key] = &[
@@ -96,6 +98,8 @@ pub(super) const TOP_LEVEL: &[Key] = &[
     ENVIRONMENT,
     CACHE,
     REGISTRY_MIRRORS,
+    NIX_SUBSTITUTERS,
+    NIX_TRUSTED_PUBLIC_KEYS,
 ];
 
 pub(super) const IMAGE: Key = key("image", Text, Vm);

@@ -202,6 +202,16 @@ pub struct RunnerConfig {
     /// Pull-through caches of Docker Hub for Docker and Podman, written into their
     /// configuration before registering.
     pub registry_mirrors: Vec<RegistryMirror>,
+    /// Binary caches and their keys for nix-daemon, besides the image's, written into an
+    /// included nix.conf before registering (boxed, as the cache).
+    pub nix_caches: Option<Box<NixCaches>>,
+}
+
+/// runner.json's `nix_substituters` and `nix_trusted_public_keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NixCaches {
+    pub substituters: Vec<String>,
+    pub trusted_public_keys: Vec<String>,
 }
 
 pub const DEFAULT_MAX_JOBS: u32 = 1;
@@ -284,6 +294,11 @@ fn runner_config(
     let environment = jobs::environment(root, p);
     let cache = cache::check(root, read_file, p).map(Box::new);
     let registry_mirrors = daemons::registry_mirrors(root, p);
+    let nix_caches = NixCaches {
+        substituters: daemons::nix_substituters(root, p),
+        trusted_public_keys: daemons::nix_trusted_public_keys(root, p),
+    };
+    let nix_caches = (nix_caches != NixCaches::default()).then(|| Box::new(nix_caches));
 
     Some(RunnerConfig {
         name,
@@ -300,6 +315,7 @@ fn runner_config(
         environment,
         cache,
         registry_mirrors,
+        nix_caches,
     })
 }
 

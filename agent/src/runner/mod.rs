@@ -46,5 +46,6 @@ fn sample_config(executor: crate::config::Executor) -> crate::config::RunnerConf
         environment: vec!["FOO=bar".into()],
         cache: None,
         registry_mirrors: Vec::new(),
+        nix_caches: None,
     }
 }

@@ -22,7 +22,7 @@ fn a_key_near_none_lists_them_all_in_table_order() {
          registration_token_file, access_token, access_token_file, runner_type, group_id, \
          project_id, executor, tags, run_untagged, locked, access_level, maximum_timeout, docker, \
          max_jobs, idle_timeout, max_lifetime, tls_ca_file, builds_dir, environment, cache, \
-         registry_mirrors"
+         registry_mirrors, nix_substituters, nix_trusted_public_keys"
     );
     let p = only_error(fixture!("docker-unknown-key-far"));
     assert_eq!(
