@@ -24,7 +24,11 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>) -> std::io::Resul
                 let broker = broker.clone();
                 async move { Ok::<_, Infallible>(handle(req, &broker).await) }
             });
+            // A client that trickles its headers is dropped after 10 s: slow connections cannot
+            // pile up. Bodies are never read (the token is a header).
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await

@@ -378,3 +378,22 @@ async fn sigterm_stops_the_broker_cleanly() {
     assert_eq!(status.code(), Some(0), "{}", h.logs());
     assert!(h.logs().contains("SIGTERM"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_trickles_its_headers_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Harness::new().await;
+    h.start(&[]).await;
+    let addr = h.url.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /v1/runner HTTP/1.1\r\nHost: broker\r\n")
+        .await
+        .unwrap();
+    // The broker closes it after its 10 s header timeout; 25 s is generous, and shorter than
+    // hyper's own default of 30 s, so the test fails if the broker's timeout is lost.
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(25), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "the broker kept a half-sent request open");
+    let (token, _) = h.vm("runner-9");
+    assert_eq!(h.ask(&token).await.0, 201);
+}
