@@ -27,9 +27,16 @@
 #   /etc/ssh/authorized_keys.d, /run/ssh-keys (the clouds' metadata), and, where the QEMU guest
 #   agent or cloud-init writes them (KubeVirt's accessCredentials), the operator's home only.
 #
-# An optional scratch disk (serial `scratch`, e.g. a KubeVirt emptyDisk) is formatted on first use
-# and holds what jobs write: Docker's data, builds, /tmp, /var/tmp, Podman's storage and the CI
-# user's home (caches, rootless containers), since a containerDisk's root file system cannot grow.
+# An optional scratch disk holds what jobs write: Docker's data, builds, Nix's build directories,
+# /tmp, /var/tmp, Podman's storage and the CI user's home (caches, rootless containers), since a
+# containerDisk's root file system cannot grow. It is what the platform offers: on KubeVirt an
+# emptyDisk with serial `scratch`, on AWS the first instance-store NVMe disk, on GCE the first
+# local SSD, on DigitalOcean none. Formatted ext4 when blank; looked for once udev has named the
+# disks there are, never waited for (runner-scratch-disk.sh).
+#
+# The config disk is mounted whenever it appears, at boot or later (the mount is wanted by the
+# disk's device unit, with no device timeout): the agent waits for runner.json (--config-wait)
+# and sees the mount come.
 # Nothing unique is baked in: machine id and SSH host keys are made at first boot, the runner
 # system id by the agent at every boot.
 { config, lib, options, pkgs, utils, ... }:
@@ -46,7 +53,9 @@ let
   sshKeysSource = if metadataSource then agent.settings.config-source else "auto";
   sshKeyUsers = [ cfg.operator.user ] ++ lib.optional config.gitlabRunnerVm.runner.rootLogin "root";
   jobUser = agent.settings.job-user;
-  scratchMount = mountUnit cfg.scratchDisk.mountPoint;
+  # How long runner-scratch lets udev finish naming the disks the kernel found (seconds): the
+  # queue of a boot's devices, never a wait for one disk.
+  scratchSettleTimeout = 10;
   builds = lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds";
   scratch = lib.escapeShellArg cfg.scratchDisk.mountPoint;
   # A bind mount of <scratch>/binds/<path> on each path, made before local-fs.target.
@@ -69,23 +78,33 @@ let
     cfg.scratchDisk.paths;
   runnerUser = lib.escapeShellArg jobUser;
   runnerHome = lib.escapeShellArg config.users.users.${jobUser}.home;
-  mounts = lib.optionalAttrs cfg.configDisk.enable
-    {
-      ${cfg.configDisk.mountPoint} = {
-        inherit (cfg.configDisk) device;
-        fsType = "iso9660";
+  mounts = lib.optionalAttrs cfg.configDisk.enable {
+    ${cfg.configDisk.mountPoint} = {
+      inherit (cfg.configDisk) device;
+      fsType = "iso9660";
+      options = [
+        "ro"
+        # Mounted when the disk appears, whenever that is (x-systemd.wanted-by: the disk's device
+        # unit wants the mount, and nothing else does): no device timeout that a slow boot
+        # outlasts, and nothing waits for a disk that is not attached. nofail: never ordered
+        # before local-fs.target.
+        "nofail"
+        "x-systemd.wanted-by=${utils.escapeSystemdPath cfg.configDisk.device}.device"
         # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
-        options = [ "ro" "nofail" "x-systemd.device-timeout=10s" "overriderockperm" "mode=0400" "dmode=0500" ];
-      };
-    }
-  // lib.optionalAttrs cfg.scratchDisk.enable {
-    ${cfg.scratchDisk.mountPoint} = {
-      device = "/dev/disk/by-id/virtio-${cfg.scratchDisk.serial}";
-      fsType = "ext4";
-      # systemd-makefs formats the disk when it holds no file system yet.
-      autoFormat = true;
-      options = [ "nofail" "x-systemd.device-timeout=10s" ];
+        "overriderockperm"
+        "mode=0400"
+        "dmode=0500"
+      ];
     };
+  };
+  # Jobs' Nix builds run in the daemon's build directories: on the scratch disk.
+  nixBuildDir = "${cfg.scratchDisk.mountPoint}/nix-builds";
+  source = agent.settings.config-source;
+  # The local disks each platform offers for scratch (see scratchDisk.devices).
+  platformScratch = {
+    aws = [ "/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*" ];
+    gce = [ "/dev/disk/by-id/google-local-nvme-ssd-*" "/dev/disk/by-id/google-local-ssd-*" ];
+    digitalocean = [ ];
   };
 in
 {
@@ -113,9 +132,10 @@ in
         defaultText = lib.literalExpression ''!(lib.elem config.services.gitlab-runner-vm.settings.config-source [ "aws" "gce" "digitalocean" ])'';
         description = ''
           Whether runner.json comes from a config disk (KubeVirt, Proxmox, QEMU), mounted at
-          `mountPoint`. Off when the agent fetches it from a cloud's metadata service: those
-          clouds attach no such disk, and waiting for it would delay the agent by the disk's
-          device timeout. The agent then writes runner.json to /run/runner-info/runner.json.
+          `mountPoint` whenever the disk appears (at boot or later; nothing waits for it, and
+          the agent waits for runner.json within `settings.config-wait`). Off when the agent
+          fetches it from a cloud's metadata service: those clouds attach no such disk. The
+          agent then writes runner.json to /run/runner-info/runner.json.
         '';
       };
       serial = mkOption {
@@ -154,8 +174,32 @@ in
         type = types.str;
         default = "scratch";
         description = ''
-          Serial of the optional scratch disk (a KubeVirt emptyDisk); formatted as ext4 on first
-          use, it appears as /dev/disk/by-id/virtio-<serial>.
+          Serial of the optional scratch disk where the config comes from a file (a KubeVirt
+          emptyDisk, a Proxmox or QEMU disk); it appears as /dev/disk/by-id/virtio-<serial>, the
+          default of `devices` there.
+        '';
+      };
+      devices = mkOption {
+        type = types.listOf types.str;
+        default = platformScratch.${source} or [ "/dev/disk/by-id/virtio-${cfg.scratchDisk.serial}" ];
+        defaultText = lib.literalExpression ''
+          {
+            aws = [ "/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*" ];
+            gce = [ "/dev/disk/by-id/google-local-nvme-ssd-*" "/dev/disk/by-id/google-local-ssd-*" ];
+            digitalocean = [ ];
+          }.''${config.services.gitlab-runner-vm.settings.config-source}
+            or [ "/dev/disk/by-id/virtio-''${config.gitlabRunnerVm.runner.scratchDisk.serial}" ]'';
+        example = [ "/dev/disk/by-id/virtio-scratch" "/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*" ];
+        description = ''
+          Where to look for the scratch disk: paths, shell wildcards allowed; the first existing
+          whole disk is used (links to partitions, `-partN`, never). Formatted as ext4 when it
+          is blank; a disk that holds anything else is left alone. By platform: on AWS the
+          first instance-store NVMe disk (instance types with `d`, e.g. m6id), on GCE the first
+          local SSD (NVMe or SCSI), on DigitalOcean none (a Droplet has no local disk besides
+          its root), elsewhere the virtio disk with `serial`. One disk only: a second
+          instance-store disk or local SSD stays unused. Nothing waits for a disk: at boot the
+          patterns are matched once udev has named the disks the kernel found; with none,
+          everything stays on the root file system.
         '';
       };
       mountPoint = mkOption {
@@ -174,9 +218,11 @@ in
         defaultText = lib.literalExpression ''[ "/tmp" "/var/tmp" "/var/lib/containers" config.users.users.''${config.gitlabRunnerVm.base.user}.home ]'';
         description = ''
           Directories moved to the scratch disk (bind mounts made at boot, before local-fs.target,
-          when the disk is there): where jobs write besides Docker and builds. The CI user's home
-          holds the caches of language tools and rootless Podman's storage. /nix/store stays on
-          the root file system.
+          when the disk is there): where jobs write besides Docker, builds and Nix's build
+          directories. The CI user's home holds the caches of language tools and rootless
+          Podman's storage. /nix/store stays on the root file system: Nix builds in
+          `<mountPoint>/nix-builds` (`nix.settings.build-dir`), and collects garbage when the
+          root file system runs low (`nix.settings.min-free`, `max-free`).
         '';
       };
     };
@@ -284,27 +330,32 @@ in
 
       fileSystems = mounts;
 
-      # The scratch mount is nofail, so it is not ordered before local-fs.target: order its users.
-      # Early (before local-fs.target, so before anything writes to /tmp or the home) when the
-      # disk is there; without it, everything stays on the root file system.
+      # The scratch disk (when the platform has one) and what moves onto it, before local-fs.target
+      # so before anything writes to /tmp or the home; without a disk, everything stays on the
+      # root file system. It waits for udev to name the disks the kernel found, never for a disk.
       systemd.services.runner-scratch = mkIf cfg.scratchDisk.enable {
         description = "Prepare the scratch space for what jobs write";
         wantedBy = [ "local-fs.target" "multi-user.target" ];
-        wants = [ scratchMount ];
-        after = [ scratchMount "local-fs-pre.target" ];
-        before = [ "local-fs.target" "systemd-tmpfiles-setup.service" "docker.service" "podman.service" "podman.socket" "gitlab-runner-vm.service" ];
+        after = [ "local-fs-pre.target" "systemd-udevd.service" "systemd-udev-trigger.service" ];
+        before = [ "local-fs.target" "systemd-tmpfiles-setup.service" "docker.service" "podman.service" "podman.socket" "gitlab-runner-vm.service" "nix-daemon.service" ];
         unitConfig.DefaultDependencies = false;
-        path = [ pkgs.util-linux pkgs.coreutils ];
+        path = [ pkgs.util-linux pkgs.coreutils pkgs.e2fsprogs pkgs.gnused config.systemd.package ];
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
+          # A disk that hangs mkfs or mount must not hold the boot forever (wanted, not required).
+          TimeoutStartSec = "5min";
         };
         script = ''
+          ${pkgs.bash}/bin/bash ${./runner-scratch-disk.sh} --mount-point ${scratch} \
+            --settle-timeout ${toString scratchSettleTimeout}${lib.concatMapStrings (d: " --device ${lib.escapeShellArg d}") cfg.scratchDisk.devices}
           if mountpoint -q ${scratch}; then
           ${binds}
           fi
           install -d -m 0711 ${scratch}
           install -d -m 0755 -o ${runnerUser} -g users ${builds}
+          # Nix's build directories (nix.settings.build-dir): the daemon's, root's.
+          install -d -m 0755 ${lib.escapeShellArg nixBuildDir}
           # gitlab-runner runs in the runner's home and builds in ./builds by default.
           if [ ! -e ${runnerHome}/builds ]; then
             ln -s ${builds} ${runnerHome}/builds
@@ -313,6 +364,15 @@ in
         '';
       };
       virtualisation.docker.daemon.settings.data-root = mkIf cfg.scratchDisk.enable "${cfg.scratchDisk.mountPoint}/docker";
+      # Jobs that build with Nix: the builds' directories (sources, objects: often more than the
+      # outputs) on the scratch disk, and the store, which stays on the root file system (20 GiB
+      # on a containerDisk, whatever the scratch disk holds), collected during a build when it
+      # runs low: below min-free free, until max-free is free (paths no root refers to).
+      nix.settings = {
+        build-dir = mkIf cfg.scratchDisk.enable (lib.mkDefault nixBuildDir);
+        min-free = lib.mkDefault (2 * 1024 * 1024 * 1024);
+        max-free = lib.mkDefault (6 * 1024 * 1024 * 1024);
+      };
       systemd.services.docker = mkIf cfg.scratchDisk.enable {
         wants = [ "runner-scratch.service" ];
         after = [ "runner-scratch.service" ];

@@ -16,9 +16,9 @@ let
 in
 {
   configDisk = runner.configDisk // { mount = mount runner.configDisk.mountPoint; };
+  # The scratch disk has no fstab entry: runner-scratch mounts it when it is there.
   scratchDisk = {
-    inherit (runner.scratchDisk) enable serial mountPoint;
-    mount = mount runner.scratchDisk.mountPoint;
+    inherit (runner.scratchDisk) enable serial mountPoint devices;
   };
   agent = {
     inherit (config.services.gitlab-runner-vm) enable;

@@ -14,6 +14,7 @@ import fnmatch
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,26 @@ CLOUD_SOURCES = {"runner-amazon": "aws", "runner-gce": "gce", "runner-digital-oc
 # The unit that sets each cloud's host name, which the agent names the runner after.
 CLOUD_HOSTNAME_UNITS = {"runner-amazon": "apply-ec2-data.service", "runner-digital-ocean": "digitalocean-set-hostname.service"}
 SSH_KEYS_DIR = "/run/ssh-keys"
+# The config disk's line in the VM system test's /etc/fstab (tests/vm/vmtest/image.py).
+GUEST_FSTAB = ROOT / "tests" / "vm" / "guest" / "runner-info.fstab"
+# The runner images and the disks their scratch unit looks for (first match wins): a KubeVirt
+# emptyDisk by serial; AWS instance-store NVMe (systemd's 60-persistent-storage.rules name an
+# NVMe disk nvme-<model>_<serial>, the model being "Amazon EC2 NVMe Instance Storage"); GCE
+# local SSD as google-guest-configs' 65-gce-disk-naming.rules names it (NVMe, model nvme_card:
+# google-local-nvme-ssd-N; SCSI: google-local-ssd-N); DigitalOcean has no local disk.
+SCRATCH_DEVICES = {
+    "nixos-runner": ["/dev/disk/by-id/virtio-scratch"],
+    "default": ["/dev/disk/by-id/virtio-scratch"],
+    "runner-amazon": ["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*"],
+    "runner-gce": ["/dev/disk/by-id/google-local-nvme-ssd-*", "/dev/disk/by-id/google-local-ssd-*"],
+    "runner-digital-ocean": [],
+    "runner-proxmox": ["/dev/disk/by-id/virtio-scratch"],
+}
+# The config disk's device where it is not the virtio disk with serial runner-info: Proxmox VE's
+# CD-ROM, by its ISO 9660 label.
+CONFIG_DEVICES = {"runner-proxmox": "/dev/disk/by-label/cfgdata"}
+# The longest runner-scratch lets udev finish the boot's device events before it looks.
+SETTLE_MAX = 10
 # Groups that make a user root (wheel: sudo; docker and podman: their root sockets) or let it
 # read the whole journal (systemd-journald's ACLs name wheel and adm; systemd-journal owns it).
 ROOT_GROUPS = {"wheel", "docker", "podman"}
@@ -179,21 +200,23 @@ def runner_problems(where, runner, kubevirt=True, config_device=None):
         need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
         need({"ro", "nofail", "overriderockperm", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
              f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
-        # The VM system test mounts the disk with the unit systemd-fstab-generator makes of these
-        # options (x-systemd.* become unit settings): what it proves is what the image mounts.
-        tested = next(line.split("=", 1)[1].strip().split(",")
-                      for line in open("tests/vm/guest/runner-info.mount")
-                      if line.startswith("Options="))
-        shipped = [o for o in mounts["config"].get("options", []) if not o.startswith("x-systemd.")]
-        need(sorted(tested) == sorted(shipped),
-             f"tests/vm/guest/runner-info.mount mounts with {tested}, the image with {shipped}")
+        if config_device is None:
+            # The VM system test mounts the disk from this very fstab line, through the guest's own
+            # systemd-fstab-generator: what it proves (a disk attached late is mounted) is what the
+            # image does.
+            lines = [line for line in (GUEST_FSTAB.read_text().splitlines() if GUEST_FSTAB.exists() else [])
+                     if line.strip() and not line.lstrip().startswith("#")]
+            fields = lines[0].split() if len(lines) == 1 else lines
+            shipped = [mounts["config"].get("device"), config_disk["mountPoint"], mounts["config"].get("fsType"),
+                       ",".join(mounts["config"].get("options", []))]
+            need(fields[:4] == shipped, f"{GUEST_FSTAB.relative_to(ROOT)} says {fields[:4]}, the image's fstab {shipped}")
     else:
         # No disk to wait for: the agent writes runner.json from user-data into a root-only tmpfs directory.
         need(not config_disk["enable"] and mounts["config"] == {}, f"a config disk is mounted on a cloud: {mounts['config']}")
         need(runner["runnerInfoTmpfiles"] == ["d /run/runner-info 0700 root root -"], f"/run/runner-info is not root's only: {runner['runnerInfoTmpfiles']}")
-    need(scratch_disk["enable"] and mounts["scratch"].get("device") == f"/dev/disk/by-id/virtio-{scratch_disk['serial']}", f"scratch disk {mounts['scratch']}")
-    need(mounts["scratch"].get("fsType") == "ext4" and mounts["scratch"].get("autoFormat"), "scratch disk is not formatted ext4 on first use")
-    need("nofail" in mounts["scratch"].get("options", []), "scratch disk is not nofail")
+    # runner-scratch mounts the scratch disk itself (check_what_each_boot_waits_for): no fstab
+    # entry, whose device timeout every boot without the disk would wait out.
+    need(scratch_disk["enable"] and mounts["scratch"] == {}, f"the scratch disk is an fstab mount: {mounts['scratch']}")
     need(runner["dockerDataRoot"] == scratch_disk["mountPoint"] + "/docker", f"Docker keeps its data in {runner['dockerDataRoot']}")
     need(agent["enable"] and agent["powerOff"] and agent["packageName"] == "gitlab-runner-vm", "the agent is not enabled with power-off")
     need(agent["unitFromPackage"], "the unit does not come from the package (systemd.packages)")
@@ -253,6 +276,79 @@ def runner_problems(where, runner, kubevirt=True, config_device=None):
     need(not runner["failedAssertions"], f"failed assertions: {runner['failedAssertions']}")
     need(not runner["warnings"], f"warnings: {runner['warnings']}")
     return problems
+
+
+def systemd_escape_path(path):
+    """`systemd-escape -p PATH` for the plain ASCII paths used here."""
+    out = []
+    for i, ch in enumerate(path.strip("/")):
+        if ch == "/":
+            out.append("-")
+        elif ch.isalnum() or ch in ":_" or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.append("\\x%02x" % ord(ch))
+    return "".join(out)
+
+
+def scratch_arguments(script):
+    """The --device patterns and the --settle-timeout that runner-scratch passes its script."""
+    words = shlex.split(script.split("\nif ", 1)[0].replace("\\\n", " "))
+    devices = [words[i + 1] for i, w in enumerate(words) if w == "--device"]
+    settle = [words[i + 1] for i, w in enumerate(words) if w == "--settle-timeout"]
+    return devices, settle
+
+
+def check_what_each_boot_waits_for(facts):
+    """Per runner image and system: the config disk is mounted when it appears (wanted by its
+    device, no device timeout) and only on KubeVirt; the scratch unit looks for the platform's
+    own disks once udev has settled, waits for no device or mount unit, and nothing on a cloud
+    image refers to a virtio serial."""
+    problems = []
+    seen = set()
+    for system in SYSTEMS:
+        for name, image in sorted(facts["images"][system].items()):
+            d = image.get("disks")
+            if d is None:
+                continue
+            seen.add(name)
+
+            def need(ok, message):
+                if not ok:
+                    problems.append(f"{system} {name}: {message}")
+
+            cloud = name in CLOUD_SOURCES
+            need(d["deviceTimeouts"] == [], f"fstab device timeouts {d['deviceTimeouts']}: a boot waits them out when the disk is absent")
+            if cloud:
+                need(d["configMount"] == {}, f"a config disk is mounted on a cloud: {d['configMount']}")
+                need(d["virtioFileSystems"] == [] and d["virtioUnits"] == [] and not any("virtio" in p for p in d["scratchDevices"]),
+                     f"waits for a virtio serial: file systems {d['virtioFileSystems']}, units {d['virtioUnits']}, scratch {d['scratchDevices']}")
+            else:
+                device = d["configMount"].get("device", "")
+                options = d["configMount"].get("options", [])
+                wanted_by = f"x-systemd.wanted-by={systemd_escape_path(device)}.device"
+                need(device == CONFIG_DEVICES.get(name, "/dev/disk/by-id/virtio-runner-info") and wanted_by in options and "nofail" in options,
+                     f"the config disk is not mounted whenever it appears ({wanted_by}, nofail): {d['configMount']}")
+                need(not any(o.startswith(("noauto", "x-systemd.automount")) for o in options), f"config disk options {options}")
+                need(d["virtioUnits"] == [], f"units wait for a virtio disk: {d['virtioUnits']}")
+            need(d["scratchMount"] == {}, f"the scratch disk is an fstab mount: {d['scratchMount']}")
+            need(d["scratchDevices"] == SCRATCH_DEVICES.get(name), f"scratch disks {d['scratchDevices']}, expected {SCRATCH_DEVICES.get(name)}")
+            unit = d["scratchUnit"] or {}
+            waits = [u for u in unit.get("after", []) + unit.get("wants", []) + unit.get("requires", []) + unit.get("bindsTo", [])
+                     if u.endswith((".device", ".mount"))]
+            need(unit and not waits, f"runner-scratch waits for {waits or 'nothing: it does not exist'}")
+            need({"systemd-udev-trigger.service", "local-fs-pre.target"} <= set(unit.get("after", [])) and "local-fs.target" in unit.get("before", []),
+                 f"runner-scratch is not between udev's coldplug and local-fs.target: after {unit.get('after')}, before {unit.get('before')}")
+            devices, settle = scratch_arguments(unit.get("script", ""))
+            need(devices == d["scratchDevices"], f"runner-scratch looks for {devices}, the option says {d['scratchDevices']}")
+            need(len(settle) == 1 and 0 < int(settle[0]) <= SETTLE_MAX, f"udev settle timeout {settle}, at most {SETTLE_MAX} s expected")
+            need(d["nixBuildDir"] == "/var/lib/scratch/nix-builds", f"Nix builds in {d['nixBuildDir']}, not on the scratch disk")
+            need("install -d -m 0755 /var/lib/scratch/nix-builds" in unit.get("script", ""), "runner-scratch does not make Nix's build directory")
+            need(isinstance(d["nixMinFree"], int) and isinstance(d["nixMaxFree"], int) and 0 < d["nixMinFree"] < d["nixMaxFree"],
+                 f"the store is not collected when the root runs low: min-free {d['nixMinFree']}, max-free {d['nixMaxFree']}")
+    expected = set(SCRATCH_DEVICES)
+    assert seen == expected, f"runner images with disk facts {sorted(seen)}, expected {sorted(expected)}"
+    assert not problems, "\n".join(problems)
 
 
 def trust_problems(where, t, kubevirt):

@@ -223,6 +223,36 @@ let
     inherit (config) warnings;
   };
 
+  # What a runner image's boot waits for, disk by disk: the config disk's mount (its device, the
+  # options that say when it is mounted), the scratch disk's patterns and how runner-scratch
+  # looks for them (its ordering, the arguments its script passes), and every reference to a
+  # virtio serial (/dev/disk/by-id/virtio-*, its device unit) in file systems and units.
+  diskFacts = config:
+    let
+      r = config.gitlabRunnerVm.runner;
+      services = lib.filterAttrs (_: s: s.enable) config.systemd.services;
+      deps = s: s.after ++ s.wants ++ s.requires ++ s.bindsTo ++ s.requisite;
+      virtio = lib.hasInfix "virtio";
+      scratch = services.runner-scratch or null;
+    in
+    {
+      configMount = mount config r.configDisk.mountPoint;
+      scratchMount = mount config r.scratchDisk.mountPoint;
+      scratchDevices = r.scratchDisk.devices;
+      scratchUnit = lib.mapNullable
+        (s: {
+          inherit (s) after wants requires bindsTo wantedBy before script;
+          inherit (s.serviceConfig) TimeoutStartSec;
+        })
+        scratch;
+      deviceTimeouts = lib.concatMap (fs: lib.filter (lib.hasPrefix "x-systemd.device-timeout") fs.options) (lib.attrValues config.fileSystems);
+      virtioFileSystems = lib.attrNames (lib.filterAttrs (_: fs: virtio (toString fs.device) || lib.any virtio fs.options) config.fileSystems);
+      virtioUnits = lib.attrNames (lib.filterAttrs (_: s: lib.any virtio (deps s)) services);
+      nixBuildDir = config.nix.settings.build-dir or null;
+      nixMinFree = config.nix.settings.min-free or null;
+      nixMaxFree = config.nix.settings.max-free or null;
+    };
+
   # The images of `nix build .#<name>` on each system.
   images = lib.genAttrs systems (system:
     lib.mapAttrs
@@ -247,6 +277,7 @@ let
           })
           (p.config.systemd.services.print-host-key-fingerprints or null);
         ec2PrintHostKey = p.config.systemd.services ? print-host-key;
+        disks = if p.config ? gitlabRunnerVm.runner then diskFacts p.config else null;
       })
       (lib.filterAttrs (_: p: p ? config) flake.packages.${system}));
 

@@ -39,6 +39,10 @@ def power_button(sc):
     return sc.keep_file or sc.powerdown_in_job or sc.poweroff_disabled
 
 
+def late_config_disk(sc):
+    return sc.config_disk_late
+
+
 @pytest.fixture
 def ev(run):
     """The guest's evidence; an expectation on it fails when there is none."""
@@ -292,6 +296,32 @@ def test_the_mount_unit_mounted_it(ev, expect):
     """the mount unit runner\\x2dinfo.mount mounted it"""
     expect(ev.first(lambda e: e.get("UNIT") == "runner\\x2dinfo.mount" and e.get("MESSAGE_ID") == MSG_UNIT_STARTED),
            "")
+
+
+@applies(late_config_disk)
+def test_the_config_disk_was_hot_plugged_after_the_guest_was_up(run, expect):
+    """the config disk was hot-plugged after the guest was up, with no verify before it"""
+    step(run, expect, "config disk attached")
+
+
+@applies(late_config_disk)
+def test_the_late_config_disk_was_mounted_when_it_appeared(run, ev, expect):
+    """the config disk attached late was mounted then: runner\\x2dinfo.mount started after the
+    hot-plug, though no unit waited for the disk"""
+    started = ev.first(lambda e: e.get("UNIT") == "runner\\x2dinfo.mount" and e.get("MESSAGE_ID") == MSG_UNIT_STARTED)
+    at = run.collector.guest_to_host(Evidence.rt(started)) if started else None
+    expect(at is not None and run.config_disk_at is not None and at >= run.config_disk_at - 1,
+           f"mounted {at - run.config_disk_at:.1f} s after the hot-plug" if at and run.config_disk_at
+           else f"mounted at {at}, hot-plugged at {run.config_disk_at}")
+
+
+@applies(late_config_disk)
+def test_the_agent_registered_with_the_late_config_disk(run, expect):
+    """the agent waited for runner.json and verified its token once the late disk was there"""
+    verify = run.first(is_verify)
+    expect(verify is not None and run.config_disk_at is not None and verify["t"] > run.config_disk_at,
+           f"verify {verify['t'] - run.config_disk_at:.1f} s after the hot-plug" if verify and run.config_disk_at
+           else f"verify {verify and verify['t']}, hot-plug {run.config_disk_at}")
 
 
 # ---- the agent's journal -----------------------------------------------------------------------

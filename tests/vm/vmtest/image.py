@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import time
 
-from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, CONFIG_SERIAL, FAILURE_DELAY, GUEST_AGENT,
+from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, FAILURE_DELAY, GUEST_AGENT,
                      GUEST_FILES, GUEST_FIREWALL, GUEST_UNIT, METADATA_FIREWALL, REPO, ROOT_LABEL,
                      UNIT, UNIT_PLACEHOLDER, UNIT_SRC, log)
 
@@ -144,14 +144,7 @@ def agent_dropin(scenario):
     return "\n".join(lines) + "\n"
 
 
-# The config disk's device timeout under TCG: the module's 10 s (guest/runner-info.device-timeout.conf)
-# is guest time, and an emulated guest on a loaded host (the compiler just done, other VMs) has
-# taken longer than that for udev to announce the disk; the agent then waits for a runner.json
-# that never comes. Under KVM the module's value stands.
-TCG_DEVICE_TIMEOUT = "60s"
-
-
-def build_root_image(base, scenario, workdir, kvm=True):
+def build_root_image(base, scenario, workdir):
     """The guest's root disk: the cached tree plus the agent, its unit and the test's files."""
     tree = Tree(os.path.join(base, "rootfs"), os.path.join(workdir, "tree"))
     sysd = "/etc/systemd/system"
@@ -161,16 +154,13 @@ def build_root_image(base, scenario, workdir, kvm=True):
     tree.put(GUEST_UNIT, installed_unit_text())
     tree.enable(UNIT, GUEST_UNIT, "multi-user.target")
     tree.put(f"{sysd}/{UNIT}.d/overrides.conf", agent_dropin(scenario))
-    # /runner-info, as the NixOS runner module declares it (see guest/runner-info.mount).
-    mount = systemd_escape_path("/runner-info") + ".mount"
-    device = systemd_escape_path(f"/dev/disk/by-id/virtio-{CONFIG_SERIAL}") + ".device"
-    tree.put_file(f"{sysd}/{mount}", os.path.join(GUEST_FILES, "runner-info.mount"), 0o644)
-    tree.enable(mount, f"../{mount}", "local-fs.target")
-    with open(os.path.join(GUEST_FILES, "runner-info.device-timeout.conf")) as f:
-        timeout = f.read()
-    if not kvm:
-        timeout = timeout.replace("JobRunningTimeoutSec=10s", f"JobRunningTimeoutSec={TCG_DEVICE_TIMEOUT}")
-    tree.put(f"{sysd}/{device}.d/50-device-timeout.conf", timeout)
+    # /runner-info, as the NixOS runner module writes it to /etc/fstab (guest/runner-info.fstab):
+    # the guest's systemd-fstab-generator makes the mount unit, wanted by the disk's device.
+    with open(os.path.join(tree.path, "etc", "fstab")) as f:
+        fstab = f.read()
+    with open(os.path.join(GUEST_FILES, "runner-info.fstab")) as f:
+        fstab += f.read()
+    tree.put("/etc/fstab", fstab)
     # The fake gitlab-runner, and the evidence helpers.
     tree.put_file("/usr/local/bin/gitlab-runner", os.path.join(GUEST_FILES, "gitlab-runner"), 0o755)
     for helper in ("vmtest-status-watch", "vmtest-evidence"):
@@ -229,8 +219,8 @@ def add_hostile_job(tree, scenario):
 FIREWALL_UNIT = """# The metadata firewall, set up at boot and torn down at shutdown as
 # nixos-modules/metadata-firewall.nix does it with the firewall's rules (scenarios f, g).
 # Not as early as NixOS's firewall.service (DefaultDependencies=no, before network-pre.target):
-# under TCG its iptables or nft commands would compete with udev for the config disk, whose
-# device timeout is 10 s. Before the agent is what matters here.
+# under TCG its iptables or nft commands would compete with udev and the config disk's mount.
+# Before the agent is what matters here.
 [Unit]
 Description=VM system test: the metadata firewall (nixos-modules/metadata-firewall.sh)
 After=runner\\x2dinfo.mount

@@ -96,8 +96,12 @@ def probe_kvm(kernel):
 
 
 class VM:
-    def __init__(self, outdir, base, root_image, iso, gitlab_port, collector_port, kvm):
+    def __init__(self, outdir, base, root_image, iso, gitlab_port, collector_port, kvm,
+                 config_disk_late=False):
+        """config_disk_late: the config disk is not there at boot; attach_config_disk()
+        hot-plugs it later into a PCIe root port kept free for it (q35's root bus takes none)."""
         self.outdir = outdir
+        self.iso = iso
         self.sockdir = tempfile.mkdtemp(prefix="vmtest-qmp-")
         qmp_path = os.path.join(self.sockdir, "qmp.sock")
         fwd = "guestfwd=tcp:{}:80-cmd:socat STDIO TCP:127.0.0.1:{}"
@@ -109,8 +113,9 @@ class VM:
             "-append", f"root=LABEL={ROOT_LABEL} rw console=ttyS0 loglevel=4 panic=-1",
             "-drive", f"file={root_image},if=none,id=root,format=raw",
             "-device", "virtio-blk-pci,drive=root",
-            "-drive", f"file={iso},if=none,id=runnerinfo,format=raw,readonly=on",
-            "-device", f"virtio-blk-pci,drive=runnerinfo,serial={CONFIG_SERIAL}",
+            *(["-device", "pcie-root-port,id=configport,chassis=1"] if config_disk_late else
+              ["-drive", f"file={iso},if=none,id=runnerinfo,format=raw,readonly=on",
+               "-device", f"virtio-blk-pci,drive=runnerinfo,serial={CONFIG_SERIAL}"]),
             "-netdev", ",".join(["user,id=net0,restrict=on",
                                  fwd.format(GITLAB_ADDR, gitlab_port),
                                  fwd.format(COLLECTOR_ADDR, collector_port)]),
@@ -146,6 +151,21 @@ class VM:
         """What KubeVirt does on VMI deletion without a guest agent: an ACPI power-button press."""
         self.t_powerdown = time.time()
         return self.qmp.command("system_powerdown")
+
+    def attach_config_disk(self):
+        """Hot-plugs the config disk as KubeVirt would present it, late: the ISO as a read-only
+        block node, then a virtio-blk-pci device with the config serial in the free root port.
+        Returns (ok, detail)."""
+        added = self.qmp.command("blockdev-add", **{
+            "node-name": "runnerinfo", "driver": "raw", "read-only": True,
+            "file": {"driver": "file", "filename": self.iso, "read-only": True}})
+        if "error" in added:
+            return False, f"blockdev-add: {added['error']}"
+        plugged = self.qmp.command("device_add", driver="virtio-blk-pci", id="runnerinfo-disk",
+                                   drive="runnerinfo", serial=CONFIG_SERIAL, bus="configport")
+        if "error" in plugged:
+            return False, f"device_add: {plugged['error']}"
+        return True, "blockdev-add and device_add answered"
 
     def destroy(self):
         if not self.exited():

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import image
-from .config import (AFTER_FAILURE_OBSERVE, BOOT_TO_JOB_MAX, FAILURE_DELAY, GITLAB_ADDR, GRACE,
+from .config import (AFTER_FAILURE_OBSERVE, BOOT_TO_JOB_MAX, CONFIG_DISK_LATE, FAILURE_DELAY,
+                     GITLAB_ADDR, GRACE,
                      HOLD_OBSERVE, HOSTILE_JOB, HOSTILE_JOB_MAX, JOB_SECONDS, LONG_JOB_SECONDS,
                      POWERDOWN_AFTER_JOB_START, POWEROFF_MAX, REPO, RUNS, log)
 from .evidence import Collector, Evidence
@@ -40,6 +41,9 @@ class Scenario:
     jobs_can_become_root: bool = False
     # The metadata firewall's backend (nixos-modules/metadata-firewall.sh): f iptables, g nftables.
     firewall_backend: str = "iptables"
+    # The config disk is hot-plugged CONFIG_DISK_LATE s after the guest is up (item 8 of issue
+    # 19: a disk slower than a device timeout), not attached at boot.
+    config_disk_late: bool = False
 
     @property
     def accepted(self):
@@ -87,6 +91,13 @@ SCENARIOS = {
                   jobs_can_become_root=True, firewall_backend="nftables",
                   expect_phases=["registering", "running", "deregistering", "powering-off"],
                   forbid_phases=["failed", "holding", "stopping"]),
+    # A config disk that comes after boot (a slow node, a slow attach): mounted when it appears,
+    # the agent reads runner.json from it within --config-wait, and the rest is scenario a.
+    "h": Scenario("h", "config disk attached after boot: mounted when it appears, then the "
+                  "happy path", config_disk_late=True,
+                  expect_phases=["waiting-for-config", "registering", "running", "deregistering",
+                                 "powering-off"],
+                  forbid_phases=["failed", "holding", "stopping"]),
 }
 
 
@@ -101,6 +112,7 @@ class Run:
         self.token = "glrt-vmtest" + "".join(secrets.choice(string.ascii_letters + string.digits)
                                              for _ in range(16))
         self.steps = {}              # step -> (ok, what, detail), in the order they were taken
+        self.config_disk_at = None   # scenario h: host time of the config disk's hot-plug
         self.image_seconds = None
         self.vm = self.gitlab = self.collector = self.evidence = None
 
@@ -148,7 +160,7 @@ class Run:
         sc = self.sc
         log(f"scenario {sc.key}: {sc.title}")
         t = time.time()
-        root_image = image.build_root_image(base, sc, self.out, kvm)
+        root_image = image.build_root_image(base, sc, self.out)
         iso = image.build_config_iso(self.runner_json, self.out)
         self.image_seconds = time.time() - t
         self.gitlab = FakeGitLab(os.path.join(self.out, "gitlab-requests.jsonl"), self.token,
@@ -156,7 +168,8 @@ class Run:
                                  job_script=sc.job_script)
         self.collector = Collector(os.path.join(self.out, "evidence"))
         try:
-            self.vm = VM(self.out, base, root_image, iso, self.gitlab.port, self.collector.port, kvm)
+            self.vm = VM(self.out, base, root_image, iso, self.gitlab.port, self.collector.port, kvm,
+                         config_disk_late=sc.config_disk_late)
             log(f"  qemu started ({'KVM' if kvm else 'TCG, emulated'}); images built in "
                 f"{self.image_seconds:.1f} s")
             drive(self)
@@ -224,6 +237,8 @@ class Run:
 def drive(run):
     """What happens to the running VM from outside, per scenario, with the time bounds."""
     sc, vm, gitlab = run.sc, run.vm, run.gitlab
+    if sc.config_disk_late and not attach_config_disk_late(run):
+        return
     if not sc.accepted:
         verify = gitlab.wait_for(is_verify, BOOT_TO_JOB_MAX, vm)
         if not run.step("verify", verify is not None, "the agent called POST /runners/verify"):
@@ -281,3 +296,24 @@ def drive(run):
     exited = vm.wait(POWEROFF_MAX)
     run.step("powered off", exited, f"the VM powered itself off within {POWEROFF_MAX} s of "
              "deregistration", f"{vm.t_exit - dereg['t']:.1f} s" if exited else "")
+
+
+def attach_config_disk_late(run):
+    """Scenario h: once the guest is up (its hello, sent just before the agent starts) and
+    CONFIG_DISK_LATE s more, the config disk is hot-plugged."""
+    vm, collector = run.vm, run.collector
+    deadline = time.time() + BOOT_TO_JOB_MAX
+    while collector.hello is None and not vm.exited() and time.time() < deadline:
+        time.sleep(0.2)
+    if not run.step("guest up", collector.hello is not None, "the guest said hello (booted, "
+                    "without its config disk)", f"{collector.hello[0] - vm.t_start:.1f} s after qemu "
+                    "start" if collector.hello else f"none within {BOOT_TO_JOB_MAX} s"):
+        return False
+    time.sleep(max(0.0, collector.hello[0] + CONFIG_DISK_LATE - time.time()))
+    early = run.first(is_verify)
+    ok, detail = vm.attach_config_disk()
+    run.config_disk_at = time.time()
+    return run.step("config disk attached", ok and early is None,
+                    f"the config disk was hot-plugged {CONFIG_DISK_LATE} s after the guest was up, "
+                    "with no verify before it", f"{run.config_disk_at - vm.t_start:.1f} s after qemu "
+                    f"start; {detail}" + ("; a verify came first" if early else ""))
