@@ -21,7 +21,7 @@ def prepare():
 
 def main(argv):
     if argv != ["prepare"]:
-        raise SystemExit("usage: python3 -m vmtest prepare   (the scenarios: tests/vm/run [a b c d e f g])")
+        raise SystemExit("usage: python3 -m vmtest prepare   (the scenarios: tests/vm/run [a b c d e f g h])")
     if os.geteuid() != 0:
         raise SystemExit("the VM system test needs root (debootstrap, file ownership in the image)")
     prepare()
