@@ -50,6 +50,8 @@ CLOUD_HOSTNAME_UNITS = {"runner-amazon": "apply-ec2-data.service", "runner-digit
 SSH_KEYS_DIR = "/run/ssh-keys"
 # The config disk's line in the VM system test's /etc/fstab (tests/vm/vmtest/image.py).
 GUEST_FSTAB = ROOT / "tests" / "vm" / "guest" / "runner-info.fstab"
+# The scratch unit the VM system test runs, with the module's script (scenario a has the disk).
+GUEST_SCRATCH_UNIT = ROOT / "tests" / "vm" / "guest" / "runner-scratch.service"
 # The runner images and the disks their scratch unit looks for (first match wins): a KubeVirt
 # emptyDisk by serial; AWS instance-store NVMe (systemd's 60-persistent-storage.rules name an
 # NVMe disk nvme-<model>_<serial>, the model being "Amazon EC2 NVMe Instance Storage"); GCE
@@ -342,6 +344,19 @@ def check_what_each_boot_waits_for(facts):
             devices, settle = scratch_arguments(unit.get("script", ""))
             need(devices == d["scratchDevices"], f"runner-scratch looks for {devices}, the option says {d['scratchDevices']}")
             need(len(settle) == 1 and 0 < int(settle[0]) <= SETTLE_MAX, f"udev settle timeout {settle}, at most {SETTLE_MAX} s expected")
+            if name == "nixos-runner":
+                # The VM system test boots this unit with the same script: it must look as the image's does.
+                guest = {}
+                for line in GUEST_SCRATCH_UNIT.read_text().splitlines():
+                    if "=" in line and not line.startswith("#"):
+                        key, value = line.split("=", 1)
+                        guest.setdefault(key, []).extend(value.split())
+                guest_devices, guest_settle = scratch_arguments(" ".join(guest.get("ExecStart", [])))
+                need((guest_devices, guest_settle) == (devices, settle), f"{GUEST_SCRATCH_UNIT.relative_to(ROOT)} looks for "
+                     f"{guest_devices} (settle {guest_settle}), the image for {devices} (settle {settle})")
+                need(set(guest.get("After", [])) == set(unit.get("after", [])) and "local-fs.target" in guest.get("Before", [])
+                     and guest.get("DefaultDependencies") == ["no"],
+                     f"{GUEST_SCRATCH_UNIT.relative_to(ROOT)} is ordered after {guest.get('After')}, the image's after {unit.get('after')}")
             need(d["nixBuildDir"] == "/var/lib/scratch/nix-builds", f"Nix builds in {d['nixBuildDir']}, not on the scratch disk")
             need("install -d -m 0755 /var/lib/scratch/nix-builds" in unit.get("script", ""), "runner-scratch does not make Nix's build directory")
             need(isinstance(d["nixMinFree"], int) and isinstance(d["nixMaxFree"], int) and 0 < d["nixMinFree"] < d["nixMaxFree"],

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from vmtest.config import GUEST_AGENT, GUEST_UNIT, MSG_UNIT_STARTED, PHASES, SYSTEM_ID, UNIT
+from vmtest.config import (GUEST_AGENT, GUEST_UNIT, MSG_UNIT_STARTED, MSG_UNIT_STARTING, PHASES,
+                            SYSTEM_ID, UNIT)
 from vmtest.evidence import MULTI, Evidence, is_subsequence
 from vmtest.fake_gitlab import (is_deregistration, is_job_end, is_job_request, is_job_start,
                                 is_runner_deletion, is_verify, mask_in_text)
@@ -41,6 +42,21 @@ def power_button(sc):
 
 def late_config_disk(sc):
     return sc.config_disk_late
+
+
+def scratch_disk(sc):
+    return sc.scratch_disk
+
+
+def no_scratch_disk(sc):
+    return not sc.scratch_disk
+
+
+SCRATCH_UNIT = "runner-scratch.service"
+
+
+def scratch_messages(ev):
+    return [e.get("MESSAGE") or "" for e in ev.journal if e.get("_SYSTEMD_UNIT") == SCRATCH_UNIT]
 
 
 @pytest.fixture
@@ -322,6 +338,42 @@ def test_the_agent_registered_with_the_late_config_disk(run, expect):
     expect(verify is not None and run.config_disk_at is not None and verify["t"] > run.config_disk_at,
            f"verify {verify['t'] - run.config_disk_at:.1f} s after the hot-plug" if verify and run.config_disk_at
            else f"verify {verify and verify['t']}, hot-plug {run.config_disk_at}")
+
+
+# ---- the boot waits for no disk ----------------------------------------------------------------
+
+def test_no_start_job_waited_out_a_disk(ev, expect):
+    """no start job for a disk timed out: the boot waited for no disk that was not there"""
+    hits = [m for m in (e.get("MESSAGE") or "" for e in ev.journal if e.get("_PID") == "1")
+            if "timed out" in m.lower() and ("/dev/" in m or ".device" in m)]
+    expect(not hits, "; ".join(hits[:3]) or "none timed out")
+
+
+@applies(scratch_disk)
+def test_the_blank_scratch_disk_was_formatted_and_mounted_before_local_fs(ev, expect):
+    """runner-scratch found the blank scratch disk by its serial once udev had named it,
+    formatted it ext4 and mounted it, before local-fs.target"""
+    msgs = scratch_messages(ev)
+    done = ev.first(lambda e: e.get("UNIT") == SCRATCH_UNIT and e.get("MESSAGE_ID") == MSG_UNIT_STARTED
+                    and e.get("_PID") == "1")
+    local_fs = ev.first(lambda e: e.get("UNIT") == "local-fs.target" and e.get("MESSAGE_ID") == MSG_UNIT_STARTED
+                        and e.get("_PID") == "1")
+    formatted = any(m.startswith("runner-scratch-disk: formatting the blank /dev/vd") for m in msgs)
+    mounted = any(m.startswith("runner-scratch-disk: mounted /dev/vd") and m.endswith(" on /var/lib/scratch") for m in msgs)
+    before = done is not None and local_fs is not None and Evidence.rt(done) <= Evidence.rt(local_fs)
+    expect(formatted and mounted and before, " | ".join(msgs[-3:]) + f" | finished before local-fs.target: {before}")
+
+
+@applies(no_scratch_disk)
+def test_without_a_scratch_disk_nothing_waited_for_one(ev, expect):
+    """without a scratch disk, runner-scratch found none once udev had settled, and went on"""
+    msgs = scratch_messages(ev)
+    started = ev.first(lambda e: e.get("UNIT") == SCRATCH_UNIT and e.get("MESSAGE_ID") == MSG_UNIT_STARTING
+                       and e.get("_PID") == "1")
+    done = ev.first(lambda e: e.get("UNIT") == SCRATCH_UNIT and e.get("MESSAGE_ID") == MSG_UNIT_STARTED
+                    and e.get("_PID") == "1")
+    took = f"{Evidence.rt(done) - Evidence.rt(started):.1f} s" if started and done else "never finished"
+    expect(done is not None and any("no disk matches" in m for m in msgs), " | ".join(msgs[-2:]) + f" ({took})")
 
 
 # ---- the agent's journal -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ BUILD_ROOTFS = os.path.join(HERE, "build-rootfs")
 AGENT_BIN = os.path.join(REPO, "target", "release", "gitlab-runner-vm")
 UNIT_SRC = os.path.join(REPO, "agent", "dist", "gitlab-runner-vm.service")
 METADATA_FIREWALL = os.path.join(REPO, "nixos-modules", "metadata-firewall.sh")
+SCRATCH_DISK_SCRIPT = os.path.join(REPO, "nixos-modules", "runner-scratch-disk.sh")
 
 ROOT_LABEL = "vmtest-root"
 # Where the binary goes in the guest: a path of its own, like the Nix store path that the Nix
@@ -23,6 +24,9 @@ GUEST_AGENT = "/opt/gitlab-runner-vm/bin/gitlab-runner-vm"
 UNIT_PLACEHOLDER = "/usr/bin/gitlab-runner-vm"
 GUEST_UNIT = "/usr/lib/systemd/system/gitlab-runner-vm.service"
 GUEST_FIREWALL = "/usr/local/libexec/vmtest/metadata-firewall.sh"
+GUEST_SCRATCH_DISK = "/usr/local/libexec/vmtest/runner-scratch-disk"
+SCRATCH_SERIAL = "scratch"
+SCRATCH_MIB = 64          # scenario a's blank scratch disk (sparse)
 HOSTILE_JOB = "/usr/local/libexec/vmtest/hostile-job"
 UNIT = "gitlab-runner-vm.service"
 GITLAB_ADDR = "10.0.2.100"

@@ -10,8 +10,9 @@ import subprocess
 import time
 
 from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, FAILURE_DELAY, GUEST_AGENT,
-                     GUEST_FILES, GUEST_FIREWALL, GUEST_UNIT, METADATA_FIREWALL, REPO, ROOT_LABEL,
-                     UNIT, UNIT_PLACEHOLDER, UNIT_SRC, log)
+                     GUEST_FILES, GUEST_FIREWALL, GUEST_SCRATCH_DISK, GUEST_UNIT, METADATA_FIREWALL,
+                     REPO, ROOT_LABEL, SCRATCH_DISK_SCRIPT, SCRATCH_MIB, UNIT, UNIT_PLACEHOLDER,
+                     UNIT_SRC, log)
 
 
 def systemd_escape_path(path):
@@ -161,6 +162,10 @@ def build_root_image(base, scenario, workdir):
     with open(os.path.join(GUEST_FILES, "runner-info.fstab")) as f:
         fstab += f.read()
     tree.put("/etc/fstab", fstab)
+    # The scratch disk's unit and script, as the NixOS runner module runs them.
+    tree.put_file(GUEST_SCRATCH_DISK, SCRATCH_DISK_SCRIPT, 0o755)
+    tree.put_file(f"{sysd}/runner-scratch.service", os.path.join(GUEST_FILES, "runner-scratch.service"), 0o644)
+    tree.enable("runner-scratch.service", f"{sysd}/runner-scratch.service", "local-fs.target")
     # The fake gitlab-runner, and the evidence helpers.
     tree.put_file("/usr/local/bin/gitlab-runner", os.path.join(GUEST_FILES, "gitlab-runner"), 0o755)
     for helper in ("vmtest-status-watch", "vmtest-evidence"):
@@ -237,6 +242,14 @@ ExecStop={fw} teardown
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def build_scratch_disk(workdir):
+    """A blank scratch disk, as a KubeVirt emptyDisk starts (sparse: nothing is written)."""
+    path = os.path.join(workdir, "scratch.img")
+    with open(path, "wb") as f:
+        f.truncate(SCRATCH_MIB << 20)
+    return path
 
 
 def build_config_iso(runner_json, workdir):

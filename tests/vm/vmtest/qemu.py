@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 
-from .config import COLLECTOR_ADDR, CONFIG_SERIAL, GITLAB_ADDR, ROOT_LABEL
+from .config import COLLECTOR_ADDR, CONFIG_SERIAL, GITLAB_ADDR, ROOT_LABEL, SCRATCH_SERIAL
 
 
 class QMP:
@@ -97,9 +97,10 @@ def probe_kvm(kernel):
 
 class VM:
     def __init__(self, outdir, base, root_image, iso, gitlab_port, collector_port, kvm,
-                 config_disk_late=False):
+                 config_disk_late=False, scratch=None):
         """config_disk_late: the config disk is not there at boot; attach_config_disk()
-        hot-plugs it later into a PCIe root port kept free for it (q35's root bus takes none)."""
+        hot-plugs it later into a PCIe root port kept free for it (q35's root bus takes none).
+        scratch: a disk image attached with the scratch serial, or None."""
         self.outdir = outdir
         self.iso = iso
         self.sockdir = tempfile.mkdtemp(prefix="vmtest-qmp-")
@@ -116,6 +117,8 @@ class VM:
             *(["-device", "pcie-root-port,id=configport,chassis=1"] if config_disk_late else
               ["-drive", f"file={iso},if=none,id=runnerinfo,format=raw,readonly=on",
                "-device", f"virtio-blk-pci,drive=runnerinfo,serial={CONFIG_SERIAL}"]),
+            *(["-drive", f"file={scratch},if=none,id=scratch,format=raw",
+               "-device", f"virtio-blk-pci,drive=scratch,serial={SCRATCH_SERIAL}"] if scratch else []),
             "-netdev", ",".join(["user,id=net0,restrict=on",
                                  fwd.format(GITLAB_ADDR, gitlab_port),
                                  fwd.format(COLLECTOR_ADDR, collector_port)]),

@@ -44,6 +44,9 @@ class Scenario:
     # The config disk is hot-plugged CONFIG_DISK_LATE s after the guest is up (item 8 of issue
     # 19: a disk slower than a device timeout), not attached at boot.
     config_disk_late: bool = False
+    # A blank scratch disk (serial scratch), formatted and mounted by runner-scratch; the other
+    # scenarios have none, and their boots must not wait for one.
+    scratch_disk: bool = False
 
     @property
     def accepted(self):
@@ -53,6 +56,7 @@ class Scenario:
 
 SCENARIOS = {
     "a": Scenario("a", "happy path: one job, deregistration, power-off by the VM itself",
+                  scratch_disk=True,
                   expect_phases=["registering", "running", "deregistering", "powering-off"],
                   forbid_phases=["failed", "holding", "stopping"]),
     "b": Scenario("b", "/etc/keep-runner: held after deregistration, ACPI power button stops it",
@@ -162,6 +166,7 @@ class Run:
         t = time.time()
         root_image = image.build_root_image(base, sc, self.out)
         iso = image.build_config_iso(self.runner_json, self.out)
+        scratch = image.build_scratch_disk(self.out) if sc.scratch_disk else None
         self.image_seconds = time.time() - t
         self.gitlab = FakeGitLab(os.path.join(self.out, "gitlab-requests.jsonl"), self.token,
                                  verify_status=sc.verify_status, job_seconds=sc.job_seconds,
@@ -169,7 +174,7 @@ class Run:
         self.collector = Collector(os.path.join(self.out, "evidence"))
         try:
             self.vm = VM(self.out, base, root_image, iso, self.gitlab.port, self.collector.port, kvm,
-                         config_disk_late=sc.config_disk_late)
+                         config_disk_late=sc.config_disk_late, scratch=scratch)
             log(f"  qemu started ({'KVM' if kvm else 'TCG, emulated'}); images built in "
                 f"{self.image_seconds:.1f} s")
             drive(self)
@@ -180,8 +185,9 @@ class Run:
             self.collector.close()
             # The evidence upload ends before power-off; give the last bytes a moment to land.
             self.collector.done.wait(2)
-            for path in (root_image, iso):
-                os.unlink(path)
+            for path in (root_image, iso, scratch):
+                if path:
+                    os.unlink(path)
         self.evidence = Evidence(self.collector.outdir)
         if sc.hostile:
             with open(os.path.join(self.out, "hostile-report.jsonl"), "w") as f:
