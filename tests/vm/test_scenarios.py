@@ -373,7 +373,7 @@ def test_without_a_scratch_disk_nothing_waited_for_one(ev, expect):
     done = ev.first(lambda e: e.get("UNIT") == SCRATCH_UNIT and e.get("MESSAGE_ID") == MSG_UNIT_STARTED
                     and e.get("_PID") == "1")
     took = f"{Evidence.rt(done) - Evidence.rt(started):.1f} s" if started and done else "never finished"
-    expect(done is not None and any("no disk matches" in m for m in msgs), " | ".join(msgs[-2:]) + f" ({took})")
+    expect(done is not None and any("no disk matches" in m for m in msgs), f"runner-scratch took {took}: " + " | ".join(msgs[-2:]))
 
 
 # ---- the agent's journal -----------------------------------------------------------------------
