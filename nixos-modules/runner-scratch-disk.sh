@@ -4,24 +4,30 @@
 # instance-store NVMe, GCE local SSD), formatted ext4 when it is blank. runner.nix runs it from
 # runner-scratch.service, before local-fs.target, and then moves /tmp and the others onto it.
 #
-# It never waits for a disk: it lets udev finish the devices the kernel has announced (`udevadm
-# settle`, bounded by --settle-timeout), then looks at the names udev made. A platform without
-# such a disk, or without patterns at all, boots on without one; everything then stays on the
-# root file system. It never fails the boot either: what it cannot use, it says why and leaves.
+# It never waits for a disk: it lets udev finish naming the block devices the kernel already has
+# (`udevadm wait` on each of /sys/class/block, bounded by --udev-timeout; not the whole event
+# queue of the boot), then looks at the names udev made. A platform without such a disk, or
+# without patterns at all, boots on without one; everything then stays on the root file system.
+# It never fails the boot either: what it cannot use, it says why and leaves.
 #
-# Usage: runner-scratch-disk.sh --mount-point DIR [--device PATTERN]... [--settle-timeout SECONDS]
+# Usage: runner-scratch-disk.sh --mount-point DIR [--device PATTERN]... [--udev-timeout SECONDS]
+#                               [--block-dir DIR]
 # A PATTERN is a path with shell wildcards, e.g. /dev/disk/by-id/google-local-nvme-ssd-*;
 # links to partitions (…-partN) are skipped: a partitioned disk is someone's, never scratch.
+# --block-dir is where the kernel lists its block devices (/sys/class/block; tests point it
+# elsewhere).
 set -uo pipefail
 
 mount_point=
-settle_timeout=10
+udev_timeout=10
+block_dir=/sys/class/block
 patterns=()
 while [ $# -gt 0 ]; do
   case $1 in
     --mount-point) mount_point=${2:?--mount-point needs a directory}; shift 2 ;;
     --device) patterns+=("${2:?--device needs a pattern}"); shift 2 ;;
-    --settle-timeout) settle_timeout=${2:?--settle-timeout needs seconds}; shift 2 ;;
+    --udev-timeout) udev_timeout=${2:?--udev-timeout needs seconds}; shift 2 ;;
+    --block-dir) block_dir=${2:?--block-dir needs a directory}; shift 2 ;;
     *) echo "runner-scratch-disk: unknown argument '$1' (see the usage in $0)" >&2; exit 2 ;;
   esac
 done
@@ -41,10 +47,13 @@ if mountpoint -q "$mount_point"; then
   exit 0
 fi
 
-# udev names the disks the kernel found (/dev/disk/by-id): wait for the devices already
-# announced, never for one that is not there.
-udevadm settle --timeout="$settle_timeout" ||
-  say "udev did not settle within $settle_timeout s; looking at the disks named so far"
+# udev names the disks the kernel found (/dev/disk/by-id): wait until it has initialized the
+# block devices the kernel has now, never for one that is not there.
+mapfile -t blocks < <(compgen -G "$block_dir/*")
+if [ ${#blocks[@]} -gt 0 ]; then
+  udevadm wait --timeout="$udev_timeout" -- "${blocks[@]}" ||
+    say "udev did not name the ${#blocks[@]} block devices within $udev_timeout s; looking at the disks named so far"
+fi
 
 # The first existing whole disk, in the order of the patterns (and of the names within one).
 disk=

@@ -32,7 +32,7 @@
 # containerDisk's root file system cannot grow. It is what the platform offers: on KubeVirt an
 # emptyDisk with serial `scratch`, on AWS the first instance-store NVMe disk, on GCE the first
 # local SSD, on DigitalOcean none. Formatted ext4 when blank; looked for once udev has named the
-# disks there are, never waited for (runner-scratch-disk.sh).
+# block devices the kernel has, never waited for (runner-scratch-disk.sh).
 #
 # The config disk is mounted whenever it appears, at boot or later (the mount is wanted by the
 # disk's device unit, with no device timeout): the agent waits for runner.json (--config-wait)
@@ -53,9 +53,9 @@ let
   sshKeysSource = if metadataSource then agent.settings.config-source else "auto";
   sshKeyUsers = [ cfg.operator.user ] ++ lib.optional config.gitlabRunnerVm.runner.rootLogin "root";
   jobUser = agent.settings.job-user;
-  # How long runner-scratch lets udev finish naming the disks the kernel found (seconds): the
-  # queue of a boot's devices, never a wait for one disk.
-  scratchSettleTimeout = 10;
+  # How long runner-scratch lets udev finish naming the block devices the kernel has (seconds):
+  # the disks already there, never a wait for one that is not.
+  scratchUdevTimeout = 10;
   builds = lib.escapeShellArg "${cfg.scratchDisk.mountPoint}/builds";
   scratch = lib.escapeShellArg cfg.scratchDisk.mountPoint;
   # A bind mount of <scratch>/binds/<path> on each path, made before local-fs.target.
@@ -332,7 +332,7 @@ in
 
       # The scratch disk (when the platform has one) and what moves onto it, before local-fs.target
       # so before anything writes to /tmp or the home; without a disk, everything stays on the
-      # root file system. It waits for udev to name the disks the kernel found, never for a disk.
+      # root file system. It waits for udev to name the disks the kernel has, never for a disk.
       systemd.services.runner-scratch = mkIf cfg.scratchDisk.enable {
         description = "Prepare the scratch space for what jobs write";
         wantedBy = [ "local-fs.target" "multi-user.target" ];
@@ -348,7 +348,7 @@ in
         };
         script = ''
           ${pkgs.bash}/bin/bash ${./runner-scratch-disk.sh} --mount-point ${scratch} \
-            --settle-timeout ${toString scratchSettleTimeout}${lib.concatMapStrings (d: " --device ${lib.escapeShellArg d}") cfg.scratchDisk.devices}
+            --udev-timeout ${toString scratchUdevTimeout}${lib.concatMapStrings (d: " --device ${lib.escapeShellArg d}") cfg.scratchDisk.devices}
           if mountpoint -q ${scratch}; then
           ${binds}
           fi

@@ -68,7 +68,7 @@ SCRATCH_DEVICES = {
 # The config disk's device where it is not the virtio disk with serial runner-info: Proxmox VE's
 # CD-ROM, by its ISO 9660 label.
 CONFIG_DEVICES = {"runner-proxmox": "/dev/disk/by-label/cfgdata"}
-# The longest runner-scratch lets udev finish the boot's device events before it looks.
+# The longest runner-scratch lets udev finish naming the kernel's block devices before it looks.
 SETTLE_MAX = 10
 # Groups that make a user root (wheel: sudo; docker and podman: their root sockets) or let it
 # read the whole journal (systemd-journald's ACLs name wheel and adm; systemd-journal owns it).
@@ -294,17 +294,18 @@ def systemd_escape_path(path):
 
 
 def scratch_arguments(script):
-    """The --device patterns and the --settle-timeout that runner-scratch passes its script."""
+    """The --device patterns and the --udev-timeout that runner-scratch passes its script."""
     words = shlex.split(script.split("\nif ", 1)[0].replace("\\\n", " "))
     devices = [words[i + 1] for i, w in enumerate(words) if w == "--device"]
-    settle = [words[i + 1] for i, w in enumerate(words) if w == "--settle-timeout"]
+    settle = [words[i + 1] for i, w in enumerate(words) if w == "--udev-timeout"]
     return devices, settle
 
 
 def check_what_each_boot_waits_for(facts):
     """Per runner image and system: the config disk is mounted when it appears (wanted by its
     device, no device timeout) and only on KubeVirt; the scratch unit looks for the platform's
-    own disks once udev has settled, waits for no device or mount unit, and nothing on a cloud
+    own disks once udev has named the block devices there are, waits for no device or mount
+    unit, and nothing on a cloud
     image refers to a virtio serial."""
     problems = []
     seen = set()
@@ -343,7 +344,7 @@ def check_what_each_boot_waits_for(facts):
                  f"runner-scratch is not between udev's coldplug and local-fs.target: after {unit.get('after')}, before {unit.get('before')}")
             devices, settle = scratch_arguments(unit.get("script", ""))
             need(devices == d["scratchDevices"], f"runner-scratch looks for {devices}, the option says {d['scratchDevices']}")
-            need(len(settle) == 1 and 0 < int(settle[0]) <= SETTLE_MAX, f"udev settle timeout {settle}, at most {SETTLE_MAX} s expected")
+            need(len(settle) == 1 and 0 < int(settle[0]) <= SETTLE_MAX, f"udev timeout {settle}, at most {SETTLE_MAX} s expected")
             if name == "nixos-runner":
                 # The VM system test boots this unit with the same script: it must look as the image's does.
                 guest = {}
@@ -353,7 +354,7 @@ def check_what_each_boot_waits_for(facts):
                         guest.setdefault(key, []).extend(value.split())
                 guest_devices, guest_settle = scratch_arguments(" ".join(guest.get("ExecStart", [])))
                 need((guest_devices, guest_settle) == (devices, settle), f"{GUEST_SCRATCH_UNIT.relative_to(ROOT)} looks for "
-                     f"{guest_devices} (settle {guest_settle}), the image for {devices} (settle {settle})")
+                     f"{guest_devices} (udev timeout {guest_settle}), the image for {devices} (udev timeout {settle})")
                 need(set(guest.get("After", [])) == set(unit.get("after", [])) and "local-fs.target" in guest.get("Before", [])
                      and guest.get("DefaultDependencies") == ["no"],
                      f"{GUEST_SCRATCH_UNIT.relative_to(ROOT)} is ordered after {guest.get('After')}, the image's after {unit.get('after')}")
