@@ -24,7 +24,7 @@
 //! [--profile] [--scenarios N:L/S,...] [--grid]` (or STORM_AGENTS, STORM_LIMIT, STORM_PERIOD,
 //! STORM_RUNS, STORM_HINT_ONLY=1, STORM_SCENARIOS). Defaults: 200 agents, 50 per 6 s, 1 run.
 //! `--scenarios` runs several storms (e.g. `200:50/6,1000:100/5`); `--grid` runs the grid of
-//! BENCHMARKS.md (windows of 5 to 60 s, N from 200 to 1,000: about 40 minutes). `--hint-only`
+//! BENCHMARKS.md (windows of 5 to 60 s, N from 200 to 1,000: about 30 minutes). `--hint-only`
 //! leaves out `RateLimit-Observed`, `RateLimit-Limit` and `RateLimit-Remaining`, as a proxy or an
 //! older GitLab would. Without `--bench` (`cargo test --benches`) it runs one small storm as a
 //! smoke test that checks nothing is left behind and no request came early; it never asserts
