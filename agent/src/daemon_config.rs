@@ -250,24 +250,11 @@ fn read_optional(path: &Path) -> io::Result<Option<String>> {
     }
 }
 
-/// Writes `text` beside `path` and renames it over `path` (a link into the Nix store is
-/// replaced, not followed): a daemon never reads half a file. 0644: the daemons' settings are
-/// no secret, and rootless Podman reads its drop-ins as the job user.
+/// `files::write_atomically` (whole or not at all; a link into the Nix store is replaced, not
+/// followed), 0644 whatever the umask: the daemons' settings are no secret, and rootless
+/// Podman reads its drop-ins as the job user.
 fn write_replacing(path: &Path, text: &str) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.gitlab-runner-vm"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    crate::files::write_atomically(path, text.as_bytes(), 0o644, 0o755)
 }
 
 /// Runs a reload command with /bin/sh -c, at most `RELOAD_TIMEOUT`; its output goes to the
