@@ -84,12 +84,13 @@ fn modified(keep_file: &Path) -> io::Result<Option<SystemTime>> {
 /// power off, e.g. during the failure delay). Watched with inotify, no polling.
 pub async fn keep_file_created(keep_file: &Path) -> io::Result<()> {
     let dir = keep_file.parent().unwrap_or(Path::new("/"));
+    // Watch first, then look, so that a file created in between is not missed. One watch for
+    // the whole wait: closing one costs a kernel grace period (see fswatch::wait_for_file).
+    let watch = DirWatch::new(
+        dir,
+        AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
+    )?;
     loop {
-        // Watch first, then look, so that a file created in between is not missed.
-        let watch = DirWatch::new(
-            dir,
-            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
-        )?;
         if keep_file_exists(keep_file) {
             return Ok(());
         }
@@ -108,17 +109,18 @@ pub async fn hold(
 ) -> io::Result<HoldEnd> {
     let dir = keep_file.parent().unwrap_or(Path::new("/"));
     let mut last_deadline = None;
+    // One watch, made before the first look, for the whole hold.
+    let watch = DirWatch::new(
+        dir,
+        AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MODIFY,
+    )?;
     loop {
-        let watch = DirWatch::new(
-            dir,
-            AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE
-                | AddWatchFlags::IN_MOVED_FROM
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_ATTRIB
-                | AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MODIFY,
-        )?;
         let deadline = match hold_state(started, modified(keep_file)?, limits, SystemTime::now()) {
             Err(end) => return Ok(end),
             Ok(deadline) => deadline,

@@ -335,6 +335,36 @@ async fn a_half_written_runner_json_is_waited_for() {
     assert!(h.powered_off());
 }
 
+/// A writer that pauses twice mid-file: the agent keeps waiting through each pause (one watch
+/// for the whole wait, made only once the file is seen incomplete).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_json_written_in_three_pieces_is_waited_for() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    let whole = json!({"name": "vm-test", "url": h.server.uri(), "token": TOKEN}).to_string();
+    let (first, rest) = whole.split_at(whole.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    std::fs::create_dir_all(h.config_path().parent().unwrap()).unwrap();
+    std::fs::write(h.config_path(), first).unwrap();
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &[]);
+    use std::io::Write;
+    for piece in [second, third] {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(h.runner_invocations().is_empty(), "{}", h.log());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(h.config_path())
+            .unwrap()
+            .write_all(piece.as_bytes())
+            .unwrap();
+    }
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.status()["last_error"].is_null(), "{}", h.log());
+    assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
+    assert!(h.powered_off());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_status_json_that_cannot_be_written_starts_no_gitlab_runner() {
     let mut h = Harness::new().await;

@@ -295,16 +295,10 @@ impl Agent {
 /// invalid JSON is returned at once, for validation to report.
 async fn read_complete(path: &Path, deadline: Instant) -> Result<String, AgentError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
+    // No watch while the file reads whole (the usual case): closing an inotify instance that
+    // holds a watch waits for a kernel grace period (see fswatch::wait_for_file).
+    let mut watch: Option<fswatch::DirWatch> = None;
     loop {
-        // Watch first, then read, so that a write in between is not missed.
-        let watch = fswatch::DirWatch::new(
-            dir,
-            AddWatchFlags::IN_MODIFY
-                | AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_CREATE,
-        )
-        .ok();
         let text = files::read_text(path, files::CONFIG_CAP).map_err(|e| {
             AgentError::ConfigUnreadable {
                 path: path.to_path_buf(),
@@ -313,8 +307,24 @@ async fn read_complete(path: &Path, deadline: Instant) -> Result<String, AgentEr
         })?;
         let incomplete = text.trim().is_empty()
             || serde_json::from_str::<serde_json::Value>(&text).is_err_and(|e| e.is_eof());
-        let Some(watch) = watch.filter(|_| incomplete) else {
+        if !incomplete {
             return Ok(text);
+        }
+        let Some(changes) = &watch else {
+            // Watch first, then read again, so that a write in between is not missed. Without
+            // a watch, validation reports what is there.
+            watch = fswatch::DirWatch::new(
+                dir,
+                AddWatchFlags::IN_MODIFY
+                    | AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_CREATE,
+            )
+            .ok();
+            if watch.is_none() {
+                return Ok(text);
+            }
+            continue;
         };
         tracing::info!(
             "{} is incomplete ({} bytes); waiting for its writer to finish",
@@ -322,7 +332,7 @@ async fn read_complete(path: &Path, deadline: Instant) -> Result<String, AgentEr
             text.len()
         );
         let settle = deadline_after(CONFIG_SETTLE).min(deadline);
-        match tokio::time::timeout_at(settle, watch.changed()).await {
+        match tokio::time::timeout_at(settle, changes.changed()).await {
             Ok(Ok(())) => continue,
             // No change in time (or the watch broke): validation reports what is there.
             Ok(Err(_)) | Err(_) => return Ok(text),
