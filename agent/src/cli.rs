@@ -129,8 +129,8 @@ pub struct RunArgs {
     /// runner.json
     #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// Where runner.json comes from: the file, a platform's metadata service (written to
-    /// --config), or auto (the platform recognised from DMI/SMBIOS, else the file)
+    /// Where runner.json comes from: the file, a platform's metadata service or the broker
+    /// (written to --config), or auto (the platform recognised from DMI/SMBIOS, else the file)
     #[arg(
         long,
         env = "GITLAB_RUNNER_VM_CONFIG_SOURCE",
@@ -144,6 +144,17 @@ pub struct RunArgs {
     /// Where the DMI/SMBIOS strings that recognise the platform are read
     #[arg(long, env = "GITLAB_RUNNER_VM_DMI_DIR", default_value = DEFAULT_DMI_DIR)]
     pub dmi_dir: PathBuf,
+    /// The broker's base URL (--config-source broker): its Service in the VM's namespace
+    #[arg(long, env = "GITLAB_RUNNER_VM_BROKER_URL", default_value = crate::broker::DEFAULT_BROKER_URL)]
+    pub broker_url: String,
+    /// The pod's service-account token that proves this VM to the broker (--config-source
+    /// broker): the `token` file of KubeVirt's serviceAccount disk, as the image mounts it
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_BROKER_TOKEN_FILE",
+        default_value = crate::broker::DEFAULT_TOKEN_FILE
+    )]
+    pub broker_token_file: PathBuf,
     /// Act on the platform's preemption and maintenance notices (drain; abort the job in time
     /// to deregister before the VM goes away): auto is on for aws and gce
     #[arg(

@@ -18,6 +18,7 @@ macro_rules! complain {
 mod agent;
 mod backoff;
 mod boot_record;
+mod broker;
 mod cgroup;
 mod cli;
 mod config;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::broker::BrokerError;
 use crate::gitlab::RetryError;
 use crate::metadata::{MetadataError, Platform};
 
@@ -75,9 +76,11 @@ pub enum AgentError {
     UserDataNotRunnerJson { platform: Platform, what: String },
     #[error("cannot fetch runner.json from the instance's user-data: {0}")]
     Metadata(MetadataError),
+    #[error("cannot get this boot's runner from the broker: {0}")]
+    Broker(BrokerError),
     #[error("cannot write the fleet's settings for the VM's daemons: {0}")]
     DaemonConfig(String),
-    #[error("cannot write the user-data to {path}: {detail}")]
+    #[error("cannot write runner.json (from the user-data or the broker) to {path}: {detail}")]
     ConfigWrite { path: PathBuf, detail: String },
 }
 
@@ -146,6 +149,7 @@ impl AgentError {
                 platform.how_to_set_user_data()
             ),
             Metadata(error) => error.fix(),
+            Broker(error) => error.fix(),
             DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot; check `systemctl status docker`), or remove registry_mirrors (nix_substituters) from runner.json; --docker-daemon-config, --docker-reload-command, --registries-conf, --nix-conf and --nix-restart-command name the files and the commands".into(),
             ConfigWrite { path, .. } => format!(
                 "make {} writable by the agent, or point --config at a writable place",

@@ -19,6 +19,7 @@ use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
 use crate::lifecycle::{self, Phase};
+use crate::metadata::ConfigSource;
 use crate::preemption;
 use crate::registration::{Registered, Target, possibly_created};
 use crate::status::{self, Status};
@@ -327,6 +328,12 @@ impl Agent {
     pub(super) fn fail_closed(&mut self) -> Teardown {
         let state_dir = self.args.state_dir.clone();
         self.system_id = runner::read_system_id(&state_dir);
+        // With the broker every runner is this boot's own: deleting it removes nobody else's.
+        let target = if self.args.config_source == ConfigSource::Broker {
+            Target::Runner
+        } else {
+            Target::Manager
+        };
         let registered = runner::read_runner_entry(&state_dir).and_then(|entry| {
             self.shown.gitlab_url = Some(entry.url.clone());
             let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
@@ -336,10 +343,13 @@ impl Agent {
                 client,
                 runner_token: entry.token?,
                 system_id: self.system_id.clone().unwrap_or_default(),
-                target: Target::Manager,
+                target,
             })
         });
         match &registered {
+            Some(_) if target == Target::Runner => tracing::warn!(
+                "tearing down with what config.toml names: this boot's own runner (from the broker) is deleted from GitLab"
+            ),
             Some(_) => tracing::warn!(
                 "tearing down with what config.toml names: this VM's runner manager is deleted from GitLab; a runner this boot created (registration_token, access_token) stays: delete it by hand (Settings > CI/CD > Runners)"
             ),
@@ -369,7 +379,9 @@ impl Agent {
         );
         let state_dir = self.args.state_dir.clone();
         self.system_id = runner::read_system_id(&state_dir).or(prev.system_id.clone());
-        let target = if prev.credential == Some(CredentialKind::RunnerToken) {
+        // The broker's runner is this boot's own, whatever its token looks like.
+        let own_runner = self.args.config_source == ConfigSource::Broker;
+        let target = if prev.credential == Some(CredentialKind::RunnerToken) && !own_runner {
             Target::Manager
         } else {
             Target::Runner

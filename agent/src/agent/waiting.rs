@@ -13,11 +13,12 @@ use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::state::{Next, Setup, State, Teardown, failed};
 use super::{Agent, Shown, deadline_after};
+use crate::broker::{self, BrokerClient};
 use crate::config::RunnerConfig;
 use crate::daemon_config;
 use crate::gitlab::Client;
 use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
-use crate::registration::{self, Target};
+use crate::registration;
 use crate::runner::{self, Account, ShellJobs};
 use crate::{cli, files, fswatch};
 
@@ -63,7 +64,8 @@ impl Agent {
                 // Any verify that reaches GitLab creates (or refreshes) this VM's manager,
                 // whether its answer then arrives, times out or is interrupted: from the first
                 // one on, teardown deletes it. `enter` records this before the request goes.
-                self.lc.registered = setup.flow.target() == Target::Manager;
+                // A runner the broker gave this boot exists already: teardown deletes it too.
+                self.lc.registered = setup.flow.known_runner_token().is_some();
                 let detail = setup.flow.describe(&setup.system_id);
                 (State::Registering(setup), detail)
             }
@@ -98,8 +100,57 @@ impl Agent {
     ) -> Result<String, AgentError> {
         if let Some(platform) = platform {
             self.fetch_user_data(platform, deadline).await?;
+        } else if self.args.config_source == ConfigSource::Broker {
+            self.fetch_from_broker(deadline).await?;
         }
         self.read_config(deadline).await
+    }
+
+    /// Asks the broker for this boot's runner and writes runner.json from its answer to
+    /// `--config` (0600, its directory 0700 if new), unless a file is already there: this
+    /// boot's earlier run (a restarted agent asks the broker nothing twice; the broker would
+    /// refuse a second request for this pod anyway).
+    async fn fetch_from_broker(&self, deadline: Instant) -> Result<(), AgentError> {
+        let path = &self.args.config;
+        if std::fs::symlink_metadata(path).is_ok() {
+            tracing::info!(
+                "{} already exists (an earlier run in this boot): using it; the broker is not asked",
+                path.display()
+            );
+            return Ok(());
+        }
+        let client = BrokerClient::new(&self.args.broker_url).map_err(AgentError::Broker)?;
+        tracing::info!(
+            "runner.json from the broker: POST {} with the pod's token from {} (--config-source broker)",
+            client.url(),
+            self.args.broker_token_file.display()
+        );
+        let granted = broker::fetch_runner(
+            &client,
+            &self.args.broker_token_file,
+            deadline,
+            self.args.config_wait,
+        )
+        .await
+        .map_err(AgentError::Broker)?;
+        let text = granted.runner_json();
+        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
+            AgentError::ConfigWrite {
+                path: path.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        tracing::info!(
+            "the broker granted runner {} (token {}) at {}; wrote runner.json to {} (0600)",
+            granted
+                .runner_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "?".into()),
+            granted.token,
+            granted.url,
+            path.display()
+        );
+        Ok(())
     }
 
     /// Writes the instance's user-data to `--config` (0600, its directory 0700 if new), unless
@@ -257,7 +308,8 @@ impl Agent {
         let system_id =
             runner::generate_system_id().map_err(|e| AgentError::SystemId(e.to_string()))?;
         self.system_id = Some(system_id.clone());
-        let flow = registration::flow_for(&config);
+        let own_runner = self.args.config_source == ConfigSource::Broker;
+        let flow = registration::flow_for(&config, own_runner);
         // gitlab-runner reads both files. A runner token known now is written now; a created
         // runner's token is written when GitLab returns it.
         let toml = flow

@@ -63,7 +63,8 @@ impl std::fmt::Display for Platform {
     }
 }
 
-/// `--config-source`: where runner.json comes from.
+/// `--config-source`: where runner.json comes from (for `ssh-keys`, which platform's keys:
+/// `file` and `broker` have none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConfigSource {
     /// The file at `--config` (a config disk: KubeVirt, Proxmox, QEMU)
@@ -77,6 +78,9 @@ pub enum ConfigSource {
     DigitalOcean,
     /// The platform recognised from DMI/SMBIOS; the file when none is
     Auto,
+    /// The broker (KubeVirt): a runner of its own for this boot, for the pod's token
+    /// (`--broker-url`, `--broker-token-file`; docs/broker.md)
+    Broker,
 }
 
 impl ConfigSource {
@@ -88,13 +92,14 @@ impl ConfigSource {
             ConfigSource::Gce => "gce",
             ConfigSource::DigitalOcean => "digitalocean",
             ConfigSource::Auto => "auto",
+            ConfigSource::Broker => "broker",
         }
     }
 
     /// The platform whose metadata service serves runner.json; None: the file.
     pub fn platform(self, dmi_dir: &Path) -> Option<Platform> {
         match self {
-            ConfigSource::File => None,
+            ConfigSource::File | ConfigSource::Broker => None,
             ConfigSource::Aws => Some(Platform::Aws),
             ConfigSource::Gce => Some(Platform::Gce),
             ConfigSource::DigitalOcean => Some(Platform::DigitalOcean),
@@ -231,5 +236,6 @@ mod tests {
         );
         assert_eq!(ConfigSource::Gce.platform(dir.path()), Some(Platform::Gce));
         assert_eq!(ConfigSource::File.platform(dir.path()), None);
+        assert_eq!(ConfigSource::Broker.platform(dir.path()), None);
     }
 }

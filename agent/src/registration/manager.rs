@@ -12,18 +12,29 @@ pub struct Manager {
     pub token: Secret,
     pub info: RunnerInfo,
     pub url: String,
+    /// The runner is this boot's own (the broker's): teardown deletes it, not only the manager.
+    pub own_runner: bool,
 }
 
 impl CredentialFlow for Manager {
     fn describe(&self, system_id: &str) -> String {
+        let whose = if self.own_runner {
+            " (this boot's own runner, from the broker)"
+        } else {
+            ""
+        };
         format!(
-            "verifying runner token {} as manager {system_id} with {}",
+            "verifying runner token {}{whose} as manager {system_id} with {}",
             self.token, self.url
         )
     }
 
     fn target(&self) -> Target {
-        Target::Manager
+        if self.own_runner {
+            Target::Runner
+        } else {
+            Target::Manager
+        }
     }
 
     fn known_runner_token(&self) -> Option<Secret> {

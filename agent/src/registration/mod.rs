@@ -3,7 +3,9 @@
 //! platform:
 //!
 //! - `manager`: a `glrt-` runner authentication token shared by the fleet; this VM is one of
-//!   the runner's managers (`POST /runners/verify`, `DELETE /runners/managers`);
+//!   the runner's managers (`POST /runners/verify`, `DELETE /runners/managers`); or the token
+//!   of a runner the broker created for this boot alone, verified the same way and deleted
+//!   whole at the end (`DELETE /runners`);
 //! - `legacy`: a registration token creates a runner per VM (`POST /runners`);
 //! - `user_runner`: an access token creates a runner per VM (`POST /user/runners`).
 //!
@@ -58,8 +60,10 @@ pub struct Accepted {
     pub token_expires_at: Option<String>,
 }
 
-/// The flow for runner.json's credential.
-pub fn flow_for(config: &RunnerConfig) -> Box<dyn CredentialFlow> {
+/// The flow for runner.json's credential. `own_runner`: a `glrt-` token is this boot's own
+/// runner, minted for it by the broker (`--config-source broker`), so that teardown deletes the
+/// runner itself rather than this VM's manager of a runner the fleet shares.
+pub fn flow_for(config: &RunnerConfig, own_runner: bool) -> Box<dyn CredentialFlow> {
     let info = RunnerInfo {
         name: config.name.clone(),
         executor: config.executor,
@@ -69,6 +73,7 @@ pub fn flow_for(config: &RunnerConfig) -> Box<dyn CredentialFlow> {
             token: token.clone(),
             info,
             url: config.url.clone(),
+            own_runner,
         }),
         Credential::RegistrationToken(token) => Box::new(legacy::Legacy {
             token: token.clone(),
@@ -91,7 +96,7 @@ pub fn flow_for(config: &RunnerConfig) -> Box<dyn CredentialFlow> {
 pub enum Target {
     /// This VM's manager of a runner that the fleet shares: never the runner itself.
     Manager,
-    /// The runner GitLab created for this VM.
+    /// The runner GitLab created for this VM (or the broker for this boot).
     Runner,
 }
 

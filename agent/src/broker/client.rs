@@ -1,0 +1,250 @@
+//! The HTTP client for the broker: one `POST /v1/runner` with the pod's token as a bearer
+//! token, retried within a deadline with the project's back-off.
+//!
+//! As narrow as the metadata client: no redirect is followed (the pod's token must reach the
+//! broker and nothing else), no proxy is used (HTTP_PROXY in the environment must see neither
+//! the pod's token nor the runner token in the answer), and no answer is read past `MAX_BODY`.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::BrokerError;
+use crate::backoff;
+use crate::secret::Secret;
+
+/// The broker may take its whole `--mint-deadline` (60 s by default) to create a runner while
+/// GitLab throttles it; a request that takes longer is lost and tried again within the deadline.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The answer is a few hundred bytes of JSON.
+pub const MAX_BODY: usize = 64 * 1024;
+/// A retry is not started unless this much of the deadline is left for the request itself.
+const RETRY_SLACK: Duration = Duration::from_millis(500);
+/// How much of a refusal's text is shown.
+const MAX_MESSAGE: usize = 300;
+
+pub const RUNNER_PATH: &str = "/v1/runner";
+
+#[derive(Debug)]
+pub struct BrokerClient {
+    url: String,
+    http: reqwest::Client,
+    request_timeout: Duration,
+}
+
+impl BrokerClient {
+    /// `base_url` is the broker's root (`--broker-url`).
+    pub fn new(base_url: &str) -> Result<Self, BrokerError> {
+        let base = base_url.trim_end_matches('/');
+        // A typo is not worth retrying until the deadline.
+        match reqwest::Url::parse(base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => {
+                return Err(BrokerError::InvalidUrl {
+                    url: crate::secret::scrub(base_url).chars().take(200).collect(),
+                });
+            }
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("gitlab-runner-vm/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| BrokerError::Client(e.to_string()))?;
+        Ok(BrokerClient {
+            url: format!("{base}{RUNNER_PATH}"),
+            http,
+            request_timeout: REQUEST_TIMEOUT,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `post` until it succeeds, fails for good, or the deadline leaves no room for another
+    /// attempt.
+    pub async fn fetch(
+        &self,
+        pod_token: &Secret,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, BrokerError> {
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        let mut memory = backoff::Memory::default();
+        loop {
+            attempt += 1;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome = match tokio::time::timeout(remaining, self.post(pod_token)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(BrokerError::Unreachable {
+                    url: self.url.clone(),
+                    detail: "no answer before the deadline (--config-wait)".into(),
+                }),
+            };
+            let error = match outcome {
+                Ok(body) => return Ok(body),
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => e,
+            };
+            let gave_up = |last| BrokerError::GaveUp {
+                attempts: attempt,
+                seconds: started.elapsed().as_secs(),
+                last: Box::new(last),
+            };
+            let room = deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(RETRY_SLACK);
+            let plan = backoff::plan(attempt - 1, error.retry_hint(), &mut memory);
+            let Some(wait) = plan.pick(backoff::random_u64(), room) else {
+                return Err(gave_up(error));
+            };
+            tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One `POST /v1/runner`: the body of a 201 (or any 2xx), an error otherwise.
+    pub async fn post(&self, pod_token: &Secret) -> Result<Vec<u8>, BrokerError> {
+        let url = self.url.as_str();
+        let unreachable = |e: reqwest::Error| BrokerError::Unreachable {
+            url: url.to_string(),
+            detail: error_chain(&e),
+        };
+        let mut response = self
+            .http
+            .post(url)
+            .bearer_auth(pod_token.expose())
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        if (300..400).contains(&status) {
+            let location = header("location")
+                .map(|l| crate::secret::scrub(&l).chars().take(200).collect())
+                .unwrap_or_else(|| "nowhere (no Location header)".into());
+            return Err(BrokerError::Redirect {
+                url: url.to_string(),
+                status,
+                location,
+            });
+        }
+        let hint = backoff::server_hint(
+            &backoff::Headers {
+                retry_after: header("retry-after").as_deref(),
+                ..backoff::Headers::default()
+            },
+            SystemTime::now(),
+        );
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_BODY as u64)
+        {
+            return Err(self.too_large_or_status(status, hint));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(self.too_large_or_status(status, hint));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if !(200..300).contains(&status) {
+            return Err(BrokerError::Status {
+                url: url.to_string(),
+                status,
+                message: refusal_message(&body),
+                retry_hint: hint,
+            });
+        }
+        Ok(body)
+    }
+
+    /// An oversized 2xx is not the broker's; an oversized error is still the error its status
+    /// says (a 503 page of a proxy is retried as any 503).
+    fn too_large_or_status(&self, status: u16, hint: Option<backoff::Hint>) -> BrokerError {
+        if (200..300).contains(&status) {
+            BrokerError::TooLarge {
+                url: self.url.clone(),
+                cap_kib: MAX_BODY / 1024,
+            }
+        } else {
+            BrokerError::Status {
+                url: self.url.clone(),
+                status,
+                message: "(an answer too large to show)".into(),
+                retry_hint: hint,
+            }
+        }
+    }
+}
+
+/// The broker's `{"error": "..."}`, masked and capped; of anything else only its size, since it
+/// is not the broker's (an HTML error page of a proxy).
+pub fn refusal_message(body: &[u8]) -> String {
+    let said = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
+    match said {
+        Some(text) => {
+            let text: String = text
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(MAX_MESSAGE)
+                .collect();
+            crate::secret::scrub(&text)
+        }
+        None => format!("{} bytes that are not the broker's JSON", body.len()),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_shows_the_broker_s_words_masked_and_nothing_of_other_bodies() {
+        let said = refusal_message(
+            br#"{"error": "pod already granted runner 5\n(token glrt-abcdefghijklmnopqrstuvwxyz)"}"#,
+        );
+        assert!(said.starts_with("pod already granted runner 5 "), "{said}");
+        assert!(!said.contains("abcdefghijklmnop"), "{said}");
+        let html = refusal_message(b"<html><body>glrt-abcdefghijklmnopqrstuvwxyz</body></html>");
+        assert_eq!(html, "57 bytes that are not the broker's JSON");
+        let long = refusal_message(format!(r#"{{"error": "{}"}}"#, "x".repeat(5000)).as_bytes());
+        assert_eq!(long.chars().count(), MAX_MESSAGE);
+    }
+
+    #[test]
+    fn urls_that_cannot_be_the_broker_are_refused_at_once() {
+        for url in ["gitlab-runner-vm-broker", "ftp://broker", "http://", ""] {
+            assert!(
+                matches!(BrokerClient::new(url), Err(BrokerError::InvalidUrl { .. })),
+                "{url}"
+            );
+        }
+        let client = BrokerClient::new("http://gitlab-runner-vm-broker/").unwrap();
+        assert_eq!(client.url(), "http://gitlab-runner-vm-broker/v1/runner");
+    }
+}
