@@ -363,6 +363,11 @@ pub struct GitLabState {
     pub minted: Vec<String>,
     /// Runners per page of a list; 0 means 2, small enough to make the broker page.
     pub page_size: usize,
+    /// The runner API a VM's agent calls with its runner token: `POST /runners/verify` (the
+    /// tokens), `DELETE /runners` (the ids deleted), `DELETE /runners/managers` (count).
+    pub verified: Vec<String>,
+    pub deleted_by_token: Vec<u64>,
+    pub manager_deletes: usize,
 }
 
 #[derive(Clone, Default)]
@@ -409,6 +414,46 @@ impl GitLab {
             .respond_with(Deletes(self.clone()))
             .mount(server)
             .await;
+        Mock::given(path_regex(r"^/api/v4/runners(/verify|/managers)?$"))
+            .respond_with(RunnerApi(self.clone()))
+            .mount(server)
+            .await;
+    }
+}
+
+/// The runner API as GitLab answers it to a runner token (the agent's side): a token of an
+/// existing runner is verified (200) and deletes its runner (204); any other token is 403.
+struct RunnerApi(GitLab);
+
+impl Respond for RunnerApi {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        let token = body["token"].as_str().unwrap_or("");
+        let mut s = self.0.0.lock().unwrap();
+        let id = s
+            .runners
+            .iter()
+            .find(|(_, (_, t))| t == token)
+            .map(|(id, _)| *id);
+        let forbidden =
+            || ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"}));
+        match (req.method.as_str(), req.url.path(), id) {
+            ("POST", "/api/v4/runners/verify", Some(id)) => {
+                s.verified.push(token.to_string());
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"id": id, "token": token, "token_expires_at": null}))
+            }
+            ("DELETE", "/api/v4/runners", Some(id)) => {
+                s.runners.remove(&id);
+                s.deleted_by_token.push(id);
+                ResponseTemplate::new(204)
+            }
+            ("DELETE", "/api/v4/runners/managers", Some(_)) => {
+                s.manager_deletes += 1;
+                ResponseTemplate::new(204)
+            }
+            _ => forbidden(),
+        }
     }
 }
 
