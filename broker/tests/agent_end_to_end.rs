@@ -1,9 +1,8 @@
 //! The VM's side and the broker's together, through both real binaries: the broker between the
 //! fake Kubernetes API and the fake GitLab of `common`, and the agent (`gitlab-runner-vm run
 //! --config-source broker`) with the pod's token in a file, as KubeVirt's serviceAccount disk
-//! holds it, and a fake gitlab-runner. The agent's binary is built first (`cargo build -p
-//! gitlab-runner-vm`, a no-op when `cargo test --workspace` built it already), since a test of
-//! this package gets only its own binary from cargo.
+//! holds it, and a fake gitlab-runner. A test of this package gets only its own binary from
+//! cargo: the agent's is found beside it (`agent_bin`).
 
 mod common;
 
@@ -14,31 +13,63 @@ use std::sync::OnceLock;
 
 use common::*;
 
-/// The agent's binary, next to the broker's in the same target directory, built once.
+/// The agent's binary, next to the broker's in the same target directory. `cargo test
+/// --workspace` (tests/run, the Nix build) builds it with the agent's own tests; run alone, this
+/// test builds it when it is missing or older than the agent's sources.
 fn agent_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let out = std::process::Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--locked",
-                    "-p",
-                    "gitlab-runner-vm",
-                    "--bin",
-                    "gitlab-runner-vm",
-                ])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .output()
-                .expect("cargo runs");
+            let bin = Path::new(BIN).with_file_name("gitlab-runner-vm");
+            if !is_current(&bin) {
+                let release = bin.parent().and_then(Path::file_name) == Some("release".as_ref());
+                let mut cargo = std::process::Command::new(env!("CARGO"));
+                cargo
+                    .args(["build", "--locked", "-p", "gitlab-runner-vm", "--bin", "gitlab-runner-vm"])
+                    .current_dir(env!("CARGO_MANIFEST_DIR"));
+                if release {
+                    cargo.arg("--release");
+                }
+                let out = cargo.output().expect("cargo runs");
+                assert!(
+                    out.status.success(),
+                    "cargo build -p gitlab-runner-vm failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             assert!(
-                out.status.success(),
-                "cargo build -p gitlab-runner-vm failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                is_current(&bin),
+                "{} is missing or older than agent/src: build it with cargo build -p gitlab-runner-vm (cargo test --workspace does)",
+                bin.display()
             );
-            Path::new(BIN).with_file_name("gitlab-runner-vm")
+            bin
         })
         .clone()
+}
+
+/// The binary exists and is newer than every file of the agent's sources.
+fn is_current(bin: &Path) -> bool {
+    fn modified(path: &Path) -> std::time::SystemTime {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+    }
+    fn newest(dir: &Path) -> std::time::SystemTime {
+        let mut latest = modified(dir);
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let at = if path.is_dir() {
+                newest(&path)
+            } else {
+                modified(&path)
+            };
+            latest = latest.max(at);
+        }
+        latest
+    }
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent");
+    let sources = newest(&agent.join("src")).max(modified(&agent.join("Cargo.toml")));
+    bin.exists() && modified(bin) >= sources
 }
 
 /// One boot of a VM: its own directory (state, runner.json, console, power-off record).
