@@ -693,6 +693,66 @@ async fn drain_lets_the_job_finish_then_tears_down() {
     );
 }
 
+/// An agent started with the stop signals ignored (from `nohup`, a shell script that ignores
+/// them, a supervisor other than systemd) still stops gitlab-runner: the signals it sends are
+/// not ignored in the child (a shell, as gitlab-runner's wrapper may be, cannot even trap a
+/// signal ignored at its start).
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_runner() {
+    use std::os::unix::process::CommandExt;
+    for (how, expected) in [("drain", "QUIT"), ("sigterm", "TERM")] {
+        let mut h = Harness::new().await;
+        h.mount_glrt_happy_path().await;
+        h.write_config(json!({"token": TOKEN}));
+        let runner = h.write_fake_runner(FakeRunner {
+            job_seconds: 3,
+            exit_code: 0,
+        });
+        let mut cmd = h.command(&runner, &[]);
+        // SAFETY: only signal dispositions change between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                use nix::sys::signal::{SigHandler, Signal, signal};
+                for sig in [
+                    Signal::SIGQUIT,
+                    Signal::SIGTERM,
+                    Signal::SIGINT,
+                    Signal::SIGHUP,
+                ] {
+                    signal(sig, SigHandler::SigIgn)?;
+                }
+                Ok(())
+            });
+        }
+        h.agent = Some(cmd.spawn().unwrap());
+        h.wait_until("the job", |h| {
+            h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
+        })
+        .await;
+        if how == "drain" {
+            let out = std::process::Command::new(BIN)
+                .args(["drain", "--state-dir"])
+                .arg(h.state_dir())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            send_signal(h.agent_pid(), 15);
+        }
+        assert!(h.wait_exit().await.success(), "{how}: {}", h.log());
+        assert_eq!(h.runner_signals().trim(), expected, "{how}: {}", h.log());
+        assert_eq!(
+            h.requests("DELETE", "/api/v4/runners/managers").await.len(),
+            1,
+            "{how}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn max_lifetime_drains_at_its_deadline() {
     let mut h = Harness::new().await;

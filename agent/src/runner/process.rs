@@ -146,6 +146,18 @@ pub fn spawn(
     // write) on data prepared before the fork; nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
+            // The agent stops gitlab-runner with SIGQUIT (finish the job) and SIGTERM (abort
+            // it). A signal ignored by whoever started the agent stays ignored across exec, and
+            // a shell cannot even trap it: give gitlab-runner the default dispositions.
+            for sig in [
+                Signal::SIGQUIT,
+                Signal::SIGTERM,
+                Signal::SIGINT,
+                Signal::SIGHUP,
+            ] {
+                // SAFETY: sigaction with SIG_DFL, async-signal-safe.
+                unsafe { signal::signal(sig, signal::SigHandler::SigDfl) }?;
+            }
             // The unit gives the agent a low OOM score so the kernel kills a job before the agent
             // that must deregister; gitlab-runner and its jobs get the normal score back.
             write_file(c"/proc/self/oom_score_adj", b"0");
