@@ -699,7 +699,6 @@ async fn drain_lets_the_job_finish_then_tears_down() {
 /// signal ignored at its start).
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_runner() {
-    use std::os::unix::process::CommandExt;
     for (how, expected) in [("drain", "QUIT"), ("sigterm", "TERM")] {
         let mut h = Harness::new().await;
         h.mount_glrt_happy_path().await;

@@ -155,8 +155,8 @@ pub fn spawn(
                 Signal::SIGINT,
                 Signal::SIGHUP,
             ] {
-                // SAFETY: sigaction with SIG_DFL, async-signal-safe.
-                unsafe { signal::signal(sig, signal::SigHandler::SigDfl) }?;
+                // sigaction with SIG_DFL: async-signal-safe.
+                signal::signal(sig, signal::SigHandler::SigDfl)?;
             }
             // The unit gives the agent a low OOM score so the kernel kills a job before the agent
             // that must deregister; gitlab-runner and its jobs get the normal score back.
