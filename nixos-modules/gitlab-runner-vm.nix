@@ -35,15 +35,32 @@ let
   environment = lib.mapAttrs' (flag: value: lib.nameValuePair (envName flag) (envValue value))
     (lib.filterAttrs (flag: value: value != null && flag != "runner-user") cfg.settings);
 
-  # The unit's TimeoutStopSec (90 s) covers --stop-timeout + --deregister-timeout (70 s by
-  # default) plus a margin; longer agent timeouts raise it so systemd never kills a teardown.
-  unitStopTimeout = 90;
-  neededStopTimeout = cfg.settings.stop-timeout + cfg.settings.deregister-timeout + 20;
+  # What the agent is (its flags, their environment variables and defaults, its config sources):
+  # `gitlab-runner-vm facts`, checked in as agent/facts.json and kept current by the agent's
+  # tests, so that nothing here repeats it.
+  agentFacts = lib.importJSON ../agent/facts.json;
+  flags = agentFacts.run_flags;
 
-  seconds = default: description: mkOption {
-    type = types.ints.unsigned;
-    inherit default description;
-  };
+  # The unit's TimeoutStopSec covers --stop-timeout + --deregister-timeout plus the agent's
+  # margin (the unit file's value with the defaults; agent/tests/unit_file.rs checks it); longer
+  # agent timeouts raise it so systemd never kills a teardown.
+  stopBudget = stop: deregister: stop + deregister + agentFacts.unit_stop_margin_seconds;
+  unitStopTimeout = stopBudget flags.stop-timeout.default flags.deregister-timeout.default;
+  neededStopTimeout = stopBudget cfg.settings.stop-timeout cfg.settings.deregister-timeout;
+
+  # A typed setting for the agent's flag `name`: its type, default and help from the facts.
+  flagOption = name:
+    let flag = flags.${name}; in
+    mkOption {
+      type = {
+        seconds = types.ints.unsigned;
+        switch = types.bool;
+        choice = types.enum (flag.choices or [ ]);
+        text = types.str;
+      }.${flag.kind};
+      inherit (flag) default;
+      description = "${flag.help}. The agent's `--${name}` (`${flag.env}`).";
+    };
 
   # Options of the first releases, now settings named after the agent's flags.
   renamed = {
@@ -104,29 +121,9 @@ in
           job-user = settings.config.runner-user;
         };
         options = {
-          config = mkOption {
-            type = types.str;
-            default = "/runner-info/runner.json";
-            description = "Path of runner.json, read at boot (and written first when `config-source` fetches it).";
-          };
-          config-source = mkOption {
-            type = types.enum [ "file" "aws" "gce" "digitalocean" "auto" ];
-            default = "file";
-            description = ''
-              Where runner.json comes from: `file` reads `config` (a config disk); `aws`, `gce`
-              and `digitalocean` fetch the instance's user-data from the platform's metadata
-              service and write it to `config` (0600) first; `auto` recognises the platform
-              from DMI/SMBIOS, and reads the file when it is none of them.
-            '';
-          };
-          keep-file = mkOption {
-            type = types.str;
-            default = "/etc/keep-runner";
-            description = ''
-              While this file exists the VM is held after deregistration instead of powering off;
-              `gitlab-runner-vm release` removes it.
-            '';
-          };
+          config = flagOption "config";
+          config-source = flagOption "config-source";
+          keep-file = flagOption "keep-file";
           gitlab-runner = mkOption {
             type = types.str;
             default = lib.getExe cfg.gitlabRunnerPackage;
@@ -150,13 +147,13 @@ in
             defaultText = lib.literalExpression ''"''${config.systemd.package}/bin/systemctl poweroff"'';
             description = "Command (run with /bin/sh -c) that powers the VM off at the end.";
           };
-          failure-delay = seconds 60 "Seconds between a fatal error and the power-off.";
-          config-wait = seconds 300 "Seconds to wait for runner.json to appear.";
-          register-timeout = seconds 300 "Deadline in seconds for registration, retries included.";
-          deregister-timeout = seconds 30 "Deadline in seconds for deregistration, retries included.";
-          stop-timeout = seconds 40 "Seconds gitlab-runner gets to stop after SIGTERM.";
-          hold-max = seconds 14400 "Longest hold in seconds, from its start; touching the keep file never extends it further.";
-          hold-extend = seconds 3600 "Seconds a hold lasts after its start or the keep file's last modification, whichever is later.";
+          failure-delay = flagOption "failure-delay";
+          config-wait = flagOption "config-wait";
+          register-timeout = flagOption "register-timeout";
+          deregister-timeout = flagOption "deregister-timeout";
+          stop-timeout = flagOption "stop-timeout";
+          hold-max = flagOption "hold-max";
+          hold-extend = flagOption "hold-extend";
         };
       });
     };

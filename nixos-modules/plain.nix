@@ -4,22 +4,13 @@
 # keys). Nothing else logs in.
 { lib, options, ... }:
 {
+  # stateVersion, SSH with keys only, flakes.
+  imports = [ ./common.nix ];
+
   config = lib.mkMerge [
     {
-      system.stateVersion = lib.mkDefault "25.11";
-
-      services.openssh = {
-        enable = lib.mkDefault true;
-        settings = {
-          PasswordAuthentication = lib.mkDefault false;
-          KbdInteractiveAuthentication = lib.mkDefault false;
-          PermitRootLogin = lib.mkDefault "prohibit-password";
-        };
-      };
-
       # The image holds no channel (images/disk-image.nix): administer it from a flake.
       nix.channel.enable = lib.mkDefault false;
-      nix.settings.experimental-features = [ "nix-command" "flakes" ];
 
       time.timeZone = lib.mkDefault "UTC";
     }

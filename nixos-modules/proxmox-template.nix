@@ -16,6 +16,7 @@ let
   # This repository's files that make the template, by their path in the repository.
   templateFiles = {
     "nixos-modules/proxmox-template.nix" = ./proxmox-template.nix;
+    "nixos-modules/common.nix" = ./common.nix;
     "images/proxmox.nix" = ../images/proxmox.nix;
   };
 
@@ -46,6 +47,8 @@ let
 in
 {
   imports = [
+    # stateVersion, SSH with keys only, flakes.
+    ./common.nix
     (lib.mkRenamedOptionModule [ "proxmoxTemplate" ] [ "gitlabRunnerVm" "proxmoxTemplate" ])
   ];
 
@@ -86,8 +89,6 @@ in
   };
 
   config = {
-    system.stateVersion = lib.mkDefault "25.11";
-
     users.users.${cfg.adminUser} = {
       isNormalUser = true;
       extraGroups = [ "wheel" ];
@@ -95,14 +96,9 @@ in
     };
     security.sudo.wheelNeedsPassword = lib.mkDefault false;
 
-    services.openssh = {
-      enable = lib.mkDefault true;
-      settings = {
-        PasswordAuthentication = lib.mkDefault false;
-        KbdInteractiveAuthentication = lib.mkDefault false;
-        PermitRootLogin = lib.mkDefault "no";
-      };
-    };
+    # SSH with keys only (common.nix); people log in as the admin user, never as root. Above
+    # common.nix's default, below a clone's own plain setting.
+    services.openssh.settings.PermitRootLogin = lib.mkOverride 900 "no";
 
     services.qemuGuest.enable = lib.mkDefault true;
     services.cloud-init = {
@@ -128,7 +124,6 @@ in
     };
 
     nix.settings = {
-      experimental-features = [ "nix-command" "flakes" ];
       trusted-users = [ "root" "@wheel" ];
     };
 

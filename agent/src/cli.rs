@@ -87,6 +87,9 @@ pub enum Command {
     },
     /// Write the platform's SSH public keys for a user to <authorized-keys-dir>/<user>
     SshKeys(SshKeysArgs),
+    /// Print what the agent is as JSON (flags, environment variables, defaults, config
+    /// sources, phases, paths), which the NixOS module and the tests read
+    Facts,
     /// Run one stage of a shell job as the job user: gitlab-runner's custom executor calls
     /// this (config.toml's run_exec), not people
     JobExec(crate::runner::job_exec::JobExecArgs),
@@ -120,13 +123,13 @@ pub struct SshKeysArgs {
     )]
     pub authorized_keys_dir: PathBuf,
     /// Seconds for the metadata service to answer, retries included
-    #[arg(long, env = "GITLAB_RUNNER_VM_SSH_KEYS_TIMEOUT", value_parser = seconds, default_value_t = 60)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_SSH_KEYS_TIMEOUT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 60)]
     pub timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// runner.json
+    /// Path of runner.json, read at boot (and written first when --config-source fetches it)
     #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
     /// Where runner.json comes from: the file, a platform's metadata service or the broker
@@ -196,30 +199,30 @@ pub struct RunArgs {
     #[arg(long, env = "GITLAB_RUNNER_VM_NO_POWEROFF")]
     pub no_poweroff: bool,
     /// Seconds between a failure and the power-off
-    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", value_parser = seconds, default_value_t = 60)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 60)]
     pub failure_delay: u64,
     /// Seconds to wait for runner.json to appear
-    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", value_parser = seconds, default_value_t = 300)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 300)]
     pub config_wait: u64,
     /// Seconds for registration, retries included
-    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", value_parser = seconds, default_value_t = 300)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 300)]
     pub register_timeout: u64,
     /// Seconds for deregistration, retries included; an unreachable GitLab delays power-off by at most this
     #[arg(
         long,
         env = "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT",
-        value_parser = seconds,
+        value_name = crate::facts::SECONDS, value_parser = seconds,
         default_value_t = 30
     )]
     pub deregister_timeout: u64,
     /// Seconds gitlab-runner gets to abort its job after SIGTERM before it is killed
-    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", value_parser = seconds, default_value_t = 40)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 40)]
     pub stop_timeout: u64,
     /// Longest hold in seconds, from its start: touching the keep file never extends it further
-    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_parser = seconds, default_value_t = 14400)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 14400)]
     pub hold_max: u64,
     /// Seconds a hold lasts after its start or the keep file's last modification, whichever is later
-    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_parser = seconds, default_value_t = 3600)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 3600)]
     pub hold_extend: u64,
     /// Where milestones and failures are written, one line each, for reading from outside the
     /// VM (the serial console); `off` for nowhere. When it cannot be opened, /dev/kmsg

@@ -24,6 +24,7 @@ mod cli;
 mod config;
 mod console;
 mod daemon_config;
+mod facts;
 mod files;
 mod fswatch;
 mod gitlab;
@@ -77,6 +78,7 @@ fn main() -> ExitCode {
         Command::Release { keep_file } => release(&keep_file),
         Command::Drain { state_dir } => drain(&state_dir),
         Command::SshKeys(args) => metadata::authorized_keys::run(&args),
+        Command::Facts => facts::print(),
         Command::JobExec(args) => runner::job_exec::run(&args),
     }
 }

@@ -30,15 +30,18 @@ fn one(key: &str) -> String {
     values[0].clone()
 }
 
-/// The default of a `run` flag, as `--help` prints it.
+/// The agent's facts (`gitlab-runner-vm facts`).
+fn facts() -> serde_json::Value {
+    let out = Command::new(BIN).arg("facts").output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The default of a `run` flag in seconds.
 fn default_of(flag: &str) -> u64 {
-    let help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
-    let text = String::from_utf8_lossy(&help.stdout);
-    let section = &text[text
-        .find(flag)
-        .unwrap_or_else(|| panic!("{flag} not in --help"))..];
-    let start = section.find("[default: ").unwrap() + "[default: ".len();
-    section[start..].split(']').next().unwrap().parse().unwrap()
+    facts()["run_flags"][flag]["default"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{flag} has no default in seconds"))
 }
 
 fn seconds(value: &str) -> u64 {
@@ -69,10 +72,13 @@ fn stop_budget_covers_the_agents_own_stop_and_deregistration() {
         "SIGTERM must reach the agent only; it signals gitlab-runner itself"
     );
     let budget = seconds(&one("TimeoutStopSec"));
-    let needed = default_of("--stop-timeout") + default_of("--deregister-timeout");
-    assert!(
-        budget > needed,
-        "TimeoutStopSec={budget} s must exceed stop + deregistration = {needed} s"
+    let needed = default_of("stop-timeout") + default_of("deregister-timeout");
+    let margin = facts()["unit_stop_margin_seconds"].as_u64().unwrap();
+    // The NixOS module computes its TimeoutStopSec the same way from the same facts.
+    assert_eq!(
+        budget,
+        needed + margin,
+        "TimeoutStopSec={budget} s must be stop + deregistration ({needed} s) + the margin ({margin} s)"
     );
     assert_eq!(
         one("TimeoutStartSec"),
@@ -83,10 +89,11 @@ fn stop_budget_covers_the_agents_own_stop_and_deregistration() {
 
 #[test]
 fn state_survives_a_restart_for_crash_safety() {
+    let state_dir = facts()["state_dir"].as_str().unwrap().to_owned();
     assert_eq!(
-        one("RuntimeDirectory"),
-        "gitlab-runner-vm",
-        "the default --state-dir is /run/gitlab-runner-vm"
+        format!("/run/{}", one("RuntimeDirectory")),
+        state_dir,
+        "the default --state-dir is the unit's runtime directory"
     );
     assert_eq!(one("RuntimeDirectoryPreserve"), "yes");
     assert_eq!(one("Restart"), "on-failure");

@@ -20,10 +20,8 @@
     ./users.nix
     ./nix.nix
     ./system.nix
+    # stateVersion, SSH with keys only, flakes.
+    ../common.nix
     (lib.mkRenamedOptionModule [ "baseImage" ] [ "gitlabRunnerVm" "base" ])
   ];
-
-  # Kept at the release the images were first built with: stateful defaults (Docker's
-  # live-restore, for one) must not change under a running fleet when nixpkgs moves on.
-  system.stateVersion = lib.mkDefault "25.11";
 }

@@ -55,7 +55,7 @@ in
   config.nix = {
     channel.enable = lib.mkDefault false;
     settings = {
-      experimental-features = [ "nix-command" "flakes" ];
+      # experimental-features (flakes): ../common.nix.
       substituters = cfg.substituters;
       trusted-public-keys = cfg.trustedPublicKeys;
       trusted-users = [ "root" ] ++ lib.optional cfg.nixTrustedUser cfg.user;

@@ -52,14 +52,6 @@ in
       openssh.authorizedKeys.keys = cfg.authorizedKeys;
     };
     security.sudo.wheelNeedsPassword = lib.mkDefault false;
-
-    services.openssh = {
-      enable = lib.mkDefault true;
-      settings = {
-        PasswordAuthentication = lib.mkDefault false;
-        KbdInteractiveAuthentication = lib.mkDefault false;
-        PermitRootLogin = lib.mkDefault "prohibit-password";
-      };
-    };
+    # SSH itself (keys only): ../common.nix.
   };
 }

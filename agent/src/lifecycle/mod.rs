@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+// `ValueEnum` for its list of every variant, which the compiler keeps whole (`Phase::all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     WaitingForConfig,
@@ -22,18 +23,11 @@ pub enum Phase {
 }
 
 impl Phase {
-    #[cfg(test)]
-    pub const ALL: [Phase; 9] = [
-        Phase::WaitingForConfig,
-        Phase::Registering,
-        Phase::Running,
-        Phase::Draining,
-        Phase::Deregistering,
-        Phase::Holding,
-        Phase::PoweringOff,
-        Phase::Failed,
-        Phase::Stopping,
-    ];
+    /// Every phase, in the order of the enum.
+    pub fn all() -> impl Iterator<Item = Phase> {
+        use clap::ValueEnum;
+        Phase::value_variants().iter().copied()
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {

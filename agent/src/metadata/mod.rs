@@ -32,10 +32,11 @@ pub const DEFAULT_DMI_DIR: &str = "/sys/class/dmi/id";
 pub const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
 
 /// A platform with a metadata service the agent knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Platform {
     Aws,
     Gce,
+    #[value(name = "digitalocean")]
     DigitalOcean,
 }
 

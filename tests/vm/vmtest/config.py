@@ -1,5 +1,6 @@
 """Paths, guest constants and the time bounds of the scenarios."""
 
+import json
 import os
 import re
 import time
@@ -33,8 +34,13 @@ GITLAB_ADDR = "10.0.2.100"
 COLLECTOR_ADDR = "10.0.2.101"
 CONFIG_SERIAL = "runner-info"
 
-PHASES = ["waiting-for-config", "registering", "running", "draining", "deregistering",
-          "holding", "powering-off", "failed", "stopping"]
+# What the agent is (`gitlab-runner-vm facts`, checked in and kept current by its tests):
+# its flags with their environment variables and defaults, its phases, its state directory.
+FACTS_FILE = os.path.join(REPO, "agent", "facts.json")
+with open(FACTS_FILE, encoding="utf-8") as _facts:
+    FACTS = json.load(_facts)
+PHASES = FACTS["phases"]
+STATE_DIR = FACTS["state_dir"]
 SYSTEM_ID = re.compile(r"r_[0-9A-Za-z]{12}")
 # systemd's catalog ids: a unit starting, a start job done (for Type=notify: READY=1 received).
 MSG_UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"

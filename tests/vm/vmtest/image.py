@@ -9,10 +9,10 @@ import shutil
 import subprocess
 import time
 
-from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, FAILURE_DELAY, GUEST_AGENT,
+from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, FACTS, FAILURE_DELAY, GUEST_AGENT,
                      GUEST_FILES, GUEST_FIREWALL, GUEST_SCRATCH_DISK, GUEST_UNIT, METADATA_FIREWALL,
                      REPO, ROOT_LABEL, SCRATCH_DISK_SCRIPT, SCRATCH_MIB, UNIT, UNIT_PLACEHOLDER,
-                     UNIT_SRC, log)
+                     STATE_DIR, UNIT_SRC, log)
 
 
 def systemd_escape_path(path):
@@ -101,6 +101,11 @@ def installed_unit_text():
 
 
 POWEROFF_REAL = "/bin/systemctl poweroff"
+# The agent's flags that nixos-modules/gitlab-runner-vm.nix declares as typed settings with the
+# agent's own defaults (`flagOption`), which it therefore always puts in the unit's environment.
+MODULE_SETTINGS = ["config", "config-source", "keep-file", "failure-delay", "config-wait",
+                   "register-timeout", "deregister-timeout", "stop-timeout", "hold-max",
+                   "hold-extend"]
 
 
 def metadata_firewall():
@@ -115,24 +120,21 @@ def agent_dropin(scenario):
     scenarios also the metadata firewall's admission of the agent's cgroup, as runner.nix
     declares it (ExecStartPre=+, before the agent moves itself into `agent`)."""
     mount = systemd_escape_path("/runner-info") + ".mount"
-    env = {
-        "GITLAB_RUNNER_VM_CONFIG": "/runner-info/runner.json",
-        "GITLAB_RUNNER_VM_STATE_DIR": "/run/gitlab-runner-vm",
-        "GITLAB_RUNNER_VM_KEEP_FILE": "/etc/keep-runner",
-        "GITLAB_RUNNER_VM_GITLAB_RUNNER": "/usr/local/bin/gitlab-runner",
-        "GITLAB_RUNNER_VM_JOB_USER": "runner",
-        "GITLAB_RUNNER_VM_POWEROFF_COMMAND": POWEROFF_REAL,
-        "GITLAB_RUNNER_VM_FAILURE_DELAY": str(FAILURE_DELAY if scenario.failure_delay else 60),
-        "GITLAB_RUNNER_VM_CONFIG_WAIT": "300",
-        "GITLAB_RUNNER_VM_REGISTER_TIMEOUT": "300",
-        "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT": "30",
-        "GITLAB_RUNNER_VM_STOP_TIMEOUT": "40",
-        "GITLAB_RUNNER_VM_HOLD_MAX": "14400",
-        "GITLAB_RUNNER_VM_HOLD_EXTEND": "3600",
-    }
+    flags = FACTS["run_flags"]
+    # The settings the module declares, at the agent's defaults (agent/facts.json)...
+    env = {flags[name]["env"]: str(flags[name]["default"]) for name in MODULE_SETTINGS}
+    # ...and the module's own values where it has them.
+    env.update({
+        flags["state-dir"]["env"]: STATE_DIR,
+        flags["gitlab-runner"]["env"]: "/usr/local/bin/gitlab-runner",
+        flags["job-user"]["env"]: "runner",
+        flags["poweroff-command"]["env"]: POWEROFF_REAL,
+    })
+    if scenario.failure_delay:
+        env[flags["failure-delay"]["env"]] = str(FAILURE_DELAY)
     if scenario.poweroff_disabled:
         # services.gitlab-runner-vm.powerOff = false (debug images) sets the agent's --no-poweroff.
-        env["GITLAB_RUNNER_VM_NO_POWEROFF"] = "true"
+        env[flags["no-poweroff"]["env"]] = "true"
     lines = ["# As nixos-modules/gitlab-runner-vm.nix and runner.nix configure the unit.",
              "[Unit]", f"After={mount}", "", "[Service]"]
     lines += [f'Environment="{k}={v}"' for k, v in env.items()]
