@@ -79,8 +79,13 @@ pub struct Hint {
     /// Until the latest reset the answer names, at most `MAX_HINT`; zero when it is past.
     pub reset_in: Duration,
     /// That reset as Unix time in whole seconds, when an absolute header (`RateLimit-Reset`,
-    /// `RateLimit-ResetTime`) named it: GitLab's throttle period divides it.
+    /// `RateLimit-ResetTime`, or `Retry-After` as an HTTP date) named it: GitLab's throttle
+    /// period divides it.
     pub reset_at: Option<u64>,
+    /// `Retry-After` in seconds, as sent (`period - now % period` at GitLab), when it is at most
+    /// `MAX_HINT`: unlike a wait computed from an absolute time, it does not depend on the two
+    /// clocks agreeing.
+    pub retry_after_s: Option<u32>,
     /// GitLab's throttle: this request's count in its window, and the limit per minute.
     pub queue: Option<Queue>,
 }
@@ -139,10 +144,14 @@ pub fn server_hint(headers: &Headers<'_>, now: SystemTime) -> Option<Hint> {
         .max_by_key(|(wait, _)| *wait)?;
     // The absolute reset that the period divides: GitLab's RateLimit-Reset and -ResetTime name
     // the same second.
-    let reset_at = [reset, reset_time]
+    let reset_at = [reset, reset_time, retry_after]
         .into_iter()
         .flatten()
         .find_map(|(_, at)| at);
+    let retry_after_s = headers
+        .retry_after
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|s| u64::from(*s) <= MAX_HINT.as_secs());
     let queue = match (
         number(headers.ratelimit_observed),
         number(headers.ratelimit_limit),
@@ -158,6 +167,7 @@ pub fn server_hint(headers: &Headers<'_>, now: SystemTime) -> Option<Hint> {
     Some(Hint {
         reset_in: reset_in.min(MAX_HINT),
         reset_at,
+        retry_after_s,
         queue,
     })
 }
@@ -165,28 +175,117 @@ pub fn server_hint(headers: &Headers<'_>, now: SystemTime) -> Option<Hint> {
 /// What one call (a verify, a deletion) has learnt from the throttle's earlier answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Memory {
-    /// The longest wait to a reset seen, in whole seconds rounded up: the period is at least
-    /// this.
-    longest_reset_s: u64,
+    period: PeriodClues,
     /// The first turn given after a reset (with the counts), and how many throttled answers
     /// came so far.
     first_turn: Option<Duration>,
     throttled: u32,
 }
 
-impl Memory {
-    /// The throttle's period, as well as the answers tell: the smallest divisor of the reset's
-    /// Unix time that is at least the longest wait seen (GitLab's windows are aligned to the
-    /// epoch, `Retry-After = period - now % period`); without an absolute reset, that wait.
-    fn period(&mut self, hint: &Hint) -> u64 {
+/// What the answers say about the throttle's period, which GitLab does not send. Each rule
+/// holds for GitLab's fixed windows aligned to the epoch (`lib/gitlab/rack_attack.rb`):
+/// - `Retry-After` is `period - now % period`, so the period is at least every wait seen;
+/// - every reset is a multiple of the period, so the period divides their greatest common
+///   divisor (two resets a window apart differ by exactly one period);
+/// - `RateLimit-Limit` is `ceil(limit × 60 / period)` and a rejected request's count is above
+///   the window's limit, so `(RateLimit-Limit - 1) × period / 60 < limit < RateLimit-Observed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PeriodClues {
+    /// The longest wait to a reset seen, in whole seconds rounded up (at least 1).
+    at_least_s: u64,
+    /// The largest period the counts allow (0: no bound yet).
+    at_most_s: u64,
+    /// The greatest common divisor of the resets seen (0: none yet).
+    resets_gcd: u64,
+    /// The last `RateLimit-Limit`.
+    limit_per_minute: Option<u64>,
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Whether a window of `period_s` seconds can have a whole-number limit whose rate per minute,
+/// rounded up, is `limit_per_minute`; and that limit.
+fn window_limit(limit_per_minute: u64, period_s: u64) -> Option<u64> {
+    let limit = u128::from(limit_per_minute) * u128::from(period_s) / 60;
+    (limit >= 1 && (limit * 60).div_ceil(u128::from(period_s)) == u128::from(limit_per_minute))
+        .then(|| u64::try_from(limit).unwrap_or(u64::MAX))
+}
+
+impl PeriodClues {
+    /// Adds one answer's clues.
+    fn learn(&mut self, hint: &Hint) {
         let wait = hint.reset_in.min(MAX_HINT);
-        let wait_s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        self.longest_reset_s = self.longest_reset_s.max(wait_s).max(1);
-        let shortest = self.longest_reset_s;
-        hint.reset_at
-            .filter(|at| *at > 0)
-            .and_then(|at| (shortest..=MAX_HINT.as_secs()).find(|d| at % d == 0))
-            .unwrap_or(shortest)
+        let wait_s = hint
+            .retry_after_s
+            .map(u64::from)
+            .unwrap_or(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
+        self.at_least_s = self.at_least_s.max(wait_s).max(1);
+        if let Some(at) = hint.reset_at.filter(|at| *at > 0) {
+            // A reset that shares no candidate with the earlier ones (the period was changed,
+            // or an answer is not GitLab's): start again from this one.
+            let shared = gcd(self.resets_gcd, at);
+            self.resets_gcd =
+                if (self.at_least_s..=MAX_HINT.as_secs()).any(|d| shared.is_multiple_of(d)) {
+                    shared
+                } else {
+                    at
+                };
+        }
+        if let Some(q) = hint.queue {
+            if self.limit_per_minute != Some(q.limit_per_minute) {
+                // A new rate: the old bound was for another limit.
+                self.at_most_s = 0;
+                self.limit_per_minute = Some(q.limit_per_minute);
+            }
+            // period × (limit per minute - 1) < 60 × (observed - 1)
+            if q.limit_per_minute > 1 && q.observed > 1 {
+                let most =
+                    (u128::from(q.observed - 1) * 60 - 1) / u128::from(q.limit_per_minute - 1);
+                let most = u64::try_from(most).unwrap_or(u64::MAX);
+                self.at_most_s = if self.at_most_s == 0 {
+                    most
+                } else {
+                    self.at_most_s.min(most)
+                };
+            }
+        }
+    }
+
+    /// The period, as well as the clues tell: the smallest that fits them all; the longest
+    /// wait seen when none does (no absolute reset, or answers that contradict each other).
+    fn period_s(&self) -> u64 {
+        let least = self.at_least_s.max(1);
+        if self.resets_gcd == 0 {
+            return least;
+        }
+        let most = match self.at_most_s {
+            0 => MAX_HINT.as_secs(),
+            most => most.min(MAX_HINT.as_secs()),
+        };
+        let fits = |d: &u64| {
+            self.resets_gcd.is_multiple_of(*d)
+                && self
+                    .limit_per_minute
+                    .is_none_or(|lpm| window_limit(lpm, *d).is_some())
+        };
+        // One answer rarely settles it (a reset at 1,765,000,010 fits a period of 2, 5 or 10
+        // s alike): the smallest candidate makes a turn later, never earlier, than it would be.
+        (least..=most)
+            .find(fits)
+            .or_else(|| (least..=MAX_HINT.as_secs()).find(|d| self.resets_gcd.is_multiple_of(*d)))
+            .unwrap_or(least)
+    }
+}
+
+impl Memory {
+    fn period(&mut self, hint: &Hint) -> u64 {
+        self.period.learn(hint);
+        self.period.period_s()
     }
 }
 

@@ -41,6 +41,7 @@ fn gitlab(observed: u64, limit: u64, period_s: u64, reset_at: u64, elapsed: Dura
     Hint {
         reset_in: secs(period_s) - elapsed,
         reset_at: Some(reset_at),
+        retry_after_s: u32::try_from(period_s - elapsed.as_secs()).ok(),
         queue: Some(Queue {
             observed,
             limit_per_minute: (limit * 60).div_ceil(period_s),
@@ -89,6 +90,7 @@ fn retry_after_seconds() {
         Some(Hint {
             reset_in: secs(60),
             reset_at: None,
+            retry_after_s: Some(60),
             queue: None
         })
     );
@@ -166,6 +168,7 @@ fn absurd_hints_are_clamped() {
     let huge = Hint {
         reset_in: MAX_HINT,
         reset_at: Some(u64::MAX),
+        retry_after_s: None,
         queue: Some(Queue {
             observed: u64::MAX,
             limit_per_minute: 1,
@@ -219,11 +222,13 @@ fn no_wait_is_shorter_than_the_floor() {
         Some(Hint {
             reset_in: Duration::ZERO,
             reset_at: None,
+            retry_after_s: None,
             queue: None,
         }),
         Some(Hint {
             reset_in: Duration::ZERO,
             reset_at: Some(0),
+            retry_after_s: None,
             queue: Some(Queue {
                 observed: 1,
                 limit_per_minute: 60,
@@ -259,6 +264,7 @@ fn never_before_the_reset_whatever_the_counts() {
             let h = Hint {
                 reset_in: secs(reset),
                 reset_at: Some(RESET_6),
+                retry_after_s: None,
                 queue,
             };
             let mut memory = Memory::default();
@@ -283,6 +289,7 @@ fn the_period_is_the_smallest_divisor_of_the_reset_at_least_the_longest_wait() {
     let at = |reset_in: Duration, reset_at| Hint {
         reset_in,
         reset_at,
+        retry_after_s: None,
         queue: None,
     };
     let mut m = Memory::default();
@@ -388,6 +395,7 @@ fn without_the_counts_the_spread_grows_with_each_throttled_answer() {
     let h = Hint {
         reset_in: Duration::from_millis(5200),
         reset_at: Some(RESET_6),
+        retry_after_s: None,
         queue: None,
     };
     let mut memory = Memory::default();
@@ -405,6 +413,7 @@ fn without_the_counts_the_spread_grows_with_each_throttled_answer() {
     let migration = Hint {
         reset_in: secs(60),
         reset_at: None,
+        retry_after_s: None,
         queue: None,
     };
     assert_eq!(
@@ -475,4 +484,158 @@ fn every_answer_gives_a_wait_between_its_reset_and_its_bounds() {
             }
         }
     }
+}
+
+/// The period after each of `answers`, in one call's memory.
+fn periods(answers: &[Hint]) -> Vec<u64> {
+    let mut memory = Memory::default();
+    answers.iter().map(|h| memory.period(h)).collect()
+}
+
+/// A 429 of a window of `period_s` seconds that ends at `reset_at`, answered `retry_after_s`
+/// before it (as `Retry-After`), with the counts when `observed` is not 0.
+fn answer(reset_at: u64, retry_after_s: u64, observed: u64, limit_per_minute: u64) -> Hint {
+    Hint {
+        reset_in: secs(retry_after_s),
+        reset_at: Some(reset_at),
+        retry_after_s: u32::try_from(retry_after_s).ok(),
+        queue: (observed > 0).then_some(Queue {
+            observed,
+            limit_per_minute,
+        }),
+    }
+}
+
+#[test]
+fn two_resets_a_window_apart_give_the_period() {
+    // 7 s windows; a reset that 2 and 7 divide, and 3, 4 and 5 do not.
+    let first: u64 = 1_765_000_006;
+    assert_eq!(
+        [2, 3, 4, 5, 7].map(|d| first.is_multiple_of(d)),
+        [true, false, false, false, true]
+    );
+    // 1 s before the first reset: 1 and 2 divide it, so alone it says 1.
+    assert_eq!(periods(&[answer(first, 1, 0, 0)]), [1]);
+    // The next window's reset, 7 s later, shares only 7 (and 1) with it: 7 from then on.
+    assert_eq!(
+        periods(&[answer(first, 1, 0, 0), answer(first + 7, 2, 0, 0)]),
+        [1, 7]
+    );
+    // Two windows later: their greatest common divisor is 7 × gcd(m, m + 2), 7 or 14; at
+    // least the longest wait (5 s) and dividing both: 7.
+    assert_eq!(
+        periods(&[answer(first, 5, 0, 0), answer(first + 14, 1, 0, 0)]),
+        [7, 7]
+    );
+}
+
+#[test]
+fn retry_after_bounds_the_period_whatever_the_clocks() {
+    // A 5 s window whose reset 1,765,000,010 that 10 divides too. The agent's clock is 3 s
+    // behind GitLab's: the absolute reset looks 8 s away, Retry-After says 5.
+    let skewed = Hint {
+        reset_in: secs(8),
+        reset_at: Some(1_765_000_010),
+        retry_after_s: Some(5),
+        queue: None,
+    };
+    assert_eq!(periods(&[skewed]), [5]);
+    // Without Retry-After the wait is all there is, and 10 is the smallest divisor above 8.
+    assert_eq!(
+        periods(&[Hint {
+            retry_after_s: None,
+            ..skewed
+        }]),
+        [10]
+    );
+}
+
+#[test]
+fn the_counts_bound_the_period_and_the_rate_rules_periods_out() {
+    // 50 per 6 s: 500 per minute, at a reset that 2, 3, 6, 9 and 18 divide, and 4 and 5 do
+    // not.
+    let reset: u64 = 1_765_000_026;
+    assert_eq!(
+        [2, 3, 4, 5, 6, 9, 18].map(|d| reset.is_multiple_of(d)),
+        [true, true, false, false, true, true, true]
+    );
+    // Alone (no counts): 1 divides it.
+    assert_eq!(periods(&[answer(reset, 1, 0, 0)]), [1]);
+    // 500 per minute rules out 1 and 2 (no whole limit per window gives 500 rounded up), and
+    // leaves 3 (25 per 3 s).
+    assert_eq!(periods(&[answer(reset, 1, 200, 500)]), [3]);
+    // The 51st: period × 499 < 60 × 50, so at most 6; with a wait of 4 s, 6 it is.
+    assert_eq!(periods(&[answer(reset, 4, 51, 500)]), [6]);
+    // The bound holds across answers, and a new rate starts it again.
+    assert_eq!(
+        periods(&[answer(reset, 4, 51, 500), answer(reset + 6, 4, 500, 500)]),
+        [6, 6]
+    );
+    let mut memory = Memory::default();
+    memory.period(&answer(reset, 4, 51, 500));
+    assert_eq!(memory.period(&answer(reset + 6, 4, 300, 100)), 6);
+}
+
+#[test]
+fn odd_and_hostile_headers_never_break_the_period() {
+    let now = UNIX_EPOCH + secs(1_765_000_007);
+    let period = |h: &Headers<'_>| {
+        server_hint(h, now).map(|hint| {
+            let mut memory = Memory::default();
+            let p = memory.period(&hint);
+            // And a plan is made from it, within its bounds.
+            let plan = plan(0, Some(&hint), &mut memory);
+            assert!(
+                plan.not_before >= MIN_WAIT && plan.earliest <= MAX_HINT,
+                "{h:?}"
+            );
+            p
+        })
+    };
+    let gitlab = |after, reset, observed, limit| Headers {
+        retry_after: Some(after),
+        ratelimit_reset: Some(reset),
+        ratelimit_reset_time: None,
+        ratelimit_observed: Some(observed),
+        ratelimit_limit: Some(limit),
+    };
+    // GitLab's own: 100 per 5 s, the 101st, 3 s before the reset.
+    assert_eq!(period(&gitlab("3", "1765000010", "101", "1200")), Some(5));
+    // Negative, non-numeric, fractional: left out, the rest still read.
+    assert_eq!(period(&gitlab("-3", "1765000010", "101", "1200")), Some(5));
+    assert_eq!(period(&gitlab("3", "-1765000010", "101", "1200")), Some(3));
+    assert_eq!(period(&gitlab("3", "1765000010", "x", "1200")), Some(5));
+    assert_eq!(period(&gitlab("3", "1765000010", "101", "-1")), Some(5));
+    assert_eq!(period(&gitlab("3.5", "1765000010", "101", "1200")), Some(5));
+    assert_eq!(period(&gitlab("3", "1765000010.0", "101", "1200")), Some(3));
+    // Huge: a Retry-After beyond an hour is clamped to an hour, the wait and so the period
+    // (the agent waits that hour anyway); a reset far in the future or a count or rate near
+    // u64::MAX neither overflows nor panics.
+    assert_eq!(
+        period(&gitlab("99999999999", "1765000010", "101", "1200")),
+        Some(3600)
+    );
+    let max = u64::MAX.to_string();
+    assert!(period(&gitlab("3", &max, &max, &max)).unwrap() >= 3);
+    assert!(period(&gitlab(&max, &max, "101", "1200")).unwrap() <= 3600);
+    // A reset in the past still names a second the period divides; the wait is the floor.
+    assert_eq!(period(&gitlab("0", "1765000000", "101", "1200")), Some(1));
+    // Retry-After as an HTTP date: an absolute reset, 1,765,000,010 (3 s from now).
+    let date = httpdate::fmt_http_date(UNIX_EPOCH + secs(1_765_000_010));
+    let date_only = Headers {
+        retry_after: Some(&date),
+        ..Headers::default()
+    };
+    assert_eq!(
+        server_hint(&date_only, now).unwrap().reset_at,
+        Some(1_765_000_010)
+    );
+    assert_eq!(period(&date_only), Some(5));
+    // A reset that nothing from 2 to 3,600 divides (not GitLab's): the wait.
+    assert_eq!(period(&gitlab("3", "1765000007", "101", "1200")), Some(3));
+    // Answers that contradict each other (a reset no candidate of the earlier ones divides):
+    // start again from the latest.
+    let mut memory = Memory::default();
+    assert_eq!(memory.period(&answer(1_765_000_010, 5, 0, 0)), 5);
+    assert_eq!(memory.period(&answer(1_765_000_013, 5, 0, 0)), 7);
 }

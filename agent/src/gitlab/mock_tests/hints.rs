@@ -173,6 +173,7 @@ async fn the_throttle_counts_come_with_the_reset() {
         Hint {
             reset_in: Duration::from_secs(1),
             reset_at: None,
+            retry_after_s: Some(1),
             queue: Some(Queue {
                 observed: 187,
                 limit_per_minute: 1200
@@ -185,6 +186,41 @@ async fn the_throttle_counts_come_with_the_reset() {
         ("RateLimit-Limit", "0"),
     ];
     assert_eq!(hint_of(429, &zero_limit).await.unwrap().queue, None);
+}
+
+#[tokio::test]
+async fn headers_that_are_not_utf8_are_left_out_of_the_hint_and_the_period() {
+    // GitLab's 429 for 100 per 5 s, with the reset, the count and the rate in bytes that are
+    // not UTF-8: Retry-After alone is read, so the period is only known to be at least 3 s.
+    let gitlab = MockServer::start().await;
+    let bytes = |b: &'static [u8]| wiremock::http::HeaderValue::from_bytes(b).unwrap();
+    let r = ResponseTemplate::new(429)
+        .insert_header("Retry-After", "3")
+        .insert_header("RateLimit-Reset", bytes(b"17650000\xff10"))
+        .insert_header(
+            "RateLimit-ResetTime",
+            bytes(b"Sun, 22 Nov 2026 10:00:05 \xc3GMT"),
+        )
+        .insert_header("RateLimit-Observed", bytes(b"\xfe101"))
+        .insert_header("RateLimit-Limit", bytes(b"1200\x80"))
+        .set_body_raw("Retry later\n", "text/plain");
+    answer(&gitlab, "POST", "/api/v4/runners/verify", r).await;
+    let err = client(&gitlab)
+        .verify(&secret(TOKEN), SYSTEM_ID, &info())
+        .await
+        .unwrap_err();
+    let ApiError::Status { retry_hint, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        retry_hint,
+        Some(Hint {
+            reset_in: Duration::from_secs(3),
+            reset_at: None,
+            retry_after_s: Some(3),
+            queue: None,
+        })
+    );
 }
 
 /// Answers `first` once, then 200 to verify.

@@ -25,6 +25,7 @@ pub(super) fn throttled(endpoint: Endpoint, reset_s: u64) -> ApiError {
         retry_hint: Some(Hint {
             reset_in: Duration::from_secs(reset_s),
             reset_at: None,
+            retry_after_s: None,
             queue: None,
         }),
     }

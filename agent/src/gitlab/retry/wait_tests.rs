@@ -73,6 +73,7 @@ async fn an_absurd_hint_neither_overflows_nor_parks_the_agent() {
                 retry_hint: Some(Hint {
                     reset_in: Duration::MAX,
                     reset_at: None,
+                    retry_after_s: None,
                     queue: Some(Queue {
                         observed: u64::MAX,
                         limit_per_minute: 1,
