@@ -23,10 +23,11 @@
 //! `TURN_COST × (c - 1 - limit) / rate` after the reset, picked within one request's share of
 //! the rate: the queue fills each window and no more, and the last turn is close to where an
 //! ideal schedule would put it. The window's `limit` needs the period, which GitLab does not
-//! send: the period divides the reset's Unix time (the windows are aligned to the epoch) and
-//! is at least the longest wait to a reset seen, so the smallest such divisor is taken (a
-//! shorter guess only makes turns later). VMs that boot over several windows form several
-//! queues that cannot see each other and overlap; a client whose turn is rejected (its
+//! send; `PeriodClues` narrows it with every answer (it is at least each `Retry-After`, divides
+//! every reset, is below what the count allows and gives a whole limit for the rate) and takes
+//! the smallest candidate left: one answer rarely settles it (see `PeriodClues`), and a
+//! shorter guess makes a turn later, never earlier. VMs that boot over several windows form
+//! several queues that cannot see each other and overlap; a client whose turn is rejected (its
 //! window was wanted by another queue too) takes a new turn after the rejected requests before
 //! it, counted at `LOSER_TURN_COST`, plus `LOSER_CARRY` of its first turn: the queue it
 //! collided with probably goes on about as far.
@@ -52,7 +53,7 @@ pub const TURN_COST: f64 = 2.0;
 /// With `RateLimit-Observed`, for a client whose turn was rejected: the cost of each rejected
 /// request before it, and the share of its first turn added (see the module documentation;
 /// tuned with `cargo bench --bench storm`).
-pub const LOSER_TURN_COST: f64 = 3.0;
+pub const LOSER_TURN_COST: f64 = 4.0;
 pub const LOSER_CARRY: f64 = 0.25;
 /// Without `RateLimit-Observed`: how many periods after a throttle's reset the retries spread
 /// over, per throttled attempt so far, and at most how long.
@@ -189,6 +190,12 @@ pub struct Memory {
 ///   divisor (two resets a window apart differ by exactly one period);
 /// - `RateLimit-Limit` is `ceil(limit × 60 / period)` and a rejected request's count is above
 ///   the window's limit, so `(RateLimit-Limit - 1) × period / 60 < limit < RateLimit-Observed`.
+///
+/// One answer rarely settles it: the 245th request of a window, answered `Retry-After: 2`,
+/// `RateLimit-Reset: 1765000010`, `RateLimit-Limit: 1200`, gets exactly these headers from a
+/// throttle of 40 per 2 s, 100 per 5 s or 200 per 10 s, and 204, 144 or 44 rejected requests
+/// came before it. A second answer from another window usually does (the common divisor of two
+/// resets a window apart is the period).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct PeriodClues {
     /// The longest wait to a reset seen, in whole seconds rounded up (at least 1).

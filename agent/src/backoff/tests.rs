@@ -358,7 +358,7 @@ fn a_client_whose_turn_was_rejected_goes_further() {
     let first_turn = first.earliest - Duration::from_millis(5500);
     assert_eq!(first_turn, secs(48));
     // At its turn, 9 windows later, the 71st of its window, 5.9 s into it: 20 rejected before
-    // it counted at three requests each (7.2 s) and a quarter of its first turn (12 s).
+    // it counted at four requests each (9.6 s) and a quarter of its first turn (12 s).
     let again = plan(
         1,
         Some(&gitlab(
@@ -373,7 +373,7 @@ fn a_client_whose_turn_was_rejected_goes_further() {
     assert_eq!(again.not_before, Duration::from_secs(1));
     assert_eq!(
         again.earliest,
-        secs(1) + Duration::from_millis(7200) + first_turn / 4
+        secs(1) + Duration::from_millis(9600) + first_turn / 4
     );
     // Rejected right after the limit: a quarter of its first turn, no more.
     let mut memory = Memory::default();
