@@ -229,6 +229,9 @@ struct Outcome {
     wall: Duration,
     failed_agents: usize,
     windows: BTreeMap<u64, (u64, u64)>,
+    /// How long spawning every agent took, and the load average (1, 5, 15 min) before it.
+    spawned: Duration,
+    load_average: String,
 }
 
 async fn storm(s: Settings) -> Outcome {
@@ -297,11 +300,15 @@ async fn storm(s: Settings) -> Outcome {
         (since_epoch.as_nanos() % Duration::from_secs(s.period_s).as_nanos()) as u64,
     );
     tokio::time::sleep(Duration::from_secs(s.period_s) - into_window).await;
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into());
     let started = Instant::now();
     let mut agents = Vec::new();
     for mut cmd in commands {
         agents.push(cmd.spawn().expect("spawn the agent"));
     }
+    let spawned = started.elapsed();
     let mut failed_agents = 0;
     for (i, mut agent) in agents.into_iter().enumerate() {
         let status = agent.wait().await.unwrap();
@@ -334,6 +341,8 @@ async fn storm(s: Settings) -> Outcome {
         wall,
         failed_agents,
         windows: seen.windows.clone(),
+        spawned,
+        load_average,
     }
 }
 
@@ -411,6 +420,11 @@ async fn main() {
                 ratio,
                 if v.makespan { "" } else { " ✗" },
                 mark(v.all()),
+            );
+            println!(
+                "spawned in {:.1} s; load average before: {}",
+                o.spawned.as_secs_f64(),
+                o.load_average
             );
             if s.profile {
                 let line: Vec<String> = o
