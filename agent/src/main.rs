@@ -29,6 +29,7 @@ mod files;
 mod fswatch;
 mod gitlab;
 mod hold;
+mod http;
 mod lifecycle;
 mod logging;
 mod metadata;

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::BrokerError;
-use crate::backoff;
 use crate::secret::Secret;
+use crate::{backoff, http};
 
 /// The broker may take its whole `--mint-deadline` (60 s by default) to create a runner while
 /// GitLab throttles it; a request that takes longer is lost and tried again within the deadline.
@@ -19,8 +19,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The answer is a few hundred bytes of JSON.
 pub const MAX_BODY: usize = 64 * 1024;
-/// A retry is not started unless this much of the deadline is left for the request itself.
-const RETRY_SLACK: Duration = Duration::from_millis(500);
 /// How much of a refusal's text is shown.
 const MAX_MESSAGE: usize = 300;
 
@@ -46,10 +44,7 @@ impl BrokerClient {
                 });
             }
         }
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("gitlab-runner-vm/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
+        let http = http::client_builder(CONNECT_TIMEOUT)
             .no_proxy()
             .build()
             .map_err(|e| BrokerError::Client(e.to_string()))?;
@@ -94,11 +89,9 @@ impl BrokerClient {
                 seconds: started.elapsed().as_secs(),
                 last: Box::new(last),
             };
-            let room = deadline
-                .saturating_duration_since(Instant::now())
-                .saturating_sub(RETRY_SLACK);
-            let plan = backoff::plan(attempt - 1, error.retry_hint(), &mut memory);
-            let Some(wait) = plan.pick(backoff::random_u64(), room) else {
+            let Some(wait) =
+                http::wait_before_retry(attempt, error.retry_hint(), &mut memory, deadline)
+            else {
                 return Err(gave_up(error));
             };
             tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
@@ -111,7 +104,7 @@ impl BrokerClient {
         let url = self.url.as_str();
         let unreachable = |e: reqwest::Error| BrokerError::Unreachable {
             url: url.to_string(),
-            detail: error_chain(&e),
+            detail: http::error_chain(&e),
         };
         let mut response = self
             .http
@@ -146,19 +139,12 @@ impl BrokerClient {
             },
             SystemTime::now(),
         );
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_BODY as u64)
-        {
+        let Some(body) = http::read_capped(&mut response, MAX_BODY)
+            .await
+            .map_err(unreachable)?
+        else {
             return Err(self.too_large_or_status(status, hint));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(self.too_large_or_status(status, hint));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        };
         if !(200..300).contains(&status) {
             return Err(BrokerError::Status {
                 url: url.to_string(),
@@ -206,17 +192,6 @@ pub fn refusal_message(body: &[u8]) -> String {
         }
         None => format!("{} bytes that are not the broker's JSON", body.len()),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use super::{ApiError, Endpoint, retry_is_safe};
-use crate::backoff;
 use crate::secret::{self, Secret, redact};
+use crate::{backoff, http};
 
 /// One request may take this long before it counts as a network error and is retried (within
 /// the phase's deadline).
@@ -62,7 +62,7 @@ impl Request<'_> {
     /// No usable answer: for a call that creates a runner that is `MaybeCreated` unless the
     /// request surely never left (`sent` false: no connection was made).
     fn no_answer(&self, e: &reqwest::Error, sent: bool) -> ApiError {
-        let detail = self.clean(&error_chain(e), usize::MAX);
+        let detail = self.clean(&http::error_chain(e), usize::MAX);
         if self.creates.is_some() && sent {
             self.maybe_created(format!("no answer: {detail}"))
         } else {
@@ -78,13 +78,8 @@ impl Client {
     /// `base_url` is the GitLab base URL (`https://gitlab.example.com`); `ca_file` a PEM bundle
     /// trusted in addition to the system roots, as gitlab-runner does with `tls-ca-file`.
     pub fn new(base_url: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("gitlab-runner-vm/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            // A redirect would carry the token (in the body of a 307/308, or PRIVATE-TOKEN)
-            // to wherever Location points; a 3xx is an error naming it instead.
-            .redirect(reqwest::redirect::Policy::none());
+        // No redirect is followed: a 3xx is an error naming where it pointed.
+        let mut builder = http::client_builder(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT);
         if let Some(path) = ca_file {
             let pem = crate::files::read_capped(path, crate::files::NAMED_FILE_CAP)
                 .map_err(|e| anyhow::anyhow!("cannot read tls_ca_file {}: {e}", path.display()))?;
@@ -150,7 +145,7 @@ impl Client {
         let content_type = header("content-type").unwrap_or_else(|| "no type".into());
 
         if (200..300).contains(&status) {
-            let answer = match read_capped(&mut response).await {
+            let answer = match http::read_capped(&mut response, MAX_BODY).await {
                 Err(e) => return Err(r.no_answer(&e, true)),
                 Ok(None) => Err(format!(
                     "a {status} answer larger than {} KiB",
@@ -174,7 +169,7 @@ impl Client {
 
         // An error status: its body only serves the message, so a failure to read it, or the
         // part past MAX_BODY, is of no consequence.
-        let text = match read_capped(&mut response).await {
+        let text = match http::read_capped(&mut response, MAX_BODY).await {
             Ok(Some(body)) => String::from_utf8_lossy(&body).into_owned(),
             _ => String::new(),
         };
@@ -200,24 +195,6 @@ impl Client {
             retry_hint,
         })
     }
-}
-
-/// The body, or None when it is larger than `MAX_BODY` (then only that much is read).
-async fn read_capped(response: &mut reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    if response
-        .content_length()
-        .is_some_and(|n| n > MAX_BODY as u64)
-    {
-        return Ok(None);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_BODY {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Some(body))
 }
 
 /// A 3xx: where it points (absolute, without user info, query or fragment), and the base URL
@@ -248,15 +225,4 @@ fn redirect(r: &Request<'_>, status: u16, from: &reqwest::Url, location: Option<
         location,
         suggestion,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

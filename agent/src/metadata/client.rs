@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{MetadataError, Platform};
-use crate::backoff;
+use crate::{backoff, http};
 
 /// One request may take this long. The service is on the host; a request that takes longer is
 /// lost and retried within the deadline.
@@ -25,8 +25,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_BODY: usize = 1024 * 1024;
 /// As many attempts as a GitLab call gets at most.
 const MAX_ATTEMPTS: u32 = crate::gitlab::MAX_ATTEMPTS;
-/// A retry is not started unless this much of the deadline is left for the request itself.
-const RETRY_SLACK: Duration = Duration::from_millis(500);
 
 pub const AWS_TOKEN_PATH: &str = "/latest/api/token";
 const AWS_TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -69,10 +67,7 @@ impl MetadataClient {
                 });
             }
         }
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("gitlab-runner-vm/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
+        let http = http::client_builder(CONNECT_TIMEOUT)
             // HTTP_PROXY in the environment must not see user-data (it holds the token), and a
             // proxy cannot reach the host's link-local service anyway.
             .no_proxy()
@@ -208,11 +203,9 @@ impl MetadataClient {
             if attempt >= MAX_ATTEMPTS {
                 return Err(gave_up(error));
             }
-            let room = deadline
-                .saturating_duration_since(Instant::now())
-                .saturating_sub(RETRY_SLACK);
-            let plan = backoff::plan(attempt - 1, error.retry_hint(), &mut memory);
-            let Some(wait) = plan.pick(backoff::random_u64(), room) else {
+            let Some(wait) =
+                http::wait_before_retry(attempt, error.retry_hint(), &mut memory, deadline)
+            else {
                 return Err(gave_up(error));
             };
             tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
@@ -293,7 +286,7 @@ impl MetadataClient {
         let unreachable = |e: reqwest::Error| MetadataError::Unreachable {
             platform: self.platform,
             url: url.to_string(),
-            detail: error_chain(&e),
+            detail: http::error_chain(&e),
             timed_out: e.is_timeout(),
         };
         let mut response = request.send().await.map_err(unreachable)?;
@@ -342,21 +335,14 @@ impl MetadataClient {
             );
             return Err(self.status_error(url, status, hint));
         }
-        if response
-            .content_length()
-            .is_some_and(|n| n > self.max_body as u64)
-        {
-            return Err(self.too_large(url));
-        }
         let etag = header("etag");
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
-            if body.len() + chunk.len() > self.max_body {
-                return Err(self.too_large(url));
-            }
-            body.extend_from_slice(&chunk);
+        match http::read_capped(&mut response, self.max_body)
+            .await
+            .map_err(unreachable)?
+        {
+            Some(body) => Ok(Some(Answer { body, etag })),
+            None => Err(self.too_large(url)),
         }
-        Ok(Some(Answer { body, etag }))
     }
 
     fn status_error(&self, url: &str, status: u16, hint: Option<backoff::Hint>) -> MetadataError {
@@ -375,15 +361,4 @@ impl MetadataClient {
             cap_kib: self.max_body / 1024,
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

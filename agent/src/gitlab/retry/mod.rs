@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{ApiError, Call};
-use crate::backoff;
+use crate::{backoff, http};
 
 /// No call is tried more often than this, whatever its deadline.
 pub const MAX_ATTEMPTS: u32 = 50;
@@ -18,8 +18,6 @@ pub const MAX_ATTEMPTS: u32 = 50;
 /// GitLab's budget with every VM's registration, and a deletion given up leaves a runner
 /// manager behind. Past this, or at any other error past the deadline, it gives up.
 pub const THROTTLED_DELETION_LIMIT: Duration = Duration::from_secs(600);
-/// A retry is not started unless this much of its deadline is left for the request itself.
-const RETRY_SLACK: Duration = Duration::from_millis(500);
 
 /// Why a retried call gave up.
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +120,8 @@ where
             deadline
         };
         let now = Instant::now();
-        let room = limit
-            .saturating_duration_since(now)
-            .saturating_sub(RETRY_SLACK);
-        let plan = backoff::plan(attempt - 1, error.retry_hint(), &mut memory);
-        let Some(wait) = plan.pick(backoff::random_u64(), room) else {
+        let Some(wait) = http::wait_before_retry(attempt, error.retry_hint(), &mut memory, limit)
+        else {
             return Err(gave_up(error));
         };
         let past_deadline = now.checked_add(wait).is_none_or(|at| at > deadline);
