@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::lifecycle::{Phase, TimelineEntry};
+use crate::timestamp::{fmt_time, rfc3339, rfc3339_opt};
 
 pub const FILE_NAME: &str = "status.json";
 
@@ -383,45 +384,6 @@ fn boot_started() -> Option<SystemTime> {
     let up = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
     let up = std::time::Duration::new(up.tv_sec() as u64, up.tv_nsec() as u32);
     SystemTime::now().checked_sub(up)
-}
-
-pub fn fmt_time(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-pub mod rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-    use std::time::SystemTime;
-
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::fmt_time(*t))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_rfc3339(&text).map_err(D::Error::custom)
-    }
-}
-
-pub mod rfc3339_opt {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-    use std::time::SystemTime;
-
-    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-        match t {
-            Some(t) => s.serialize_some(&super::fmt_time(*t)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            Some(text) => humantime::parse_rfc3339(&text)
-                .map(Some)
-                .map_err(D::Error::custom),
-            None => Ok(None),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -138,6 +138,47 @@ pub fn gce_expire_on(text: &str) -> Option<SystemTime> {
     instant(text)
 }
 
+/// A time as the agent writes it (status.json, `status`, messages): RFC 3339 in UTC, to the
+/// millisecond.
+pub fn fmt_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use std::time::SystemTime;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::fmt_time(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(D::Error::custom)
+    }
+}
+
+pub mod rfc3339_opt {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use std::time::SystemTime;
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&super::fmt_time(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => humantime::parse_rfc3339(&text)
+                .map(Some)
+                .map_err(D::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

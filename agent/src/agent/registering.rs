@@ -183,8 +183,8 @@ impl Agent {
         }
         match expiry {
             Expiry::Expired(at) => Some(AgentError::TokenExpired {
-                expired_at: status::fmt_time(at),
-                now: status::fmt_time(now),
+                expired_at: crate::timestamp::fmt_time(at),
+                now: crate::timestamp::fmt_time(now),
             }),
             _ => None,
         }

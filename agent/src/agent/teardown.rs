@@ -22,7 +22,7 @@ use crate::lifecycle::{self, Phase};
 use crate::metadata::ConfigSource;
 use crate::preemption;
 use crate::registration::{Registered, Target, possibly_created};
-use crate::status::{self, Status};
+use crate::status::Status;
 use crate::{power, runner, systemd};
 
 impl Agent {
@@ -71,7 +71,7 @@ impl Agent {
         );
         let until = self
             .hold_deadline
-            .map(|at| format!(", {} at most", status::fmt_time(at)))
+            .map(|at| format!(", {} at most", crate::timestamp::fmt_time(at)))
             .unwrap_or_default();
         self.milestone(&format!("holding: {detail}{until}"));
         (State::Holding(teardown), detail)
@@ -184,7 +184,7 @@ impl Agent {
             self.hold_deadline = Some(deadline);
             tracing::info!(
                 "the hold lasts until {} at most (touching {} extends it by --hold-extend, up to --hold-max after the hold began)",
-                status::fmt_time(deadline),
+                crate::timestamp::fmt_time(deadline),
                 keep_file.display()
             );
             self.write_status();

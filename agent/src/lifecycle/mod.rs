@@ -105,7 +105,7 @@ pub struct IllegalTransition {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineEntry {
     pub phase: Phase,
-    #[serde(with = "crate::status::rfc3339")]
+    #[serde(with = "crate::timestamp::rfc3339")]
     pub at: SystemTime,
 }
 

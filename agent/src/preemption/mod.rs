@@ -119,10 +119,10 @@ pub struct Notice {
     pub platform: String,
     pub kind: NoticeKind,
     pub detail: String,
-    #[serde(with = "crate::status::rfc3339")]
+    #[serde(with = "crate::timestamp::rfc3339")]
     pub received: SystemTime,
     /// When the VM goes away; None: no deadline (drain only).
-    #[serde(with = "crate::status::rfc3339_opt", default)]
+    #[serde(with = "crate::timestamp::rfc3339_opt", default)]
     pub deadline: Option<SystemTime>,
 }
 
@@ -143,7 +143,7 @@ impl Notice {
         match self.deadline {
             Some(deadline) => format!(
                 "{head}: the VM goes away at {} ({})",
-                crate::status::fmt_time(deadline),
+                crate::timestamp::fmt_time(deadline),
                 seconds_left(deadline, now)
             ),
             None => format!("{head}: no deadline"),

@@ -53,7 +53,7 @@ pub fn aws_instance_action(body: &[u8], now: SystemTime) -> Reading {
     Reading::Notice(Notice {
         platform: "aws".into(),
         kind: NoticeKind::SpotInterruption,
-        detail: format!("{action} at {}", crate::status::fmt_time(time)),
+        detail: format!("{action} at {}", crate::timestamp::fmt_time(time)),
         received: now,
         deadline: Some(deadline),
     })
@@ -76,7 +76,7 @@ pub fn aws_rebalance(body: &[u8], now: SystemTime) -> Reading {
     Reading::Notice(Notice {
         platform: "aws".into(),
         kind: NoticeKind::RebalanceRecommendation,
-        detail: format!("recommended at {}", crate::status::fmt_time(time)),
+        detail: format!("recommended at {}", crate::timestamp::fmt_time(time)),
         received: now,
         deadline: None,
     })

@@ -54,7 +54,7 @@ impl Expiry {
                 let left = at.duration_since(now).unwrap_or_default();
                 Some(format!(
                     "the runner token expires at {} (in {}), within a day or this VM's max_lifetime; rotate it in GitLab (Settings > CI/CD > Runners) and update runner.json before the fleet's VMs are refused",
-                    crate::status::fmt_time(*at),
+                    crate::timestamp::fmt_time(*at),
                     humantime::format_duration(Duration::from_secs(left.as_secs()))
                 ))
             }
