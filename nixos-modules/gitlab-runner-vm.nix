@@ -154,6 +154,7 @@ in
           stop-timeout = flagOption "stop-timeout";
           hold-max = flagOption "hold-max";
           hold-extend = flagOption "hold-extend";
+          daemon-reload-timeout = flagOption "daemon-reload-timeout";
         };
       });
     };

@@ -260,6 +260,15 @@ pub struct RunArgs {
         default_value = "systemctl try-restart nix-daemon.service"
     )]
     pub nix_restart_command: String,
+    /// Seconds a daemon's reload (restart) command may take before it is killed and the run
+    /// fails; a SIGTERM, a drain or a notice ends the wait at once
+    #[arg(
+        long,
+        env = "GITLAB_RUNNER_VM_DAEMON_RELOAD_TIMEOUT",
+        value_parser = seconds,
+        default_value_t = 90
+    )]
+    pub daemon_reload_timeout: u64,
 }
 
 #[cfg(test)]

@@ -18,10 +18,6 @@ use serde_json::{Map, Value};
 
 use crate::config::{NixCaches, RegistryMirror, RunnerConfig};
 
-/// How long a daemon's reload command may take (a Docker that is still starting finishes its
-/// start first).
-pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// Where the daemons' settings go, and how Docker rereads its own (the agent's flags).
 #[derive(Debug, Clone)]
 pub struct DaemonPaths {
@@ -30,6 +26,9 @@ pub struct DaemonPaths {
     pub registries_conf: PathBuf,
     pub nix_conf: PathBuf,
     pub nix_restart_command: String,
+    /// How long a reload (restart) command may take (`--daemon-reload-timeout`; a Docker that
+    /// is still starting finishes its start first).
+    pub reload_timeout: Duration,
 }
 
 /// What `apply` did, one line each for the journal.
@@ -159,7 +158,7 @@ async fn apply_nix(paths: &DaemonPaths, nix: &NixCaches) -> Result<String, Strin
         ));
     }
     write_replacing(file, &text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-    run_reload(&paths.nix_restart_command).await?;
+    run_reload(&paths.nix_restart_command, paths.reload_timeout).await?;
     Ok(format!(
         "nix-daemon's {} names the substituters {} and {} key(s); restarted with `{}`",
         file.display(),
@@ -189,7 +188,7 @@ async fn apply_mirrors(paths: &DaemonPaths, config: &RunnerConfig) -> Result<App
         if existing.as_deref() != Some(text.as_str()) {
             write_replacing(docker, &text)
                 .map_err(|e| format!("cannot write Docker's {}: {e}", docker.display()))?;
-            run_reload(&paths.docker_reload_command).await?;
+            run_reload(&paths.docker_reload_command, paths.reload_timeout).await?;
             applied.push(format!(
                 "Docker's {} names the registry mirrors {}; reloaded with `{}`",
                 docker.display(),
@@ -257,32 +256,42 @@ fn write_replacing(path: &Path, text: &str) -> io::Result<()> {
     crate::files::write_atomically(path, text.as_bytes(), 0o644, 0o755)
 }
 
-/// Runs a reload command with /bin/sh -c, at most `RELOAD_TIMEOUT`; its output goes to the
-/// agent's stderr (the journal).
-async fn run_reload(command: &str) -> Result<(), String> {
-    let mut child = tokio::process::Command::new("/bin/sh")
+/// Runs a reload command with /bin/sh -c, at most `timeout`; its output goes to the agent's
+/// stderr (the journal). The command runs in a process group of its own, killed whole when
+/// the timeout passes or when the caller stops waiting (the future dropped: a SIGTERM, a drain
+/// or a notice during a hung reload), so that nothing of it outlives the wait.
+async fn run_reload(command: &str, timeout: Duration) -> Result<(), String> {
+    let child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(command)
         .stdin(Stdio::null())
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run `{command}`: {e}"))?;
-    let pid = child.id();
-    match tokio::time::timeout(RELOAD_TIMEOUT, child.wait()).await {
+    let mut reload = ReloadGroup(child);
+    match tokio::time::timeout(timeout, reload.0.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(format!("`{command}` failed ({status})")),
         Ok(Err(e)) => Err(format!("cannot wait for `{command}`: {e}")),
-        Err(_) => {
-            if let Some(pid) = pid {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            Err(format!(
-                "`{command}` did not finish within {} s and was killed",
-                RELOAD_TIMEOUT.as_secs()
-            ))
+        Err(_) => Err(format!(
+            "`{command}` did not finish within {} s and was killed (--daemon-reload-timeout)",
+            timeout.as_secs()
+        )),
+    }
+}
+
+/// A reload command's process group, SIGKILLed whole when dropped before its shell was reaped
+/// (a zombie shell still holds the group's id, so no other group can be hit; tokio reaps it).
+struct ReloadGroup(tokio::process::Child);
+
+impl Drop for ReloadGroup {
+    fn drop(&mut self) {
+        // None once `wait` returned: the shell was reaped and the id may be reused.
+        if let Some(pid) = self.0.id() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -193,3 +193,196 @@ async fn a_failure_to_apply_fails_the_run_before_registering() {
         );
     }
 }
+
+// ---- a reload that hangs: an interrupt ends the wait at once, the timeout fails the run ----
+
+/// A reload command that says it started, then hangs in a child (as `systemctl` waiting for a
+/// stuck dockerd would), whose pid it records so the test can see it was killed.
+fn hung_reload(h: &Harness) -> String {
+    let dir = h.dir.path().display();
+    format!(
+        "echo started > {dir}/reload-started; sleep 600 & echo $! > {dir}/reload-child; wait; echo finished > {dir}/reload-finished"
+    )
+}
+
+/// Starts the agent with mirrors to apply and a reload that hangs, and waits until it hangs.
+/// `timeout` is `--daemon-reload-timeout`; "300" (with as long a failure delay): only an
+/// interrupt can end the wait in time.
+async fn start_hung(h: &mut Harness, timeout: &str, extra: &[&str]) {
+    let failure_delay = if timeout == "300" { "300" } else { "1" };
+    let d = daemons(h, Some("{}"));
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN, "registry_mirrors": ["https://mirror.gcr.io"]}));
+    let runner = write_runner(h, &d);
+    let reload = hung_reload(h);
+    let mut args = args(&d, &reload);
+    args.extend(
+        [
+            "--daemon-reload-timeout",
+            timeout,
+            "--failure-delay",
+            failure_delay,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    h.start(&runner, &args);
+    h.wait_until("the reload to hang", |h| h.read("reload-child").is_some())
+        .await;
+}
+
+/// Nothing of the reload is left, GitLab was never called, gitlab-runner never started.
+async fn assert_nothing_after_the_reload(h: &Harness) {
+    let child: i32 = h.read("reload-child").unwrap().trim().parse().unwrap();
+    h.wait_until("the reload's child to be killed", |_| {
+        // Gone, or a zombie waiting for init (killed, not yet reaped).
+        std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    })
+    .await;
+    assert!(h.read("reload-finished").is_none());
+    assert!(
+        h.requests("POST", "/api/v4/runners/verify")
+            .await
+            .is_empty(),
+        "{}",
+        h.log()
+    );
+    assert!(h.runner_invocations().is_empty());
+}
+
+fn phases(h: &Harness) -> Vec<String> {
+    h.status()["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_hung_reload_ends_it_at_once_without_registering() {
+    let mut h = Harness::new().await;
+    start_hung(&mut h, "300", &[]).await;
+    send_signal(h.agent_pid(), 15);
+    // Within PATIENCE, far less than the reload's 300 s timeout.
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_nothing_after_the_reload(&h).await;
+    // As during the wait for runner.json: the VM is being shut down from outside, no power-off.
+    assert!(!h.powered_off());
+    assert_eq!(phases(&h), ["waiting-for-config", "stopping"]);
+    assert!(h.status()["last_error"].is_null(), "{}", h.status());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_during_a_hung_reload_powers_off_without_registering_or_failing() {
+    let mut h = Harness::new().await;
+    start_hung(&mut h, "300", &[]).await;
+    let out = std::process::Command::new(BIN)
+        .args(["drain", "--state-dir"])
+        .arg(h.state_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_nothing_after_the_reload(&h).await;
+    assert!(h.powered_off());
+    assert_eq!(phases(&h), ["waiting-for-config", "powering-off"]);
+    // A drain is no failure: no --failure-delay (300 s here) before the power-off.
+    assert!(h.status()["last_error"].is_null(), "{}", h.status());
+    assert!(
+        h.log()
+            .contains("drain requested (SIGUSR1) while the daemons were being reloaded"),
+        "{}",
+        h.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preemption_notice_during_a_hung_reload_powers_off_without_registering() {
+    use wiremock::matchers::{method, path, query_param_is_missing};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    const PREEMPTED: &str = "/computeMetadata/v1/instance/preempted";
+    const MAINTENANCE: &str = "/computeMetadata/v1/instance/maintenance-event";
+    let google = || ResponseTemplate::new(200).insert_header("Metadata-Flavor", "Google");
+    let meta = MockServer::start().await;
+    // Quiet GCE: the current values, then long polls that run out.
+    for (p, value) in [(PREEMPTED, "FALSE"), (MAINTENANCE, "NONE")] {
+        Mock::given(method("GET"))
+            .and(path(p))
+            .and(query_param_is_missing("wait_for_change"))
+            .respond_with(google().insert_header("ETag", "e1").set_body_string(value))
+            .mount(&meta)
+            .await;
+        mount(
+            &meta,
+            "GET",
+            p,
+            google()
+                .insert_header("ETag", "e1")
+                .set_body_string(value)
+                .set_delay(std::time::Duration::from_secs(2)),
+        )
+        .await;
+    }
+    let mut h = Harness::new().await;
+    // runner.json is already there (a config disk): the user-data is not fetched.
+    let url = meta.uri();
+    start_hung(
+        &mut h,
+        "300",
+        &["--config-source", "gce", "--metadata-url", &url],
+    )
+    .await;
+    Mock::given(method("GET"))
+        .and(path(PREEMPTED))
+        .respond_with(google().insert_header("ETag", "e2").set_body_string("TRUE"))
+        .with_priority(1)
+        .mount(&meta)
+        .await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_nothing_after_the_reload(&h).await;
+    assert!(h.powered_off());
+    assert_eq!(phases(&h), ["waiting-for-config", "powering-off"]);
+    let st = h.status();
+    assert_eq!(st["preemption"]["kind"], "preemption", "{st}");
+    assert!(st["last_error"].is_null(), "a notice is no failure: {st}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_hangs_past_its_timeout_is_killed_and_fails_the_run_before_any_job() {
+    let mut h = Harness::new().await;
+    start_hung(&mut h, "1", &[]).await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert_nothing_after_the_reload(&h).await;
+    assert!(h.powered_off());
+    let expected = "did not finish within 1 s and was killed (--daemon-reload-timeout)";
+    let last_error = h.status()["last_error"].as_str().unwrap_or("").to_string();
+    assert!(last_error.contains(expected), "{last_error}");
+    assert!(
+        last_error.contains("cannot write the fleet's settings for the VM's daemons"),
+        "{last_error}"
+    );
+    // The console's line is shortened; the journal has the whole error.
+    assert!(
+        h.console()
+            .contains("failed: cannot write the fleet's settings for the VM's daemons"),
+        "{}",
+        h.console()
+    );
+    assert!(h.log().contains(expected), "{}", h.log());
+    assert_eq!(phases(&h), ["waiting-for-config", "failed", "powering-off"]);
+}

@@ -150,7 +150,7 @@ impl AgentError {
             ),
             Metadata(error) => error.fix(),
             Broker(error) => error.fix(),
-            DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot; check `systemctl status docker`), or remove registry_mirrors (nix_substituters) from runner.json; --docker-daemon-config, --docker-reload-command, --registries-conf, --nix-conf and --nix-restart-command name the files and the commands".into(),
+            DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot), and for a reload that failed or hung see why in `systemctl status docker` (nix-daemon), or remove registry_mirrors (nix_substituters) from runner.json; --docker-daemon-config, --docker-reload-command, --registries-conf, --nix-conf and --nix-restart-command name the files and the commands, --daemon-reload-timeout how long a reload may take".into(),
             ConfigWrite { path, .. } => format!(
                 "make {} writable by the agent, or point --config at a writable place",
                 path.parent().unwrap_or(path).display()

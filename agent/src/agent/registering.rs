@@ -145,8 +145,8 @@ impl Agent {
         self.start_runner(&config, &shell_jobs, &runner_env, teardown)
     }
 
-    /// What cut registration short, for the journal.
-    fn interruption(&self) -> String {
+    /// What cut a wait short (registration, a daemon reload), for the journal.
+    pub(super) fn interruption(&self) -> String {
         match (self.interrupt(), self.interrupts.notice()) {
             (Interrupt::Stop, _) => "stop requested (SIGTERM)".into(),
             (_, Some(notice)) if notice.vm_goes_away() => notice.describe(SystemTime::now()),

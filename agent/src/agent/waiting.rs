@@ -55,9 +55,26 @@ impl Agent {
             Err(error) => return failed(error, Teardown::default()),
         };
         // Before any GitLab call: a VM whose daemons cannot take the fleet's settings takes
-        // no job.
-        if let Err(error) = self.configure_daemons(&config).await {
-            return failed(error, Teardown::default());
+        // no job. A reload that hangs is waited for no longer than an interrupt allows: a
+        // drain, a notice or a stop ends it (its processes killed) as they end the wait for
+        // runner.json, with nothing registered.
+        match self
+            .interrupts
+            .unless(Interrupt::Drain, self.configure_daemons(&config))
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(error)) => return failed(error, Teardown::default()),
+            None if self.interrupt() == Interrupt::Stop => {
+                return self.stopping(None, Teardown::default());
+            }
+            None => {
+                tracing::info!(
+                    "{} while the daemons were being reloaded: not registering, tearing down",
+                    self.interruption()
+                );
+                return self.teardown(Teardown::default());
+            }
         }
         match self.set_up(config) {
             Ok(setup) => {
@@ -280,6 +297,7 @@ impl Agent {
             registries_conf: self.args.registries_conf.clone(),
             nix_conf: self.args.nix_conf.clone(),
             nix_restart_command: self.args.nix_restart_command.clone(),
+            reload_timeout: Duration::from_secs(self.args.daemon_reload_timeout),
         };
         let applied = daemon_config::apply(&paths, config)
             .await
