@@ -26,10 +26,11 @@
         proxmox-runner-image = ./images/proxmox-runner.nix;
       };
 
-      # Runner images on clouds without a config disk: the agent fetches runner.json from the
-      # instance's user-data (no cloud-init), and the platform's SSH keys for the CI user.
-      metadataConfig = platform: {
-        services.gitlab-runner-vm.settings.config-source = platform;
+      # Runner images without a config disk: on clouds the agent fetches runner.json from the
+      # instance's user-data (no cloud-init), and the platform's SSH keys for the CI user; on
+      # KubeVirt with the broker it writes the runner.json of the broker's answer.
+      configSource = source: {
+        services.gitlab-runner-vm.settings.config-source = source;
       };
 
       # Every image: its modules, the attribute of its build, and the systems it exists for.
@@ -42,12 +43,18 @@
           modules = [ modules.runner modules.kubevirt-image ];
           build = "kubevirtImage";
         };
+        # KubeVirt, no runner token in the VM: a runner of its own for every boot from the broker
+        # (docs/broker.md), for the pod's token on KubeVirt's serviceAccount disk.
+        nixos-runner-broker = {
+          modules = [ modules.runner modules.kubevirt-image (configSource "broker") ];
+          build = "kubevirtImage";
+        };
         runner-amazon = {
-          modules = [ modules.runner modules.amazon-image (metadataConfig "aws") ];
+          modules = [ modules.runner modules.amazon-image (configSource "aws") ];
           build = "amazonImage";
         };
         runner-gce = {
-          modules = [ modules.runner modules.google-compute-image (metadataConfig "gce") ];
+          modules = [ modules.runner modules.google-compute-image (configSource "gce") ];
           build = "googleComputeImage";
         };
         circleci-amazon = {
@@ -70,7 +77,7 @@
           systems = [ "x86_64-linux" ];
         };
         runner-digital-ocean = {
-          modules = [ modules.runner modules.digital-ocean-image (metadataConfig "digitalocean") ];
+          modules = [ modules.runner modules.digital-ocean-image (configSource "digitalocean") ];
           build = "digitalOceanImage";
           systems = [ "x86_64-linux" ];
         };
@@ -149,6 +156,8 @@
                 nixos.config.system.build.${images.${name}.build})
             (lib.filterAttrs (_: bySystem: bySystem ? ${system}) imageSystems);
           runner = imageSystems.nixos-runner.${system}.config;
+          runnerBroker = imageSystems.nixos-runner-broker.${system}.config;
+          broker = pkgs.callPackage ./nix/broker-package.nix { };
         in
         imagePackages // {
           inherit (self.overlays.default pkgs pkgs) gitlab-runner-vm;
@@ -156,6 +165,13 @@
             image = runner.system.build.kubevirtImage;
             inherit (runner.image) filePath;
           };
+          nixos-runner-broker-containerdisk = pkgs.callPackage ./images/containerdisk.nix {
+            image = runnerBroker.system.build.kubevirtImage;
+            inherit (runnerBroker.image) filePath;
+            name = "nixos-runner-broker";
+          };
+          gitlab-runner-vm-broker = broker;
+          broker-image = pkgs.callPackage ./images/broker-oci.nix { inherit broker; };
           nix-oci = pkgs.callPackage ./images/nix-oci.nix { };
           default = imagePackages.nixos-runner;
         });

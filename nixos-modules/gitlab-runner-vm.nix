@@ -123,6 +123,8 @@ in
         options = {
           config = flagOption "config";
           config-source = flagOption "config-source";
+          broker-url = flagOption "broker-url";
+          broker-token-file = flagOption "broker-token-file";
           keep-file = flagOption "keep-file";
           gitlab-runner = mkOption {
             type = types.str;

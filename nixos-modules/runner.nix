@@ -14,6 +14,12 @@
 #   never run, and nothing rebuilds the system from it. The platform's SSH keys go to the
 #   operator user through `gitlab-runner-vm ssh-keys` (/run/ssh-keys/<user>); host name and
 #   partition growth come from nixpkgs' platform modules (images/).
+# - KubeVirt with the broker (`settings.config-source = "broker"`, docs/broker.md): no runner.json
+#   anywhere; KubeVirt's serviceAccount volume, a disk with serial `identity` (ISO 9660, label
+#   cfgdata), holds the virt-launcher pod's token. It is mounted read-only at /runner-identity
+#   the same way as the config disk (whenever it appears, root's only whatever Rock Ridge says),
+#   and the agent sends the token to the broker and writes the runner.json of its answer to
+#   /run/runner-info/runner.json, as on the clouds.
 #
 # Who is who (the trust boundary, issue 17):
 # - jobs run as the job user (`gitlabRunnerVm.base.user`, "runner"): not in wheel, docker,
@@ -48,6 +54,8 @@ let
   configMount = mountUnit cfg.configDisk.mountPoint;
   # The platforms whose metadata service serves runner.json (the agent's --config-source).
   metadataSource = lib.elem agent.settings.config-source [ "aws" "gce" "digitalocean" ];
+  # The broker answers with this boot's runner (KubeVirt's serviceAccount disk proves the VM).
+  brokerSource = agent.settings.config-source == "broker";
   sshKeysDir = "/run/ssh-keys";
   # With runner.json from a file, the keys still come from whichever platform the VM is on.
   sshKeysSource = if metadataSource then agent.settings.config-source else "auto";
@@ -78,25 +86,26 @@ let
     cfg.scratchDisk.paths;
   runnerUser = lib.escapeShellArg jobUser;
   runnerHome = lib.escapeShellArg config.users.users.${jobUser}.home;
-  mounts = lib.optionalAttrs cfg.configDisk.enable {
-    ${cfg.configDisk.mountPoint} = {
-      inherit (cfg.configDisk) device;
-      fsType = "iso9660";
-      options = [
-        "ro"
-        # Mounted when the disk appears, whenever that is (x-systemd.wanted-by: the disk's device
-        # unit wants the mount, and nothing else does): no device timeout that a slow boot
-        # outlasts, and nothing waits for a disk that is not attached. nofail: never ordered
-        # before local-fs.target.
-        "nofail"
-        "x-systemd.wanted-by=${utils.escapeSystemdPath cfg.configDisk.device}.device"
-        # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
-        "overriderockperm"
-        "mode=0400"
-        "dmode=0500"
-      ];
-    };
+  # A KubeVirt config disk (a Secret or serviceAccount volume: an ISO 9660 image), read-only.
+  isoMount = device: {
+    inherit device;
+    fsType = "iso9660";
+    options = [
+      "ro"
+      # Mounted when the disk appears, whenever that is (x-systemd.wanted-by: the disk's device
+      # unit wants the mount, and nothing else does): no device timeout that a slow boot
+      # outlasts, and nothing waits for a disk that is not attached. nofail: never ordered
+      # before local-fs.target.
+      "nofail"
+      "x-systemd.wanted-by=${utils.escapeSystemdPath device}.device"
+      # Rock Ridge keeps the Secret file's 0644: override it, readable by root (the agent) only.
+      "overriderockperm"
+      "mode=0400"
+      "dmode=0500"
+    ];
   };
+  mounts = lib.optionalAttrs cfg.configDisk.enable { ${cfg.configDisk.mountPoint} = isoMount cfg.configDisk.device; }
+    // lib.optionalAttrs cfg.identityDisk.enable { ${cfg.identityDisk.mountPoint} = isoMount cfg.identityDisk.device; };
   # Jobs' Nix builds run in the daemon's build directories: on the scratch disk.
   nixBuildDir = "${cfg.scratchDisk.mountPoint}/nix-builds";
   source = agent.settings.config-source;
@@ -128,14 +137,15 @@ in
     configDisk = {
       enable = mkOption {
         type = types.bool;
-        default = !metadataSource;
-        defaultText = lib.literalExpression ''!(lib.elem config.services.gitlab-runner-vm.settings.config-source [ "aws" "gce" "digitalocean" ])'';
+        default = !(metadataSource || brokerSource);
+        defaultText = lib.literalExpression ''!(lib.elem config.services.gitlab-runner-vm.settings.config-source [ "aws" "gce" "digitalocean" "broker" ])'';
         description = ''
           Whether runner.json comes from a config disk (KubeVirt, Proxmox, QEMU), mounted at
           `mountPoint` whenever the disk appears (at boot or later; nothing waits for it, and
           the agent waits for runner.json within `settings.config-wait`). Off when the agent
-          fetches it from a cloud's metadata service: those clouds attach no such disk. The
-          agent then writes runner.json to /run/runner-info/runner.json.
+          fetches it from a cloud's metadata service (those clouds attach no such disk) or
+          writes it from the broker's answer. The agent then writes runner.json to
+          /run/runner-info/runner.json.
         '';
       };
       serial = mkOption {
@@ -161,6 +171,42 @@ in
         type = types.str;
         default = "/runner-info";
         description = "Where the config disk is mounted (read-only); the agent reads runner.json there.";
+      };
+    };
+
+    identityDisk = {
+      enable = mkOption {
+        type = types.bool;
+        default = brokerSource;
+        defaultText = lib.literalExpression ''config.services.gitlab-runner-vm.settings.config-source == "broker"'';
+        description = ''
+          Whether KubeVirt's serviceAccount disk (the virt-launcher pod's token, `namespace` and
+          `ca.crt` as an ISO 9660 image) is mounted at `mountPoint`, read-only, root's only,
+          whenever it appears, for the agent to prove to the broker which VM it is
+          (`settings.config-source = "broker"`, docs/broker.md). The agent reads
+          `<mountPoint>/token` (`settings.broker-token-file`).
+        '';
+      };
+      serial = mkOption {
+        type = types.str;
+        default = "identity";
+        description = ''
+          Serial of the serviceAccount disk (the KubeVirt disk's `serial`, as
+          examples/kubevirt/broker/pool.yaml sets it); it appears as
+          /dev/disk/by-id/virtio-<serial>. KubeVirt labels every serviceAccount disk `cfgdata`,
+          as it does a config disk without `volumeLabel`, so the serial is what tells them apart.
+        '';
+      };
+      device = mkOption {
+        type = types.str;
+        default = "/dev/disk/by-id/virtio-${cfg.identityDisk.serial}";
+        defaultText = lib.literalExpression ''"/dev/disk/by-id/virtio-''${config.gitlabRunnerVm.runner.identityDisk.serial}"'';
+        description = "The serviceAccount disk's device.";
+      };
+      mountPoint = mkOption {
+        type = types.str;
+        default = "/runner-identity";
+        description = "Where the serviceAccount disk is mounted (read-only, files 0400 and root's).";
       };
     };
 
@@ -293,6 +339,8 @@ in
         settings = {
           job-user = lib.mkDefault config.gitlabRunnerVm.base.user;
           config = lib.mkDefault (if cfg.configDisk.enable then "${cfg.configDisk.mountPoint}/runner.json" else "/run/runner-info/runner.json");
+          # Where identityDisk puts the pod's token (read only with config-source broker).
+          broker-token-file = lib.mkDefault "${cfg.identityDisk.mountPoint}/token";
         };
       };
 
@@ -379,7 +427,9 @@ in
       };
 
       systemd.services.gitlab-runner-vm = {
-        after = lib.optional cfg.configDisk.enable configMount ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
+        after = lib.optional cfg.configDisk.enable configMount
+          ++ lib.optional cfg.identityDisk.enable (mountUnit cfg.identityDisk.mountPoint)
+          ++ lib.optional cfg.scratchDisk.enable "runner-scratch.service";
         wants = lib.optional cfg.scratchDisk.enable "runner-scratch.service";
       };
 

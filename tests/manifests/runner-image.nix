@@ -34,4 +34,20 @@ in
   normalUsers = builtins.attrNames (lib.filterAttrs (_: user: user.isNormalUser) config.users.users);
   qemuGuest = config.services.qemuGuest.enable;
   diskSizeMiB = config.virtualisation.diskSize;
+  # The runner image for the broker (examples/kubevirt/broker/pool.yaml).
+  broker =
+    let
+      b = flake.nixosConfigurations.nixos-runner-broker.config;
+      identity = b.gitlabRunnerVm.runner.identityDisk;
+      env = b.systemd.services.gitlab-runner-vm.environment;
+    in
+    {
+      identityDisk = identity // {
+        mount = { inherit (b.fileSystems.${identity.mountPoint}) device fsType options; };
+      };
+      configDisk = b.fileSystems ? ${b.gitlabRunnerVm.runner.configDisk.mountPoint};
+      configSource = env.GITLAB_RUNNER_VM_CONFIG_SOURCE;
+      tokenFile = env.GITLAB_RUNNER_VM_BROKER_TOKEN_FILE;
+      brokerUrl = env.GITLAB_RUNNER_VM_BROKER_URL or null;
+    };
 }

@@ -7,7 +7,9 @@ import copy
 import re
 from pathlib import Path
 
-from test_manifests import (
+from test_manifests import (  # noqa: F401 (fixtures: evaluated_runner_image, runner_image)
+    evaluated_runner_image,
+    runner_image,
     EXAMPLES,
     ROOT,
     field_paths,
@@ -161,6 +163,9 @@ def test_the_broker_pool_is_the_pools_vm_with_an_identity_disk_instead_of_a_toke
     disks[[d["name"] for d in disks].index("runner-info")] = {"name": "identity", "serial": "identity", "disk": {"bus": "virtio"}}
     volumes = tmpl["spec"]["volumes"]
     volumes[[v["name"] for v in volumes].index("runner-info")] = {"name": "identity", "serviceAccount": {"serviceAccountName": VM_ACCOUNT}}
+    # The runner image built for the broker (nixos-runner-broker: --config-source broker).
+    root = volumes[[v["name"] for v in volumes].index("rootdisk")]["containerDisk"]
+    root["image"] = root["image"].replace("/nixos-runner-containerdisk:", "/nixos-runner-broker-containerdisk:")
     assert broker_pool["spec"]["virtualMachineTemplate"]["spec"] == expected
     assert not kind(load_docs(BROKER_POOL), "Secret") or all(
         "runner.json" not in s.get("stringData", {}) for s in kind(load_docs(BROKER_POOL), "Secret")
@@ -180,3 +185,22 @@ def test_the_broker_pool_ships_the_pools_policy_and_lifetime_cap():
     secrets = {d["metadata"]["name"]: d for d in load_docs(POOL) if d.get("kind") == "Secret"}
     for s in kind(load_docs(BROKER_POOL), "Secret"):
         assert s == secrets[s["metadata"]["name"]], "a Secret differs from the pool's"
+
+
+def test_the_broker_pools_identity_disk_is_where_the_broker_image_reads_the_pods_token(runner_image):
+    """The broker pool's identity disk (its serial) is the disk the nixos-runner-broker image
+    mounts, and that image's agent asks the broker, with the token file on that disk."""
+    image = runner_image["broker"]
+    broker_pool = one(load_docs(BROKER_POOL), "VirtualMachinePool")
+    disks = get(broker_pool, "spec.virtualMachineTemplate.spec.template.spec.domain.devices.disks")
+    (identity,) = [d for d in disks if d["name"] == "identity"]
+    assert image["identityDisk"]["enable"] and image["configSource"] == "broker", image
+    assert identity["serial"] == image["identityDisk"]["serial"], (identity, image["identityDisk"])
+    assert image["identityDisk"]["mount"]["device"] == f"/dev/disk/by-id/virtio-{identity['serial']}", image
+    assert image["tokenFile"] == image["identityDisk"]["mountPoint"] + "/token", image
+    assert {"ro", "mode=0400", "dmode=0500", "overriderockperm"} <= set(image["identityDisk"]["mount"]["options"]), image
+    assert not image["configDisk"], "no runner.json disk in the broker's runner image"
+    # The agent's default broker URL is the broker's Service, in the VMs' namespace.
+    (service,) = [d for d in load_docs(BROKER) if d.get("kind") == "Service"]
+    assert image["brokerUrl"] in (None, f"http://{service['metadata']['name']}"), image["brokerUrl"]
+    assert get(service, "spec.ports")[0]["port"] == 80

@@ -30,6 +30,7 @@ ENV_PREFIX = "GITLAB_RUNNER_VM_"
 EXTENSIONS = {
     "nixos-base": "qcow2",
     "nixos-runner": "qcow2",
+    "nixos-runner-broker": "qcow2",
     "default": "qcow2",
     "runner-amazon": "vhd",
     "circleci-amazon": "vhd",
@@ -42,7 +43,13 @@ EXTENSIONS = {
     "runner-proxmox": "qcow2",
 }
 X86_ONLY = {"digital-ocean", "runner-digital-ocean", "proxmox-template", "runner-proxmox"}
-KUBEVIRT = {"nixos-base", "nixos-runner", "default"}
+KUBEVIRT = {"nixos-base", "nixos-runner", "nixos-runner-broker", "default"}
+# The KubeVirt runner with no runner.json anywhere: the broker's answer, for the pod's token on
+# KubeVirt's serviceAccount disk (serial `identity`, as examples/kubevirt/broker/pool.yaml sets it).
+BROKER_IMAGES = {"nixos-runner-broker"}
+IDENTITY_DEVICE = "/dev/disk/by-id/virtio-identity"
+# What makes a KubeVirt ISO disk root's only whatever its Rock Ridge modes say.
+ROOT_ONLY_ISO = {"ro", "nofail", "overriderockperm", "mode=0400", "dmode=0500"}
 # The cloud runner images: where the agent fetches runner.json (no cloud-init).
 CLOUD_SOURCES = {"runner-amazon": "aws", "runner-gce": "gce", "runner-digital-ocean": "digitalocean"}
 # The unit that sets each cloud's host name, which the agent names the runner after.
@@ -59,6 +66,7 @@ GUEST_SCRATCH_UNIT = ROOT / "tests" / "vm" / "guest" / "runner-scratch.service"
 # google-local-nvme-ssd-N; SCSI: google-local-ssd-N); DigitalOcean has no local disk.
 SCRATCH_DEVICES = {
     "nixos-runner": ["/dev/disk/by-id/virtio-scratch"],
+    "nixos-runner-broker": ["/dev/disk/by-id/virtio-scratch"],
     "default": ["/dev/disk/by-id/virtio-scratch"],
     "runner-amazon": ["/dev/disk/by-id/nvme-Amazon_EC2_NVMe_Instance_Storage_*"],
     "runner-gce": ["/dev/disk/by-id/google-local-nvme-ssd-*", "/dev/disk/by-id/google-local-ssd-*"],
@@ -183,10 +191,12 @@ def check_firmware_and_clouds(facts):
                     need(CLOUD_HOSTNAME_UNITS[name] in image["agentAfter"], f"the agent may name the runner before {CLOUD_HOSTNAME_UNITS[name]} sets the host name")
             if name in ("nixos-runner", "default"):
                 need(image["configSource"] == "file", f"the KubeVirt runner's config source is {image['configSource']}")
+            if name in BROKER_IMAGES:
+                need(image["configSource"] == "broker", f"the broker runner's config source is {image['configSource']}")
     assert not problems, "\n".join(problems)
 
 
-def runner_problems(where, runner, kubevirt=True, config_device=None):
+def runner_problems(where, runner, kubevirt=True, config_device=None, broker=False):
     problems = []
 
     def need(ok, message):
@@ -195,12 +205,28 @@ def runner_problems(where, runner, kubevirt=True, config_device=None):
 
     agent, unit, mounts = runner["agent"], runner["agent"]["unit"], runner["mounts"]
     config_disk, scratch_disk = runner["configDisk"], runner["scratchDisk"]
-    if kubevirt:
+    identity_disk, identity = runner["identityDisk"], mounts["identity"]
+    if broker:
+        # No runner.json on any disk: the agent writes the broker's answer to a root-only tmpfs.
+        need(not config_disk["enable"] and mounts["config"] == {}, f"a config disk is mounted: {mounts['config']}")
+        need(runner["runnerInfoTmpfiles"] == ["d /run/runner-info 0700 root root -"], f"/run/runner-info is not root's only: {runner['runnerInfoTmpfiles']}")
+        need(identity_disk["enable"] and identity.get("device") == IDENTITY_DEVICE and identity.get("fsType") == "iso9660",
+             f"the serviceAccount disk is not mounted from {IDENTITY_DEVICE}: {identity}")
+        # The pod's token proves the VM to the broker: a job that read it could ask in its name.
+        need(ROOT_ONLY_ISO <= set(identity.get("options", [])),
+             f"serviceAccount disk options {identity.get('options')}: the pod's token must be root's only, whatever Rock Ridge says")
+        need(agent["settings"]["config-source"] == "broker", f"the agent's config source is {agent['settings']['config-source']}")
+        need(agent["settings"].get("broker-token-file") == identity_disk["mountPoint"] + "/token",
+             f"the agent reads the pod's token from {agent['settings'].get('broker-token-file')}, the disk is at {identity_disk['mountPoint']}")
+    else:
+        need(not identity_disk["enable"] and identity == {},
+             f"the serviceAccount disk is mounted without the broker: {identity}")
+    if kubevirt and not broker:
         need(config_disk["enable"], "no config disk")
         device = config_device or f"/dev/disk/by-id/virtio-{config_disk['serial']}"
         need(mounts["config"].get("device") == device, f"config disk device {mounts['config'].get('device')}, not {device}")
         need(mounts["config"].get("fsType") == "iso9660", "config disk is not iso9660")
-        need({"ro", "nofail", "overriderockperm", "mode=0400", "dmode=0500"} <= set(mounts["config"].get("options", [])),
+        need(ROOT_ONLY_ISO <= set(mounts["config"].get("options", [])),
              f"config disk options {mounts['config'].get('options')}: runner.json must be root's only, whatever Rock Ridge says")
         if config_device is None:
             # The VM system test mounts the disk from this very fstab line, through the guest's own
@@ -212,7 +238,7 @@ def runner_problems(where, runner, kubevirt=True, config_device=None):
             shipped = [mounts["config"].get("device"), config_disk["mountPoint"], mounts["config"].get("fsType"),
                        ",".join(mounts["config"].get("options", []))]
             need(fields[:4] == shipped, f"{GUEST_FSTAB.relative_to(ROOT)} says {fields[:4]}, the image's fstab {shipped}")
-    else:
+    elif not kubevirt:
         # No disk to wait for: the agent writes runner.json from user-data into a root-only tmpfs directory.
         need(not config_disk["enable"] and mounts["config"] == {}, f"a config disk is mounted on a cloud: {mounts['config']}")
         need(runner["runnerInfoTmpfiles"] == ["d /run/runner-info 0700 root root -"], f"/run/runner-info is not root's only: {runner['runnerInfoTmpfiles']}")
@@ -225,7 +251,7 @@ def runner_problems(where, runner, kubevirt=True, config_device=None):
     need(agent["gitlabRunner"], "the agent does not start the module's gitlab-runner package")
     need(agent["poweroffCommand"].endswith("/bin/systemctl poweroff"), f"power-off command {agent['poweroffCommand']!r}")
     settings = agent["settings"]
-    expected_config = config_disk["mountPoint"] + "/runner.json" if kubevirt else "/run/runner-info/runner.json"
+    expected_config = config_disk["mountPoint"] + "/runner.json" if kubevirt and not broker else "/run/runner-info/runner.json"
     need(settings["config"] == expected_config, f"the agent reads {settings['config']}, not {expected_config}")
     need(settings["job-user"] == runner["ciUser"], f"jobs run as {settings['job-user']}, the CI user is {runner['ciUser']}")
     user = runner["users"].get(settings["job-user"], {})
@@ -239,7 +265,8 @@ def runner_problems(where, runner, kubevirt=True, config_device=None):
     need(env_name("no-poweroff") not in env, "power-off is disabled")
     need(all(k.startswith(ENV_PREFIX) for k in env), f"unexpected variables {sorted(k for k in env if not k.startswith(ENV_PREFIX))}")
     need("multi-user.target" in unit["wantedBy"], "the unit is not wanted by multi-user.target")
-    need(("runner\\x2dinfo.mount" in unit["after"]) == kubevirt and "runner-scratch.service" in unit["after"], f"the unit is ordered after {unit['after']}")
+    need(("runner\\x2dinfo.mount" in unit["after"]) == (kubevirt and not broker) and "runner-scratch.service" in unit["after"]
+         and ("runner\\x2didentity.mount" in unit["after"]) == broker, f"the unit is ordered after {unit['after']}")
     need({"docker.service", "podman.socket"} <= set(unit["after"]), f"the agent is not stopped before Docker and Podman: after {unit['after']}")
     need({"gitlab-runner", "git", "docker"} <= set(unit["path"]), f"the unit's path {unit['path']}")
     need(set(runner["services"]) == {"runner-scratch"}, f"services {runner['services']}")
@@ -327,11 +354,15 @@ def check_what_each_boot_waits_for(facts):
                 need(d["virtioFileSystems"] == [] and d["virtioUnits"] == [] and not any("virtio" in p for p in d["scratchDevices"]),
                      f"waits for a virtio serial: file systems {d['virtioFileSystems']}, units {d['virtioUnits']}, scratch {d['scratchDevices']}")
             else:
-                device = d["configMount"].get("device", "")
-                options = d["configMount"].get("options", [])
+                disk = d["identityMount"] if name in BROKER_IMAGES else d["configMount"]
+                if name in BROKER_IMAGES:
+                    need(d["configMount"] == {}, f"a config disk is mounted where runner.json comes from the broker: {d['configMount']}")
+                device = disk.get("device", "")
+                options = disk.get("options", [])
                 wanted_by = f"x-systemd.wanted-by={systemd_escape_path(device)}.device"
-                need(device == CONFIG_DEVICES.get(name, "/dev/disk/by-id/virtio-runner-info") and wanted_by in options and "nofail" in options,
-                     f"the config disk is not mounted whenever it appears ({wanted_by}, nofail): {d['configMount']}")
+                expected_device = IDENTITY_DEVICE if name in BROKER_IMAGES else CONFIG_DEVICES.get(name, "/dev/disk/by-id/virtio-runner-info")
+                need(device == expected_device and wanted_by in options and "nofail" in options,
+                     f"the {'identity' if name in BROKER_IMAGES else 'config'} disk is not mounted whenever it appears ({wanted_by}, nofail): {disk}")
                 need(not any(o.startswith(("noauto", "x-systemd.automount")) for o in options), f"config disk options {options}")
                 need(d["virtioUnits"] == [], f"units wait for a virtio disk: {d['virtioUnits']}")
             need(d["scratchMount"] == {}, f"the scratch disk is an fstab mount: {d['scratchMount']}")
@@ -429,6 +460,42 @@ def check_runner_image(facts):
     problems = []
     for system in SYSTEMS:
         problems += runner_problems(f"nixos-runner {system}", facts["runner"][system])
+    assert not problems, "\n".join(problems)
+
+
+def check_broker_runner_image(facts):
+    """nixos-runner-broker: the KubeVirt runner without runner.json: the serviceAccount disk
+    mounted root's only where the agent reads the pod's token, runner.json from the broker's
+    answer on a root-only tmpfs."""
+    problems = []
+    for system in SYSTEMS:
+        problems += runner_problems(f"nixos-runner-broker {system}", facts["runnerBroker"][system], broker=True)
+    assert not problems, "\n".join(problems)
+
+
+def check_broker_container_image(facts):
+    """broker-image: the broker's own package as the entry point, as nobody (65534, what
+    examples/kubevirt/broker/broker.yaml's securityContext runs it as), CA certificates for
+    GitLab's TLS, its port; the manifest names where to push it."""
+    problems = []
+    manifest = (ROOT / "examples" / "kubevirt" / "broker" / "broker.yaml").read_text()
+    for system in SYSTEMS:
+        b = facts["brokerImage"][system]
+        c = b["imageConfig"]
+
+        def need(ok, message):
+            if not ok:
+                problems.append(f"{system}: {message}")
+
+        need(b["imageName"] == "gitlab-runner-vm-broker" and b["brokerName"] == "gitlab-runner-vm-broker" and b["sameBroker"],
+             f"image {b['imageName']} of {b['brokerName']} (the flake's broker package: {b['sameBroker']})")
+        need(c["Entrypoint"] == [b["brokerExe"]], f"the entry point is {c['Entrypoint']}, not {b['brokerExe']}")
+        need(c["User"] == "65534:65534", f"runs as {c['User']}")
+        need(any(e.startswith("SSL_CERT_FILE=/nix/store/") and e.endswith("/etc/ssl/certs/ca-bundle.crt") for e in c["Env"]),
+             f"no CA certificates for GitLab's TLS: {c['Env']}")
+        need(list(c["ExposedPorts"]) == ["8080/tcp"] and "--listen=0.0.0.0:8080" in manifest, f"ports {c['ExposedPorts']}")
+    if "nix build .#broker-image" not in manifest:
+        problems.append("broker.yaml does not say how its image is built (nix build .#broker-image)")
     assert not problems, "\n".join(problems)
 
 

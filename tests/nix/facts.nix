@@ -175,7 +175,7 @@ let
   }));
 
   runner = config: {
-    inherit (config.gitlabRunnerVm.runner) configDisk scratchDisk;
+    inherit (config.gitlabRunnerVm.runner) configDisk scratchDisk identityDisk;
     inherit (config.gitlabRunnerVm.runner) platformSshKeys;
     runnerInfoTmpfiles = lib.filter (lib.hasInfix "/runner-info") config.systemd.tmpfiles.rules;
     sshKeys = sshKeysFacts config;
@@ -198,6 +198,7 @@ let
     };
     mounts = {
       config = mount config config.gitlabRunnerVm.runner.configDisk.mountPoint;
+      identity = mount config config.gitlabRunnerVm.runner.identityDisk.mountPoint;
       scratch = mount config config.gitlabRunnerVm.runner.scratchDisk.mountPoint;
     };
     dockerDataRoot = config.virtualisation.docker.daemon.settings.data-root or null;
@@ -237,6 +238,7 @@ let
     in
     {
       configMount = mount config r.configDisk.mountPoint;
+      identityMount = mount config r.identityDisk.mountPoint;
       scratchMount = mount config r.scratchDisk.mountPoint;
       scratchDevices = r.scratchDisk.devices;
       scratchUnit = lib.mapNullable
@@ -349,6 +351,19 @@ in
   inherit images withCaches;
   packages = lib.genAttrs systems (system: lib.attrNames flake.packages.${system});
   runner = lib.genAttrs systems (system: runner flake.packages.${system}.nixos-runner.config);
+  runnerBroker = lib.genAttrs systems (system: runner flake.packages.${system}.nixos-runner-broker.config);
+  # The broker's container image: what it runs, as whom, and what the process sees.
+  brokerImage = lib.genAttrs systems (system:
+    let
+      image = flake.packages.${system}.broker-image;
+      broker = flake.packages.${system}.gitlab-runner-vm-broker;
+    in
+    {
+      inherit (image) imageName imageTag imageConfig;
+      sameBroker = image.broker == broker;
+      brokerExe = lib.getExe broker;
+      brokerName = lib.getName broker;
+    });
   runnerAmazon = runner flake.nixosConfigurations.runner-amazon.config;
   runnerGce = runner flake.nixosConfigurations.runner-gce.config;
   runnerDo = runner flake.nixosConfigurations.runner-digital-ocean.config;

@@ -73,21 +73,22 @@ async fn wait_for_pod_token(
         path: path.to_path_buf(),
         seconds: wait_seconds,
     };
+    // No inotify watch when the file is there (closing one costs a kernel grace period).
     if std::fs::metadata(path).is_err() {
         tracing::info!(
             "waiting for {} (the pod's service-account token on KubeVirt's serviceAccount disk)",
             path.display()
         );
-    }
-    match tokio::time::timeout_at(deadline, crate::fswatch::wait_for_file(path)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return Err(BrokerError::TokenFileUnreadable {
-                path: path.to_path_buf(),
-                detail: format!("cannot watch for it: {e}"),
-            });
+        match tokio::time::timeout_at(deadline, crate::fswatch::wait_for_file(path)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(BrokerError::TokenFileUnreadable {
+                    path: path.to_path_buf(),
+                    detail: format!("cannot watch for it: {e}"),
+                });
+            }
+            Err(_) => return Err(missing()),
         }
-        Err(_) => return Err(missing()),
     }
     // The disk is an ISO image, mounted whole: a file that exists is complete.
     let bytes = crate::files::read_capped(path, TOKEN_FILE_CAP).map_err(|e| {
