@@ -419,3 +419,31 @@ async fn a_restarted_agent_in_the_same_boot_asks_the_broker_nothing_again() {
     assert_eq!(h.runner_invocations().len(), 1);
     assert_eq!(h.requests("DELETE", "/api/v4/runners").await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_while_the_broker_fails_tears_down_without_a_runner() {
+    let mut h = Harness::new().await;
+    write_pod_token(&h, POD_TOKEN.as_bytes());
+    let broker =
+        broker_answering(ResponseTemplate::new(503).set_body_json(json!({"error": "not yet"})))
+            .await;
+    start_with_broker(&mut h, &broker, &["--config-wait", "120"]);
+    let deadline = Instant::now() + PATIENCE;
+    while broker_requests(&broker).await == 0 {
+        assert!(Instant::now() < deadline, "{}", h.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send_signal(h.agent_pid(), 10); // SIGUSR1
+    let started = Instant::now();
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{}", h.log());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(h.powered_off(), "a drained VM powers off");
+    assert!(h.runner_invocations().is_empty());
+    assert!(!h.config_path().exists());
+    assert!(
+        h.log().contains("drain requested before runner.json"),
+        "{}",
+        h.log()
+    );
+}
