@@ -13,7 +13,7 @@ use reqwest::header::HeaderValue;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{MetadataError, Platform};
+use super::{MetadataError, Platform, aws, gce};
 use crate::{backoff, http};
 
 /// One request may take this long. The service is on the host; a request that takes longer is
@@ -25,13 +25,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_BODY: usize = 1024 * 1024;
 /// As many attempts as a GitLab call gets at most.
 const MAX_ATTEMPTS: u32 = crate::gitlab::MAX_ATTEMPTS;
-
-pub const AWS_TOKEN_PATH: &str = "/latest/api/token";
-const AWS_TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
-/// Six hours, the longest IMDSv2 allows: a boot needs one token.
-const AWS_TOKEN_TTL_SECONDS: &str = "21600";
-const AWS_TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-const GCE_FLAVOR_HEADER: &str = "metadata-flavor";
 
 /// An answer: its body, and its ETag (GCE's long poll continues from it:
 /// `?wait_for_change=true&last_etag=<etag>` answers only once the value differs).
@@ -219,11 +212,11 @@ impl MetadataClient {
         if let Some(token) = kept.as_ref().filter(|_| !renew) {
             return Ok(token.clone());
         }
-        let url = self.url(AWS_TOKEN_PATH);
+        let url = self.url(aws::TOKEN_PATH);
         let request = self
             .http
             .put(&url)
-            .header(AWS_TOKEN_TTL_HEADER, AWS_TOKEN_TTL_SECONDS)
+            .header(aws::TOKEN_TTL_HEADER, aws::TOKEN_TTL_SECONDS)
             .timeout(self.request_timeout);
         let body = match self.answer(&url, request).await {
             Ok(Some(answer)) => answer.body,
@@ -266,10 +259,10 @@ impl MetadataClient {
         let url = self.url(path);
         let mut request = self.http.get(&url).timeout(timeout);
         match self.platform {
-            Platform::Gce => request = request.header(GCE_FLAVOR_HEADER, "Google"),
+            Platform::Gce => request = request.header(gce::FLAVOR_HEADER, "Google"),
             Platform::Aws => {
                 if let Some(token) = aws_token {
-                    request = request.header(AWS_TOKEN_HEADER, token);
+                    request = request.header(aws::TOKEN_HEADER, token);
                 }
             }
             Platform::DigitalOcean => {}
@@ -312,7 +305,7 @@ impl MetadataClient {
         let trusted = status == 404 || (200..300).contains(&status);
         if self.platform == Platform::Gce
             && trusted
-            && header(GCE_FLAVOR_HEADER).is_none_or(|v| v.trim() != "Google")
+            && header(gce::FLAVOR_HEADER).is_none_or(|v| v.trim() != "Google")
         {
             return Err(MetadataError::NotMetadataService {
                 platform: self.platform,

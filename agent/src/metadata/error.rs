@@ -90,7 +90,7 @@ impl MetadataError {
             | Status { url, .. }
             | Redirect { url, .. }
             | NotMetadataService { url, .. }
-            | TooLarge { url, .. } => url.ends_with(super::client::AWS_TOKEN_PATH),
+            | TooLarge { url, .. } => url.ends_with(super::aws::TOKEN_PATH),
             Client(_) | InvalidUrl { .. } => false,
             GaveUp { last, .. } => last.is_aws_token(),
         }

@@ -3,6 +3,9 @@
 //! cloud-init's ds-identify does it: from files the firmware wrote, without probing a network
 //! the VM may not be on.
 //!
+//! - `aws`, `gce`, `digitalocean`: what the agent knows of each platform (its `Provider`: where
+//!   user-data is and how an operator sets it, how DMI tells it; its request headers and
+//!   token; its SSH keys), one module each;
 //! - `client`: `MetadataClient`, one GET with the platform's headers (and AWS's IMDSv2 session
 //!   token), 404 as None, no redirects, capped bodies; `fetch` retries it within a deadline;
 //! - `error`: `MetadataError`, which failures are retried, the fix each names;
@@ -11,8 +14,11 @@
 //!   `gitlab-runner-vm ssh-keys` command that writes them for sshd.
 
 pub mod authorized_keys;
+mod aws;
 mod client;
+mod digitalocean;
 mod error;
+mod gce;
 pub mod ssh_keys;
 mod user_data;
 
@@ -141,27 +147,34 @@ impl Dmi {
     }
 }
 
-/// The platform these DMI strings describe, if it is one the agent knows.
+/// What the agent knows of one platform, written in the platform's own module.
+pub struct Provider {
+    /// Where the metadata service serves the instance's user-data.
+    pub user_data_path: &'static str,
+    /// How an operator gives an instance runner.json as its user-data.
+    pub how_to_set_user_data: &'static str,
+    /// Whether these DMI strings describe the platform.
+    pub recognised: fn(&Dmi) -> bool,
+}
+
+impl Platform {
+    pub fn provider(self) -> &'static Provider {
+        match self {
+            Platform::Aws => &aws::PROVIDER,
+            Platform::Gce => &gce::PROVIDER,
+            Platform::DigitalOcean => &digitalocean::PROVIDER,
+        }
+    }
+}
+
+/// The platform these DMI strings describe, if it is one the agent knows (in the enum's
+/// order: the first that recognises them).
 pub fn detect(dmi: &Dmi) -> Option<Platform> {
-    let starts_ec2 = |s: &str| s.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ec2"));
-    if dmi.sys_vendor == "Amazon EC2"
-        || dmi.bios_vendor == "Amazon EC2"
-        // Xen-based instances: the vendor is Xen, the UUID and serial start with ec2.
-        || (starts_ec2(&dmi.product_uuid) && starts_ec2(&dmi.product_serial))
-        || dmi.product_version.to_ascii_lowercase().contains("amazon")
-    {
-        return Some(Platform::Aws);
-    }
-    if dmi.product_name == "Google Compute Engine"
-        || dmi.sys_vendor == "Google"
-        || dmi.product_serial.starts_with("GoogleCloud-")
-    {
-        return Some(Platform::Gce);
-    }
-    if dmi.sys_vendor == "DigitalOcean" {
-        return Some(Platform::DigitalOcean);
-    }
-    None
+    use clap::ValueEnum;
+    Platform::value_variants()
+        .iter()
+        .copied()
+        .find(|p| (p.provider().recognised)(dmi))
 }
 
 #[cfg(test)]

@@ -17,27 +17,12 @@ use super::{MetadataClient, MetadataError, Platform};
 impl Platform {
     /// Where the platform's metadata service serves the instance's user-data.
     pub fn user_data_path(self) -> &'static str {
-        match self {
-            // IMDSv2; 404 when the instance has none.
-            Platform::Aws => "/latest/user-data",
-            // A custom metadata key named user-data, as cloud-init reads it; 404 when unset.
-            Platform::Gce => "/computeMetadata/v1/instance/attributes/user-data",
-            // 404 or empty when the droplet has none.
-            Platform::DigitalOcean => "/metadata/v1/user-data",
-        }
+        self.provider().user_data_path
     }
 
     /// How to give an instance runner.json as its user-data.
     pub fn how_to_set_user_data(self) -> &'static str {
-        match self {
-            Platform::Aws => {
-                "aws ec2 run-instances --user-data file://runner.json (or the launch template's user data)"
-            }
-            Platform::Gce => {
-                "gcloud compute instances create --metadata-from-file user-data=runner.json (or the instance template's metadata)"
-            }
-            Platform::DigitalOcean => "doctl compute droplet create --user-data-file runner.json",
-        }
+        self.provider().how_to_set_user_data
     }
 }
 
