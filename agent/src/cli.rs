@@ -19,6 +19,9 @@ pub const DEFAULT_DOCKER_DAEMON_CONFIG: &str = "/etc/docker/daemon.json";
 pub const DEFAULT_NIX_CONF: &str = "/etc/nix/gitlab-runner-vm.conf";
 pub const DEFAULT_REGISTRIES_CONF: &str =
     "/etc/containers/registries.conf.d/60-gitlab-runner-vm.conf";
+/// The value name of every flag that takes whole seconds (`--failure-delay <SECONDS>`), by
+/// which `facts` tells their kind.
+pub const SECONDS: &str = "SECONDS";
 /// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
 /// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
@@ -123,7 +126,7 @@ pub struct SshKeysArgs {
     )]
     pub authorized_keys_dir: PathBuf,
     /// Seconds for the metadata service to answer, retries included
-    #[arg(long, env = "GITLAB_RUNNER_VM_SSH_KEYS_TIMEOUT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 60)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_SSH_KEYS_TIMEOUT", value_name = SECONDS, value_parser = seconds, default_value_t = 60)]
     pub timeout: u64,
 }
 
@@ -199,30 +202,30 @@ pub struct RunArgs {
     #[arg(long, env = "GITLAB_RUNNER_VM_NO_POWEROFF")]
     pub no_poweroff: bool,
     /// Seconds between a failure and the power-off
-    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 60)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_FAILURE_DELAY", value_name = SECONDS, value_parser = seconds, default_value_t = 60)]
     pub failure_delay: u64,
     /// Seconds to wait for runner.json to appear
-    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 300)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_CONFIG_WAIT", value_name = SECONDS, value_parser = seconds, default_value_t = 300)]
     pub config_wait: u64,
     /// Seconds for registration, retries included
-    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 300)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_REGISTER_TIMEOUT", value_name = SECONDS, value_parser = seconds, default_value_t = 300)]
     pub register_timeout: u64,
     /// Seconds for deregistration, retries included; an unreachable GitLab delays power-off by at most this
     #[arg(
         long,
         env = "GITLAB_RUNNER_VM_DEREGISTER_TIMEOUT",
-        value_name = crate::facts::SECONDS, value_parser = seconds,
+        value_name = SECONDS, value_parser = seconds,
         default_value_t = 30
     )]
     pub deregister_timeout: u64,
     /// Seconds gitlab-runner gets to abort its job after SIGTERM before it is killed
-    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 40)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_STOP_TIMEOUT", value_name = SECONDS, value_parser = seconds, default_value_t = 40)]
     pub stop_timeout: u64,
     /// Longest hold in seconds, from its start: touching the keep file never extends it further
-    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 14400)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_MAX", value_name = SECONDS, value_parser = seconds, default_value_t = 14400)]
     pub hold_max: u64,
     /// Seconds a hold lasts after its start or the keep file's last modification, whichever is later
-    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_name = crate::facts::SECONDS, value_parser = seconds, default_value_t = 3600)]
+    #[arg(long, env = "GITLAB_RUNNER_VM_HOLD_EXTEND", value_name = SECONDS, value_parser = seconds, default_value_t = 3600)]
     pub hold_extend: u64,
     /// Where milestones and failures are written, one line each, for reading from outside the
     /// VM (the serial console); `off` for nowhere. When it cannot be opened, /dev/kmsg

@@ -7,16 +7,13 @@
 use clap::{ArgAction, CommandFactory, ValueEnum};
 use serde_json::{Map, Value, json};
 
-use crate::cli::{Cli, DEFAULT_STATE_DIR};
+use crate::cli::{Cli, DEFAULT_STATE_DIR, SECONDS};
 use crate::lifecycle::Phase;
 use crate::metadata::{ConfigSource, Platform};
 
 /// What the unit's TimeoutStopSec adds to `--stop-timeout` + `--deregister-timeout`: the agent's
 /// own steps around them and the power-off command, so that systemd never kills a teardown.
 pub const UNIT_STOP_MARGIN_SECONDS: u64 = 20;
-
-/// The value name of every flag that takes whole seconds (`--failure-delay <SECONDS>`).
-pub const SECONDS: &str = "SECONDS";
 
 pub fn facts() -> Value {
     let names = |values: &[clap::builder::PossibleValue]| -> Vec<String> {

@@ -27,6 +27,8 @@ mod mock_tests;
 
 use std::path::Path;
 
+use tokio::time::Instant;
+
 // `Answer` (with its ETag) is for the preemption watcher's long poll.
 pub use client::{Answer, MetadataClient};
 pub use error::MetadataError;
@@ -165,6 +167,22 @@ impl Platform {
             Platform::DigitalOcean => &digitalocean::PROVIDER,
         }
     }
+}
+
+/// The SSH keys the platform gives `user`, fetched within `deadline`: each platform's module
+/// knows where they are and which count.
+pub async fn fetch_ssh_keys(
+    client: &MetadataClient,
+    user: &str,
+    deadline: Instant,
+) -> Result<ssh_keys::Keys, MetadataError> {
+    let mut keys = ssh_keys::Keys::default();
+    match client.platform() {
+        Platform::Aws => aws::ssh_keys(client, deadline, &mut keys).await?,
+        Platform::Gce => gce::ssh_keys(client, user, deadline, &mut keys).await?,
+        Platform::DigitalOcean => digitalocean::ssh_keys(client, deadline, &mut keys).await?,
+    }
+    Ok(keys)
 }
 
 /// The platform these DMI strings describe, if it is one the agent knows (in the enum's

@@ -1,18 +1,7 @@
-//! The SSH public keys a platform gives an instance (`gitlab-runner-vm ssh-keys`, like
-//! `afterburn --ssh-keys`): fetched from the metadata service, checked line by line, and the
-//! ones for one user returned as authorized_keys lines.
-//!
-//! - aws: the launch key pairs, `/latest/meta-data/public-keys/` (lines `0=name`), then
-//!   `/latest/meta-data/public-keys/<i>/openssh-key`: for whichever user the image logs in;
-//! - gce: none at all where OS Login is required (`enable-oslogin`); else `ssh-keys` and the
-//!   legacy `sshKeys` of the instance, and of the project unless the instance sets
-//!   `block-project-ssh-keys` or has a legacy `sshKeys`; lines `user:key`, only the user's,
-//!   expired ones skipped (see `gce_keys` for the guest agent's rules this follows);
-//! - digitalocean: `/metadata/v1/public-keys`, one key per line: for whichever user.
-
-use tokio::time::Instant;
-
-use super::{MetadataClient, MetadataError, Platform};
+//! What every platform's SSH keys are checked against (`gitlab-runner-vm ssh-keys`, like
+//! `afterburn --ssh-keys`): a key line as authorized_keys takes it, and the keys found for one
+//! user with a note per line left out. Where each platform keeps its keys, and which count, is
+//! in its own module (`aws`, `gce`, `digitalocean`); `super::fetch_ssh_keys` asks the right one.
 
 /// Key types sshd accepts in authorized_keys (DSA is gone from OpenSSH).
 const KEY_TYPES: &[&str] = &[
@@ -46,24 +35,6 @@ impl Keys {
             Err(why) => self.skipped.push(format!("{source}: {why}")),
         }
     }
-}
-
-/// The SSH keys the platform gives `user`, fetched within `deadline`: each platform's module
-/// knows where they are and which count.
-pub async fn fetch(
-    client: &MetadataClient,
-    user: &str,
-    deadline: Instant,
-) -> Result<Keys, MetadataError> {
-    let mut keys = Keys::default();
-    match client.platform() {
-        Platform::Aws => super::aws::ssh_keys(client, deadline, &mut keys).await?,
-        Platform::Gce => super::gce::ssh_keys(client, user, deadline, &mut keys).await?,
-        Platform::DigitalOcean => {
-            super::digitalocean::ssh_keys(client, deadline, &mut keys).await?
-        }
-    }
-    Ok(keys)
 }
 
 /// A metadata answer as text (none: empty).

@@ -310,7 +310,7 @@ async fn ssh_keys_of_each_platform() {
     answer("/latest/meta-data/public-keys/1/openssh-key", "not a key")
         .mount(&server)
         .await;
-    let keys = ssh_keys::fetch(&client(Platform::Aws, &server), "runner", soon())
+    let keys = super::fetch_ssh_keys(&client(Platform::Aws, &server), "runner", soon())
         .await
         .unwrap();
     assert_eq!(keys.lines, vec![ED.to_string()]);
@@ -345,7 +345,7 @@ async fn ssh_keys_of_each_platform() {
             .respond_with(ResponseTemplate::new(404).insert_header("metadata-flavor", "Google"))
             .mount(&server)
             .await;
-        let keys = ssh_keys::fetch(&client(Platform::Gce, &server), "runner", soon())
+        let keys = super::fetch_ssh_keys(&client(Platform::Gce, &server), "runner", soon())
             .await
             .unwrap();
         let expected = if blocked { vec![ED] } else { vec![ED, RSA] };
@@ -359,7 +359,7 @@ async fn ssh_keys_of_each_platform() {
         .respond_with(ResponseTemplate::new(200).set_body_string(format!("{ED}\n{RSA}\n")))
         .mount(&server)
         .await;
-    let keys = ssh_keys::fetch(&client(Platform::DigitalOcean, &server), "runner", soon())
+    let keys = super::fetch_ssh_keys(&client(Platform::DigitalOcean, &server), "runner", soon())
         .await
         .unwrap();
     assert_eq!(keys.lines, vec![ED, RSA]);
