@@ -76,7 +76,16 @@ async fn mount_gitlab(h: &Harness) {
 }
 
 fn start_with_broker(h: &mut Harness, broker: &MockServer, extra: &[&str]) {
-    let runner = h.write_fake_runner(FakeRunner::default());
+    start_with_broker_running(h, broker, FakeRunner::default(), extra);
+}
+
+fn start_with_broker_running(
+    h: &mut Harness,
+    broker: &MockServer,
+    fake: FakeRunner,
+    extra: &[&str],
+) {
+    let runner = h.write_fake_runner(fake);
     let url = broker.uri();
     let file = token_file(h).display().to_string();
     let mut args = vec![
@@ -446,4 +455,45 @@ async fn a_drain_while_the_broker_fails_tears_down_without_a_runner() {
         "{}",
         h.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_during_the_job_deletes_the_broker_s_runner_when_restarted() {
+    let mut h = Harness::new().await;
+    mount_gitlab(&h).await;
+    write_pod_token(&h, POD_TOKEN.as_bytes());
+    let broker = broker_answering(grant(&h)).await;
+    // A short job: the orphaned fake gitlab-runner ends by itself after the crash.
+    let fake = FakeRunner {
+        job_seconds: 2,
+        exit_code: 0,
+    };
+    start_with_broker_running(&mut h, &broker, fake, &[]);
+    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
+        .await;
+    send_signal(h.agent_pid(), 9);
+    h.wait_exit().await;
+    assert!(h.requests("DELETE", "/api/v4/runners").await.is_empty());
+
+    // The restart of this boot resumes the teardown from the state directory: the runner is
+    // this boot's own (the broker's), so the runner itself is deleted, not only its manager.
+    start_with_broker(&mut h, &broker, &[]);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{}", h.log());
+    assert_eq!(
+        broker_requests(&broker).await,
+        1,
+        "the broker is asked once per boot"
+    );
+    assert_eq!(h.runner_invocations().len(), 1, "no second gitlab-runner");
+    let deleted = h.requests("DELETE", "/api/v4/runners").await;
+    assert_eq!(deleted.len(), 1, "{}", h.log());
+    assert_eq!(body(&deleted[0])["token"], GRANTED);
+    assert!(
+        h.requests("DELETE", "/api/v4/runners/managers")
+            .await
+            .is_empty()
+    );
+    assert!(h.powered_off());
+    assert_no_secret(&h);
 }
