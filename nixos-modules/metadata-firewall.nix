@@ -15,9 +15,14 @@
 #   for a oneshot, in ExecStartPost=+: its work is done, and systemd removes the cgroup of an
 #   exited oneshot). A rule never matches a cgroup made later at the same path: a restarted
 #   unit allows itself again.
-# - the agent's unit delegates its cgroup: the agent moves itself into the sub-cgroup `agent`
-#   and gitlab-runner with every job into `runner`. Only `agent` is allowed; if the agent fails
-#   to move itself its requests are refused (fail closed).
+# - the agent's unit delegates its cgroup: the agent moves itself into the sub-cgroup `agent`,
+#   starts gitlab-runner in `runner`, and every shell job's stage moves into `jobs` (job-exec
+#   --cgroup; a stage that cannot move does not run). `agent` is allowed at start; `runner`
+#   only by the agent itself (`--metadata-firewall`: `allow <unit>/runner`) when runner.json's
+#   cache uses the instance's identity, which gitlab-runner fetches to sign the cache's URLs.
+#   `jobs` is a sibling of both (a rule admits a cgroup and its descendants), never allowed.
+#   ExecStopPost revokes `agent` and every extra sub-cgroup. If the agent fails to move itself
+#   its requests are refused (fail closed).
 #
 # User-data at rest: nixpkgs' fetch-ec2-metadata leaves it in /etc/ec2-metadata/user-data on
 # the EBS root disk, DigitalOcean's digitalocean-metadata in /run/do-metadata/v1.json; a
@@ -72,7 +77,8 @@ let
         # `+`: privileged whatever the unit's sandbox; first, before the unit's own commands.
         ExecStartPre = lib.mkBefore (lib.optional (extra != [ ]) "+${exe} mkdir-self ${lib.concatStringsSep " " extra}"
           ++ [ "+${exe} allow-self${arg}" ]);
-        ExecStopPost = [ "+${exe} revoke-self${arg}" ];
+        # The extra sub-cgroups too: the agent admits `runner` itself for an identity cache.
+        ExecStopPost = [ "+${exe} revoke-self${arg}" ] ++ map (sub: "+${exe} revoke-self ${sub}") extra;
       } // lib.optionalAttrs oneshot {
         ExecStartPost = lib.mkAfter [ "+${exe} revoke-self${arg}" ];
       };
@@ -172,20 +178,30 @@ in
       description = ''
         Units of `allowedUnits` whose allow rule names a sub-cgroup of their cgroup rather than
         the whole (made when missing): the agent's unit delegates its cgroup, keeps the agent
-        in `agent` and gitlab-runner with every job in `runner`.
+        in `agent`, gitlab-runner in `runner` and every shell job's stage in `jobs`.
       '';
     };
     extraSubgroups = mkOption {
       type = types.attrsOf (types.listOf types.str);
-      default = lib.optionalAttrs agentEnabled { gitlab-runner-vm = [ "runner" ]; };
-      defaultText = lib.literalExpression ''{ gitlab-runner-vm = [ "runner" ]; }'';
-      description = "Sub-cgroups made (not allowed) before the allowed one, for units of `allowedSubgroups`.";
+      default = lib.optionalAttrs agentEnabled { gitlab-runner-vm = [ "runner" "jobs" ]; };
+      defaultText = lib.literalExpression ''{ gitlab-runner-vm = [ "runner" "jobs" ]; }'';
+      description = ''
+        Sub-cgroups made (not allowed) before the allowed one, for units of `allowedSubgroups`;
+        their rules are revoked when the unit stops (the agent allows `runner` itself when
+        runner.json's cache uses the instance's identity).
+      '';
     };
   };
 
   config = lib.mkIf cfg.enable (lib.mkMerge [
     {
       systemd.services = lib.genAttrs units hooks;
+    }
+    # The agent admits gitlab-runner's cgroup with this script when the cache needs it.
+    (lib.optionalAttrs (options.services ? gitlab-runner-vm) {
+      services.gitlab-runner-vm.settings.metadata-firewall = lib.mkIf agentEnabled (lib.mkDefault exe);
+    })
+    {
 
       assertions = [
         {

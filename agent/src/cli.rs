@@ -187,10 +187,15 @@ pub struct RunArgs {
     /// itself runs as the agent, which alone can read the runner token
     #[arg(long, alias = "runner-user", env = "GITLAB_RUNNER_VM_JOB_USER")]
     pub job_user: Option<String>,
-    /// Put the agent in the sub-cgroup `agent` of its unit's cgroup and gitlab-runner with
-    /// every job in `runner` (the unit delegates its cgroup), so that a firewall can tell them apart
+    /// Put the agent in the sub-cgroup `agent` of its unit's cgroup, gitlab-runner in `runner`
+    /// and every shell job's stage in `jobs` (the unit delegates its cgroup), so that a
+    /// firewall can tell them apart
     #[arg(long, env = "GITLAB_RUNNER_VM_SEPARATE_CGROUPS")]
     pub separate_cgroups: bool,
+    /// The metadata firewall's script: when runner.json's cache uses the instance's identity,
+    /// `P allow <unit>/runner` admits gitlab-runner (never the jobs) before registering
+    #[arg(long, env = "GITLAB_RUNNER_VM_METADATA_FIREWALL", value_name = "P")]
+    pub metadata_firewall: Option<PathBuf>,
     /// Run with /bin/sh -c to power the VM off; the agent exits 0 once it succeeds
     #[arg(
         long,

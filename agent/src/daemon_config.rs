@@ -11,7 +11,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -256,44 +255,12 @@ fn write_replacing(path: &Path, text: &str) -> io::Result<()> {
     crate::files::write_atomically(path, text.as_bytes(), 0o644, 0o755)
 }
 
-/// Runs a reload command with /bin/sh -c, at most `timeout`; its output goes to the agent's
-/// stderr (the journal). The command runs in a process group of its own, killed whole when
-/// the timeout passes or when the caller stops waiting (the future dropped: a SIGTERM, a drain
-/// or a notice during a hung reload), so that nothing of it outlives the wait.
+/// Runs a reload command with /bin/sh -c, at most `timeout` (`bounded`: killed whole when
+/// the caller stops waiting too).
 async fn run_reload(command: &str, timeout: Duration) -> Result<(), String> {
-    let child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run `{command}`: {e}"))?;
-    let mut reload = ReloadGroup(child);
-    match tokio::time::timeout(timeout, reload.0.wait()).await {
-        Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!("`{command}` failed ({status})")),
-        Ok(Err(e)) => Err(format!("cannot wait for `{command}`: {e}")),
-        Err(_) => Err(format!(
-            "`{command}` did not finish within {} s and was killed (--daemon-reload-timeout)",
-            timeout.as_secs()
-        )),
-    }
-}
-
-/// A reload command's process group, SIGKILLed whole when dropped before its shell was reaped
-/// (a zombie shell still holds the group's id, so no other group can be hit; tokio reaps it).
-struct ReloadGroup(tokio::process::Child);
-
-impl Drop for ReloadGroup {
-    fn drop(&mut self) {
-        // None once `wait` returned: the shell was reaped and the id may be reused.
-        if let Some(pid) = self.0.id() {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
+    let mut shell = tokio::process::Command::new("/bin/sh");
+    shell.arg("-c").arg(command);
+    crate::bounded::run(shell, command, timeout, "--daemon-reload-timeout").await
 }
 
 #[cfg(test)]

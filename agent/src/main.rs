@@ -18,6 +18,7 @@ macro_rules! complain {
 mod agent;
 mod backoff;
 mod boot_record;
+mod bounded;
 mod broker;
 mod cgroup;
 mod cli;
@@ -26,6 +27,7 @@ mod console;
 mod daemon_config;
 mod facts;
 mod files;
+mod firewall_admission;
 mod fswatch;
 mod gitlab;
 mod hold;

@@ -243,3 +243,95 @@ async fn toml_syntax_in_a_value_stays_inside_its_string() {
         assert!(!h.state_dir().join("config.toml").exists());
     }
 }
+
+// ---- the instance's identity and the metadata firewall ----
+
+/// A stand-in for the firewall's script that records how it was called.
+fn write_firewall(h: &Harness) -> std::path::PathBuf {
+    let script = format!(
+        "#!/bin/sh\necho \"$*\" >> {dir}/firewall-calls\nexit 0\n",
+        dir = h.dir.path().display()
+    );
+    let path = h.path("metadata-firewall");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Runs the agent with `cache` and `args`; whether it exited 0.
+async fn run_with(h: &mut Harness, cache: Value, args: &[&str]) {
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN, "cache": cache}));
+    let runner = write_printing_runner(h);
+    h.start(&runner, args);
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", h.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_cache_without_a_cgroup_for_gitlab_runner_admits_nothing_and_takes_no_job() {
+    // Without --separate-cgroups gitlab-runner shares the agent's unit cgroup with the jobs:
+    // admitting it would admit them. Each kind of instance identity.
+    for cache in [
+        json!({"Type": "s3", "s3": {"BucketName": "b"}}),
+        json!({"Type": "gcs", "gcs": {"BucketName": "b"}}),
+        json!({"Type": "azure", "azure": {"AccountName": "a", "ContainerName": "c"}}),
+    ] {
+        let mut h = Harness::new().await;
+        let firewall = write_firewall(&h);
+        let fw = firewall.display().to_string();
+        run_with(&mut h, cache.clone(), &["--metadata-firewall", &fw]).await;
+        assert_eq!(h.read("firewall-calls"), None, "{cache}");
+        assert!(h.runner_invocations().is_empty(), "{cache}");
+        assert!(
+            h.requests("POST", "/api/v4/runners/verify")
+                .await
+                .is_empty()
+        );
+        let last_error = h.status()["last_error"].as_str().unwrap_or("").to_string();
+        assert!(
+            last_error.contains("cannot admit gitlab-runner to the metadata service")
+                && last_error.contains("no cgroup of its own"),
+            "{cache}: {last_error}"
+        );
+        assert!(last_error.contains("--separate-cgroups"), "{last_error}");
+        assert!(h.powered_off());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_with_keys_of_its_own_admits_nothing() {
+    let mut h = Harness::new().await;
+    let firewall = write_firewall(&h);
+    let key_file = h.path("secret-key");
+    std::fs::write(&key_file, SECRET_KEY).unwrap();
+    let fw = firewall.display().to_string();
+    run_with(
+        &mut h,
+        json!({"Type": "s3", "s3": {"BucketName": "b", "AccessKey": "AKIAEXAMPLE",
+            "SecretKey_file": key_file.display().to_string()}}),
+        &["--metadata-firewall", &fw],
+    )
+    .await;
+    assert_eq!(h.read("firewall-calls"), None);
+    assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
+    assert!(h.status()["last_error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_firewall_script_an_identity_cache_runs_and_says_so() {
+    let mut h = Harness::new().await;
+    run_with(
+        &mut h,
+        json!({"Type": "s3", "s3": {"BucketName": "b"}}),
+        &[],
+    )
+    .await;
+    assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
+    assert!(
+        h.log()
+            .contains("no --metadata-firewall, so nothing is admitted"),
+        "{}",
+        h.log()
+    );
+}

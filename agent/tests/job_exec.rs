@@ -217,3 +217,79 @@ fn sigterm_to_the_process_group_ends_the_job_and_reports_it() {
     assert_eq!(std::fs::read_to_string(&code_file).unwrap(), "143\n");
     assert!(lines.next().is_none(), "the job went on after SIGTERM");
 }
+
+/// A stand-in for the jobs' cgroup: a directory with a `cgroup.procs` gitlab-runner's user
+/// (root) can write, as the agent's unit has it.
+fn jobs_cgroup(dir: &Path) -> PathBuf {
+    let jobs = dir.join("cgroup/unit.service/jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    std::fs::write(jobs.join("cgroup.procs"), "").unwrap();
+    jobs
+}
+
+#[test]
+fn a_stage_moves_into_the_jobs_cgroup_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = jobs_cgroup(dir.path());
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ran = work.path().join("ran");
+    // The stage sees the move done: cgroup.procs was written before its first command.
+    let script = stage_script(
+        dir.path(),
+        &format!(
+            "echo \"procs: $(cat {procs} 2>/dev/null || echo unreadable)\"; touch {ran}\n",
+            procs = jobs.join("cgroup.procs").display(),
+            ran = ran.display()
+        ),
+    );
+    let out = job_exec(&script, &[])
+        .arg("--cgroup")
+        .arg(&jobs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(ran.exists());
+    // "0": the writing process, job-exec itself, which the stage then descends from.
+    assert_eq!(
+        std::fs::read_to_string(jobs.join("cgroup.procs")).unwrap(),
+        "0"
+    );
+    if job_user().is_none() {
+        assert!(text(&out.stdout).contains("procs: 0"), "{out:?}");
+    }
+}
+
+#[test]
+fn a_stage_that_cannot_move_into_the_jobs_cgroup_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ran = work.path().join("ran");
+    let script = stage_script(dir.path(), &format!("touch {}\n", ran.display()));
+    // No such cgroup; a directory that is no cgroup (no cgroup.procs: never created); a
+    // cgroup.procs that cannot be written (a directory in its place).
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let unwritable = dir.path().join("unwritable");
+    std::fs::create_dir_all(unwritable.join("cgroup.procs")).unwrap();
+    for cgroup in [dir.path().join("gone/jobs"), plain.clone(), unwritable] {
+        let out = job_exec(&script, &[("SYSTEM_FAILURE_EXIT_CODE", "77")])
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{cgroup:?}: {stderr}");
+        assert!(
+            !ran.exists(),
+            "{cgroup:?}: the stage ran outside the jobs' cgroup"
+        );
+        assert!(
+            stderr.contains("the step_script stage does not run: it must run in the jobs' cgroup"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(&cgroup.display().to_string()), "{stderr}");
+    }
+    assert!(!plain.join("cgroup.procs").exists());
+}

@@ -140,6 +140,21 @@ def check_iptables(root):
     s.run("revoke-self", "agent")
     need(s.ipt("iptables", "filter", "runner-metadata-allow") == [], "revoke-self agent left a rule")
 
+    # An identity cache: the agent (in `agent`) admits gitlab-runner's `runner` by its path,
+    # never the jobs' sibling; the unit's ExecStopPost (in .control) revokes both extras.
+    runner = AGENT + "/runner"
+    s.run("mkdir-self", "jobs")
+    s.in_cgroup(AGENT + "/agent")
+    s.run("allow", runner)
+    for tool in ("iptables", "ip6tables"):
+        need(s.ipt(tool, "filter", "runner-metadata-allow") == [ipt_allow(runner)], f"{tool} allow after the agent's allow of runner: {s.ipt(tool, 'filter', 'runner-metadata-allow')}")
+    need(not any("/jobs" in " ".join(e["argv"]) for e in s.log()), "a rule names the jobs' cgroup")
+    s.in_cgroup(AGENT + "/.control")
+    s.run("revoke-self", "runner")
+    s.run("revoke-self", "jobs")
+    need(s.ipt("iptables", "filter", "runner-metadata-allow") == [], "the unit's revoke-self runner left gitlab-runner's rule")
+    s.in_cgroup(AGENT)
+
     # Refusals: the root cgroup (it holds every process), a path out of the unit's, a
     # missing cgroup; none adds a rule.
     s.in_cgroup("")
@@ -291,8 +306,15 @@ def check_facts(path):
                 need(unit["execStartPost"][-1:] == [revoke], p + f"{name} (oneshot): ExecStartPost does not end with `{revoke}`: {unit['execStartPost']}")
         agent = image["units"]["gitlab-runner-vm"]
         need(image["subgroups"].get("gitlab-runner-vm") == "agent", p + f"the agent's allow names {image['subgroups'].get('gitlab-runner-vm')}, not its `agent` sub-cgroup")
-        need(agent["execStartPre"][:2] == [f"+{exe} mkdir-self runner", f"+{exe} allow-self agent"],
-             p + f"the agent's unit does not make `runner` then allow `agent` first: {agent['execStartPre']}")
+        need(agent["execStartPre"][:2] == [f"+{exe} mkdir-self runner jobs", f"+{exe} allow-self agent"],
+             p + f"the agent's unit does not make `runner` and `jobs` then allow `agent` first: {agent['execStartPre']}")
+        # gitlab-runner's `runner` is allowed by the agent alone (an identity cache), with this
+        # script; the unit's stop revokes it, and never allows `jobs`.
+        need(image["agentFirewall"] == exe, p + f"the agent's --metadata-firewall is {image['agentFirewall']}, not {exe}")
+        need(agent["execStopPost"].count(f"+{exe} revoke-self runner") == 1,
+             p + f"the agent's ExecStopPost does not revoke `runner`: {agent['execStopPost']}")
+        need(not any(c.endswith(("allow-self runner", "allow-self jobs")) for c in agent["execStartPre"]),
+             p + f"the unit itself allows gitlab-runner or the jobs: {agent['execStartPre']}")
         need(not any(c.endswith("allow-self") for c in agent["execStartPre"]), p + "the agent's whole unit cgroup (jobs included) is allowed")
         need({"169.254.169.254", "fd00:ec2::254"} <= set(image["addresses"]), p + f"addresses {image['addresses']}")
         need(("fd20:ce::254" in image["addresses"]) == (platform == "gce"), p + f"GCE's IPv6 address on {platform}: {image['addresses']}")

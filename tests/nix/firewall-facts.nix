@@ -50,6 +50,8 @@ let
           execReload = commands services.nftables.serviceConfig.ExecReload;
           execStopPost = commands (services.nftables.serviceConfig.ExecStopPost or [ ]);
         } else null;
+      # The script the agent runs to admit gitlab-runner's cgroup for an identity cache.
+      agentFirewall = services.gitlab-runner-vm.environment.GITLAB_RUNNER_VM_METADATA_FIREWALL or null;
       units = lib.genAttrs (lib.unique (allowed ++ namesMetadata ++ [ "gitlab-runner-vm" ])) unitFacts;
       inherit namesMetadata;
       scrub = if scrub == null then null else {

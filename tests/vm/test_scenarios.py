@@ -553,7 +553,8 @@ def test_config_toml_is_0600_and_roots(ev, expect):
 @applies(accepted)
 def test_config_toml_runs_shell_jobs_through_job_exec(ev, expect):
     """config.toml runs shell jobs with the custom executor, run_exec the agent's job-exec
-    --job-user runner, builds and cache in the job user's home"""
+    --job-user runner --cgroup <unit>/jobs (the unit runs the agent with --separate-cgroups),
+    builds and cache in the job user's home"""
     import tomllib
     try:
         cfg = tomllib.loads(ev.text("config.toml"))
@@ -563,7 +564,8 @@ def test_config_toml_runs_shell_jobs_through_job_exec(ev, expect):
     entry = (cfg.get("runners") or [{}])[0]
     custom = entry.get("custom") or {}
     expect(entry.get("executor") == "custom" and custom.get("run_exec") == GUEST_AGENT
-           and custom.get("run_args") == ["job-exec", "--job-user", "runner"]
+           and custom.get("run_args") == ["job-exec", "--job-user", "runner", "--cgroup",
+                                          f"/sys/fs/cgroup/system.slice/{UNIT}/jobs"]
            and entry.get("builds_dir") == "/home/runner/builds"
            and entry.get("cache_dir") == "/home/runner/cache",
            f"executor={entry.get('executor')} run_exec={custom.get('run_exec')} "
@@ -765,25 +767,28 @@ def test_the_hostile_job_reported_every_attempt(run, report, expect):
 @applies(hostile)
 def test_the_job_ran_as_the_job_user(report, expect):
     """the job ran as the job user `runner` (not root, not the agent's user), not in docker, in
-    the unit's `runner` cgroup"""
+    the unit's `jobs` cgroup (job-exec moved it out of gitlab-runner's `runner`)"""
     me = attempts(report, "identity")[0]
     expect(me["user"] == "runner" and me["uid"] != 0 and me["euid"] != 0 and "docker" not in me["groups"]
-           and (me.get("cgroup") or "").endswith("/gitlab-runner-vm.service/runner"),
+           and (me.get("cgroup") or "").endswith("/gitlab-runner-vm.service/jobs"),
            f"{me['user']} uid {me['uid']} groups {','.join(me['groups'])} cgroup {me.get('cgroup')}")
 
 
 @applies(hostile)
 def test_gitlab_runner_and_the_agent_ran_as_root_in_their_cgroups(report, expect):
-    """gitlab-runner ran as root in the `runner` cgroup, the agent as root in `agent` (as the
+    """gitlab-runner ran as root in the `runner` cgroup, the agent as root in `agent`, and the
+    job's job-exec (root until it drops to the job user) in `jobs`, never in `runner` (as the
     job saw them in /proc)"""
     procs = attempts(report, "process")
     runner = [p for p in procs if p["role"] == "gitlab-runner"]
     agent = [p for p in procs if p["role"] == "agent"]
-    ok = (runner and agent and all(p["uid"] == 0 for p in runner + agent)
+    job_exec = [p for p in procs if p["role"] == "agent job-exec"]
+    ok = (runner and agent and job_exec and all(p["uid"] == 0 for p in runner + agent)
           and all((p.get("cgroup") or "").endswith("/runner") for p in runner)
-          and all((p.get("cgroup") or "").endswith("/agent") for p in agent))
+          and all((p.get("cgroup") or "").endswith("/agent") for p in agent)
+          and all((p.get("cgroup") or "").endswith("/jobs") for p in job_exec))
     expect(ok, "; ".join(f"{p['role']} pid {p['pid']} uid {p['uid']} {p.get('cgroup')}"
-                         for p in runner + agent) or "neither found")
+                         for p in runner + agent + job_exec) or "none found")
 
 
 @applies(unprivileged)
@@ -866,6 +871,38 @@ def test_the_job_planted_an_ssh_key_in_its_home(run, report, expect):
     is the NixOS configuration's authorizedKeysInHomedir, asserted on the evaluated images)"""
     found = attempts(report, "plant an SSH key")
     expect(found, "; ".join(say(run, a) for a in found) or "not attempted")
+
+
+def identity_cache(sc):
+    return sc.hostile and bool(sc.cache)
+
+
+def hostile_without_cache(sc):
+    return sc.hostile and not sc.cache
+
+
+RUNNER_ADMITTED = "the metadata firewall admits gitlab-runner's cgroup"
+
+
+@applies(identity_cache)
+def test_an_identity_cache_admitted_gitlab_runner_before_registering(ev, expect):
+    """runner.json's S3 cache with the instance's role: the agent admitted gitlab-runner's
+    `runner` cgroup through the real firewall script before registering (the job, in `jobs`,
+    stays refused: test_the_job_user_could_not_reach_the_metadata_service)"""
+    entries = ev.agent_entries()
+    admitted = next((e for e in entries if RUNNER_ADMITTED in (e.get("MESSAGE") or "")), None)
+    registering = next((e for e in entries if e.get("PHASE") == "registering"), None)
+    message = (admitted or {}).get("MESSAGE") or ""
+    expect(admitted is not None and message.endswith(f"system.slice/{UNIT}/runner (the jobs' cgroup stays refused)")
+           and registering is not None and Evidence.rt(admitted) <= Evidence.rt(registering),
+           message or "no such line in the agent's journal")
+
+
+@applies(hostile_without_cache)
+def test_without_an_identity_cache_gitlab_runner_was_not_admitted(ev, expect):
+    """without a cache that uses the instance's identity, gitlab-runner's cgroup was not admitted"""
+    found = [e.get("MESSAGE") for e in ev.agent_entries() if RUNNER_ADMITTED in (e.get("MESSAGE") or "")]
+    expect(not found, "; ".join(found) or "not admitted")
 
 
 @applies(hostile)

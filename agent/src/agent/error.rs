@@ -80,6 +80,8 @@ pub enum AgentError {
     Broker(BrokerError),
     #[error("cannot write the fleet's settings for the VM's daemons: {0}")]
     DaemonConfig(String),
+    #[error("cannot admit gitlab-runner to the metadata service for the cache: {0}")]
+    FirewallAdmission(String),
     #[error("cannot write runner.json (from the user-data or the broker) to {path}: {detail}")]
     ConfigWrite { path: PathBuf, detail: String },
 }
@@ -151,6 +153,7 @@ impl AgentError {
             Metadata(error) => error.fix(),
             Broker(error) => error.fix(),
             DaemonConfig(_) => "make the file named a writable JSON object (on the runner images /etc/docker/daemon.json is written at boot), and for a reload that failed or hung see why in `systemctl status docker` (nix-daemon), or remove registry_mirrors (nix_substituters) from runner.json; --docker-daemon-config, --docker-reload-command, --registries-conf, --nix-conf and --nix-restart-command name the files and the commands, --daemon-reload-timeout how long a reload may take".into(),
+            FirewallAdmission(_) => "run the agent with --separate-cgroups in a unit with Delegate=yes (as the runner images do), and see why the firewall's script failed in the journal; or give the cache a key of its own (README, Caches), which needs no metadata service".into(),
             ConfigWrite { path, .. } => format!(
                 "make {} writable by the agent, or point --config at a writable place",
                 path.parent().unwrap_or(path).display()

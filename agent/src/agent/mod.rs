@@ -8,11 +8,13 @@
 //! any failure: -> failed -> the same teardown;   SIGTERM anywhere: -> stopping
 //! ```
 //!
-//! The steps live beside this file: `waiting` (runner.json), `registering` (and the start of
+//! The steps live beside this file: `waiting` (runner.json; then `fleet_settings`, the daemons
+//! and the firewall as runner.json asks), `registering` (and the start of
 //! gitlab-runner), `jobs` (running, draining), `teardown` (deregistering, holding,
 //! powering-off, failed, stopping, and the resumption of a restarted agent).
 
 mod error;
+mod fleet_settings;
 mod interrupt;
 mod jobs;
 mod registering;

@@ -15,7 +15,6 @@ use super::state::{Next, Setup, State, Teardown, failed};
 use super::{Agent, Shown, deadline_after};
 use crate::broker::{self, BrokerClient};
 use crate::config::RunnerConfig;
-use crate::daemon_config;
 use crate::gitlab::Client;
 use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
 use crate::registration;
@@ -54,13 +53,13 @@ impl Agent {
             Ok(config) => config,
             Err(error) => return failed(error, Teardown::default()),
         };
-        // Before any GitLab call: a VM whose daemons cannot take the fleet's settings takes
-        // no job. A reload that hangs is waited for no longer than an interrupt allows: a
-        // drain, a notice or a stop ends it (its processes killed) as they end the wait for
-        // runner.json, with nothing registered.
+        // Before any GitLab call (fleet_settings.rs): a VM whose daemons or firewall cannot
+        // take the fleet's settings takes no job. A reload that hangs is waited for no longer
+        // than an interrupt allows: a drain, a notice or a stop ends it (its processes killed)
+        // as they end the wait for runner.json, with nothing registered.
         match self
             .interrupts
-            .unless(Interrupt::Drain, self.configure_daemons(&config))
+            .unless(Interrupt::Drain, self.apply_fleet_settings(&config))
             .await
         {
             Some(Ok(())) => {}
@@ -289,25 +288,6 @@ impl Agent {
         Ok(config)
     }
 
-    /// runner.json's registry mirrors (and Nix substituters) into the daemons' configuration.
-    async fn configure_daemons(&self, config: &RunnerConfig) -> Result<(), AgentError> {
-        let paths = daemon_config::DaemonPaths {
-            docker_daemon_json: self.args.docker_daemon_config.clone(),
-            docker_reload_command: self.args.docker_reload_command.clone(),
-            registries_conf: self.args.registries_conf.clone(),
-            nix_conf: self.args.nix_conf.clone(),
-            nix_restart_command: self.args.nix_restart_command.clone(),
-            reload_timeout: Duration::from_secs(self.args.daemon_reload_timeout),
-        };
-        let applied = daemon_config::apply(&paths, config)
-            .await
-            .map_err(AgentError::DaemonConfig)?;
-        for line in applied {
-            tracing::info!("{line}");
-        }
-        Ok(())
-    }
-
     /// The client, the job user, a fresh system id and config.toml, before any GitLab call.
     fn set_up(&mut self, config: RunnerConfig) -> Result<Setup, AgentError> {
         let client = Client::new(&config.url, config.tls_ca_file.as_deref())
@@ -322,7 +302,8 @@ impl Agent {
         }
         let own = Account::resolve(None).map_err(|e| AgentError::JobUser(format!("{e:#}")))?;
         let runner_env = runner::scrubbed_environment(&own, |key| std::env::var(key).ok());
-        let shell_jobs = ShellJobs::for_user(&job_user);
+        let jobs_cgroup = self.runner_cgroup.as_ref().map(|c| c.jobs.clone());
+        let shell_jobs = ShellJobs::for_user(&job_user, jobs_cgroup);
         let system_id =
             runner::generate_system_id().map_err(|e| AgentError::SystemId(e.to_string()))?;
         self.system_id = Some(system_id.clone());

@@ -83,6 +83,33 @@ pub struct CacheSettings {
 }
 
 impl CacheSettings {
+    /// What makes gitlab-runner fetch the instance's own credentials from the metadata
+    /// service, None when the cache has keys of its own: S3 with `AuthenticationType` `iam`
+    /// (always written), GCS without `CredentialsFile` or `AccessID`, Azure without
+    /// `AccountKey`. gitlab-runner signs the cache's URLs itself, so it alone needs them (the
+    /// agent then admits gitlab-runner's cgroup, not the jobs', through the metadata firewall).
+    pub fn instance_identity(&self) -> Option<&'static str> {
+        let has = |name: &str| self.settings.iter().any(|(k, _)| *k == name);
+        let text = |name: &str| {
+            self.settings.iter().find_map(|(k, v)| match v {
+                CacheValue::Text(t) if *k == name => Some(t.as_str()),
+                _ => None,
+            })
+        };
+        match self.cache_type {
+            CacheType::S3 if text("AuthenticationType") == Some("iam") => {
+                Some("the S3 cache's AuthenticationType \"iam\" (the instance's role)")
+            }
+            CacheType::Gcs if !has("CredentialsFile") && !has("AccessID") => {
+                Some("the GCS cache without CredentialsFile or AccessID (the VM's service account)")
+            }
+            CacheType::Azure if !has("AccountKey") => {
+                Some("the Azure cache without AccountKey (the VM's managed identity)")
+            }
+            _ => None,
+        }
+    }
+
     /// The secrets, for masking gitlab-runner's output: each whole, and each line of a PEM
     /// key on its own (a multi-line TOML string is printed line by line), its armour aside.
     pub fn secrets(&self) -> Vec<Secret> {
@@ -197,19 +224,6 @@ fn better_than_inline(cache_type: CacheType, name: &str) -> String {
             "give {scoped}; where runner.json comes from a config disk put it in a file there (root's only) and give \"{file}\""
         ),
     }
-}
-
-/// The instance's own identity (an AWS role, GCE's service account, an Azure managed
-/// identity) is fetched by gitlab-runner from the metadata service, which the runner images'
-/// metadata firewall keeps from gitlab-runner's cgroup: it is the shell jobs' cgroup too, and
-/// admitting it would hand every job the identity (and user-data).
-fn instance_identity_warning(node: &Node<'_>, key: &Key, what: &str, p: &mut Problems) {
-    node.warning_at(
-        p,
-        key,
-        format!("{what}: gitlab-runner would fetch the instance's credentials from the metadata service, which the runner images' metadata firewall keeps from gitlab-runner (its cgroup is the shell jobs' too), so every cache upload and download would fail there"),
-        "on the runner images give a key that may use the cache's bucket only (README, Caches); keep this only where gitlab-runner reaches the metadata service",
-    );
 }
 
 pub(super) fn check(
@@ -570,14 +584,6 @@ fn s3(
             }
         }
     }
-    if auth == "iam" && !keys_given {
-        instance_identity_warning(
-            section,
-            &text("AuthenticationType"),
-            "is \"iam\" (the instance's role)",
-            p,
-        );
-    }
     settings.retain(|(k, _)| *k != "AuthenticationType");
     settings.push(("AuthenticationType", CacheValue::Text(auth.to_string())));
     settings
@@ -620,13 +626,6 @@ fn gcs(
             &text(missing),
             "is missing: AccessID and PrivateKey go together",
             "give both, or neither to use the VM's service account",
-        );
-    } else if pair == [false, false] {
-        instance_identity_warning(
-            section,
-            &text("CredentialsFile"),
-            "is not given, nor AccessID and PrivateKey (the VM's service account)",
-            p,
         );
     }
     settings
@@ -674,14 +673,6 @@ fn azure(
         CacheType::Azure,
         p,
     );
-    if !given(section, "AccountKey") {
-        instance_identity_warning(
-            section,
-            &text("AccountKey"),
-            "is not given (the VM's managed identity)",
-            p,
-        );
-    }
     settings
 }
 

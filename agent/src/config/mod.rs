@@ -30,6 +30,8 @@ use serde_json::Value;
 
 pub use crate::cli::MAX_SECONDS;
 use crate::secret::Secret;
+#[cfg(test)]
+pub use cache::CacheType;
 pub use cache::{CacheSettings, CacheValue};
 pub use daemons::RegistryMirror;
 use node::{Node, Problems};

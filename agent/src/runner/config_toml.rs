@@ -45,14 +45,18 @@ pub struct ShellJobs {
     /// The job user's name and home (builds and the local cache live there by default).
     pub user: String,
     pub home: PathBuf,
+    /// The jobs' cgroup each stage moves into (`--separate-cgroups`); None: the stage stays in
+    /// gitlab-runner's, which is then the agent's unit's and admitted nowhere.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl ShellJobs {
-    pub fn for_user(user: &super::Account) -> ShellJobs {
+    pub fn for_user(user: &super::Account, cgroup: Option<PathBuf>) -> ShellJobs {
         ShellJobs {
             agent: std::env::current_exe().unwrap_or_else(|_| "gitlab-runner-vm".into()),
             user: user.name.clone(),
             home: user.home.clone(),
+            cgroup,
         }
     }
 }
@@ -100,10 +104,15 @@ pub fn render_config_toml(
             "run_exec".into(),
             Value::from(shell.agent.display().to_string()),
         );
-        custom.insert(
-            "run_args".into(),
-            Value::from(vec!["job-exec", "--job-user", shell.user.as_str()]),
-        );
+        let mut args = vec![
+            "job-exec".to_string(),
+            "--job-user".into(),
+            shell.user.clone(),
+        ];
+        if let Some(cgroup) = &shell.cgroup {
+            args.extend(["--cgroup".into(), cgroup.display().to_string()]);
+        }
+        custom.insert("run_args".into(), Value::from(args));
         runner.insert("custom".into(), Value::Table(custom));
     }
     if !config.environment.is_empty() {
@@ -172,6 +181,7 @@ mod tests {
             agent: "/nix/store/x/bin/gitlab-runner-vm".into(),
             user: "runner".into(),
             home: "/home/runner".into(),
+            cgroup: None,
         }
     }
 
@@ -199,6 +209,26 @@ mod tests {
             .map(|v| v.as_str().unwrap())
             .collect();
         assert_eq!(args, ["job-exec", "--job-user", "runner"]);
+        // With --separate-cgroups every stage moves into the jobs' cgroup first.
+        let mut separate = shell_jobs();
+        separate.cgroup = Some("/sys/fs/cgroup/system.slice/u.service/jobs".into());
+        let text = render_config_toml(
+            &sample_config(Executor::Shell),
+            &Secret::new("glrt-xyz"),
+            &separate,
+        );
+        let table: toml::Table = text.parse().unwrap();
+        let args = &table["runners"][0]["custom"]["run_args"];
+        assert_eq!(
+            args,
+            &toml::Value::from(vec![
+                "job-exec",
+                "--job-user",
+                "runner",
+                "--cgroup",
+                "/sys/fs/cgroup/system.slice/u.service/jobs"
+            ])
+        );
         // runner.json's builds_dir wins.
         let mut own = sample_config(Executor::Shell);
         own.builds_dir = Some("/var/lib/scratch/builds".into());

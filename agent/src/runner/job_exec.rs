@@ -29,6 +29,11 @@ pub struct JobExecArgs {
     /// The user the job runs as (never root)
     #[arg(long, alias = "runner-user")]
     pub job_user: Option<String>,
+    /// The cgroup (its directory in the cgroup v2 mount) this process moves into before the
+    /// stage starts, so that no job runs in gitlab-runner's cgroup, which the metadata firewall
+    /// may admit; a failure to move is a system failure and the stage does not run
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
     /// The stage's script, written by gitlab-runner
     pub script: PathBuf,
     /// The stage's name (prepare_script, get_sources, step_script, ...)
@@ -103,6 +108,16 @@ pub fn run(args: &JobExecArgs) -> ExitCode {
 }
 
 fn run_job(args: &JobExecArgs) -> Result<ExitStatus, String> {
+    // First, before anything of the job exists: the stage is born in the jobs' cgroup or not
+    // at all (fail closed: a job in gitlab-runner's cgroup would share its firewall rule).
+    if let Some(dir) = &args.cgroup {
+        crate::cgroup::enter(dir).map_err(|why| {
+            format!(
+                "the {} stage does not run: it must run in the jobs' cgroup, away from gitlab-runner's, and {why}",
+                args.stage
+            )
+        })?;
+    }
     let user = Account::resolve(args.job_user.as_deref()).map_err(|e| format!("{e:#}"))?;
     if user.uid.is_root() {
         return Err(format!(

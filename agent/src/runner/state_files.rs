@@ -112,6 +112,7 @@ mod tests {
             agent: "/bin/gitlab-runner-vm".into(),
             user: "runner".into(),
             home: "/home/runner".into(),
+            cgroup: None,
         };
         let toml = render_config_toml(
             &sample_config(Executor::Shell),

@@ -25,6 +25,7 @@ GUEST_AGENT = "/opt/gitlab-runner-vm/bin/gitlab-runner-vm"
 UNIT_PLACEHOLDER = "/usr/bin/gitlab-runner-vm"
 GUEST_UNIT = "/usr/lib/systemd/system/gitlab-runner-vm.service"
 GUEST_FIREWALL = "/usr/local/libexec/vmtest/metadata-firewall.sh"
+GUEST_FIREWALL_AGENT = "/usr/local/libexec/vmtest/metadata-firewall"
 GUEST_SCRATCH_DISK = "/usr/local/libexec/vmtest/runner-scratch-disk"
 SCRATCH_SERIAL = "scratch"
 SCRATCH_MIB = 64          # scenario a's blank scratch disk (sparse)

@@ -10,7 +10,8 @@ import subprocess
 import time
 
 from .config import (AGENT_BIN, BUILD_ROOTFS, CACHE, FACTS, FAILURE_DELAY, GUEST_AGENT,
-                     GUEST_FILES, GUEST_FIREWALL, GUEST_SCRATCH_DISK, GUEST_UNIT, METADATA_FIREWALL,
+                     GUEST_FILES, GUEST_FIREWALL, GUEST_FIREWALL_AGENT, GUEST_SCRATCH_DISK, GUEST_UNIT,
+                     METADATA_FIREWALL,
                      REPO, ROOT_LABEL, SCRATCH_DISK_SCRIPT, SCRATCH_MIB, UNIT, UNIT_PLACEHOLDER,
                      STATE_DIR, UNIT_SRC, log)
 
@@ -105,7 +106,7 @@ POWEROFF_REAL = "/bin/systemctl poweroff"
 # agent's own defaults (`flagOption`), which it therefore always puts in the unit's environment.
 MODULE_SETTINGS = ["config", "config-source", "keep-file", "failure-delay", "config-wait",
                    "register-timeout", "deregister-timeout", "stop-timeout", "hold-max",
-                   "hold-extend"]
+                   "hold-extend", "daemon-reload-timeout"]
 
 
 def metadata_firewall():
@@ -118,7 +119,9 @@ def agent_dropin(scenario):
     after the config mount and the agent's flags as environment variables, module defaults
     except for a short failure delay where a scenario waits for it; in the hostile-job
     scenarios also the metadata firewall's admission of the agent's cgroup, as runner.nix
-    declares it (ExecStartPre=+, before the agent moves itself into `agent`)."""
+    declares it (ExecStartPre=+, before the agent moves itself into `agent`), its revocation
+    with `runner` and `jobs` (ExecStopPost=+), and the script the agent runs to admit
+    gitlab-runner's `runner` for a cache with the instance's identity (scenario f)."""
     mount = systemd_escape_path("/runner-info") + ".mount"
     flags = FACTS["run_flags"]
     # The settings the module declares, at the agent's defaults (agent/facts.json)...
@@ -142,8 +145,11 @@ def agent_dropin(scenario):
         # nixos-modules/metadata-firewall.nix's hooks for the agent's unit (allowedSubgroups
         # agent, extraSubgroups runner), the backend baked in as there.
         fw = f"{GUEST_FIREWALL} --backend {scenario.firewall_backend}"
-        lines += [f"ExecStartPre=+{fw} mkdir-self runner", f"ExecStartPre=+{fw} allow-self agent",
-                  f"ExecStopPost=+{fw} revoke-self agent"]
+        lines += [f"ExecStartPre=+{fw} mkdir-self runner jobs", f"ExecStartPre=+{fw} allow-self agent",
+                  f"ExecStopPost=+{fw} revoke-self agent", f"ExecStopPost=+{fw} revoke-self runner",
+                  f"ExecStopPost=+{fw} revoke-self jobs",
+                  # settings.metadata-firewall: the script with its backend baked in, as Nix does.
+                  f'Environment="GITLAB_RUNNER_VM_METADATA_FIREWALL={GUEST_FIREWALL_AGENT}"']
     return "\n".join(lines) + "\n"
 
 
@@ -211,6 +217,9 @@ def add_hostile_job(tree, scenario):
     firewall = metadata_firewall()
     if firewall:
         tree.put_file(GUEST_FIREWALL, firewall, 0o755)
+        tree.put(GUEST_FIREWALL_AGENT, "#!/bin/sh\n# The script as the agent runs it (--metadata-firewall), "
+                 "its backend baked in as writeShellApplication's runtimeEnv does on NixOS.\n"
+                 f'exec {GUEST_FIREWALL} --backend {scenario.firewall_backend} "$@"\n', mode=0o755)
         tree.put(f"{sysd}/vmtest-metadata-firewall.service",
                  FIREWALL_UNIT.format(fw=f"{GUEST_FIREWALL} --backend {scenario.firewall_backend}"))
         tree.enable("vmtest-metadata-firewall.service", f"{sysd}/vmtest-metadata-firewall.service",

@@ -47,6 +47,9 @@ class Scenario:
     # A blank scratch disk (serial scratch), formatted and mounted by runner-scratch; the other
     # scenarios have none, and their boots must not wait for one.
     scratch_disk: bool = False
+    # runner.json's `cache` (None: none). Scenario f: S3 with the instance's role, for which
+    # the agent admits gitlab-runner's cgroup (never the job's) through the metadata firewall.
+    cache: dict = None
 
     @property
     def accepted(self):
@@ -85,6 +88,8 @@ SCENARIOS = {
     "f": Scenario("f", "hostile job: every path to the runner token and out of the VM refused, "
                   "then deregistration and power-off as usual",
                   job_seconds=HOSTILE_JOB_MAX, job_script=[HOSTILE_JOB], hostile=True,
+                  cache={"Type": "s3", "Path": "vmtest",
+                         "s3": {"BucketName": "vmtest-cache", "BucketLocation": "eu-west-1"}},
                   expect_phases=["registering", "running", "deregistering", "powering-off"],
                   forbid_phases=["failed", "holding", "stopping"]),
     # ...and the same job where the job user may become root (jobsCanBecomeRoot) gets the token
@@ -122,8 +127,11 @@ class Run:
 
     @property
     def runner_json(self):
-        return {"name": self.name, "url": f"http://{GITLAB_ADDR}", "token": self.token,
-                "executor": "shell", "max_jobs": 1, "idle_timeout": 600}
+        config = {"name": self.name, "url": f"http://{GITLAB_ADDR}", "token": self.token,
+                  "executor": "shell", "max_jobs": 1, "idle_timeout": 600}
+        if self.sc.cache:
+            config["cache"] = self.sc.cache
+        return config
 
     # -- a step driven from outside: recorded now, judged by its test -------------------------
 
