@@ -69,6 +69,73 @@ pub fn wait_before_retry(
     backoff::plan(attempt.saturating_sub(1), hint, memory).pick(backoff::random_u64(), room)
 }
 
+/// What the one retry loop needs to know of a client's errors.
+pub trait RetryError: std::fmt::Display + Sized {
+    /// Whether another attempt may succeed (a network error, 408, 429, 5xx).
+    fn is_retryable(&self) -> bool;
+    /// The server's word on when to come back (`Retry-After`, GitLab's RateLimit headers).
+    fn retry_hint(&self) -> Option<&backoff::Hint>;
+    /// Giving up after `attempts` tries and `seconds`, with the last error.
+    fn gave_up(attempts: u32, seconds: u64, last: Self) -> Self;
+}
+
+/// `attempt_once` until it succeeds, fails for good, has been tried `max_attempts` times, or
+/// no wait leaves the next try room before `deadline`; an attempt cut by the deadline is
+/// `no_answer`. The waits follow `backoff::plan` (at least
+/// a second, never before a server's hint, randomised); each is said in the journal.
+pub async fn retry_until<T, E, F, Fut>(
+    deadline: Instant,
+    max_attempts: u32,
+    mut attempt_once: F,
+    no_answer: impl Fn() -> E,
+) -> Result<T, E>
+where
+    E: RetryError,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    let mut memory = backoff::Memory::default();
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let error = match tokio::time::timeout(remaining, attempt_once()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) if !e.is_retryable() => return Err(e),
+            Ok(Err(e)) => e,
+            Err(_) => no_answer(),
+        };
+        let gave_up = |last| E::gave_up(attempt, started.elapsed().as_secs(), last);
+        if attempt >= max_attempts {
+            return Err(gave_up(error));
+        }
+        let Some(wait) = wait_before_retry(attempt, error.retry_hint(), &mut memory, deadline)
+        else {
+            return Err(gave_up(error));
+        };
+        tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A header of an answer as text (absent or not text: None).
+pub fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Where a 3xx points, for an error that names it: scrubbed of token-shaped text, at most 200
+/// characters.
+pub fn redirect_location(response: &reqwest::Response) -> String {
+    header(response, "location")
+        .map(|l| crate::secret::scrub(&l).chars().take(200).collect())
+        .unwrap_or_else(|| "nowhere (no Location header)".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +172,82 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(600);
         let wait = wait_before_retry(1, None, &mut memory, later).expect("room for a wait");
         assert!(wait < Duration::from_secs(600));
+    }
+
+    /// An error of a made-up client: retryable or not, and what the loop made of it.
+    #[derive(Debug, PartialEq)]
+    enum Fake {
+        Busy,
+        Refused,
+        NoAnswer,
+        GaveUp(u32, Box<Fake>),
+    }
+
+    impl std::fmt::Display for Fake {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{self:?}")
+        }
+    }
+
+    impl RetryError for Fake {
+        fn is_retryable(&self) -> bool {
+            matches!(self, Fake::Busy | Fake::NoAnswer)
+        }
+        fn retry_hint(&self) -> Option<&backoff::Hint> {
+            None
+        }
+        fn gave_up(attempts: u32, _seconds: u64, last: Self) -> Self {
+            Fake::GaveUp(attempts, Box::new(last))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_until_an_answer_and_stops_at_a_refusal() {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut tries = 0;
+        let answer: Result<u32, Fake> = retry_until(
+            deadline,
+            50,
+            || {
+                tries += 1;
+                let now = tries;
+                async move { if now < 3 { Err(Fake::Busy) } else { Ok(now) } }
+            },
+            || Fake::NoAnswer,
+        )
+        .await;
+        assert_eq!(answer, Ok(3));
+
+        let mut tries = 0;
+        let refused: Result<(), Fake> = retry_until(
+            deadline,
+            50,
+            || {
+                tries += 1;
+                async { Err(Fake::Refused) }
+            },
+            || Fake::NoAnswer,
+        )
+        .await;
+        assert_eq!(refused, Err(Fake::Refused));
+        assert_eq!(tries, 1, "a refusal is not tried again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_at_the_attempt_limit_or_the_deadline() {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let limited: Result<(), Fake> =
+            retry_until(deadline, 4, || async { Err(Fake::Busy) }, || Fake::NoAnswer).await;
+        assert_eq!(limited, Err(Fake::GaveUp(4, Box::new(Fake::Busy))));
+
+        // An attempt that never answers is cut at the deadline, and nothing is tried after it.
+        let soon = Instant::now() + Duration::from_secs(5);
+        let stalled: Result<(), Fake> =
+            retry_until(soon, 50, std::future::pending::<Result<(), Fake>>, || {
+                Fake::NoAnswer
+            })
+            .await;
+        assert_eq!(stalled, Err(Fake::GaveUp(1, Box::new(Fake::NoAnswer))));
+        assert!(Instant::now() <= soon + Duration::from_millis(1));
     }
 }

@@ -66,37 +66,17 @@ impl BrokerClient {
         pod_token: &Secret,
         deadline: Instant,
     ) -> Result<Vec<u8>, BrokerError> {
-        let started = Instant::now();
-        let mut attempt: u32 = 0;
-        let mut memory = backoff::Memory::default();
-        loop {
-            attempt += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome = match tokio::time::timeout(remaining, self.post(pod_token)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(BrokerError::Unreachable {
-                    url: self.url.clone(),
-                    detail: "no answer before the deadline (--config-wait)".into(),
-                }),
-            };
-            let error = match outcome {
-                Ok(body) => return Ok(body),
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => e,
-            };
-            let gave_up = |last| BrokerError::GaveUp {
-                attempts: attempt,
-                seconds: started.elapsed().as_secs(),
-                last: Box::new(last),
-            };
-            let Some(wait) =
-                http::wait_before_retry(attempt, error.retry_hint(), &mut memory, deadline)
-            else {
-                return Err(gave_up(error));
-            };
-            tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
-            tokio::time::sleep(wait).await;
-        }
+        // As often as the deadline allows: a broker that is starting answers 503 for a while.
+        http::retry_until(
+            deadline,
+            u32::MAX,
+            || self.post(pod_token),
+            || BrokerError::Unreachable {
+                url: self.url.clone(),
+                detail: "no answer before the deadline (--config-wait)".into(),
+            },
+        )
+        .await
     }
 
     /// One `POST /v1/runner`: the body of a 201 (or any 2xx), an error otherwise.
@@ -115,17 +95,9 @@ impl BrokerClient {
             .await
             .map_err(unreachable)?;
         let status = response.status().as_u16();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| http::header(&response, name);
         if (300..400).contains(&status) {
-            let location = header("location")
-                .map(|l| crate::secret::scrub(&l).chars().take(200).collect())
-                .unwrap_or_else(|| "nowhere (no Location header)".into());
+            let location = http::redirect_location(&response);
             return Err(BrokerError::Redirect {
                 url: url.to_string(),
                 status,

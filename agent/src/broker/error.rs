@@ -95,6 +95,24 @@ impl BrokerError {
     }
 }
 
+impl crate::http::RetryError for BrokerError {
+    fn is_retryable(&self) -> bool {
+        BrokerError::is_retryable(self)
+    }
+
+    fn retry_hint(&self) -> Option<&Hint> {
+        BrokerError::retry_hint(self)
+    }
+
+    fn gave_up(attempts: u32, seconds: u64, last: Self) -> Self {
+        BrokerError::GaveUp {
+            attempts,
+            seconds,
+            last: Box::new(last),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

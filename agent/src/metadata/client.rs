@@ -168,42 +168,18 @@ impl MetadataClient {
         path: &str,
         deadline: Instant,
     ) -> Result<Option<Vec<u8>>, MetadataError> {
-        let started = Instant::now();
-        let mut attempt: u32 = 0;
-        let mut memory = backoff::Memory::default();
-        loop {
-            attempt += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome = match tokio::time::timeout(remaining, self.get(path)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(MetadataError::Unreachable {
-                    platform: self.platform,
-                    url: self.url(path),
-                    detail: "no answer before the deadline".into(),
-                    timed_out: true,
-                }),
-            };
-            let error = match outcome {
-                Ok(body) => return Ok(body),
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => e,
-            };
-            let gave_up = |last| MetadataError::GaveUp {
-                attempts: attempt,
-                seconds: started.elapsed().as_secs(),
-                last: Box::new(last),
-            };
-            if attempt >= MAX_ATTEMPTS {
-                return Err(gave_up(error));
-            }
-            let Some(wait) =
-                http::wait_before_retry(attempt, error.retry_hint(), &mut memory, deadline)
-            else {
-                return Err(gave_up(error));
-            };
-            tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
-            tokio::time::sleep(wait).await;
-        }
+        http::retry_until(
+            deadline,
+            MAX_ATTEMPTS,
+            || self.get(path),
+            || MetadataError::Unreachable {
+                platform: self.platform,
+                url: self.url(path),
+                detail: "no answer before the deadline".into(),
+                timed_out: true,
+            },
+        )
+        .await
     }
 
     /// The IMDSv2 session token: the one kept, or a new one (`renew`, or none kept yet).
@@ -284,17 +260,9 @@ impl MetadataClient {
         };
         let mut response = request.send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| http::header(&response, name);
         if (300..400).contains(&status) {
-            let location = header("location")
-                .map(|l| crate::secret::scrub(&l).chars().take(200).collect())
-                .unwrap_or_else(|| "nowhere (no Location header)".into());
+            let location = http::redirect_location(&response);
             return Err(MetadataError::Redirect {
                 platform: self.platform,
                 url: url.to_string(),

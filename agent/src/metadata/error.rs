@@ -136,6 +136,24 @@ impl MetadataError {
     }
 }
 
+impl crate::http::RetryError for MetadataError {
+    fn is_retryable(&self) -> bool {
+        MetadataError::is_retryable(self)
+    }
+
+    fn retry_hint(&self) -> Option<&Hint> {
+        MetadataError::retry_hint(self)
+    }
+
+    fn gave_up(attempts: u32, seconds: u64, last: Self) -> Self {
+        MetadataError::GaveUp {
+            attempts,
+            seconds,
+            last: Box::new(last),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
