@@ -573,6 +573,42 @@ def test_config_toml_runs_shell_jobs_through_job_exec(ev, expect):
            f"cache_dir={entry.get('cache_dir')}")
 
 
+def registry_mirrors(sc):
+    return bool(sc.registry_mirrors)
+
+
+@applies(registry_mirrors)
+def test_podman_reads_the_registry_mirrors_of_runner_json(run, ev, expect):
+    """Podman reads runner.json's registry mirrors: `podman info` (Debian's podman, run as root
+    once the agent has stopped) pulls Docker Hub's images from them first, the http one as
+    insecure"""
+    try:
+        info = json.loads(ev.text("podman-info.json") or "{}")
+    except ValueError as e:
+        info = {"error": str(e)}
+    hub = (info.get("registries") or {}).get("docker.io") or {}
+    mirrors = [(m.get("Location"), bool(m.get("Insecure"))) for m in hub.get("Mirrors") or []]
+    wanted = [(url.split("://", 1)[1], url.startswith("http://")) for url in run.sc.registry_mirrors]
+    expect(mirrors == wanted and hub.get("Location") == "docker.io",
+           f"docker.io mirrors {mirrors}" if hub else
+           f"no docker.io in podman info: {(ev.text('podman-info.err') or '').strip()[:200] or info.get('error') or 'no output'}")
+
+
+@applies(registry_mirrors)
+def test_the_agent_wrote_the_registry_mirrors_before_registering(run, ev, expect):
+    """the agent wrote Podman's drop-in before registering (its journal line comes before the
+    first entry of the registering phase), and said that this VM has no Docker"""
+    entries = ev.agent_entries()
+    wrote = next((e for e in entries if (e.get("MESSAGE") or "").startswith("Podman's ")
+                  and "names the registry mirrors" in (e.get("MESSAGE") or "")), None)
+    registering = next((e for e in entries if e.get("PHASE") == "registering"), None)
+    no_docker = any((e.get("MESSAGE") or "").startswith("no Docker here") for e in entries)
+    message = (wrote or {}).get("MESSAGE") or ""
+    expect(wrote is not None and registering is not None and Evidence.rt(wrote) <= Evidence.rt(registering)
+           and message.endswith(", ".join(run.sc.registry_mirrors)) and no_docker,
+           message or "no such line in the agent's journal")
+
+
 # ---- gitlab-runner as the fake one saw itself started ------------------------------------------
 
 @applies(accepted)

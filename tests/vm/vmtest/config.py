@@ -58,6 +58,8 @@ JOB_SECONDS = 5          # length of the fake job in a, b
 LONG_JOB_SECONDS = 600   # scenario c: a job that only SIGTERM ends
 HOSTILE_JOB_MAX = 300    # scenarios f, g: the hostile job's bound (python3 under TCG, /proc/*/mem)
 POWERDOWN_AFTER_JOB_START = 3
+# Scenario a: runner.json's registry_mirrors (nothing answers there: Podman only has to read them).
+REGISTRY_MIRRORS = ["https://mirror.vmtest.invalid", "http://10.0.2.2:5000"]
 # Scenario h: the config disk is hot-plugged this long after the guest said hello (booted, its
 # network up, the agent about to start): longer than the 10 s device timeout the mount once had,
 # which then ran out on every such boot and left the agent waiting for a file that never came.

@@ -14,7 +14,7 @@ from . import image
 from .config import (AFTER_FAILURE_OBSERVE, BOOT_TO_JOB_MAX, CONFIG_DISK_LATE, FAILURE_DELAY,
                      GITLAB_ADDR, GRACE,
                      HOLD_OBSERVE, HOSTILE_JOB, HOSTILE_JOB_MAX, JOB_SECONDS, LONG_JOB_SECONDS,
-                     POWERDOWN_AFTER_JOB_START, POWEROFF_MAX, REPO, RUNS, log)
+                     POWERDOWN_AFTER_JOB_START, POWEROFF_MAX, REGISTRY_MIRRORS, REPO, RUNS, log)
 from .evidence import Collector, Evidence
 from .fake_gitlab import (FakeGitLab, is_deregistration, is_job_end, is_job_start, is_verify,
                           mask_in_text)
@@ -47,6 +47,9 @@ class Scenario:
     # A blank scratch disk (serial scratch), formatted and mounted by runner-scratch; the other
     # scenarios have none, and their boots must not wait for one.
     scratch_disk: bool = False
+    # runner.json's `registry_mirrors` (scenario a: written to Podman's drop-in, which `podman
+    # info` then shows; the guest has no Docker).
+    registry_mirrors: list = None
     # runner.json's `cache` (None: none). Scenario f: S3 with the instance's role, for which
     # the agent admits gitlab-runner's cgroup (never the job's) through the metadata firewall.
     cache: dict = None
@@ -58,8 +61,9 @@ class Scenario:
 
 
 SCENARIOS = {
-    "a": Scenario("a", "happy path: one job, deregistration, power-off by the VM itself",
-                  scratch_disk=True,
+    "a": Scenario("a", "happy path: one job, deregistration, power-off by the VM itself; "
+                  "Podman reads the registry mirrors of runner.json",
+                  scratch_disk=True, registry_mirrors=REGISTRY_MIRRORS,
                   expect_phases=["registering", "running", "deregistering", "powering-off"],
                   forbid_phases=["failed", "holding", "stopping"]),
     "b": Scenario("b", "/etc/keep-runner: held after deregistration, ACPI power button stops it",
@@ -131,6 +135,8 @@ class Run:
                   "executor": "shell", "max_jobs": 1, "idle_timeout": 600}
         if self.sc.cache:
             config["cache"] = self.sc.cache
+        if self.sc.registry_mirrors:
+            config["registry_mirrors"] = self.sc.registry_mirrors
         return config
 
     # -- a step driven from outside: recorded now, judged by its test -------------------------
