@@ -71,7 +71,7 @@ impl Agent {
     /// The drain's reason, also on the console: why the VM takes no more jobs.
     fn draining_for(&self, notice: &Notice) -> String {
         let why = notice.describe(SystemTime::now());
-        self.milestone(&format!("draining: {why}"));
+        self.rec.milestone(&format!("draining: {why}"));
         why
     }
 
@@ -101,7 +101,8 @@ impl Agent {
     /// When the notice wants gitlab-runner aborted: what `plan` says, but never sooner than
     /// `QUIT_TERM_GAP` after the SIGQUIT.
     fn abort_time(&self, notice: &Notice, quit_sent: Instant) -> Option<Instant> {
-        let reserve = Duration::from_secs(self.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
+        let reserve =
+            Duration::from_secs(self.ctx.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
         match preemption::plan(notice, SystemTime::now(), reserve) {
             Action::Drain => None,
             Action::DrainThenAbort { after } => {
@@ -115,13 +116,13 @@ impl Agent {
     async fn abort_jobs(&mut self, mut job: Job, notice: &Notice) -> Next {
         let now = SystemTime::now();
         let budget =
-            preemption::abort_budget(notice, now, Duration::from_secs(self.args.stop_timeout));
+            preemption::abort_budget(notice, now, Duration::from_secs(self.ctx.args.stop_timeout));
         tracing::warn!(
             "{}: aborting the job now, so that gitlab-runner reports it (failure reason runner_system_failure) and the VM deregisters in time; gitlab-runner gets {} s",
             notice.describe(now),
             budget.as_secs()
         );
-        self.milestone(&format!(
+        self.rec.milestone(&format!(
             "aborting the job: {} (the job is reported as a runner system failure)",
             notice.describe(now)
         ));

@@ -17,6 +17,7 @@ mod error;
 mod fleet_settings;
 mod interrupt;
 mod jobs;
+mod record;
 mod registering;
 mod state;
 mod teardown;
@@ -24,22 +25,22 @@ mod waiting;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
+use anyhow::Context as _;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::boot_record::{self, BootRecord};
+use crate::boot_record::BootRecord;
 use crate::cli::RunArgs;
-use crate::config::CredentialKind;
 use crate::console::{self, Console};
-use crate::lifecycle::{self, Lifecycle, Phase, StartDecision};
+use crate::lifecycle::{self, Phase, StartDecision};
 use crate::metadata::Platform;
-use crate::status::{self, Published, Status};
-use crate::{preemption, secret, systemd};
+use crate::status;
+use crate::{preemption, systemd};
 use interrupt::{Interrupt, Interrupts};
+use record::Record;
 use state::{Next, State};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -57,16 +58,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Arc::new(tokio::sync::watch::channel(None).0),
     };
     interrupts = interrupts.with_notices(notices.subscribe());
-    let mut agent = Agent::new(args, interrupts);
+    let ctx = Context {
+        args,
+        platform,
+        runner_cgroup,
+    };
+    let mut agent = Agent::new(ctx, interrupts);
     agent.notices = notices;
-    agent.runner_cgroup = runner_cgroup;
-    agent.platform = platform;
     agent.watcher = watcher.map(|w| w.task);
     systemd::spawn_watchdog();
     let mut state = agent.start()?;
     loop {
         // Every journal entry of a step carries the phase, runner and system id it runs in.
-        let span = agent.span();
+        let span = agent.rec.span();
         let next = match state {
             State::WaitingForConfig => agent.wait_for_config().instrument(span).await,
             State::Registering(setup) => agent.register(setup).instrument(span).await,
@@ -83,44 +87,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// What status.json shows of the configuration: from runner.json, or from the previous run's
-/// status.json when a restarted agent resumes a teardown without it.
-#[derive(Debug, Clone, Default)]
-struct Shown {
-    runner: Option<String>,
-    credential: Option<CredentialKind>,
-    gitlab_url: Option<String>,
-}
-
-/// What every step shares: the flags, the lifecycle record and what status.json shows.
-struct Agent {
+/// What every step reads and none changes: the flags, the platform, where gitlab-runner goes.
+struct Context {
     args: RunArgs,
-    lc: Lifecycle,
-    boot_id: String,
-    interrupts: Interrupts,
-    shown: Shown,
-    system_id: Option<String>,
-    last_error: Option<String>,
-    hold_deadline: Option<SystemTime>,
-    /// When this boot's hold began (kept across restarts: `--hold-max` counts from it).
-    hold_started: Option<SystemTime>,
-    poweroff_at: Option<SystemTime>,
     /// The platform from `--config-source` (recognised from DMI/SMBIOS with `auto`).
     platform: Option<Platform>,
+    /// Where gitlab-runner and the jobs go (`--separate-cgroups`); None: the agent's own.
+    runner_cgroup: Option<crate::cgroup::RunnerCgroup>,
+}
+
+/// What every step shares: the context it reads, the record it writes, and the interrupts
+/// that cut its waits short.
+struct Agent {
+    ctx: Context,
+    rec: Record,
+    interrupts: Interrupts,
     /// The preemption watcher's task, ended with the run.
     watcher: Option<tokio::task::JoinHandle<()>>,
     /// Where notices are published (the watcher's channel): a restart restores one here.
     notices: Arc<tokio::sync::watch::Sender<Option<preemption::Notice>>>,
-    /// Milestones and failures, one line each, for reading from outside the VM.
-    console: Console,
-    /// When each milestone of this boot happened; shared with the forwarding of gitlab-runner's
-    /// output, which sees jobs start and end.
-    record: Arc<Mutex<BootRecord>>,
-    published: Published,
-    token_expires_at: Option<SystemTime>,
-    token_warning: Option<String>,
-    /// Where gitlab-runner and the jobs go (`--separate-cgroups`); None: the agent's own.
-    runner_cgroup: Option<crate::cgroup::RunnerCgroup>,
 }
 
 /// `--separate-cgroups`: the agent in `agent`, gitlab-runner and the jobs in `runner`. A
@@ -145,55 +130,41 @@ fn separate_cgroups() -> Option<crate::cgroup::RunnerCgroup> {
 }
 
 impl Agent {
-    fn new(args: RunArgs, interrupts: Interrupts) -> Self {
-        let mut record = BootRecord::default();
-        record.agent_started(boot_record::now_ms());
+    fn new(ctx: Context, interrupts: Interrupts) -> Self {
         Agent {
-            published: Published::new(&args.state_dir),
-            console: Console::default(),
-            record: Arc::new(Mutex::new(record)),
-            token_expires_at: None,
-            token_warning: None,
-            runner_cgroup: None,
-            args,
-            lc: Lifecycle::new(SystemTime::now()),
-            boot_id: boot_id(),
+            rec: Record::new(&ctx.args.state_dir, interrupts.clone()),
+            ctx,
             interrupts,
-            shown: Shown::default(),
-            system_id: None,
-            last_error: None,
-            hold_deadline: None,
-            hold_started: None,
-            poweroff_at: None,
             watcher: None,
             notices: Arc::new(tokio::sync::watch::channel(None).0),
-            platform: None,
         }
     }
 
     /// The first state. Decided before the first write: status.json of an earlier run in this
     /// boot is the crash protection, and it needs nothing but the state directory.
     fn start(&mut self) -> anyhow::Result<State> {
-        if let Some(path) = console::target(&self.args.console) {
-            self.console = self
+        if let Some(path) = console::target(&self.ctx.args.console) {
+            self.rec.console = self
+                .rec
                 .span()
                 .in_scope(|| Console::open(path, std::path::Path::new(console::KMSG)));
         }
-        std::fs::create_dir_all(&self.args.state_dir).with_context(|| {
+        std::fs::create_dir_all(&self.ctx.args.state_dir).with_context(|| {
             format!(
                 "cannot create the state directory {}",
-                self.args.state_dir.display()
+                self.ctx.args.state_dir.display()
             )
         })?;
-        match status::find(&self.args.state_dir, &self.boot_id) {
+        match status::find(&self.ctx.args.state_dir, &self.rec.boot_id) {
             status::Found::Nothing => {}
             status::Found::Status(prev) => {
-                if prev.boot_id == self.boot_id
+                if prev.boot_id == self.rec.boot_id
                     && let Some(notice) = prev.preemption.clone()
                 {
                     // A notice this boot received before the restart still holds (its
                     // deadline included): the platform may not announce it again in time.
-                    self.span()
+                    self.rec
+                        .span()
                         .in_scope(|| preemption::restore(&self.notices, notice));
                 }
                 let previous_run = lifecycle::Previous {
@@ -202,9 +173,10 @@ impl Agent {
                     registered: prev.registered && !prev.deregistered,
                     runner_started: prev.runner_started,
                 };
-                if lifecycle::on_start(Some(previous_run), &self.boot_id) == StartDecision::TearDown
+                if lifecycle::on_start(Some(previous_run), &self.rec.boot_id)
+                    == StartDecision::TearDown
                 {
-                    let teardown = self.span().in_scope(|| self.resume(*prev));
+                    let teardown = self.rec.span().in_scope(|| self.resume(*prev));
                     let next = self.teardown(teardown);
                     return self.enter(next);
                 }
@@ -212,16 +184,16 @@ impl Agent {
             status::Found::Unreadable { error, whose } if !whose.may_be_this_boot() => {
                 tracing::warn!(
                     "{} cannot be read ({error}); {}: starting afresh, and it is replaced",
-                    status::path_in(&self.args.state_dir).display(),
+                    status::path_in(&self.ctx.args.state_dir).display(),
                     whose.describe()
                 );
             }
             // Fail closed: this boot may have registered and run a job already.
             status::Found::Unreadable { error, whose } => {
-                let teardown = self.span().in_scope(|| self.fail_closed());
+                let teardown = self.rec.span().in_scope(|| self.fail_closed());
                 let next = state::failed(
                     error::AgentError::StatusUnreadable {
-                        path: status::path_in(&self.args.state_dir),
+                        path: status::path_in(&self.ctx.args.state_dir),
                         detail: error,
                         whose: whose.describe(),
                     },
@@ -230,7 +202,8 @@ impl Agent {
                 return self.enter(next);
             }
         }
-        self.publish(&format!("waiting for {}", self.args.config.display()));
+        self.rec
+            .publish(&format!("waiting for {}", self.ctx.args.config.display()));
         Ok(State::WaitingForConfig)
     }
 
@@ -240,105 +213,26 @@ impl Agent {
         let Some(phase) = state.phase() else {
             return Ok(state);
         };
-        self.lc.transition(phase, SystemTime::now())?;
+        self.rec.lc.transition(phase, SystemTime::now())?;
         if phase == Phase::Registering {
-            self.mark(BootRecord::config_found);
+            self.rec.mark(BootRecord::config_found);
         }
         if let State::Failed(error, _) = &state {
             let line = error.with_fix();
             // Entered, not given as `parent:`: journald takes the fields of the entered span.
-            let _in_phase = self.span().entered();
+            let _in_phase = self.rec.span().entered();
             tracing::error!("{line}");
-            self.mark(BootRecord::failed);
-            self.console
+            self.rec.mark(BootRecord::failed);
+            self.rec
+                .console
                 .failure(&console::failure_text(&error.to_string(), &error.fix()));
-            self.last_error = Some(line);
+            self.rec.last_error = Some(line);
         }
-        self.publish(&detail);
+        self.rec.publish(&detail);
         if phase.is_started() {
             systemd::ready();
         }
         Ok(state)
-    }
-
-    fn publish(&mut self, detail: &str) {
-        let text = format!("{}: {detail}", self.lc.phase());
-        systemd::status(&secret::scrub(&text));
-        let _in_phase = self.span().entered();
-        tracing::info!("{text}");
-        self.write_status();
-    }
-
-    /// The span of the current phase: PHASE, RUNNER and SYSTEM_ID on every entry logged in it
-    /// (empty until known).
-    fn span(&self) -> tracing::Span {
-        self.span_in(self.lc.phase())
-    }
-
-    fn span_in(&self, phase: Phase) -> tracing::Span {
-        // A root span: created inside another step's span it would otherwise be its child, and
-        // journald would get every field twice.
-        tracing::info_span!(
-            parent: None,
-            "agent",
-            phase = phase.as_str(),
-            runner = secret::scrub(self.shown.runner.as_deref().unwrap_or("")),
-            system_id = self.system_id.as_deref().unwrap_or(""),
-        )
-    }
-
-    fn write_status(&self) {
-        if let Err(e) = self.try_write_status() {
-            tracing::warn!(
-                "cannot write {}: {e}",
-                status::path_in(&self.args.state_dir).display()
-            );
-        }
-    }
-
-    /// Records a milestone of this boot at the boot clock's now.
-    fn mark(&self, milestone: impl FnOnce(&mut BootRecord, u64)) {
-        let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
-        milestone(&mut record, boot_record::now_ms());
-    }
-
-    /// A milestone's line on the console (the journal has its own, longer line).
-    fn milestone(&self, text: &str) {
-        self.console.milestone(text);
-    }
-
-    fn try_write_status(&self) -> std::io::Result<()> {
-        self.published.write(|| self.status())
-    }
-
-    fn status(&self) -> Status {
-        Status {
-            phase: self.lc.phase(),
-            since: self.lc.since(),
-            pid: std::process::id(),
-            boot_id: self.boot_id.clone(),
-            runner: self.shown.runner.clone(),
-            system_id: self.system_id.clone(),
-            credential: self.shown.credential,
-            gitlab_url: self.shown.gitlab_url.clone(),
-            registered: self.lc.registered,
-            deregistered: self.lc.deregistered,
-            runner_started: self.lc.runner_started,
-            timeline: self.lc.timeline.clone(),
-            timeline_dropped: self.lc.timeline_dropped,
-            last_error: self.last_error.clone(),
-            hold_deadline: self.hold_deadline,
-            hold_started: self.hold_started,
-            poweroff_at: self.poweroff_at,
-            preemption: self.interrupts.notice(),
-            boot_record: self
-                .record
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-            token_expires_at: self.token_expires_at,
-            token_warning: self.token_warning.clone(),
-        }
     }
 
     fn interrupt(&self) -> Interrupt {
@@ -362,12 +256,6 @@ fn deadline_after(wait: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(wait)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
-}
-
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// gitlab-runner runs in the runner user's home: a relative path given to the agent must mean

@@ -42,7 +42,7 @@ impl Agent {
         let pending = Teardown {
             registered: flow.known_runner_token().map(&registered),
         };
-        let deadline = deadline_after(Duration::from_secs(self.args.register_timeout));
+        let deadline = deadline_after(Duration::from_secs(self.ctx.args.register_timeout));
         // A drain, a notice that the VM goes away or a stop ends the retries at once.
         let give_up = {
             let interrupts = self.interrupts.clone();
@@ -107,14 +107,14 @@ impl Agent {
                     matches!(error, RetryError::Permanent(_)) && target == Target::Manager;
                 if nothing_created {
                     // GitLab refused the verify: it created no manager.
-                    self.lc.registered = false;
+                    self.rec.lc.registered = false;
                 }
                 let teardown = if nothing_created {
                     Teardown::default()
                 } else {
                     pending
                 };
-                let timeout_seconds = self.args.register_timeout;
+                let timeout_seconds = self.ctx.args.register_timeout;
                 return failed(
                     AgentError::Registration {
                         error,
@@ -124,15 +124,15 @@ impl Agent {
                 );
             }
         };
-        self.mark(BootRecord::registered);
-        self.milestone(&format!(
+        self.rec.mark(BootRecord::registered);
+        self.rec.milestone(&format!(
             "registered runner {} (system {system_id}) at {}",
             config.name, config.url
         ));
         if let Some(error) = self.check_token_expiry(token_expires_at.as_deref(), &config) {
             return failed(error, teardown);
         }
-        self.write_status();
+        self.rec.write_status();
         if self.interrupt() == Interrupt::Drain {
             // gitlab-runner killed by a SIGQUIT that arrives before it installs its handlers
             // would count as a failed run; a drain asked for before the start means no start.
@@ -157,7 +157,7 @@ impl Agent {
     /// How long a create request in flight may take to answer once registration is cut short:
     /// `--stop-timeout`, within a notice's warning less the deregistration's reserve.
     fn answer_budget(&self) -> Duration {
-        let stop_timeout = Duration::from_secs(self.args.stop_timeout);
+        let stop_timeout = Duration::from_secs(self.ctx.args.stop_timeout);
         match self.interrupts.notice() {
             Some(notice) => {
                 crate::preemption::abort_budget(&notice, SystemTime::now(), stop_timeout)
@@ -175,11 +175,11 @@ impl Agent {
     ) -> Option<AgentError> {
         let now = SystemTime::now();
         let expiry = expiry::judge(token_expires_at, now, config.max_lifetime);
-        self.token_expires_at = expiry.at();
+        self.rec.token_expires_at = expiry.at();
         if let Some(warning) = expiry.warning(now) {
             tracing::warn!("{warning}");
-            self.milestone(&format!("warning: {warning}"));
-            self.token_warning = Some(warning);
+            self.rec.milestone(&format!("warning: {warning}"));
+            self.rec.token_warning = Some(warning);
         }
         match expiry {
             Expiry::Expired(at) => Some(AgentError::TokenExpired {
@@ -198,12 +198,12 @@ impl Agent {
         shell_jobs: &ShellJobs,
         registered: Registered,
     ) -> Teardown {
-        self.lc.registered = true;
+        self.rec.lc.registered = true;
         let toml = runner::render_config_toml(config, &registered.runner_token, shell_jobs);
         if let Err(e) = self.write_runner_files(&registered.system_id, &toml) {
             tracing::warn!("{}", e.with_fix());
         }
-        self.write_status();
+        self.rec.write_status();
         Teardown {
             registered: Some(registered),
         }
@@ -217,17 +217,17 @@ impl Agent {
         env: &[(String, String)],
         teardown: Teardown,
     ) -> Next {
-        let config_file = self.args.state_dir.join(runner::CONFIG_FILE);
+        let config_file = self.ctx.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, config);
-        self.lc.runner_started = true;
-        if let Err(e) = self.try_write_status() {
-            let path = status::path_in(&self.args.state_dir);
+        self.rec.lc.runner_started = true;
+        if let Err(e) = self.rec.try_write_status() {
+            let path = status::path_in(&self.ctx.args.state_dir);
             let detail = e.to_string();
             return failed(AgentError::StartNotRecorded { path, detail }, teardown);
         }
-        let program = self.args.gitlab_runner.clone();
-        let cwd = self.args.state_dir.clone();
-        let cgroup = self.runner_cgroup.as_ref();
+        let program = self.ctx.args.gitlab_runner.clone();
+        let cwd = self.ctx.args.state_dir.clone();
+        let cgroup = self.ctx.runner_cgroup.as_ref();
         let mut child = match runner::spawn(&program, &args, env, &cwd, cgroup) {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -252,16 +252,16 @@ impl Agent {
         let (jobs_tx, jobs_received) = tokio::sync::watch::channel(0);
         let watch: LineWatch = {
             let (record, console, published) = (
-                self.record.clone(),
-                self.console.clone(),
-                self.published.clone(),
+                self.rec.boot.clone(),
+                self.rec.console.clone(),
+                self.rec.published.clone(),
             );
             Arc::new(move |line: &str| job_milestone(line, &record, &console, &published, &jobs_tx))
         };
         // gitlab-runner's lines are logged in the phase it runs in.
         let forwarding = tokio::spawn(tracing::Instrument::instrument(
             runner::forward_output(stdout, stderr, secrets, watch),
-            self.span_in(Phase::Running),
+            self.rec.span_in(Phase::Running),
         ));
         let job = Job {
             child,

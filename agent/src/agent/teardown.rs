@@ -12,8 +12,9 @@ use tokio::process::Child;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::jobs::stop_child;
+use super::record::Shown;
 use super::state::{Next, State, Stop, Teardown};
-use super::{Agent, Shown, deadline_after};
+use super::{Agent, deadline_after};
 use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
@@ -30,7 +31,7 @@ impl Agent {
     /// keep file exists, else the power-off.
     pub(super) fn teardown(&mut self, teardown: Teardown) -> Next {
         self.end_running_jobs("gitlab-runner ended without reporting its end");
-        if self.lc.needs_deregistration() {
+        if self.rec.lc.needs_deregistration() {
             return (
                 State::Deregistering(teardown),
                 "removing this VM from GitLab".into(),
@@ -46,7 +47,7 @@ impl Agent {
             // The platform takes the VM at the notice's deadline: a hold would not last.
             return self.powering_off(teardown);
         }
-        match lifecycle::after_deregistration(hold::keep_file_exists(&self.args.keep_file)) {
+        match lifecycle::after_deregistration(hold::keep_file_exists(&self.ctx.args.keep_file)) {
             Phase::Holding => self.holding(teardown),
             _ => self.powering_off(teardown),
         }
@@ -54,26 +55,28 @@ impl Agent {
 
     fn hold_limits(&self) -> hold::HoldLimits {
         hold::HoldLimits {
-            max: Duration::from_secs(self.args.hold_max),
-            extend: Duration::from_secs(self.args.hold_extend),
+            max: Duration::from_secs(self.ctx.args.hold_max),
+            extend: Duration::from_secs(self.ctx.args.hold_extend),
         }
     }
 
     fn holding(&mut self, teardown: Teardown) -> Next {
         // The first hold of this boot sets the start that `--hold-max` counts from; a
         // restarted agent read it back (`resume`), so a restart never grants a new ceiling.
-        let started = *self.hold_started.get_or_insert_with(SystemTime::now);
+        let started = *self.rec.hold_started.get_or_insert_with(SystemTime::now);
         // Shown from the hold's first status.json on, not only once its step has begun.
-        self.hold_deadline = hold::deadline(&self.args.keep_file, self.hold_limits(), started);
+        self.rec.hold_deadline =
+            hold::deadline(&self.ctx.args.keep_file, self.hold_limits(), started);
         let detail = format!(
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
-            self.args.keep_file.display()
+            self.ctx.args.keep_file.display()
         );
         let until = self
+            .rec
             .hold_deadline
             .map(|at| format!(", {} at most", crate::timestamp::fmt_time(at)))
             .unwrap_or_default();
-        self.milestone(&format!("holding: {detail}{until}"));
+        self.rec.milestone(&format!("holding: {detail}{until}"));
         (State::Holding(teardown), detail)
     }
 
@@ -84,16 +87,16 @@ impl Agent {
             Duration::ZERO
         } else {
             lifecycle::poweroff_wait(
-                self.lc.failed_at,
-                Duration::from_secs(self.args.failure_delay),
+                self.rec.lc.failed_at,
+                Duration::from_secs(self.ctx.args.failure_delay),
                 now,
             )
         };
-        self.poweroff_at = now.checked_add(wait);
-        let action = if self.args.no_poweroff {
+        self.rec.poweroff_at = now.checked_add(wait);
+        let action = if self.ctx.args.no_poweroff {
             "exiting without power-off (--no-poweroff)".to_string()
         } else {
-            format!("running `{}`", self.args.poweroff_command)
+            format!("running `{}`", self.ctx.args.poweroff_command)
         };
         let detail = if wait.is_zero() {
             action
@@ -101,7 +104,7 @@ impl Agent {
             format!(
                 "{action} in {} s (--failure-delay after the failure; creating {} holds the VM)",
                 wait.as_millis().div_ceil(1000),
-                self.args.keep_file.display()
+                self.ctx.args.keep_file.display()
             )
         };
         (State::PoweringOff(teardown), detail)
@@ -109,7 +112,7 @@ impl Agent {
 
     pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
         let detail = "stop requested (SIGTERM): aborting, deregistering, exiting".to_string();
-        self.milestone(&format!("stopping: {detail}"));
+        self.rec.milestone(&format!("stopping: {detail}"));
         (State::Stopping(Stop { child, teardown }), detail)
     }
 
@@ -135,29 +138,30 @@ impl Agent {
         let Some(registered) = &teardown.registered else {
             let message = "cannot deregister: the runner token or GitLab's url of this boot is lost (config.toml is missing or unreadable); delete this VM's runner or manager in GitLab by hand (Settings > CI/CD > Runners)";
             tracing::warn!("{message}");
-            self.last_error = Some(message.into());
-            self.write_status();
+            self.rec.last_error = Some(message.into());
+            self.rec.write_status();
             return;
         };
         let what = registered.describe();
         let budget = preemption::deregister_budget(
             self.interrupts.notice().as_ref(),
             SystemTime::now(),
-            Duration::from_secs(self.args.deregister_timeout),
+            Duration::from_secs(self.ctx.args.deregister_timeout),
         );
         let deadline = deadline_after(budget);
         match registered.deregister(deadline).await {
             Ok(Deletion::Deleted) => {
-                self.lc.deregistered = true;
+                self.rec.lc.deregistered = true;
                 tracing::info!("deregistered: {what} deleted from GitLab");
-                self.mark(BootRecord::deregistered);
-                self.milestone(&format!("deregistered: {what} deleted from GitLab"));
+                self.rec.mark(BootRecord::deregistered);
+                self.rec
+                    .milestone(&format!("deregistered: {what} deleted from GitLab"));
             }
             Ok(Deletion::AlreadyGone) => {
-                self.lc.deregistered = true;
+                self.rec.lc.deregistered = true;
                 tracing::info!("deregistered: {what} was already gone from GitLab");
-                self.mark(BootRecord::deregistered);
-                self.milestone(&format!(
+                self.rec.mark(BootRecord::deregistered);
+                self.rec.milestone(&format!(
                     "deregistered: {what} was already gone from GitLab"
                 ));
             }
@@ -166,28 +170,28 @@ impl Agent {
                     "could not delete {what} from GitLab ({e}); powering off anyway: GitLab removes managers it has not seen for 7 days, or delete it under Settings > CI/CD > Runners"
                 );
                 tracing::warn!("{message}");
-                self.console.failure(&message);
-                self.last_error = Some(message);
+                self.rec.console.failure(&message);
+                self.rec.last_error = Some(message);
             }
         }
-        self.write_status();
+        self.rec.write_status();
     }
 
     /// holding: until the keep file is removed, or `--hold-extend` after its last change (or the
     /// hold's start), and never past `--hold-max` after the hold's start.
     pub(super) async fn hold(&mut self, teardown: Teardown) -> Next {
-        let keep_file = self.args.keep_file.clone();
+        let keep_file = self.ctx.args.keep_file.clone();
         let limits = self.hold_limits();
         let interrupts = self.interrupts.clone();
-        let started = *self.hold_started.get_or_insert_with(SystemTime::now);
+        let started = *self.rec.hold_started.get_or_insert_with(SystemTime::now);
         let held = hold::hold(&keep_file, limits, started, |deadline| {
-            self.hold_deadline = Some(deadline);
+            self.rec.hold_deadline = Some(deadline);
             tracing::info!(
                 "the hold lasts until {} at most (touching {} extends it by --hold-extend, up to --hold-max after the hold began)",
                 crate::timestamp::fmt_time(deadline),
                 keep_file.display()
             );
-            self.write_status();
+            self.rec.write_status();
         });
         let held = async {
             tokio::select! {
@@ -199,11 +203,11 @@ impl Agent {
             return self.stopping(None, teardown);
         };
         let Some(end) = end else {
-            self.hold_deadline = None;
+            self.rec.hold_deadline = None;
             tracing::warn!("hold ended: a preemption notice says the VM goes away");
             return self.powering_off(teardown);
         };
-        self.hold_deadline = None;
+        self.rec.hold_deadline = None;
         match end {
             Ok(HoldEnd::Released) => tracing::info!("hold ended: keep file removed"),
             Ok(HoldEnd::Expired) => {
@@ -218,10 +222,11 @@ impl Agent {
     /// power-off command, or with --no-poweroff just the exit.
     pub(super) async fn power_off(&mut self, teardown: Teardown) -> Next {
         let wait = self
+            .rec
             .poweroff_at
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO);
-        let keep_file = self.args.keep_file.clone();
+        let keep_file = self.ctx.args.keep_file.clone();
         let interrupts = self.interrupts.clone();
         let waited = self.interrupts.unless(Interrupt::Stop, async {
             tokio::select! {
@@ -234,34 +239,37 @@ impl Agent {
         match waited.await {
             None => return self.stopping(None, teardown),
             Some(true) if !self.vm_goes_away() => {
-                self.poweroff_at = None;
+                self.rec.poweroff_at = None;
                 return self.holding(teardown);
             }
             Some(_) => {}
         }
         self.end_watcher();
         systemd::stopping();
-        if self.args.no_poweroff {
+        if self.ctx.args.no_poweroff {
             tracing::info!(
                 "power-off is disabled (--no-poweroff); the VM stays up and the agent exits"
             );
-            self.milestone("exiting without power-off (--no-poweroff); the VM stays up");
+            self.rec
+                .milestone("exiting without power-off (--no-poweroff); the VM stays up");
             self.end_of_boot("no-poweroff").await;
             return exit(ExitCode::SUCCESS);
         }
-        self.milestone("powering off");
+        self.rec.milestone("powering off");
         self.end_of_boot("poweroff").await;
-        match power::power_off(&self.args.poweroff_command, power::TIMEOUT).await {
+        match power::power_off(&self.ctx.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
                 tracing::info!("power-off requested");
                 exit(ExitCode::SUCCESS)
             }
             Err(e) => {
                 tracing::error!("{e:#}");
-                self.console.failure(&format!("power-off failed: {e:#}"));
-                self.console.flush(CONSOLE_FLUSH).await;
-                self.last_error = Some(format!("{e:#}"));
-                self.write_status();
+                self.rec
+                    .console
+                    .failure(&format!("power-off failed: {e:#}"));
+                self.rec.console.flush(CONSOLE_FLUSH).await;
+                self.rec.last_error = Some(format!("{e:#}"));
+                self.rec.write_status();
                 exit(ExitCode::FAILURE)
             }
         }
@@ -271,30 +279,33 @@ impl Agent {
     fn end_running_jobs(&mut self, why: &str) {
         let now = crate::boot_record::now_ms();
         let ended = self
-            .record
+            .rec
+            .boot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .abandon_running(now);
         for (job, ms) in ended {
             let text = format!("job {job} {why}, after {}", crate::boot_record::seconds(ms));
             tracing::warn!("{text}");
-            self.milestone(&text);
+            self.rec.milestone(&text);
         }
     }
 
     /// The end of this boot's run: the boot record to the journal (one structured entry),
     /// status.json and the console, whose lines are out before the power-off cuts them.
     async fn end_of_boot(&mut self, ended_by: &str) {
-        self.mark(|record, at| record.ended(at, ended_by));
+        self.rec.mark(|record, at| record.ended(at, ended_by));
         let record = self
-            .record
+            .rec
+            .boot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         record.log();
-        self.milestone(&format!("boot record: {}", record.summary()));
-        self.write_status();
-        self.console.flush(CONSOLE_FLUSH).await;
+        self.rec
+            .milestone(&format!("boot record: {}", record.summary()));
+        self.rec.write_status();
+        self.rec.console.flush(CONSOLE_FLUSH).await;
     }
 
     /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
@@ -303,18 +314,18 @@ impl Agent {
         self.end_watcher();
         systemd::stopping();
         if let Some(mut child) = stop.child {
-            let mut timeout = Duration::from_secs(self.args.stop_timeout);
+            let mut timeout = Duration::from_secs(self.ctx.args.stop_timeout);
             if let Some(notice) = self.interrupts.notice() {
                 timeout = preemption::abort_budget(&notice, SystemTime::now(), timeout);
             }
             stop_child(&mut child, timeout).await;
             self.end_running_jobs("aborted by the stop");
         }
-        if self.lc.needs_deregistration() {
+        if self.rec.lc.needs_deregistration() {
             self.delete_from_gitlab(&stop.teardown).await;
         }
         tracing::info!("stopped");
-        self.milestone("stopped");
+        self.rec.milestone("stopped");
         self.end_of_boot("stop").await;
         exit(ExitCode::SUCCESS)
     }
@@ -326,23 +337,23 @@ impl Agent {
     /// is of this VM's manager: deleting "the runner" with a shared `glrt-` token would remove
     /// the whole fleet's runner from GitLab.
     pub(super) fn fail_closed(&mut self) -> Teardown {
-        let state_dir = self.args.state_dir.clone();
-        self.system_id = runner::read_system_id(&state_dir);
+        let state_dir = self.ctx.args.state_dir.clone();
+        self.rec.system_id = runner::read_system_id(&state_dir);
         // With the broker every runner is this boot's own: deleting it removes nobody else's.
-        let target = if self.args.config_source == ConfigSource::Broker {
+        let target = if self.ctx.args.config_source == ConfigSource::Broker {
             Target::Runner
         } else {
             Target::Manager
         };
         let registered = runner::read_runner_entry(&state_dir).and_then(|entry| {
-            self.shown.gitlab_url = Some(entry.url.clone());
+            self.rec.shown.gitlab_url = Some(entry.url.clone());
             let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
                 .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
                 .ok()?;
             Some(Registered {
                 client,
                 runner_token: entry.token?,
-                system_id: self.system_id.clone().unwrap_or_default(),
+                system_id: self.rec.system_id.clone().unwrap_or_default(),
                 target,
             })
         });
@@ -357,7 +368,7 @@ impl Agent {
                 "config.toml names no runner: nothing to deregister; if this boot created a runner, delete it by hand (Settings > CI/CD > Runners)"
             ),
         }
-        self.lc.registered = registered.is_some();
+        self.rec.lc.registered = registered.is_some();
         Teardown { registered }
     }
 
@@ -377,10 +388,10 @@ impl Agent {
         tracing::warn!(
             "status.json shows that this boot already {what} (the agent was restarted); tearing down instead of starting another gitlab-runner"
         );
-        let state_dir = self.args.state_dir.clone();
-        self.system_id = runner::read_system_id(&state_dir).or(prev.system_id.clone());
+        let state_dir = self.ctx.args.state_dir.clone();
+        self.rec.system_id = runner::read_system_id(&state_dir).or(prev.system_id.clone());
         // The broker's runner is this boot's own, whatever its token looks like.
-        let own_runner = self.args.config_source == ConfigSource::Broker;
+        let own_runner = self.ctx.args.config_source == ConfigSource::Broker;
         let target = if prev.credential == Some(CredentialKind::RunnerToken) && !own_runner {
             Target::Manager
         } else {
@@ -393,51 +404,52 @@ impl Agent {
             Some(Registered {
                 client,
                 runner_token: entry.token?,
-                system_id: self.system_id.clone().unwrap_or_default(),
+                system_id: self.rec.system_id.clone().unwrap_or_default(),
                 target,
             })
         });
-        self.lc.registered = prev.registered;
+        self.rec.lc.registered = prev.registered;
         if prev.phase == Phase::Registering && target.only_the_answer_names_it() {
             // A runner created just before the crash is in config.toml already; else its
             // token is lost.
             match registered {
-                Some(_) => self.lc.registered = true,
+                Some(_) => self.rec.lc.registered = true,
                 None => tracing::warn!(
                     "{}",
                     possibly_created(prev.runner.as_deref().unwrap_or("?"))
                 ),
             }
         }
-        self.lc.deregistered = prev.deregistered;
-        self.lc.runner_started = prev.runner_started;
+        self.rec.lc.deregistered = prev.deregistered;
+        self.rec.lc.runner_started = prev.runner_started;
         // A failure of the earlier run still delays the power-off from when it happened.
-        self.lc.failed_at = prev
+        self.rec.lc.failed_at = prev
             .timeline
             .iter()
             .rev()
             .find(|e| e.phase == Phase::Failed)
             .map(|e| e.at);
         // The earlier runs' timeline stays (bounded), so status shows the restart.
-        self.lc
+        self.rec
+            .lc
             .continue_timeline(prev.timeline, prev.timeline_dropped);
-        self.shown = Shown {
+        self.rec.shown = Shown {
             runner: prev.runner,
             credential: prev.credential,
             gitlab_url: prev.gitlab_url,
         };
-        self.last_error = prev.last_error;
+        self.rec.last_error = prev.last_error;
         // The hold goes on from when it began, not from this restart.
-        self.hold_started = prev.hold_started;
-        self.token_expires_at = prev.token_expires_at;
-        self.token_warning = prev.token_warning;
+        self.rec.hold_started = prev.hold_started;
+        self.rec.token_expires_at = prev.token_expires_at;
+        self.rec.token_warning = prev.token_warning;
         // The boot's record goes on; jobs that ran are over (gitlab-runner is not ours anymore).
         let mut record = prev.boot_record;
         record.running_jobs.clear();
-        if let Some(started) = self.record.lock().ok().and_then(|r| r.boot_to_agent_ms) {
+        if let Some(started) = self.rec.boot.lock().ok().and_then(|r| r.boot_to_agent_ms) {
             record.agent_started(started);
         }
-        *self.record.lock().unwrap_or_else(PoisonError::into_inner) = record;
+        *self.rec.boot.lock().unwrap_or_else(PoisonError::into_inner) = record;
         Teardown { registered }
     }
 }

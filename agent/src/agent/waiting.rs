@@ -11,8 +11,9 @@ use tokio::time::Instant;
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
+use super::record::Shown;
 use super::state::{Next, Setup, State, Teardown, failed};
-use super::{Agent, Shown, deadline_after};
+use super::{Agent, deadline_after};
 use crate::broker::{self, BrokerClient};
 use crate::config::RunnerConfig;
 use crate::gitlab::Client;
@@ -26,10 +27,10 @@ const CONFIG_SETTLE: Duration = Duration::from_secs(10);
 
 impl Agent {
     pub(super) async fn wait_for_config(&mut self) -> Next {
-        let deadline = deadline_after(Duration::from_secs(self.args.config_wait));
+        let deadline = deadline_after(Duration::from_secs(self.ctx.args.config_wait));
         let platform = self.config_platform();
         if let Some(platform) = platform {
-            self.publish(&format!(
+            self.rec.publish(&format!(
                 "fetching runner.json from the {platform} instance's user-data"
             ));
         }
@@ -81,7 +82,7 @@ impl Agent {
                 // whether its answer then arrives, times out or is interrupted: from the first
                 // one on, teardown deletes it. `enter` records this before the request goes.
                 // A runner the broker gave this boot exists already: teardown deletes it too.
-                self.lc.registered = setup.flow.known_runner_token().is_some();
+                self.rec.lc.registered = setup.flow.known_runner_token().is_some();
                 let detail = setup.flow.describe(&setup.system_id);
                 (State::Registering(setup), detail)
             }
@@ -91,16 +92,16 @@ impl Agent {
 
     /// The platform whose user-data is runner.json (None: the file), said in the journal.
     fn config_platform(&self) -> Option<Platform> {
-        let (source, platform) = (self.args.config_source, self.platform);
+        let (source, platform) = (self.ctx.args.config_source, self.ctx.platform);
         match (source, platform) {
             (ConfigSource::Auto, None) => tracing::info!(
                 "--config-source auto: no cloud platform recognised from DMI/SMBIOS ({}); runner.json is the file {}",
-                self.args.dmi_dir.display(),
-                self.args.config.display()
+                self.ctx.args.dmi_dir.display(),
+                self.ctx.args.config.display()
             ),
             (ConfigSource::Auto, Some(platform)) => tracing::info!(
                 "--config-source auto: DMI/SMBIOS ({}) says {platform}",
-                self.args.dmi_dir.display()
+                self.ctx.args.dmi_dir.display()
             ),
             _ => {}
         }
@@ -116,7 +117,7 @@ impl Agent {
     ) -> Result<String, AgentError> {
         if let Some(platform) = platform {
             self.fetch_user_data(platform, deadline).await?;
-        } else if self.args.config_source == ConfigSource::Broker {
+        } else if self.ctx.args.config_source == ConfigSource::Broker {
             self.fetch_from_broker(deadline).await?;
         }
         self.read_config(deadline).await
@@ -127,7 +128,7 @@ impl Agent {
     /// boot's earlier run (a restarted agent asks the broker nothing twice; the broker would
     /// refuse a second request for this pod anyway).
     async fn fetch_from_broker(&self, deadline: Instant) -> Result<(), AgentError> {
-        let path = &self.args.config;
+        let path = &self.ctx.args.config;
         if std::fs::symlink_metadata(path).is_ok() {
             tracing::info!(
                 "{} already exists (an earlier run in this boot): using it; the broker is not asked",
@@ -135,17 +136,17 @@ impl Agent {
             );
             return Ok(());
         }
-        let client = BrokerClient::new(&self.args.broker_url).map_err(AgentError::Broker)?;
+        let client = BrokerClient::new(&self.ctx.args.broker_url).map_err(AgentError::Broker)?;
         tracing::info!(
             "runner.json from the broker: POST {} with the pod's token from {} (--config-source broker)",
             client.url(),
-            self.args.broker_token_file.display()
+            self.ctx.args.broker_token_file.display()
         );
         let granted = broker::fetch_runner(
             &client,
-            &self.args.broker_token_file,
+            &self.ctx.args.broker_token_file,
             deadline,
-            self.args.config_wait,
+            self.ctx.args.config_wait,
         )
         .await
         .map_err(AgentError::Broker)?;
@@ -177,7 +178,7 @@ impl Agent {
         platform: Platform,
         deadline: Instant,
     ) -> Result<(), AgentError> {
-        let path = &self.args.config;
+        let path = &self.ctx.args.config;
         if let Some(target) = files::dangling_link(path) {
             // Writing the user-data would replace the link someone put there on purpose.
             tracing::warn!(
@@ -195,12 +196,12 @@ impl Agent {
             );
             return Ok(());
         }
-        let client =
-            MetadataClient::new(platform, &self.args.metadata_url).map_err(AgentError::Metadata)?;
+        let client = MetadataClient::new(platform, &self.ctx.args.metadata_url)
+            .map_err(AgentError::Metadata)?;
         tracing::info!(
             "runner.json from the {platform} metadata service: {} (--config-source {})",
             client.url(platform.user_data_path()),
-            self.args.config_source
+            self.ctx.args.config_source
         );
         let text = match fetch_runner_json(&client, deadline)
             .await
@@ -227,7 +228,7 @@ impl Agent {
     }
 
     async fn read_config(&self, deadline: Instant) -> Result<String, AgentError> {
-        let path = &self.args.config;
+        let path = &self.ctx.args.config;
         if let Some(target) = files::dangling_link(path) {
             tracing::info!(
                 "{} is a symbolic link to {}, which does not exist yet: waiting for it",
@@ -248,13 +249,13 @@ impl Agent {
                     return Err(AgentError::ConfigLinkDangling {
                         path: path.clone(),
                         target,
-                        seconds: self.args.config_wait,
-                        user_data: self.platform,
+                        seconds: self.ctx.args.config_wait,
+                        user_data: self.ctx.platform,
                     });
                 }
                 return Err(AgentError::ConfigMissing {
                     path: path.clone(),
-                    seconds: self.args.config_wait,
+                    seconds: self.ctx.args.config_wait,
                 });
             }
         }
@@ -262,7 +263,7 @@ impl Agent {
     }
 
     fn validate(&mut self, text: &str) -> Result<RunnerConfig, AgentError> {
-        let path = &self.args.config;
+        let path = &self.ctx.args.config;
         let validated = crate::config::validate(text, &cli::default_runner_name(), &|p| {
             files::read_text(p, files::NAMED_FILE_CAP)
         });
@@ -280,7 +281,7 @@ impl Agent {
                     .join("; "),
             });
         };
-        self.shown = Shown {
+        self.rec.shown = Shown {
             runner: Some(config.name.clone()),
             credential: Some(config.credential.kind()),
             gitlab_url: Some(config.url.clone()),
@@ -292,7 +293,7 @@ impl Agent {
     fn set_up(&mut self, config: RunnerConfig) -> Result<Setup, AgentError> {
         let client = Client::new(&config.url, config.tls_ca_file.as_deref())
             .map_err(|e| AgentError::TlsCaFile(format!("{e:#}")))?;
-        let job_user = Account::resolve(self.args.job_user.as_deref())
+        let job_user = Account::resolve(self.ctx.args.job_user.as_deref())
             .map_err(|e| AgentError::JobUser(format!("{e:#}")))?;
         if job_user.uid.is_root() && config.executor == crate::config::Executor::Shell {
             // job-exec refuses: every job of this VM would fail. Said before registering.
@@ -302,12 +303,12 @@ impl Agent {
         }
         let own = Account::resolve(None).map_err(|e| AgentError::JobUser(format!("{e:#}")))?;
         let runner_env = runner::scrubbed_environment(&own, |key| std::env::var(key).ok());
-        let jobs_cgroup = self.runner_cgroup.as_ref().map(|c| c.jobs.clone());
+        let jobs_cgroup = self.ctx.runner_cgroup.as_ref().map(|c| c.jobs.clone());
         let shell_jobs = ShellJobs::for_user(&job_user, jobs_cgroup);
         let system_id =
             runner::generate_system_id().map_err(|e| AgentError::SystemId(e.to_string()))?;
-        self.system_id = Some(system_id.clone());
-        let own_runner = self.args.config_source == ConfigSource::Broker;
+        self.rec.system_id = Some(system_id.clone());
+        let own_runner = self.ctx.args.config_source == ConfigSource::Broker;
         let flow = registration::flow_for(&config, own_runner);
         // gitlab-runner reads both files. A runner token known now is written now; a created
         // runner's token is written when GitLab returns it.
@@ -331,9 +332,9 @@ impl Agent {
         system_id: &str,
         config_toml: &str,
     ) -> Result<(), AgentError> {
-        runner::write_state_files(&self.args.state_dir, system_id, config_toml).map_err(|e| {
+        runner::write_state_files(&self.ctx.args.state_dir, system_id, config_toml).map_err(|e| {
             AgentError::StateDir {
-                dir: self.args.state_dir.clone(),
+                dir: self.ctx.args.state_dir.clone(),
                 detail: format!("{e:#}"),
             }
         })

@@ -1,0 +1,156 @@
+//! The record of this boot: exactly what status.json shows, and the one place that tells the
+//! outside world what happened (status.json, systemd's `STATUS=`, the journal in the phase's
+//! span, the console, the boot record's milestones). Steps change it; the context they read
+//! (`Context`) they never do.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use super::interrupt::Interrupts;
+use crate::boot_record::{self, BootRecord};
+use crate::config::CredentialKind;
+use crate::console::Console;
+use crate::lifecycle::{Lifecycle, Phase};
+use crate::status::{self, Published, Status};
+use crate::{secret, systemd};
+
+/// What status.json shows of the configuration: from runner.json, or from the previous run's
+/// status.json when a restarted agent resumes a teardown without it.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Shown {
+    pub(super) runner: Option<String>,
+    pub(super) credential: Option<CredentialKind>,
+    pub(super) gitlab_url: Option<String>,
+}
+
+pub(super) struct Record {
+    pub(super) lc: Lifecycle,
+    pub(super) boot_id: String,
+    pub(super) shown: Shown,
+    pub(super) system_id: Option<String>,
+    pub(super) last_error: Option<String>,
+    pub(super) hold_deadline: Option<SystemTime>,
+    /// When this boot's hold began (kept across restarts: `--hold-max` counts from it).
+    pub(super) hold_started: Option<SystemTime>,
+    pub(super) poweroff_at: Option<SystemTime>,
+    pub(super) token_expires_at: Option<SystemTime>,
+    pub(super) token_warning: Option<String>,
+    /// Milestones and failures, one line each, for reading from outside the VM.
+    pub(super) console: Console,
+    /// When each milestone of this boot happened; shared with the forwarding of gitlab-runner's
+    /// output, which sees jobs start and end.
+    pub(super) boot: Arc<Mutex<BootRecord>>,
+    pub(super) published: Published,
+    /// Where status.json is, for the warning when it cannot be written.
+    status_path: std::path::PathBuf,
+    /// For the preemption notice status.json shows.
+    interrupts: Interrupts,
+}
+
+impl Record {
+    pub(super) fn new(state_dir: &Path, interrupts: Interrupts) -> Self {
+        let mut boot = BootRecord::default();
+        boot.agent_started(boot_record::now_ms());
+        Record {
+            lc: Lifecycle::new(SystemTime::now()),
+            boot_id: boot_id(),
+            shown: Shown::default(),
+            system_id: None,
+            last_error: None,
+            hold_deadline: None,
+            hold_started: None,
+            poweroff_at: None,
+            token_expires_at: None,
+            token_warning: None,
+            console: Console::default(),
+            boot: Arc::new(Mutex::new(boot)),
+            published: Published::new(state_dir),
+            status_path: status::path_in(state_dir),
+            interrupts,
+        }
+    }
+
+    pub(super) fn publish(&mut self, detail: &str) {
+        let text = format!("{}: {detail}", self.lc.phase());
+        systemd::status(&secret::scrub(&text));
+        let _in_phase = self.span().entered();
+        tracing::info!("{text}");
+        self.write_status();
+    }
+
+    /// The span of the current phase: PHASE, RUNNER and SYSTEM_ID on every entry logged in it
+    /// (empty until known).
+    pub(super) fn span(&self) -> tracing::Span {
+        self.span_in(self.lc.phase())
+    }
+
+    pub(super) fn span_in(&self, phase: Phase) -> tracing::Span {
+        // A root span: created inside another step's span it would otherwise be its child, and
+        // journald would get every field twice.
+        tracing::info_span!(
+            parent: None,
+            "agent",
+            phase = phase.as_str(),
+            runner = secret::scrub(self.shown.runner.as_deref().unwrap_or("")),
+            system_id = self.system_id.as_deref().unwrap_or(""),
+        )
+    }
+
+    pub(super) fn write_status(&self) {
+        if let Err(e) = self.try_write_status() {
+            tracing::warn!("cannot write {}: {e}", self.status_path.display());
+        }
+    }
+
+    /// Records a milestone of this boot at the boot clock's now.
+    pub(super) fn mark(&self, milestone: impl FnOnce(&mut BootRecord, u64)) {
+        let mut record = self.boot.lock().unwrap_or_else(PoisonError::into_inner);
+        milestone(&mut record, boot_record::now_ms());
+    }
+
+    /// A milestone's line on the console (the journal has its own, longer line).
+    pub(super) fn milestone(&self, text: &str) {
+        self.console.milestone(text);
+    }
+
+    pub(super) fn try_write_status(&self) -> std::io::Result<()> {
+        self.published.write(|| self.status())
+    }
+
+    pub(super) fn status(&self) -> Status {
+        Status {
+            phase: self.lc.phase(),
+            since: self.lc.since(),
+            pid: std::process::id(),
+            boot_id: self.boot_id.clone(),
+            runner: self.shown.runner.clone(),
+            system_id: self.system_id.clone(),
+            credential: self.shown.credential,
+            gitlab_url: self.shown.gitlab_url.clone(),
+            registered: self.lc.registered,
+            deregistered: self.lc.deregistered,
+            runner_started: self.lc.runner_started,
+            timeline: self.lc.timeline.clone(),
+            timeline_dropped: self.lc.timeline_dropped,
+            last_error: self.last_error.clone(),
+            hold_deadline: self.hold_deadline,
+            hold_started: self.hold_started,
+            poweroff_at: self.poweroff_at,
+            preemption: self.interrupts.notice(),
+            boot_record: self
+                .boot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            token_expires_at: self.token_expires_at,
+            token_warning: self.token_warning.clone(),
+        }
+    }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
