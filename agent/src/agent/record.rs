@@ -147,6 +147,41 @@ impl Record {
             token_warning: self.token_warning.clone(),
         }
     }
+
+    /// The one way a restarted agent takes this boot's record back from its earlier run's
+    /// status.json: the flags, the timeline, what was shown, the hold's start, the token's
+    /// expiry and the boot record go on (what GitLab must be told, the caller rebuilds).
+    pub(super) fn resume(&mut self, prev: Status) {
+        self.lc.deregistered = prev.deregistered;
+        self.lc.runner_started = prev.runner_started;
+        // A failure of the earlier run still delays the power-off from when it happened.
+        self.lc.failed_at = prev
+            .timeline
+            .iter()
+            .rev()
+            .find(|e| e.phase == Phase::Failed)
+            .map(|e| e.at);
+        // The earlier runs' timeline stays (bounded), so status shows the restart.
+        self.lc
+            .continue_timeline(prev.timeline, prev.timeline_dropped);
+        self.shown = Shown {
+            runner: prev.runner,
+            credential: prev.credential,
+            gitlab_url: prev.gitlab_url,
+        };
+        self.last_error = prev.last_error;
+        // The hold goes on from when it began, not from this restart.
+        self.hold_started = prev.hold_started;
+        self.token_expires_at = prev.token_expires_at;
+        self.token_warning = prev.token_warning;
+        // The boot's record goes on; jobs that ran are over (gitlab-runner is not ours anymore).
+        let mut record = prev.boot_record;
+        record.running_jobs.clear();
+        if let Some(started) = self.boot.lock().ok().and_then(|r| r.boot_to_agent_ms) {
+            record.agent_started(started);
+        }
+        *self.boot.lock().unwrap_or_else(PoisonError::into_inner) = record;
+    }
 }
 
 fn boot_id() -> String {

@@ -2,6 +2,7 @@
 //! derived from the state; `lifecycle` decides which moves between phases are legal.
 
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use tokio::process::Child;
 use tokio::task::JoinHandle;
@@ -20,8 +21,8 @@ pub enum State {
     Running(Job),
     Draining(Job),
     Deregistering(Teardown),
-    Holding(Teardown),
-    PoweringOff(Teardown),
+    Holding(Hold),
+    PoweringOff(PowerOff),
     Failed(AgentError, Teardown),
     Stopping(Stop),
     /// The run is over: the process exits with this code.
@@ -81,6 +82,20 @@ pub struct Teardown {
     /// This VM as GitLab knows it (or may know it); None when nothing was registered, or when
     /// the token of a runner this boot created was lost.
     pub registered: Option<Registered>,
+}
+
+/// holding: the VM kept for debugging while the keep file exists.
+pub struct Hold {
+    pub teardown: Teardown,
+    /// When this boot's hold began: `--hold-max` counts from it, across restarts.
+    pub started: SystemTime,
+}
+
+/// powering-off: the power-off command (or the exit) is due at `at`, after the failure delay;
+/// None: at once.
+pub struct PowerOff {
+    pub teardown: Teardown,
+    pub at: Option<SystemTime>,
 }
 
 /// stopping: SIGTERM from outside.

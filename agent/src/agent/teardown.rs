@@ -12,8 +12,7 @@ use tokio::process::Child;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::jobs::stop_child;
-use super::record::Shown;
-use super::state::{Next, State, Stop, Teardown};
+use super::state::{Hold, Next, PowerOff, State, Stop, Teardown};
 use super::{Agent, deadline_after};
 use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
@@ -77,7 +76,7 @@ impl Agent {
             .map(|at| format!(", {} at most", crate::timestamp::fmt_time(at)))
             .unwrap_or_default();
         self.rec.milestone(&format!("holding: {detail}{until}"));
-        (State::Holding(teardown), detail)
+        (State::Holding(Hold { teardown, started }), detail)
     }
 
     fn powering_off(&mut self, teardown: Teardown) -> Next {
@@ -92,7 +91,9 @@ impl Agent {
                 now,
             )
         };
-        self.rec.poweroff_at = now.checked_add(wait);
+        let at = now.checked_add(wait);
+        // status.json shows it; the step reads it from its state.
+        self.rec.poweroff_at = at;
         let action = if self.ctx.args.no_poweroff {
             "exiting without power-off (--no-poweroff)".to_string()
         } else {
@@ -107,7 +108,7 @@ impl Agent {
                 self.ctx.args.keep_file.display()
             )
         };
-        (State::PoweringOff(teardown), detail)
+        (State::PoweringOff(PowerOff { teardown, at }), detail)
     }
 
     pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
@@ -179,11 +180,10 @@ impl Agent {
 
     /// holding: until the keep file is removed, or `--hold-extend` after its last change (or the
     /// hold's start), and never past `--hold-max` after the hold's start.
-    pub(super) async fn hold(&mut self, teardown: Teardown) -> Next {
+    pub(super) async fn hold(&mut self, Hold { teardown, started }: Hold) -> Next {
         let keep_file = self.ctx.args.keep_file.clone();
         let limits = self.hold_limits();
         let interrupts = self.interrupts.clone();
-        let started = *self.rec.hold_started.get_or_insert_with(SystemTime::now);
         let held = hold::hold(&keep_file, limits, started, |deadline| {
             self.rec.hold_deadline = Some(deadline);
             tracing::info!(
@@ -220,10 +220,8 @@ impl Agent {
 
     /// powering-off: after the failure delay (a keep file created meanwhile holds the VM), the
     /// power-off command, or with --no-poweroff just the exit.
-    pub(super) async fn power_off(&mut self, teardown: Teardown) -> Next {
-        let wait = self
-            .rec
-            .poweroff_at
+    pub(super) async fn power_off(&mut self, PowerOff { teardown, at }: PowerOff) -> Next {
+        let wait = at
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO);
         let keep_file = self.ctx.args.keep_file.clone();
@@ -420,36 +418,7 @@ impl Agent {
                 ),
             }
         }
-        self.rec.lc.deregistered = prev.deregistered;
-        self.rec.lc.runner_started = prev.runner_started;
-        // A failure of the earlier run still delays the power-off from when it happened.
-        self.rec.lc.failed_at = prev
-            .timeline
-            .iter()
-            .rev()
-            .find(|e| e.phase == Phase::Failed)
-            .map(|e| e.at);
-        // The earlier runs' timeline stays (bounded), so status shows the restart.
-        self.rec
-            .lc
-            .continue_timeline(prev.timeline, prev.timeline_dropped);
-        self.rec.shown = Shown {
-            runner: prev.runner,
-            credential: prev.credential,
-            gitlab_url: prev.gitlab_url,
-        };
-        self.rec.last_error = prev.last_error;
-        // The hold goes on from when it began, not from this restart.
-        self.rec.hold_started = prev.hold_started;
-        self.rec.token_expires_at = prev.token_expires_at;
-        self.rec.token_warning = prev.token_warning;
-        // The boot's record goes on; jobs that ran are over (gitlab-runner is not ours anymore).
-        let mut record = prev.boot_record;
-        record.running_jobs.clear();
-        if let Some(started) = self.rec.boot.lock().ok().and_then(|r| r.boot_to_agent_ms) {
-            record.agent_started(started);
-        }
-        *self.rec.boot.lock().unwrap_or_else(PoisonError::into_inner) = record;
+        self.rec.resume(prev);
         Teardown { registered }
     }
 }
