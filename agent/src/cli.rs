@@ -5,26 +5,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::MAX_SECONDS;
 use crate::metadata::{ConfigSource, DEFAULT_DMI_DIR, DEFAULT_METADATA_URL};
+use crate::paths::*;
 use crate::preemption::WatchPreemption;
 
-pub const DEFAULT_CONFIG: &str = "/runner-info/runner.json";
-pub const DEFAULT_STATE_DIR: &str = "/run/gitlab-runner-vm";
-pub const DEFAULT_KEEP_FILE: &str = "/etc/keep-runner";
-pub const DEFAULT_AUTHORIZED_KEYS_DIR: &str = "/run/ssh-keys";
-/// Docker's own default; the runner images' dockerd reads it (nixos-modules/runner.nix).
-pub const DEFAULT_DOCKER_DAEMON_CONFIG: &str = "/etc/docker/daemon.json";
-/// After the image's own drop-ins (`40-...`), so that the fleet's mirrors win.
-/// The runner images' nix.conf includes it (`!include`: none is no error).
-pub const DEFAULT_NIX_CONF: &str = "/etc/nix/gitlab-runner-vm.conf";
-pub const DEFAULT_REGISTRIES_CONF: &str =
-    "/etc/containers/registries.conf.d/60-gitlab-runner-vm.conf";
 /// The value name of every flag that takes whole seconds (`--failure-delay <SECONDS>`), by
 /// which `facts` tells their kind.
 pub const SECONDS: &str = "SECONDS";
-/// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
-/// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
-pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
 
 /// The runner's name when runner.json gives none, for `check` and `run` alike: the host name.
 pub fn default_runner_name() -> String {

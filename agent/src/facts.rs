@@ -7,9 +7,10 @@
 use clap::{ArgAction, CommandFactory, ValueEnum};
 use serde_json::{Map, Value, json};
 
-use crate::cli::{Cli, DEFAULT_STATE_DIR, SECONDS};
+use crate::cli::{Cli, SECONDS};
 use crate::lifecycle::Phase;
 use crate::metadata::{ConfigSource, Platform};
+use crate::paths::DEFAULT_STATE_DIR;
 
 /// What the unit's TimeoutStopSec adds to `--stop-timeout` + `--deregister-timeout`: the agent's
 /// own steps around them and the power-off command, so that systemd never kills a teardown.

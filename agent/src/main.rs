@@ -35,11 +35,13 @@ mod http;
 mod lifecycle;
 mod logging;
 mod metadata;
+mod paths;
 mod power;
 mod preemption;
 mod registration;
 mod runner;
 mod secret;
+mod ssh_keys_command;
 mod status;
 mod systemd;
 mod timestamp;
@@ -80,7 +82,7 @@ fn main() -> ExitCode {
         Command::Status { state_dir, json } => show_status(&state_dir, json),
         Command::Release { keep_file } => release(&keep_file),
         Command::Drain { state_dir } => drain(&state_dir),
-        Command::SshKeys(args) => metadata::authorized_keys::run(&args),
+        Command::SshKeys(args) => ssh_keys_command::run(&args),
         Command::Facts => facts::print(),
         Command::JobExec(args) => runner::job_exec::run(&args),
     }

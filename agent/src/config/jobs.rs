@@ -107,7 +107,7 @@ const ROOT_IN_THE_VM: &str = "makes every job root in the VM ({what}): any job c
 /// runner.json on the config disk and on the clouds, the platforms' copies of user-data.
 const SECRET_DIRS: &[(&str, &str)] = &[
     (
-        crate::cli::DEFAULT_STATE_DIR,
+        crate::paths::DEFAULT_STATE_DIR,
         "config.toml with the runner token",
     ),
     ("/runner-info", "runner.json"),

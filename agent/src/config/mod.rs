@@ -28,7 +28,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::cli::MAX_SECONDS;
+/// The longest duration any flag or runner.json key accepts: ten years, far beyond a VM's
+/// life, far within what the clocks and gitlab-runner's flags (Go durations) can represent.
+pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
 use crate::secret::Secret;
 #[cfg(test)]
 pub use cache::CacheType;

@@ -10,10 +10,9 @@
 //!   token), 404 as None, no redirects, capped bodies; `fetch` retries it within a deadline;
 //! - `error`: `MetadataError`, which failures are retried, the fix each names;
 //! - `user_data`: runner.json as user-data, per platform, and what user-data is when it is not;
-//! - `ssh_keys`: the platform's SSH public keys for one user; `authorized_keys`: the
-//!   `gitlab-runner-vm ssh-keys` command that writes them for sshd.
+//! - `ssh_keys`: what every platform's SSH keys are checked against (the `ssh-keys` command,
+//!   which writes them for sshd, is `crate::ssh_keys_command`).
 
-pub mod authorized_keys;
 mod aws;
 mod client;
 mod digitalocean;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{MetadataClient, Platform};
 use crate::cli::SshKeysArgs;
+use crate::metadata::{self, MetadataClient, Platform};
 
 pub fn run(args: &SshKeysArgs) -> ExitCode {
     crate::logging::init();
@@ -55,7 +55,7 @@ async fn write_keys(args: &SshKeysArgs, platform: Platform) -> Result<String, St
         .map_err(|e| format!("{e}; fix: {}", e.fix()))?;
     // At most ten years (the flag's bound): no overflow.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
-    let keys = super::fetch_ssh_keys(&client, &args.user, deadline)
+    let keys = metadata::fetch_ssh_keys(&client, &args.user, deadline)
         .await
         .map_err(|e| format!("{e}; fix: {}", e.fix()))?;
     for skipped in &keys.skipped {
