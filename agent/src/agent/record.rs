@@ -128,8 +128,8 @@ impl Record {
             system_id: self.system_id.clone(),
             credential: self.shown.credential,
             gitlab_url: self.shown.gitlab_url.clone(),
-            registered: self.lc.registered,
-            deregistered: self.lc.deregistered,
+            registered: self.lc.registration.ever_registered(),
+            deregistered: self.lc.registration.deregistered(),
             runner_started: self.lc.runner_started,
             timeline: self.lc.timeline.clone(),
             timeline_dropped: self.lc.timeline_dropped,
@@ -152,7 +152,6 @@ impl Record {
     /// status.json: the flags, the timeline, what was shown, the hold's start, the token's
     /// expiry and the boot record go on (what GitLab must be told, the caller rebuilds).
     pub(super) fn resume(&mut self, prev: Status) {
-        self.lc.deregistered = prev.deregistered;
         self.lc.runner_started = prev.runner_started;
         // A failure of the earlier run still delays the power-off from when it happened.
         self.lc.failed_at = prev

@@ -12,7 +12,7 @@ use crate::boot_record::{self, BootRecord};
 use crate::config::RunnerConfig;
 use crate::console::Console;
 use crate::gitlab::RetryError;
-use crate::lifecycle::Phase;
+use crate::lifecycle::{Phase, Registration};
 use crate::registration::expiry::{self, Expiry};
 use crate::registration::{Registered, Target, possibly_created};
 use crate::runner::job_lines::{self, JobLine, Outcome};
@@ -107,7 +107,7 @@ impl Agent {
                     matches!(error, RetryError::Permanent(_)) && target == Target::Manager;
                 if nothing_created {
                     // GitLab refused the verify: it created no manager.
-                    self.rec.lc.registered = false;
+                    self.rec.lc.registration = Registration::None;
                 }
                 let teardown = if nothing_created {
                     Teardown::default()
@@ -198,7 +198,7 @@ impl Agent {
         shell_jobs: &ShellJobs,
         registered: Registered,
     ) -> Teardown {
-        self.rec.lc.registered = true;
+        self.rec.lc.registration = Registration::Registered;
         let toml = runner::render_config_toml(config, &registered.runner_token, shell_jobs);
         if let Err(e) = self.write_runner_files(&registered.system_id, &toml) {
             tracing::warn!("{}", e.with_fix());

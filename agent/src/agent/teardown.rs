@@ -18,7 +18,7 @@ use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
 use crate::gitlab::{Client, Deletion};
 use crate::hold::{self, HoldEnd};
-use crate::lifecycle::{self, Phase};
+use crate::lifecycle::{self, Phase, Registration};
 use crate::metadata::ConfigSource;
 use crate::preemption;
 use crate::registration::{Registered, Target, possibly_created};
@@ -152,14 +152,14 @@ impl Agent {
         let deadline = deadline_after(budget);
         match registered.deregister(deadline).await {
             Ok(Deletion::Deleted) => {
-                self.rec.lc.deregistered = true;
+                self.rec.lc.registration = Registration::Deregistered;
                 tracing::info!("deregistered: {what} deleted from GitLab");
                 self.rec.mark(BootRecord::deregistered);
                 self.rec
                     .milestone(&format!("deregistered: {what} deleted from GitLab"));
             }
             Ok(Deletion::AlreadyGone) => {
-                self.rec.lc.deregistered = true;
+                self.rec.lc.registration = Registration::Deregistered;
                 tracing::info!("deregistered: {what} was already gone from GitLab");
                 self.rec.mark(BootRecord::deregistered);
                 self.rec.milestone(&format!(
@@ -366,7 +366,11 @@ impl Agent {
                 "config.toml names no runner: nothing to deregister; if this boot created a runner, delete it by hand (Settings > CI/CD > Runners)"
             ),
         }
-        self.rec.lc.registered = registered.is_some();
+        self.rec.lc.registration = if registered.is_some() {
+            Registration::Registered
+        } else {
+            Registration::None
+        };
         Teardown { registered }
     }
 
@@ -406,12 +410,12 @@ impl Agent {
                 target,
             })
         });
-        self.rec.lc.registered = prev.registered;
+        self.rec.lc.registration = Registration::from_flags(prev.registered, prev.deregistered);
         if prev.phase == Phase::Registering && target.only_the_answer_names_it() {
             // A runner created just before the crash is in config.toml already; else its
             // token is lost.
             match registered {
-                Some(_) => self.rec.lc.registered = true,
+                Some(_) => self.rec.lc.registration = Registration::Registered,
                 None => tracing::warn!(
                     "{}",
                     possibly_created(prev.runner.as_deref().unwrap_or("?"))

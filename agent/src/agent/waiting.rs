@@ -17,6 +17,7 @@ use super::{Agent, deadline_after};
 use crate::broker::{self, BrokerClient};
 use crate::config::RunnerConfig;
 use crate::gitlab::Client;
+use crate::lifecycle::Registration;
 use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
 use crate::registration;
 use crate::runner::{self, Account, ShellJobs};
@@ -82,7 +83,9 @@ impl Agent {
                 // whether its answer then arrives, times out or is interrupted: from the first
                 // one on, teardown deletes it. `enter` records this before the request goes.
                 // A runner the broker gave this boot exists already: teardown deletes it too.
-                self.rec.lc.registered = setup.flow.known_runner_token().is_some();
+                if setup.flow.known_runner_token().is_some() {
+                    self.rec.lc.registration = Registration::Registered;
+                }
                 let detail = setup.flow.describe(&setup.system_id);
                 (State::Registering(setup), detail)
             }

@@ -132,6 +132,40 @@ pub fn bounded_timeline(
 }
 
 /// The current phase, and what has happened so far in this boot.
+/// Whether GitLab knows this VM. Only ever moves forward within a run (a refused verify is the
+/// one step back: GitLab created nothing), and a restarted agent takes it from status.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// GitLab knows nothing of this boot.
+    None,
+    /// GitLab knows this VM, or may (a verify sent, a runner created or handed over by the
+    /// broker): teardown deletes it.
+    Registered,
+    /// Deleted from GitLab, or found gone.
+    Deregistered,
+}
+
+impl Registration {
+    /// From status.json's two flags.
+    pub fn from_flags(registered: bool, deregistered: bool) -> Self {
+        match (registered, deregistered) {
+            (false, _) => Registration::None,
+            (true, false) => Registration::Registered,
+            (true, true) => Registration::Deregistered,
+        }
+    }
+
+    /// status.json's `registered`: GitLab knew this VM at some point of this boot.
+    pub fn ever_registered(self) -> bool {
+        self != Registration::None
+    }
+
+    /// status.json's `deregistered`.
+    pub fn deregistered(self) -> bool {
+        self == Registration::Deregistered
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     phase: Phase,
@@ -139,9 +173,9 @@ pub struct Lifecycle {
     pub timeline: Vec<TimelineEntry>,
     /// Entries dropped from the middle of the timeline.
     pub timeline_dropped: u64,
-    /// GitLab knows this VM (verify succeeded or a runner was created): it must be deregistered.
-    pub registered: bool,
-    pub deregistered: bool,
+    /// Whether GitLab knows this VM: the one account of it (status.json shows it as its
+    /// `registered` and `deregistered` flags).
+    pub registration: Registration,
     /// gitlab-runner was started in this boot: a restarted agent must never start another.
     pub runner_started: bool,
     /// When the run failed, if it did; the power-off waits until `failure_delay` after it.
@@ -157,8 +191,7 @@ impl Lifecycle {
                 at: now,
             }],
             timeline_dropped: 0,
-            registered: false,
-            deregistered: false,
+            registration: Registration::None,
             runner_started: false,
             failed_at: None,
         }
@@ -210,7 +243,7 @@ impl Lifecycle {
     /// Where teardown starts: deregistration if GitLab still knows this VM, else straight to
     /// the hold check.
     pub fn needs_deregistration(&self) -> bool {
-        self.registered && !self.deregistered
+        self.registration == Registration::Registered
     }
 }
 

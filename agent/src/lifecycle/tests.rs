@@ -123,10 +123,26 @@ fn teardown_decisions() {
     assert_eq!(after_deregistration(false), PoweringOff);
     let mut lc = Lifecycle::new(SystemTime::UNIX_EPOCH);
     assert!(!lc.needs_deregistration());
-    lc.registered = true;
+    lc.registration = Registration::Registered;
     assert!(lc.needs_deregistration());
-    lc.deregistered = true;
+    lc.registration = Registration::Deregistered;
     assert!(!lc.needs_deregistration());
+}
+
+#[test]
+fn registration_reads_back_from_status_flags() {
+    for r in [
+        Registration::None,
+        Registration::Registered,
+        Registration::Deregistered,
+    ] {
+        assert_eq!(
+            Registration::from_flags(r.ever_registered(), r.deregistered()),
+            r
+        );
+    }
+    // A file that says deregistered without registered (never written so) is nothing to delete.
+    assert_eq!(Registration::from_flags(false, true), Registration::None);
 }
 
 #[test]
