@@ -24,6 +24,22 @@ pub(super) struct Shown {
     pub(super) gitlab_url: Option<String>,
 }
 
+/// Something that happened, told once: `Record::note` writes it to each place that shows it.
+pub(super) enum Event {
+    /// A step of the run done: the journal (info) and the console say the same line; `mark`
+    /// times it in the boot record first.
+    Done {
+        text: String,
+        mark: Option<fn(&mut BootRecord, u64)>,
+    },
+    /// Worth the operator's attention, the run goes on as planned: the journal (warn) and the
+    /// console (`warning: ...`).
+    Warning(String),
+    /// Gone wrong, the run goes on or ends after it: the journal (warn, or error when it ends
+    /// the run), the console's failure line, and status.json's last error.
+    Trouble { text: String, ends_the_run: bool },
+}
+
 pub(super) struct Record {
     pub(super) lc: Lifecycle,
     pub(super) boot_id: String,
@@ -107,6 +123,35 @@ impl Record {
     pub(super) fn mark(&self, milestone: impl FnOnce(&mut BootRecord, u64)) {
         let mut record = self.boot.lock().unwrap_or_else(PoisonError::into_inner);
         milestone(&mut record, boot_record::now_ms());
+    }
+
+    /// Tells what happened to the journal (in the phase's span), the console, the boot record
+    /// and status.json, as the event calls for.
+    pub(super) fn note(&mut self, event: Event) {
+        let _in_phase = self.span().entered();
+        match event {
+            Event::Done { text, mark } => {
+                if let Some(mark) = mark {
+                    self.mark(mark);
+                }
+                tracing::info!("{text}");
+                self.console.milestone(&text);
+            }
+            Event::Warning(text) => {
+                tracing::warn!("{text}");
+                self.console.milestone(&format!("warning: {text}"));
+            }
+            Event::Trouble { text, ends_the_run } => {
+                if ends_the_run {
+                    tracing::error!("{text}");
+                } else {
+                    tracing::warn!("{text}");
+                }
+                self.console.failure(&text);
+                self.last_error = Some(text);
+            }
+        }
+        self.write_status();
     }
 
     /// A milestone's line on the console (the journal has its own, longer line).

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
+use super::record::Event;
 use super::state::{Job, Next, Setup, State, Teardown, failed};
 use super::{Agent, deadline_after};
 use crate::boot_record::{self, BootRecord};
@@ -177,9 +178,8 @@ impl Agent {
         let expiry = expiry::judge(token_expires_at, now, config.max_lifetime);
         self.rec.token_expires_at = expiry.at();
         if let Some(warning) = expiry.warning(now) {
-            tracing::warn!("{warning}");
-            self.rec.milestone(&format!("warning: {warning}"));
-            self.rec.token_warning = Some(warning);
+            self.rec.token_warning = Some(warning.clone());
+            self.rec.note(Event::Warning(warning));
         }
         match expiry {
             Expiry::Expired(at) => Some(AgentError::TokenExpired {

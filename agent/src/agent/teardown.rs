@@ -12,6 +12,7 @@ use tokio::process::Child;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::jobs::stop_child;
+use super::record::Event;
 use super::state::{Hold, Next, PowerOff, State, Stop, Teardown};
 use super::{Agent, deadline_after};
 use crate::boot_record::BootRecord;
@@ -151,31 +152,24 @@ impl Agent {
         );
         let deadline = deadline_after(budget);
         match registered.deregister(deadline).await {
-            Ok(Deletion::Deleted) => {
+            Ok(deletion) => {
                 self.rec.lc.registration = Registration::Deregistered;
-                tracing::info!("deregistered: {what} deleted from GitLab");
-                self.rec.mark(BootRecord::deregistered);
-                self.rec
-                    .milestone(&format!("deregistered: {what} deleted from GitLab"));
+                let how = match deletion {
+                    Deletion::Deleted => "deleted from GitLab",
+                    Deletion::AlreadyGone => "was already gone from GitLab",
+                };
+                self.rec.note(Event::Done {
+                    text: format!("deregistered: {what} {how}"),
+                    mark: Some(BootRecord::deregistered),
+                });
             }
-            Ok(Deletion::AlreadyGone) => {
-                self.rec.lc.registration = Registration::Deregistered;
-                tracing::info!("deregistered: {what} was already gone from GitLab");
-                self.rec.mark(BootRecord::deregistered);
-                self.rec.milestone(&format!(
-                    "deregistered: {what} was already gone from GitLab"
-                ));
-            }
-            Err(e) => {
-                let message = format!(
+            Err(e) => self.rec.note(Event::Trouble {
+                text: format!(
                     "could not delete {what} from GitLab ({e}); powering off anyway: GitLab removes managers it has not seen for 7 days, or delete it under Settings > CI/CD > Runners"
-                );
-                tracing::warn!("{message}");
-                self.rec.console.failure(&message);
-                self.rec.last_error = Some(message);
-            }
+                ),
+                ends_the_run: false,
+            }),
         }
-        self.rec.write_status();
     }
 
     /// holding: until the keep file is removed, or `--hold-extend` after its last change (or the
@@ -322,8 +316,10 @@ impl Agent {
         if self.rec.lc.needs_deregistration() {
             self.delete_from_gitlab(&stop.teardown).await;
         }
-        tracing::info!("stopped");
-        self.rec.milestone("stopped");
+        self.rec.note(Event::Done {
+            text: "stopped".into(),
+            mark: None,
+        });
         self.end_of_boot("stop").await;
         exit(ExitCode::SUCCESS)
     }
