@@ -339,18 +339,11 @@ impl Agent {
         } else {
             Target::Manager
         };
-        let registered = runner::read_runner_entry(&state_dir).and_then(|entry| {
+        let entry = runner::read_runner_entry(&state_dir);
+        if let Some(entry) = &entry {
             self.rec.shown.gitlab_url = Some(entry.url.clone());
-            let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
-                .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
-                .ok()?;
-            Some(Registered {
-                client,
-                runner_token: entry.token?,
-                system_id: self.rec.system_id.clone().unwrap_or_default(),
-                target,
-            })
-        });
+        }
+        let registered = entry.and_then(|entry| self.deregistration_from(entry, target));
         match &registered {
             Some(_) if target == Target::Runner => tracing::warn!(
                 "tearing down with what config.toml names: this boot's own runner (from the broker) is deleted from GitLab"
@@ -368,6 +361,24 @@ impl Agent {
             Registration::None
         };
         Teardown { registered }
+    }
+
+    /// What a deregistration needs, from config.toml's runner entry (which a restarted agent
+    /// finds in the state directory); None without a token or a usable URL.
+    fn deregistration_from(
+        &self,
+        entry: runner::RunnerEntry,
+        target: Target,
+    ) -> Option<Registered> {
+        let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
+            .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
+            .ok()?;
+        Some(Registered {
+            client,
+            runner_token: entry.token?,
+            system_id: self.rec.system_id.clone().unwrap_or_default(),
+            target,
+        })
     }
 
     /// A restarted agent found that this boot already registered, started gitlab-runner, was
@@ -395,17 +406,8 @@ impl Agent {
         } else {
             Target::Runner
         };
-        let registered = runner::read_runner_entry(&state_dir).and_then(|entry| {
-            let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
-                .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
-                .ok()?;
-            Some(Registered {
-                client,
-                runner_token: entry.token?,
-                system_id: self.rec.system_id.clone().unwrap_or_default(),
-                target,
-            })
-        });
+        let registered = runner::read_runner_entry(&state_dir)
+            .and_then(|entry| self.deregistration_from(entry, target));
         self.rec.lc.registration = Registration::from_flags(prev.registered, prev.deregistered);
         if prev.phase == Phase::Registering && target.only_the_answer_names_it() {
             // A runner created just before the crash is in config.toml already; else its

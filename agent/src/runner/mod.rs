@@ -16,7 +16,7 @@ mod output;
 mod process;
 mod state_files;
 
-pub use config_toml::{ShellJobs, read_runner_entry, render_config_toml};
+pub use config_toml::{RunnerEntry, ShellJobs, read_runner_entry, render_config_toml};
 pub use output::{LineWatch, forward_output};
 pub use process::{Account, run_single_args, scrubbed_environment, send_signal, spawn};
 pub use state_files::{CONFIG_FILE, generate_system_id, read_system_id, write_state_files};
