@@ -236,7 +236,7 @@ pub(super) fn check(
         p,
         "{\"Type\": \"s3\", \"s3\": {\"BucketName\": \"runners-cache\", \"BucketLocation\": \"eu-west-1\"}}",
     )?;
-    keys::unknown(&cache, keys::CACHE_SECTION, p);
+    super::node::unknown_keys(&cache, keys::CACHE_SECTION, p);
     let cache_type = cache_type(&cache, p);
     let path = cache
         .get(&keys::CACHE_PATH)
@@ -282,7 +282,7 @@ pub(super) fn check(
             return None;
         }
     };
-    keys::unknown(&section, cache_type.keys(), p);
+    super::node::unknown_keys(&section, cache_type.keys(), p);
     let settings = section_settings(&section, cache_type, read_file, p);
     let settings = match cache_type {
         CacheType::S3 => s3(&section, settings, p),

@@ -40,7 +40,7 @@ pub(super) fn docker(
         return None;
     };
     let docker = node.object(p, "{\"image\": \"alpine:3.20\"}")?;
-    keys::unknown(&docker, keys::DOCKER_SECTION, p);
+    super::node::unknown_keys(&docker, keys::DOCKER_SECTION, p);
     if executor == Some(Executor::Shell) {
         docker.warning(
             p,

@@ -1,8 +1,7 @@
 //! The keys runner.json may have: one table that the checks read through (a `Node` is got by
-//! its `Key`), from which the unknown-key errors, their "did you mean" suggestions and the
-//! lists of keys that only some credentials use are derived.
+//! its `Key`), from which the unknown-key errors (`node::unknown_keys`), their "did you mean"
+//! suggestions and the lists of keys that only some credentials use are derived. Data only.
 
-use super::node::{Node, Problems};
 use Kind::{Boolean, Integer, Object, Text, TextList};
 use Use::{AccessToken, Credential, GitLab, Vm};
 
@@ -131,47 +130,4 @@ pub(super) const CACHE_SECTION: &[Key] = &[
 /// The keys of the table used for `used`, in table order.
 pub(super) fn used_for(used: Use) -> impl Iterator<Item = &'static Key> {
     TOP_LEVEL.iter().filter(move |k| k.used == used)
-}
-
-/// An error for each key of `node` that `known` does not have, suggesting the nearest known
-/// key or, when none is near, listing them all.
-pub(super) fn unknown(node: &Node<'_>, known: &[Key], p: &mut Problems) {
-    for name in node.keys() {
-        if known.iter().any(|k| k.name == name) {
-            continue;
-        }
-        // gitlab-runner's `BucketName` written as `bucket_name` or `bucketname` is the same
-        // key in another spelling: that one is meant, however far the letters are.
-        let spelled = |s: &str| -> String {
-            s.chars()
-                .filter(|c| *c != '_' && *c != '-')
-                .flat_map(char::to_lowercase)
-                .collect()
-        };
-        let nearest = known
-            .iter()
-            .map(|k| {
-                let score = if spelled(name) == spelled(k.name) {
-                    2.0
-                } else {
-                    strsim::jaro_winkler(name, k.name)
-                };
-                (score, k.name)
-            })
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .filter(|(score, _)| *score > 0.7);
-        let fix = match nearest {
-            Some((_, k)) => format!("did you mean \"{k}\"?"),
-            None => {
-                let names: Vec<_> = known.iter().map(|k| k.name).collect();
-                format!("remove it; known keys are: {}", names.join(", "))
-            }
-        };
-        p.push(
-            super::Severity::Error,
-            &node.path_of(name),
-            "unknown key".to_string(),
-            fix,
-        );
-    }
 }

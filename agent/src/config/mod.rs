@@ -278,7 +278,7 @@ fn runner_config(
     read_file: ReadFile<'_>,
     p: &mut Problems,
 ) -> Option<RunnerConfig> {
-    keys::unknown(root, keys::TOP_LEVEL, p);
+    node::unknown_keys(root, keys::TOP_LEVEL, p);
 
     let name = name(root, default_name, p);
     let url = connection::url(root, p);

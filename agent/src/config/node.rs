@@ -297,3 +297,46 @@ fn format_value(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// An error for each key of `node` that `known` does not have, suggesting the nearest known
+/// key or, when none is near, listing them all.
+pub(super) fn unknown_keys(node: &Node<'_>, known: &[Key], p: &mut Problems) {
+    for name in node.keys() {
+        if known.iter().any(|k| k.name == name) {
+            continue;
+        }
+        // gitlab-runner's `BucketName` written as `bucket_name` or `bucketname` is the same
+        // key in another spelling: that one is meant, however far the letters are.
+        let spelled = |s: &str| -> String {
+            s.chars()
+                .filter(|c| *c != '_' && *c != '-')
+                .flat_map(char::to_lowercase)
+                .collect()
+        };
+        let nearest = known
+            .iter()
+            .map(|k| {
+                let score = if spelled(name) == spelled(k.name) {
+                    2.0
+                } else {
+                    strsim::jaro_winkler(name, k.name)
+                };
+                (score, k.name)
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .filter(|(score, _)| *score > 0.7);
+        let fix = match nearest {
+            Some((_, k)) => format!("did you mean \"{k}\"?"),
+            None => {
+                let names: Vec<_> = known.iter().map(|k| k.name).collect();
+                format!("remove it; known keys are: {}", names.join(", "))
+            }
+        };
+        p.push(
+            super::Severity::Error,
+            &node.path_of(name),
+            "unknown key".to_string(),
+            fix,
+        );
+    }
+}
