@@ -522,3 +522,33 @@ async fn a_job_without_an_end_line_ends_in_the_record() {
     );
     assert_eq!(h.status()["boot_record"]["jobs_failed"], 1);
 }
+
+/// A power-off command that fails is told once, the same everywhere: the journal, the console's
+/// failure line and status.json's last error; the agent exits non-zero so that systemd restarts
+/// it (and a restarted agent tries the power-off again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_power_off_is_said_on_the_console_and_in_status_json() {
+    let mut h = Harness::new().await;
+    h.mount_glrt_happy_path().await;
+    h.write_config(json!({"token": TOKEN}));
+    let runner = h.write_fake_runner(FakeRunner::default());
+    h.start(&runner, &["--poweroff-command", "exit 3"]);
+    let status = h.wait_exit().await;
+    assert!(!status.success(), "{status:?}\n{}", h.log());
+    let failure = h.status()["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        failure.starts_with("power-off failed: ") && failure.contains("exit 3"),
+        "{failure}"
+    );
+    assert!(
+        console_lines(&h)
+            .iter()
+            .any(|l| l.contains("power-off failed: ") && l.contains("exit 3")),
+        "{}",
+        h.console()
+    );
+    assert!(h.log().contains("power-off failed: "), "{}", h.log());
+}

@@ -255,13 +255,11 @@ impl Agent {
                 exit(ExitCode::SUCCESS)
             }
             Err(e) => {
-                tracing::error!("{e:#}");
-                self.rec
-                    .console
-                    .failure(&format!("power-off failed: {e:#}"));
+                self.rec.note(Event::Trouble {
+                    text: format!("power-off failed: {e:#}"),
+                    ends_the_run: true,
+                });
                 self.rec.console.flush(CONSOLE_FLUSH).await;
-                self.rec.last_error = Some(format!("{e:#}"));
-                self.rec.write_status();
                 exit(ExitCode::FAILURE)
             }
         }
