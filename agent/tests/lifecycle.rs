@@ -652,16 +652,7 @@ async fn drain_lets_the_job_finish_then_tears_down() {
         h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
     })
     .await;
-    let out = std::process::Command::new(BIN)
-        .args(["drain", "--state-dir"])
-        .arg(h.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    h.drain();
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals().trim(), "QUIT");
     assert!(
@@ -729,16 +720,7 @@ async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_ru
         })
         .await;
         if how == "drain" {
-            let out = std::process::Command::new(BIN)
-                .args(["drain", "--state-dir"])
-                .arg(h.state_dir())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            h.drain();
         } else {
             send_signal(h.agent_pid(), 15);
         }

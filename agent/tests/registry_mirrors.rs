@@ -287,16 +287,7 @@ async fn sigterm_during_a_hung_reload_ends_it_at_once_without_registering() {
 async fn a_drain_during_a_hung_reload_powers_off_without_registering_or_failing() {
     let mut h = Harness::new().await;
     start_hung(&mut h, "300", &[]).await;
-    let out = std::process::Command::new(BIN)
-        .args(["drain", "--state-dir"])
-        .arg(h.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    h.drain();
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_nothing_after_the_reload(&h).await;
     assert!(h.powered_off());

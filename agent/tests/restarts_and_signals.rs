@@ -221,16 +221,7 @@ async fn a_drain_before_gitlab_runner_starts_starts_none_and_tears_down() {
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let out = std::process::Command::new(BIN)
-        .args(["drain", "--state-dir"])
-        .arg(h.state_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    h.drain();
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(
         h.runner_invocations().is_empty(),

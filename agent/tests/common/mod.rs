@@ -56,6 +56,20 @@ impl Harness {
         self.path("state")
     }
 
+    /// `gitlab-runner-vm drain` for this agent, as an operator types it; it must succeed.
+    pub fn drain(&self) {
+        let out = std::process::Command::new(BIN)
+            .args(["drain", "--state-dir"])
+            .arg(self.state_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn keep_file(&self) -> PathBuf {
         self.path("etc/keep-runner")
     }
