@@ -530,3 +530,25 @@ async fn a_notice_ends_the_failure_delay() {
     assert!(h.runner_invocations().is_empty());
     assert!(h.status()["last_error"].as_str().unwrap().contains("403"));
 }
+
+/// The rule of `Interrupt::Preempted`, applied where the next phase is chosen: the operator's
+/// keep file holds no VM that the platform takes away (the hold would not last).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keep_file_holds_no_vm_that_the_platform_takes() {
+    let mut h = Harness::new().await;
+    let meta = MockServer::start().await;
+    set_up(&h, &meta).await;
+    quiet_gce(&meta).await;
+    std::fs::write(h.keep_file(), "").unwrap();
+    let runner = write_runner(&h, 60);
+    start(&mut h, &runner, "gce", &meta);
+    h.wait_until("the job", |h| h.read("runner-started").is_some())
+        .await;
+    announce(&meta, PREEMPTED, "TRUE".into()).await;
+    assert!(h.wait_exit().await.success(), "{}", h.log());
+    assert!(h.powered_off());
+    assert!(h.keep_file().exists(), "the keep file is the operator's");
+    let p = phases(&h);
+    assert!(!p.iter().any(|phase| phase == "holding"), "{p:?}");
+    assert_eq!(p.last().map(String::as_str), Some("powering-off"), "{p:?}");
+}

@@ -6,17 +6,8 @@ use std::future::Future;
 use anyhow::Context;
 use tokio::sync::watch;
 
+pub use crate::lifecycle::Interrupt;
 use crate::preemption::Notice;
-
-/// Only ever escalates: None < Drain < Stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Interrupt {
-    None,
-    /// SIGUSR1 (`gitlab-runner-vm drain`): finish the current job, take no new one.
-    Drain,
-    /// SIGTERM/SIGINT: the VM is being shut down from outside.
-    Stop,
-}
 
 #[derive(Clone)]
 pub struct Interrupts(
@@ -51,11 +42,11 @@ impl Interrupts {
         Ok(Interrupts(rx, None))
     }
 
-    /// A notice that the VM goes away counts as a drain (no new job); what more it asks (the
-    /// abort before its deadline, no hold) the steps read from `notice()`. A notice without a
-    /// deadline (AWS's rebalance recommendation) is no drain here: it drains only once the VM
-    /// took a job (`preemption::drains_now`, which the running step applies), so that a VM
-    /// booted into an at-risk pool still does its first job instead of powering off at once.
+    /// A notice that the VM goes away is `Interrupt::Preempted` (its deadline, for the abort
+    /// and the deregistration's budget, is read from `notice()`). A notice without a deadline
+    /// (AWS's rebalance recommendation) is no interrupt here: it drains only once the VM took
+    /// a job (`preemption::drains_now`, which the running step applies), so that a VM booted
+    /// into an at-risk pool still does its first job instead of powering off at once.
     pub fn with_notices(mut self, notices: watch::Receiver<Option<Notice>>) -> Self {
         self.1 = Some(notices);
         self
@@ -64,7 +55,7 @@ impl Interrupts {
     pub fn current(&self) -> Interrupt {
         let signalled = *self.0.borrow();
         match self.notice() {
-            Some(notice) if notice.vm_goes_away() => signalled.max(Interrupt::Drain),
+            Some(notice) if notice.vm_goes_away() => signalled.max(Interrupt::Preempted),
             _ => signalled,
         }
     }
@@ -84,12 +75,12 @@ impl Interrupts {
         };
         tokio::select! {
             _ = signalled => {}
-            _ = self.vm_goes_away(), if level <= Interrupt::Drain => {}
+            _ = self.vm_goes_away(), if level <= Interrupt::Preempted => {}
         }
     }
 
     /// Resolves once a notice says that the VM goes away (one with a deadline).
-    pub async fn vm_goes_away(&self) {
+    async fn vm_goes_away(&self) {
         loop {
             let seen = self.notice();
             if seen.as_ref().is_some_and(Notice::vm_goes_away) {

@@ -29,9 +29,9 @@ impl Agent {
             }
             exit = job.child.wait() => return self.jobs_ended(exit, job, false).await,
             _ = self.interrupts.reached(Interrupt::Drain) => {
-                match self.interrupts.notice().filter(Notice::vm_goes_away) {
-                    Some(notice) => self.draining_for(&notice),
-                    None => "drain requested (SIGUSR1)".to_string(),
+                match (self.interrupt(), self.interrupts.notice()) {
+                    (Interrupt::Preempted, Some(notice)) => self.draining_for(&notice),
+                    _ => "drain requested (SIGUSR1)".to_string(),
                 }
             }
             notice = self.notice_that_drains(&mut job.jobs_received) => self.draining_for(&notice),

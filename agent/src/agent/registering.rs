@@ -134,7 +134,7 @@ impl Agent {
             return failed(error, teardown);
         }
         self.rec.write_status();
-        if self.interrupt() == Interrupt::Drain {
+        if matches!(self.interrupt(), Interrupt::Drain | Interrupt::Preempted) {
             // gitlab-runner killed by a SIGQUIT that arrives before it installs its handlers
             // would count as a failed run; a drain asked for before the start means no start.
             tracing::info!(
@@ -150,7 +150,7 @@ impl Agent {
     pub(super) fn interruption(&self) -> String {
         match (self.interrupt(), self.interrupts.notice()) {
             (Interrupt::Stop, _) => "stop requested (SIGTERM)".into(),
-            (_, Some(notice)) if notice.vm_goes_away() => notice.describe(SystemTime::now()),
+            (Interrupt::Preempted, Some(notice)) => notice.describe(SystemTime::now()),
             _ => "drain requested (SIGUSR1)".into(),
         }
     }

@@ -43,11 +43,8 @@ impl Agent {
     /// Once GitLab was told (or there was nothing to tell): hold while the keep file exists,
     /// else power off.
     fn after_deregistration(&mut self, teardown: Teardown) -> Next {
-        if self.vm_goes_away() {
-            // The platform takes the VM at the notice's deadline: a hold would not last.
-            return self.powering_off(teardown);
-        }
-        match lifecycle::after_deregistration(hold::keep_file_exists(&self.ctx.args.keep_file)) {
+        let keep_file = hold::keep_file_exists(&self.ctx.args.keep_file);
+        match lifecycle::after_deregistration(keep_file, self.interrupt()) {
             Phase::Holding => self.holding(teardown),
             _ => self.powering_off(teardown),
         }
@@ -82,16 +79,12 @@ impl Agent {
 
     fn powering_off(&mut self, teardown: Teardown) -> Next {
         let now = SystemTime::now();
-        let wait = if self.vm_goes_away() {
-            // No boot loop to slow down: the platform ends this VM anyway.
-            Duration::ZERO
-        } else {
-            lifecycle::poweroff_wait(
-                self.rec.lc.failed_at,
-                Duration::from_secs(self.ctx.args.failure_delay),
-                now,
-            )
-        };
+        let wait = lifecycle::poweroff_wait(
+            self.rec.lc.failed_at,
+            Duration::from_secs(self.ctx.args.failure_delay),
+            now,
+            self.interrupt(),
+        );
         let at = now.checked_add(wait);
         // status.json shows it; the step reads it from its state.
         self.rec.poweroff_at = at;
@@ -177,7 +170,6 @@ impl Agent {
     pub(super) async fn hold(&mut self, Hold { teardown, started }: Hold) -> Next {
         let keep_file = self.ctx.args.keep_file.clone();
         let limits = self.hold_limits();
-        let interrupts = self.interrupts.clone();
         let held = hold::hold(&keep_file, limits, started, |deadline| {
             self.rec.hold_deadline = Some(deadline);
             tracing::info!(
@@ -187,19 +179,10 @@ impl Agent {
             );
             self.rec.write_status();
         });
-        let held = async {
-            tokio::select! {
-                end = held => Some(end),
-                _ = interrupts.vm_goes_away() => None,
-            }
-        };
-        let Some(end) = interrupts.unless(Interrupt::Stop, held).await else {
-            return self.stopping(None, teardown);
-        };
-        let Some(end) = end else {
+        let interrupts = self.interrupts.clone();
+        let Some(end) = interrupts.unless(Interrupt::Preempted, held).await else {
             self.rec.hold_deadline = None;
-            tracing::warn!("hold ended: a preemption notice says the VM goes away");
-            return self.powering_off(teardown);
+            return self.interrupted_hold(teardown);
         };
         self.rec.hold_deadline = None;
         match end {
@@ -219,22 +202,21 @@ impl Agent {
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO);
         let keep_file = self.ctx.args.keep_file.clone();
-        let interrupts = self.interrupts.clone();
-        let waited = self.interrupts.unless(Interrupt::Stop, async {
+        // The wait ends early when the platform takes the VM anyway (no boot loop to slow
+        // down), and becomes a hold when the keep file is created meanwhile.
+        let waited = self.interrupts.unless(Interrupt::Preempted, async {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => false,
                 Ok(()) = hold::keep_file_created(&keep_file), if !wait.is_zero() => true,
-                // The platform ends the VM anyway: no boot loop to slow down.
-                _ = interrupts.vm_goes_away(), if !wait.is_zero() => false,
             }
         });
         match waited.await {
-            None => return self.stopping(None, teardown),
-            Some(true) if !self.vm_goes_away() => {
+            None if self.interrupt() == Interrupt::Stop => return self.stopping(None, teardown),
+            Some(true) => {
                 self.rec.poweroff_at = None;
                 return self.holding(teardown);
             }
-            Some(_) => {}
+            None | Some(false) => {}
         }
         self.end_watcher();
         systemd::stopping();
@@ -424,11 +406,17 @@ impl Agent {
 }
 
 impl Agent {
-    /// A preemption or maintenance notice with a deadline came: no hold, no failure delay.
-    fn vm_goes_away(&self) -> bool {
-        self.interrupts
-            .notice()
-            .is_some_and(|notice| notice.vm_goes_away())
+    /// A hold cut short: by a stop, or by a notice that the VM goes away, after which nothing
+    /// holds or delays the power-off (`Interrupt::allows_hold_and_delay`).
+    fn interrupted_hold(&mut self, teardown: Teardown) -> Next {
+        if self.interrupt() == Interrupt::Stop {
+            return self.stopping(None, teardown);
+        }
+        tracing::warn!(
+            "hold ended: a preemption notice says the VM goes away ({})",
+            self.interruption()
+        );
+        self.powering_off(teardown)
     }
 
     fn end_watcher(&mut self) {

@@ -247,10 +247,34 @@ impl Lifecycle {
     }
 }
 
+/// What the outside world asks of the run: by signal, or by a preemption notice. Only ever
+/// escalates (None < Drain < Preempted < Stop), and each level is one rule of the lifecycle,
+/// applied where the next phase is chosen rather than checked in every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Interrupt {
+    None,
+    /// SIGUSR1 (`gitlab-runner-vm drain`): finish the current job, take no new one.
+    Drain,
+    /// A notice that the platform takes the VM at a deadline (spot or preemptible reclaim,
+    /// host maintenance): a drain, then the abort the notice plans; no hold (it would not
+    /// last) and no failure delay (there is no boot loop to slow down: the platform ends the
+    /// VM anyway). A rebalance recommendation, which has no deadline, is not this.
+    Preempted,
+    /// SIGTERM/SIGINT: the VM is being shut down from outside.
+    Stop,
+}
+
+impl Interrupt {
+    /// Whether a keep file may still hold the VM, and a failure still delay its power-off.
+    pub fn allows_hold_and_delay(self) -> bool {
+        self < Interrupt::Preempted
+    }
+}
+
 /// After deregistration (or when there was nothing to deregister): hold while the keep file
-/// exists, otherwise power off.
-pub fn after_deregistration(keep_file_exists: bool) -> Phase {
-    if keep_file_exists {
+/// exists, otherwise power off; never hold a VM the platform takes away.
+pub fn after_deregistration(keep_file_exists: bool, interrupt: Interrupt) -> Phase {
+    if keep_file_exists && interrupt.allows_hold_and_delay() {
         Phase::Holding
     } else {
         Phase::PoweringOff
@@ -260,13 +284,15 @@ pub fn after_deregistration(keep_file_exists: bool) -> Phase {
 /// How long to wait before running the power-off command: a failed run keeps the VM up until
 /// `failure_delay` after the failure (so an operator can read the error, and a fleet with a
 /// broken configuration does not boot VMs in a tight loop); a hold that lasted longer than that
-/// needs no further wait.
+/// needs no further wait, and neither does a VM the platform takes away.
 pub fn poweroff_wait(
     failed_at: Option<SystemTime>,
     failure_delay: Duration,
     now: SystemTime,
+    interrupt: Interrupt,
 ) -> Duration {
     match failed_at {
+        _ if !interrupt.allows_hold_and_delay() => Duration::ZERO,
         // A delay too long for the clock never ends: wait as long as a sleep can.
         Some(at) => match at.checked_add(failure_delay) {
             Some(end) => end.duration_since(now).unwrap_or(Duration::ZERO),

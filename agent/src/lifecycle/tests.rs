@@ -99,28 +99,60 @@ fn failure_is_timestamped_and_delays_power_off() {
     lc.transition(Failed, t(10)).unwrap();
     assert_eq!(lc.failed_at, Some(t(10)));
     assert_eq!(
-        poweroff_wait(lc.failed_at, Duration::from_secs(60), t(15)),
+        poweroff_wait(
+            lc.failed_at,
+            Duration::from_secs(60),
+            t(15),
+            Interrupt::None
+        ),
         Duration::from_secs(55)
     );
     assert_eq!(
-        poweroff_wait(lc.failed_at, Duration::from_secs(60), t(100)),
+        poweroff_wait(
+            lc.failed_at,
+            Duration::from_secs(60),
+            t(100),
+            Interrupt::None
+        ),
         Duration::ZERO
     );
     assert_eq!(
-        poweroff_wait(None, Duration::from_secs(60), t(15)),
+        poweroff_wait(None, Duration::from_secs(60), t(15), Interrupt::None),
         Duration::ZERO
     );
+    // A drain changes nothing of it; a VM the platform takes away waits for nothing.
+    assert_eq!(
+        poweroff_wait(
+            lc.failed_at,
+            Duration::from_secs(60),
+            t(15),
+            Interrupt::Drain
+        ),
+        Duration::from_secs(55)
+    );
+    for urgent in [Interrupt::Preempted, Interrupt::Stop] {
+        assert_eq!(
+            poweroff_wait(lc.failed_at, Duration::from_secs(60), t(15), urgent),
+            Duration::ZERO
+        );
+    }
     // A delay the clock cannot represent is not a panic.
     assert_eq!(
-        poweroff_wait(lc.failed_at, Duration::MAX, t(15)),
+        poweroff_wait(lc.failed_at, Duration::MAX, t(15), Interrupt::None),
         Duration::MAX
     );
 }
 
 #[test]
 fn teardown_decisions() {
-    assert_eq!(after_deregistration(true), Holding);
-    assert_eq!(after_deregistration(false), PoweringOff);
+    assert_eq!(after_deregistration(true, Interrupt::None), Holding);
+    assert_eq!(after_deregistration(true, Interrupt::Drain), Holding);
+    assert_eq!(after_deregistration(false, Interrupt::None), PoweringOff);
+    // A hold would not last: the platform takes the VM at the notice's deadline.
+    assert_eq!(
+        after_deregistration(true, Interrupt::Preempted),
+        PoweringOff
+    );
     let mut lc = Lifecycle::new(SystemTime::UNIX_EPOCH);
     assert!(!lc.needs_deregistration());
     lc.registration = Registration::Registered;
