@@ -499,6 +499,11 @@ async fn a_notice_ends_a_hold_under_way() {
     let p = phases(&h);
     assert_eq!(&p[p.len() - 2..], ["holding", "powering-off"], "{p:?}");
     assert!(
+        h.console().contains("gitlab-runner-vm: holding: "),
+        "the hold is said on the console: {}",
+        h.console()
+    );
+    assert!(
         h.log().contains("hold ended: a preemption notice"),
         "{}",
         h.log()

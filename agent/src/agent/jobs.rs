@@ -21,7 +21,7 @@ use crate::runner;
 impl Agent {
     /// running: until gitlab-runner exits, a drain or `max_lifetime` (-> draining), or a stop.
     pub(super) async fn run_jobs(&mut self, mut job: Job) -> Next {
-        let why = tokio::select! {
+        let (why, notice) = tokio::select! {
             // A stop outranks everything else that may be ready at the same time.
             biased;
             _ = self.interrupts.reached(Interrupt::Stop) => {
@@ -30,13 +30,13 @@ impl Agent {
             exit = job.child.wait() => return self.jobs_ended(exit, job, false).await,
             _ = self.interrupts.reached(Interrupt::Drain) => {
                 match (self.interrupt(), self.interrupts.notice()) {
-                    (Interrupt::Preempted, Some(notice)) => self.draining_for(&notice),
-                    _ => "drain requested (SIGUSR1)".to_string(),
+                    (Interrupt::Preempted, Some(notice)) => draining_for(&notice),
+                    _ => ("drain requested (SIGUSR1)".to_string(), None),
                 }
             }
-            notice = self.notice_that_drains(&mut job.jobs_received) => self.draining_for(&notice),
+            notice = self.notice_that_drains(&mut job.jobs_received) => draining_for(&notice),
             _ = sleep_until_opt(job.lifetime_end) => {
-                format!("max_lifetime of {} s reached", job.max_lifetime_seconds)
+                (format!("max_lifetime of {} s reached", job.max_lifetime_seconds), None)
             }
         };
         if let Err(e) = runner::send_signal(job.pid, Signal::SIGQUIT) {
@@ -46,7 +46,11 @@ impl Agent {
             );
         }
         let detail = format!("{why}; gitlab-runner finishes its current job and takes no new one");
-        (State::Draining(job), detail)
+        let next = Next::to(State::Draining(job), detail);
+        match notice {
+            Some(line) => next.on_console(line),
+            None => next,
+        }
     }
 
     /// A notice resolves this once it stops further jobs (`preemption::drains_now`): one that
@@ -66,13 +70,6 @@ impl Agent {
                 changed = jobs.changed(), if counting => counting = changed.is_ok(),
             }
         }
-    }
-
-    /// The drain's reason, also on the console: why the VM takes no more jobs.
-    fn draining_for(&self, notice: &Notice) -> String {
-        let why = notice.describe(SystemTime::now());
-        self.rec.milestone(&format!("draining: {why}"));
-        why
     }
 
     /// draining: until gitlab-runner exits, a stop, or the abort a preemption notice plans
@@ -159,6 +156,14 @@ impl Agent {
             Err(e) => failed(AgentError::RunnerWait(e.to_string()), job.teardown),
         }
     }
+}
+
+/// A drain for a notice: its reason, and the console's line that says why the VM takes no
+/// more jobs.
+fn draining_for(notice: &Notice) -> (String, Option<String>) {
+    let why = notice.describe(SystemTime::now());
+    let console = format!("draining: {why}");
+    (why, Some(console))
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

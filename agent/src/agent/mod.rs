@@ -209,7 +209,14 @@ impl Agent {
 
     /// Moves to the next state's phase (a checked transition), then publishes it:
     /// status.json, systemd `STATUS=`, one log line.
-    fn enter(&mut self, (state, detail): Next) -> anyhow::Result<State> {
+    fn enter(
+        &mut self,
+        Next {
+            state,
+            detail,
+            console,
+        }: Next,
+    ) -> anyhow::Result<State> {
         let Some(phase) = state.phase() else {
             return Ok(state);
         };
@@ -229,6 +236,9 @@ impl Agent {
             self.rec.last_error = Some(line);
         }
         self.rec.publish(&detail);
+        if let Some(line) = console {
+            self.rec.milestone(&line);
+        }
         if phase.is_started() {
             systemd::ready();
         }

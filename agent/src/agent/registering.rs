@@ -278,7 +278,7 @@ impl Agent {
             shell_jobs.user,
             config.idle_timeout.as_secs()
         );
-        (State::Running(job), detail)
+        Next::to(State::Running(job), detail)
     }
 }
 

@@ -46,8 +46,30 @@ impl State {
     }
 }
 
-/// The next state and the line that says why (status.json, `STATUS=`, the journal).
-pub type Next = (State, String);
+/// The next state, the line that says why (status.json, `STATUS=`, the journal), and for a
+/// move that an operator watching the serial console must see (a hold, a stop, a drain for a
+/// notice), the console's line: `enter` tells each place once the move is made.
+pub struct Next {
+    pub state: State,
+    pub detail: String,
+    pub console: Option<String>,
+}
+
+impl Next {
+    pub fn to(state: State, detail: impl Into<String>) -> Self {
+        Next {
+            state,
+            detail: detail.into(),
+            console: None,
+        }
+    }
+
+    /// Said on the console too, as `line`.
+    pub fn on_console(mut self, line: String) -> Self {
+        self.console = Some(line);
+        self
+    }
+}
 
 /// registering: runner.json read, the job user resolved, the system id and config.toml
 /// written.
@@ -107,5 +129,5 @@ pub struct Stop {
 /// A failure, and the teardown that follows it.
 pub fn failed(error: AgentError, teardown: Teardown) -> Next {
     let detail = error.to_string();
-    (State::Failed(error, teardown), detail)
+    Next::to(State::Failed(error, teardown), detail)
 }

@@ -32,9 +32,9 @@ impl Agent {
     pub(super) fn teardown(&mut self, teardown: Teardown) -> Next {
         self.end_running_jobs("gitlab-runner ended without reporting its end");
         if self.rec.lc.needs_deregistration() {
-            return (
+            return Next::to(
                 State::Deregistering(teardown),
-                "removing this VM from GitLab".into(),
+                "removing this VM from GitLab",
             );
         }
         self.after_deregistration(teardown)
@@ -73,8 +73,8 @@ impl Agent {
             .hold_deadline
             .map(|at| format!(", {} at most", crate::timestamp::fmt_time(at)))
             .unwrap_or_default();
-        self.rec.milestone(&format!("holding: {detail}{until}"));
-        (State::Holding(Hold { teardown, started }), detail)
+        let console = format!("holding: {detail}{until}");
+        Next::to(State::Holding(Hold { teardown, started }), detail).on_console(console)
     }
 
     fn powering_off(&mut self, teardown: Teardown) -> Next {
@@ -102,13 +102,13 @@ impl Agent {
                 self.ctx.args.keep_file.display()
             )
         };
-        (State::PoweringOff(PowerOff { teardown, at }), detail)
+        Next::to(State::PoweringOff(PowerOff { teardown, at }), detail)
     }
 
     pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
-        let detail = "stop requested (SIGTERM): aborting, deregistering, exiting".to_string();
-        self.rec.milestone(&format!("stopping: {detail}"));
-        (State::Stopping(Stop { child, teardown }), detail)
+        let detail = "stop requested (SIGTERM): aborting, deregistering, exiting";
+        Next::to(State::Stopping(Stop { child, teardown }), detail)
+            .on_console(format!("stopping: {detail}"))
     }
 
     /// failed: the error is recorded (by `enter`); the teardown follows, unless the VM is being
@@ -430,5 +430,5 @@ impl Agent {
 const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
 fn exit(code: ExitCode) -> Next {
-    (State::Exit(code), String::new())
+    Next::to(State::Exit(code), "")
 }

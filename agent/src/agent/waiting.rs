@@ -87,7 +87,7 @@ impl Agent {
                     self.rec.lc.registration = Registration::Registered;
                 }
                 let detail = setup.flow.describe(&setup.system_id);
-                (State::Registering(setup), detail)
+                Next::to(State::Registering(setup), detail)
             }
             Err(error) => failed(error, Teardown::default()),
         }
