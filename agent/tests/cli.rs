@@ -131,7 +131,7 @@ async fn status_shows_the_phase_for_a_person() {
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &[]);
     h.wait_until("the hold", |h| {
-        h.phase().as_deref() == Some("holding") && h.status()["hold_deadline"].is_string()
+        h.in_phase("holding") && h.status()["hold_deadline"].is_string()
     })
     .await;
     let out = Command::new(BIN)

@@ -365,7 +365,7 @@ async fn a_restarted_agent_in_the_same_boot_fetches_nothing_again() {
     let args = ["--config-source", "aws", "--metadata-url", &url];
     // The first run's power-off fails, so systemd would restart the agent in the same boot.
     let mut first = h.command(&runner, &args);
-    first.env("GITLAB_RUNNER_VM_POWEROFF_COMMAND", "exit 1");
+    first.env(flag_env("poweroff-command"), "exit 1");
     h.agent = Some(first.spawn().unwrap());
     h.wait_exit().await;
     h.start(&runner, &args);

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -28,10 +27,7 @@ printf '{outcome_line}\n' >&2
 exit 0
 "#
     );
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("gitlab-runner", &script)
 }
 
 const SUCCEEDED: &str = "Job succeeded                                       \\033[0;m  duration_s\\033[0;m=1.01 job\\033[0;m=4242 project\\033[0;m=1";
@@ -40,7 +36,7 @@ fn console_lines(h: &Harness) -> Vec<String> {
     h.console().lines().map(str::to_owned).collect()
 }
 
-fn assert_in_order(lines: &[String], expected: &[&str]) {
+fn assert_in_order(lines: &[String], expected: &[String]) {
     let mut rest = lines.iter();
     for want in expected {
         assert!(
@@ -61,8 +57,7 @@ async fn a_good_run_shows_each_milestone_on_the_console_and_records_the_boot() {
 
     // status.json carries the job's start while it runs.
     h.wait_until("the job's start in status.json", |h| {
-        h.phase().as_deref() == Some("running")
-            && h.status()["boot_record"]["first_job_start_ms"].is_u64()
+        h.in_phase("running") && h.status()["boot_record"]["first_job_start_ms"].is_u64()
     })
     .await;
     let running = h.status();
@@ -78,19 +73,19 @@ async fn a_good_run_shows_each_milestone_on_the_console_and_records_the_boot() {
     assert_in_order(
         &lines,
         &[
-            &format!(
-                "gitlab-runner-vm: registered runner vm-test (system {system_id}) at {}",
+            console_line(&format!(
+                "registered runner vm-test (system {system_id}) at {}",
                 h.server.uri()
-            ),
-            "gitlab-runner-vm: job 4242 started",
-            "gitlab-runner-vm: job 4242 succeeded after ",
-            &format!("gitlab-runner-vm: deregistered: runner manager {system_id} deleted"),
-            "gitlab-runner-vm: powering off",
-            "gitlab-runner-vm: boot record: boot_to_agent_ms=",
+            )),
+            console_line("job 4242 started"),
+            console_line("job 4242 succeeded after "),
+            console_line(&format!("deregistered: runner manager {system_id} deleted")),
+            console_line("powering off"),
+            console_line("boot record: boot_to_agent_ms="),
         ],
     );
     assert!(
-        lines.iter().all(|l| l.starts_with("gitlab-runner-vm: ")),
+        lines.iter().all(|l| l.starts_with(&console_line(""))),
         "{lines:?}"
     );
     assert!(!h.console().contains(&TOKEN[5..]), "{}", h.console());
@@ -153,12 +148,12 @@ async fn a_failed_job_and_a_system_failure_are_told_apart() {
     for (line, shown, failed) in [
         (
             "\\033[0;33mWARNING: Job failed: exit code 1\\033[0;m  \\033[0;33mjob\\033[0;m=4242",
-            "gitlab-runner-vm: job 4242 failed after ",
+            "job 4242 failed after ",
             1,
         ),
         (
             "\\033[31;1mERROR: Job failed (system failure): aborted\\033[0;m  \\033[31;1mjob\\033[0;m=4242",
-            "gitlab-runner-vm: job 4242 failed (system failure) after ",
+            "job 4242 failed (system failure) after ",
             1,
         ),
     ] {
@@ -168,7 +163,7 @@ async fn a_failed_job_and_a_system_failure_are_told_apart() {
         let runner = write_job_printing_runner(&h, 0, line);
         h.start(&runner, &[]);
         assert!(h.wait_exit().await.success(), "{}", h.log());
-        assert_in_order(&console_lines(&h), &[shown]);
+        assert_in_order(&console_lines(&h), &[console_line(shown)]);
         assert_eq!(h.status()["boot_record"]["jobs_failed"], failed);
     }
 }
@@ -190,9 +185,10 @@ async fn a_rejected_token_is_one_failure_line_with_its_fix_and_no_token() {
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     let console = h.console();
+    let registration_failed = console_line("failed: registration failed: ");
     let failure: Vec<&str> = console
         .lines()
-        .filter(|l| l.starts_with("gitlab-runner-vm: failed: registration failed: "))
+        .filter(|l| l.starts_with(&registration_failed))
         .collect();
     assert_eq!(failure.len(), 1, "{console}");
     assert!(failure[0].contains("403"), "{console}");
@@ -205,9 +201,9 @@ async fn a_rejected_token_is_one_failure_line_with_its_fix_and_no_token() {
     assert_in_order(
         &console_lines(&h),
         &[
-            "gitlab-runner-vm: failed: ",
-            "gitlab-runner-vm: powering off",
-            "gitlab-runner-vm: boot record: ",
+            console_line("failed: "),
+            console_line("powering off"),
+            console_line("boot record: "),
         ],
     );
     let record = &h.status()["boot_record"];
@@ -233,7 +229,7 @@ async fn a_console_nobody_reads_does_not_hold_the_agent_up() {
     h.write_config(json!({"token": TOKEN}));
     let runner = write_job_printing_runner(&h, 0, SUCCEEDED);
     let mut cmd = h.command(&runner, &[]);
-    cmd.env("GITLAB_RUNNER_VM_CONSOLE", &fifo);
+    cmd.env(flag_env("console"), &fifo);
     let started = Instant::now();
     h.agent = Some(cmd.spawn().unwrap());
     assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -259,7 +255,7 @@ async fn console_off_writes_nothing() {
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
     let mut cmd = h.command(&runner, &["--console", "off"]);
-    cmd.env("GITLAB_RUNNER_VM_CONSOLE", h.path("console"));
+    cmd.env(flag_env("console"), h.path("console"));
     h.agent = Some(cmd.spawn().unwrap());
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.console(), "");
@@ -313,7 +309,7 @@ async fn a_token_that_expires_within_a_day_is_a_warning_and_the_job_runs() {
     assert!(h.log().contains(warning), "{}", h.log());
     assert!(
         h.console()
-            .contains(&format!("gitlab-runner-vm: warning: {warning}")),
+            .contains(&console_line(&format!("warning: {warning}"))),
         "{}",
         h.console()
     );
@@ -362,8 +358,9 @@ async fn an_expired_token_fails_before_any_job_with_the_fix() {
         "{error}"
     );
     assert!(
-        h.console()
-            .contains("gitlab-runner-vm: failed: GitLab accepted the runner token, but it expired"),
+        h.console().contains(&console_line(
+            "failed: GitLab accepted the runner token, but it expired"
+        )),
         "{}",
         h.console()
     );
@@ -440,8 +437,7 @@ async fn a_restarted_agent_keeps_the_boots_record() {
     let runner = write_job_printing_runner(&h, 60, SUCCEEDED);
     h.start(&runner, &[]);
     h.wait_until("the job's start in status.json", |h| {
-        h.phase().as_deref() == Some("running")
-            && h.status()["boot_record"]["first_job_start_ms"].is_u64()
+        h.in_phase("running") && h.status()["boot_record"]["first_job_start_ms"].is_u64()
     })
     .await;
     let before = h.status()["boot_record"].clone();
@@ -470,9 +466,9 @@ async fn a_restarted_agent_keeps_the_boots_record() {
     assert_in_order(
         &console_lines(&h),
         &[
-            "gitlab-runner-vm: job 4242 started",
-            "gitlab-runner-vm: deregistered: ",
-            "gitlab-runner-vm: boot record: ",
+            console_line("job 4242 started"),
+            console_line("deregistered: "),
+            console_line("boot record: "),
         ],
     );
 }
@@ -498,10 +494,10 @@ async fn a_job_without_an_end_line_ends_in_the_record() {
     assert_in_order(
         &console_lines(&h),
         &[
-            "gitlab-runner-vm: job 4242 started",
-            "gitlab-runner-vm: stopping: ",
-            "gitlab-runner-vm: job 4242 aborted by the stop, after ",
-            "gitlab-runner-vm: boot record: ",
+            console_line("job 4242 started"),
+            console_line("stopping: "),
+            console_line("job 4242 aborted by the stop, after "),
+            console_line("boot record: "),
         ],
     );
     let record = &h.status()["boot_record"];
@@ -518,7 +514,9 @@ async fn a_job_without_an_end_line_ends_in_the_record() {
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_in_order(
         &console_lines(&h),
-        &["gitlab-runner-vm: job 4242 gitlab-runner ended without reporting its end, after "],
+        &[console_line(
+            "job 4242 gitlab-runner ended without reporting its end, after ",
+        )],
     );
     assert_eq!(h.status()["boot_record"]["jobs_failed"], 1);
 }

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-
 use common::*;
 use serde_json::{Value, json};
 
@@ -23,10 +21,7 @@ fn write_printing_runner(h: &Harness) -> std::path::PathBuf {
         "#!/bin/sh\necho \"$*\" >> {dir}/runner-invocations\ncat \"$3\"\nexit 0\n",
         dir = h.dir.path().display()
     );
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("gitlab-runner", &script)
 }
 
 /// Runs the agent once with `cache` and returns config.toml's `[runners.cache]`.
@@ -252,10 +247,7 @@ fn write_firewall(h: &Harness) -> std::path::PathBuf {
         "#!/bin/sh\necho \"$*\" >> {dir}/firewall-calls\nexit 0\n",
         dir = h.dir.path().display()
     );
-    let path = h.path("metadata-firewall");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("metadata-firewall", &script)
 }
 
 /// Runs the agent with `cache` and `args`; whether it exited 0.

@@ -343,7 +343,6 @@ async fn a_gzip_bomb_or_broken_gzip_as_user_data_is_refused_with_its_reason() {
 /// A gitlab-runner whose job takes 30 s: SIGQUIT is recorded and the job goes on, SIGTERM is
 /// recorded and aborts it (as in tests/preemption.rs).
 fn write_runner(h: &Harness) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let dir = h.dir.path().display();
     let script = format!(
         r#"#!/bin/sh
@@ -357,10 +356,7 @@ while kill -0 $job 2>/dev/null; do wait $job; done
 exit 0
 "#
     );
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("gitlab-runner", &script)
 }
 
 /// AWS writes its notice times in UTC, but a time with an offset names the same instant: read

@@ -289,8 +289,7 @@ async fn keep_file_holds_after_deregistration_until_released() {
     std::fs::write(h.keep_file(), "").unwrap();
     h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
 
-    h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
-        .await;
+    h.wait_until("the hold", |h| h.in_phase("holding")).await;
     // Deregistered before the hold: no ghost runner while a person debugs.
     assert_eq!(
         h.requests("DELETE", "/api/v4/runners/managers").await.len(),
@@ -618,7 +617,7 @@ async fn sigterm_mid_job_aborts_the_job_deregisters_and_exits_without_power_off(
     )
     .await;
     h.wait_until("the job", |h| {
-        h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
+        h.in_phase("running") && h.read("runner-system-id").is_some()
     })
     .await;
     send_signal(h.agent_pid(), 15);
@@ -649,7 +648,7 @@ async fn drain_lets_the_job_finish_then_tears_down() {
     )
     .await;
     h.wait_until("the job", |h| {
-        h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
+        h.in_phase("running") && h.read("runner-system-id").is_some()
     })
     .await;
     h.drain();
@@ -716,7 +715,7 @@ async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_ru
         }
         h.agent = Some(cmd.spawn().unwrap());
         h.wait_until("the job", |h| {
-            h.phase().as_deref() == Some("running") && h.read("runner-system-id").is_some()
+            h.in_phase("running") && h.read("runner-system-id").is_some()
         })
         .await;
         if how == "drain" {
@@ -858,10 +857,8 @@ async fn config_arriving_late_is_waited_for() {
     h.mount_glrt_happy_path().await;
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &[]);
-    h.wait_until("waiting-for-config", |h| {
-        h.phase().as_deref() == Some("waiting-for-config")
-    })
-    .await;
+    h.wait_until("waiting-for-config", |h| h.in_phase("waiting-for-config"))
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         h.requests("POST", "/api/v4/runners/verify")

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,10 +48,7 @@ echo "fake gitlab-runner: job done"
 exit 0
 "#
     );
-    let p = h.path("gitlab-runner");
-    std::fs::write(&p, script).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
+    h.write_script("gitlab-runner", &script)
 }
 
 fn ok(p: &str) -> ResponseTemplate {
@@ -111,15 +107,6 @@ fn rfc3339(t: SystemTime) -> String {
 
 fn parse_time(v: &Value) -> SystemTime {
     humantime::parse_rfc3339(v.as_str().unwrap_or_else(|| panic!("{v}"))).unwrap()
-}
-
-fn phases(h: &Harness) -> Vec<String> {
-    h.status()["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 fn start_on(h: &mut Harness, runner: &Path, source: &str, meta: &MockServer, extra: &[&str]) {
@@ -209,7 +196,7 @@ async fn a_notice_while_verify_is_retried_stops_the_retries_and_deletes_the_mana
         assert!(st["preemption"]["deadline"].is_string(), "{st}");
         assert!(st["last_error"].is_null(), "a notice is no failure: {st}");
         assert_eq!(
-            phases(&h),
+            h.phases(),
             [
                 "waiting-for-config",
                 "registering",
@@ -360,7 +347,7 @@ async fn a_drain_between_create_attempts_creates_nothing_more_and_deletes_nothin
     assert!(h.powered_off());
     assert!(h.status()["last_error"].is_null());
     assert_eq!(
-        phases(&h),
+        h.phases(),
         ["waiting-for-config", "registering", "powering-off"]
     );
 }
@@ -375,8 +362,7 @@ async fn a_restart_keeps_the_holds_start_and_its_ceiling() {
         let runner = h
             .start_glrt(json!({}), FakeRunner::default(), &["--hold-max", hold_max])
             .await;
-        h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
-            .await;
+        h.wait_until("the hold", |h| h.in_phase("holding")).await;
         h.wait_until("its deadline", |h| h.status()["hold_deadline"].is_string())
             .await;
         let first = h.status();
@@ -393,7 +379,7 @@ async fn a_restart_keeps_the_holds_start_and_its_ceiling() {
             std::fs::write(h.keep_file(), "again").unwrap();
             h.start(&runner, &["--hold-max", hold_max]);
             h.wait_until("the hold again", |h| {
-                h.phase().as_deref() == Some("holding") && h.status()["pid"] == h.agent_pid()
+                h.in_phase("holding") && h.status()["pid"] == h.agent_pid()
             })
             .await;
             let st = h.status();
@@ -443,8 +429,7 @@ async fn a_restart_keeps_a_notice_already_received() {
         h.wait_until("the job", |h| h.read("runner-job").is_some())
             .await;
         announce(&meta, endpoint, body).await;
-        h.wait_until("the drain", |h| h.phase().as_deref() == Some("draining"))
-            .await;
+        h.wait_until("the drain", |h| h.in_phase("draining")).await;
         let notice = h.status()["preemption"].clone();
         assert_eq!(notice["kind"], kind, "{}", h.log());
         crash(&mut h, &runner).await;
@@ -459,8 +444,7 @@ async fn a_restart_keeps_a_notice_already_received() {
         assert!(h.powered_off(), "{platform}");
         let st = h.status();
         assert_eq!(st["preemption"], notice, "{platform}: {st}");
-        let p = phases(&h);
-        assert!(!p.contains(&"holding".to_string()), "{platform}: {p:?}");
+        assert!(!h.went_through("holding"), "{platform}: {:?}", h.phases());
         assert_eq!(count(&h, "DELETE", MANAGERS).await, 1, "{platform}");
         assert_eq!(h.runner_invocations().len(), 1, "{platform}");
         assert!(
@@ -512,7 +496,7 @@ async fn a_rebalance_recommendation_at_boot_still_runs_the_first_job_then_drains
         assert_eq!(st["preemption"]["kind"], "rebalance-recommendation");
         assert_eq!(st["boot_record"]["jobs"], 1, "{st}");
         assert_eq!(
-            phases(&h),
+            h.phases(),
             [
                 "waiting-for-config",
                 "registering",

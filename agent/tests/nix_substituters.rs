@@ -19,10 +19,7 @@ fn write_runner(h: &Harness) -> PathBuf {
          if [ -e {dir}/restarts ]; then echo restarted-before-start > {dir}/runner-saw; fi\nexit 0\n",
         dir = h.dir.path().display(),
     );
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("gitlab-runner", &script)
 }
 
 async fn run(h: &mut Harness, config: Value, restart: &str) {

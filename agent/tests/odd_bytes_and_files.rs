@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -12,19 +11,7 @@ use serde_json::json;
 
 /// A fake gitlab-runner made of `body` (sh), which gets run-single's arguments ($3 is config.toml).
 fn write_script_runner(h: &Harness, body: &str) -> PathBuf {
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
-fn phases(h: &Harness) -> Vec<String> {
-    h.status()["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect()
+    h.write_script("gitlab-runner", &format!("#!/bin/sh\n{body}"))
 }
 
 /// The longest run of `c` in each line of `text` that has one of at least `min` characters.
@@ -60,7 +47,7 @@ exit 0
     let status = h.wait_exit().await;
     assert!(status.success(), "exit {status:?}\n{}", h.log());
     assert!(h.powered_off(), "{}", h.log());
-    assert!(!phases(&h).contains(&"failed".to_string()), "{}", h.log());
+    assert!(!h.went_through("failed"), "{}", h.log());
     assert!(h.status()["last_error"].is_null(), "{}", h.log());
 
     let log = h.log();
@@ -255,10 +242,8 @@ async fn run_with_a_fifo_as_token_file_fails_clearly_and_still_obeys_sigterm() {
     h.write_config(json!({"token_file": fifo}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &["--failure-delay", "600"]);
-    h.wait_until("the failure", |h| {
-        h.phase().as_deref() == Some("powering-off")
-    })
-    .await;
+    h.wait_until("the failure", |h| h.in_phase("powering-off"))
+        .await;
     let error = h.status()["last_error"].as_str().unwrap().to_owned();
     assert!(error.contains("is a FIFO, not a regular file"), "{error}");
     send_signal(h.agent_pid(), 15);

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -38,10 +37,7 @@ echo "fake gitlab-runner: job done"
 exit 0
 "#
     );
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("gitlab-runner", &script)
 }
 
 /// A 200 from the fake metadata service; GCE's says `Metadata-Flavor: Google`, as the real one
@@ -117,15 +113,6 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn phases(h: &Harness) -> Vec<String> {
-    h.status()["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn status_text(h: &Harness) -> String {
     let out = std::process::Command::new(BIN)
         .args(["status", "--state-dir"])
@@ -163,11 +150,11 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
     std::fs::write(h.keep_file(), "").unwrap();
     let runner = write_runner(&h, 60);
     // --stop-timeout 20 plus the deregistration's 10 s fill GCE's 30 s: the abort is at once
-    // (as with the default 40 s).
+    // (as with the longer default).
     start_with(&mut h, &runner, "gce", &meta, &["--stop-timeout", "20"]);
     // The agent records `running` once the spawn returned, which may be after the script began.
     h.wait_until("the job", |h| {
-        h.read("runner-started").is_some() && h.phase().as_deref() == Some("running")
+        h.read("runner-started").is_some() && h.in_phase("running")
     })
     .await;
 
@@ -185,8 +172,8 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
     // Seen from outside the VM: the drain and the abort, each with its reason.
     let console = h.console();
     assert!(
-        console.contains("gitlab-runner-vm: draining: gce preemption notice")
-            && console.contains("gitlab-runner-vm: aborting the job: gce preemption notice"),
+        console.contains(&console_line("draining: gce preemption notice"))
+            && console.contains(&console_line("aborting the job: gce preemption notice")),
         "{console}"
     );
 
@@ -202,7 +189,7 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
     );
     assert!(exited < deadline, "powered off after the deadline");
     assert_eq!(
-        phases(&h),
+        h.phases(),
         [
             "waiting-for-config",
             "registering",
@@ -298,8 +285,7 @@ async fn a_notice_far_ahead_drains_and_lets_the_job_finish() {
         format!(r#"{{"action": "stop", "time": "{time}"}}"#),
     )
     .await;
-    h.wait_until("the drain", |h| h.phase().as_deref() == Some("draining"))
-        .await;
+    h.wait_until("the drain", |h| h.in_phase("draining")).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals(), "QUIT\n", "{}", h.log());
     assert!(h.log().contains("fake gitlab-runner: job done"));
@@ -309,7 +295,7 @@ async fn a_notice_far_ahead_drains_and_lets_the_job_finish() {
     );
     // The VM goes away at the notice's time: no hold despite the keep file.
     assert!(h.powered_off());
-    assert!(!phases(&h).contains(&"holding".to_string()));
+    assert!(!h.went_through("holding"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -324,8 +310,7 @@ async fn a_rebalance_recommendation_only_drains() {
         .await;
     let now = rfc3339(SystemTime::now());
     announce(&meta, REBALANCE, format!(r#"{{"noticeTime": "{now}"}}"#)).await;
-    h.wait_until("the drain", |h| h.phase().as_deref() == Some("draining"))
-        .await;
+    h.wait_until("the drain", |h| h.in_phase("draining")).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals(), "QUIT\n", "{}", h.log());
     assert!(h.log().contains("fake gitlab-runner: job done"));
@@ -490,13 +475,12 @@ async fn a_notice_ends_a_hold_under_way() {
     std::fs::write(h.keep_file(), "").unwrap();
     let runner = write_runner(&h, 0);
     start(&mut h, &runner, "gce", &meta);
-    h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
-        .await;
+    h.wait_until("the hold", |h| h.in_phase("holding")).await;
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
     assert!(h.keep_file().exists(), "the keep file is the operator's");
-    let p = phases(&h);
+    let p = h.phases();
     assert_eq!(&p[p.len() - 2..], ["holding", "powering-off"], "{p:?}");
     assert!(
         h.console().contains("gitlab-runner-vm: holding: "),
@@ -525,10 +509,8 @@ async fn a_notice_ends_the_failure_delay() {
     let runner = write_runner(&h, 0);
     // Without the notice the power-off would wait 10 minutes.
     start_with(&mut h, &runner, "gce", &meta, &["--failure-delay", "600"]);
-    h.wait_until("the failure delay", |h| {
-        h.phase().as_deref() == Some("powering-off")
-    })
-    .await;
+    h.wait_until("the failure delay", |h| h.in_phase("powering-off"))
+        .await;
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());

@@ -44,10 +44,7 @@ fn write_runner(h: &Harness, d: &Daemons) -> PathBuf {
         dir = h.dir.path().display(),
         reloads = d.reloads.display()
     );
-    let path = h.path("gitlab-runner");
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
+    h.write_script("gitlab-runner", &script)
 }
 
 fn args<'a>(d: &'a Daemons, reload: &'a str) -> Vec<String> {
@@ -260,15 +257,6 @@ async fn assert_nothing_after_the_reload(h: &Harness) {
     assert!(h.runner_invocations().is_empty());
 }
 
-fn phases(h: &Harness) -> Vec<String> {
-    h.status()["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_hung_reload_ends_it_at_once_without_registering() {
     let mut h = Harness::new().await;
@@ -279,7 +267,7 @@ async fn sigterm_during_a_hung_reload_ends_it_at_once_without_registering() {
     assert_nothing_after_the_reload(&h).await;
     // As during the wait for runner.json: the VM is being shut down from outside, no power-off.
     assert!(!h.powered_off());
-    assert_eq!(phases(&h), ["waiting-for-config", "stopping"]);
+    assert_eq!(h.phases(), ["waiting-for-config", "stopping"]);
     assert!(h.status()["last_error"].is_null(), "{}", h.status());
 }
 
@@ -291,7 +279,7 @@ async fn a_drain_during_a_hung_reload_powers_off_without_registering_or_failing(
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_nothing_after_the_reload(&h).await;
     assert!(h.powered_off());
-    assert_eq!(phases(&h), ["waiting-for-config", "powering-off"]);
+    assert_eq!(h.phases(), ["waiting-for-config", "powering-off"]);
     // A drain is no failure: no --failure-delay (300 s here) before the power-off.
     assert!(h.status()["last_error"].is_null(), "{}", h.status());
     assert!(
@@ -347,7 +335,7 @@ async fn a_preemption_notice_during_a_hung_reload_powers_off_without_registering
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_nothing_after_the_reload(&h).await;
     assert!(h.powered_off());
-    assert_eq!(phases(&h), ["waiting-for-config", "powering-off"]);
+    assert_eq!(h.phases(), ["waiting-for-config", "powering-off"]);
     let st = h.status();
     assert_eq!(st["preemption"]["kind"], "preemption", "{st}");
     assert!(st["last_error"].is_null(), "a notice is no failure: {st}");
@@ -375,5 +363,5 @@ async fn a_reload_that_hangs_past_its_timeout_is_killed_and_fails_the_run_before
         h.console()
     );
     assert!(h.log().contains(expected), "{}", h.log());
-    assert_eq!(phases(&h), ["waiting-for-config", "failed", "powering-off"]);
+    assert_eq!(h.phases(), ["waiting-for-config", "failed", "powering-off"]);
 }

@@ -12,15 +12,6 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-fn phases(h: &Harness) -> Vec<String> {
-    h.status()["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Kills the agent with SIGKILL (no teardown at all) and, as systemd would, the rest of the
 /// unit: the fake gitlab-runner.
 async fn crash(h: &mut Harness, runner: &std::path::Path) {
@@ -62,7 +53,7 @@ async fn crashes_during_teardown_without_runner_json_never_register_twice() {
     std::fs::remove_file(h.config_path()).unwrap();
     h.start(&runner, &[]);
     h.wait_until("the second run's deregistration", |h| {
-        h.phase().as_deref() == Some("deregistering")
+        h.in_phase("deregistering")
     })
     .await;
     while h
@@ -90,9 +81,9 @@ async fn crashes_during_teardown_without_runner_json_never_register_twice() {
     assert_eq!(st["runner_started"], true);
     assert_eq!(st["gitlab_url"], h.server.uri().as_str());
     // The timeline keeps every run of this boot.
-    let p = phases(&h);
+    let p = h.phases();
     assert_eq!(p.first().map(String::as_str), Some("waiting-for-config"));
-    assert!(p.contains(&"running".to_string()), "{p:?}");
+    assert!(h.went_through("running"), "{p:?}");
     assert_eq!(p.last().map(String::as_str), Some("powering-off"));
 }
 
@@ -235,7 +226,7 @@ async fn a_drain_before_gitlab_runner_starts_starts_none_and_tears_down() {
     let st = h.status();
     assert!(st["last_error"].is_null(), "a drain is not a failure: {st}");
     assert_eq!(
-        phases(&h),
+        h.phases(),
         [
             "waiting-for-config",
             "registering",
@@ -251,10 +242,8 @@ async fn a_drain_while_waiting_for_runner_json_powers_off_without_registering() 
     h.mount_glrt_happy_path().await;
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &["--config-wait", "60"]);
-    h.wait_until("waiting", |h| {
-        h.phase().as_deref() == Some("waiting-for-config")
-    })
-    .await;
+    h.wait_until("waiting", |h| h.in_phase("waiting-for-config"))
+        .await;
     send_signal(h.agent_pid(), 10);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.server.received_requests().await.unwrap().is_empty());
@@ -275,13 +264,10 @@ async fn a_keep_file_created_during_the_failure_delay_holds_the_vm() {
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &["--failure-delay", "3"]);
-    h.wait_until("the failure delay", |h| {
-        h.phase().as_deref() == Some("powering-off")
-    })
-    .await;
-    std::fs::write(h.keep_file(), "").unwrap();
-    h.wait_until("the hold", |h| h.phase().as_deref() == Some("holding"))
+    h.wait_until("the failure delay", |h| h.in_phase("powering-off"))
         .await;
+    std::fs::write(h.keep_file(), "").unwrap();
+    h.wait_until("the hold", |h| h.in_phase("holding")).await;
     // Well past the failure delay, the VM is still up.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!h.powered_off(), "{}", h.log());
@@ -290,7 +276,7 @@ async fn a_keep_file_created_during_the_failure_delay_holds_the_vm() {
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
     assert_eq!(
-        phases(&h),
+        h.phases(),
         [
             "waiting-for-config",
             "registering",
@@ -418,17 +404,22 @@ fn durations_beyond_ten_years_are_refused_on_the_command_line() {
             .arg("--keep-file")
             .arg(dir.path().join("keep"))
             .args(["--config-wait", "0", "--no-poweroff"])
-            .env("GITLAB_RUNNER_VM_FAILURE_DELAY", "0");
+            .env(flag_env("failure-delay"), "0");
     };
-    for (flag, env) in [
-        ("--hold-max", "GITLAB_RUNNER_VM_HOLD_MAX"),
-        ("--hold-extend", "GITLAB_RUNNER_VM_HOLD_EXTEND"),
-        ("--register-timeout", "GITLAB_RUNNER_VM_REGISTER_TIMEOUT"),
-        ("--stop-timeout", "GITLAB_RUNNER_VM_STOP_TIMEOUT"),
+    for flag in [
+        "hold-max",
+        "hold-extend",
+        "register-timeout",
+        "stop-timeout",
     ] {
+        let env = flag_env(flag);
         let mut cmd = std::process::Command::new(BIN);
         harmless(&mut cmd);
-        let out = cmd.args([flag, "18446744073709551615"]).output().unwrap();
+        let out = cmd
+            .arg(format!("--{flag}"))
+            .arg("18446744073709551615")
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{flag}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("maximum 315360000 s"), "{flag}: {err}");

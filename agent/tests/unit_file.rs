@@ -1,11 +1,14 @@
 //! The canonical unit, `agent/dist/gitlab-runner-vm.service`, agrees with the agent: what it
 //! waits for, how it is stopped, where its state lives; and systemd accepts it.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Command;
 
+use common::{BIN, facts};
+
 const UNIT: &str = include_str!("../dist/gitlab-runner-vm.service");
-const BIN: &str = env!("CARGO_BIN_EXE_gitlab-runner-vm");
 
 fn settings() -> HashMap<String, Vec<String>> {
     let mut map: HashMap<String, Vec<String>> = HashMap::new();
@@ -28,13 +31,6 @@ fn one(key: &str) -> String {
     let values = s.get(key).unwrap_or_else(|| panic!("{key} missing"));
     assert_eq!(values.len(), 1, "{key} set more than once");
     values[0].clone()
-}
-
-/// The agent's facts (`gitlab-runner-vm facts`).
-fn facts() -> serde_json::Value {
-    let out = Command::new(BIN).arg("facts").output().unwrap();
-    assert!(out.status.success());
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The default of a `run` flag in seconds.

@@ -7,6 +7,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,6 +20,53 @@ pub const TOKEN: &str = "glrt-fake.runner.token.0123456789";
 pub const BIN: &str = env!("CARGO_BIN_EXE_gitlab-runner-vm");
 /// Generous: these tests check behaviour, never speed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The agent's facts as checked in (`agent/facts.json`, which tests/facts.rs keeps equal to
+/// `gitlab-runner-vm facts`): where these tests take the console prefix, the phases and the
+/// flags' defaults and environment variables from, instead of copying them.
+pub fn facts() -> &'static Value {
+    static FACTS: OnceLock<Value> = OnceLock::new();
+    FACTS.get_or_init(|| {
+        serde_json::from_str(include_str!("../../facts.json")).expect("agent/facts.json is JSON")
+    })
+}
+
+/// `message` as the agent writes it to the console: the prefix is the facts', the message
+/// stays written out in each test, so a changed console line still fails the test.
+pub fn console_line(message: &str) -> String {
+    let prefix = facts()["console_prefix"]
+        .as_str()
+        .expect("facts: console_prefix");
+    format!("{prefix}{message}")
+}
+
+/// The phases status.json can show, in the agent's order.
+pub fn known_phases() -> Vec<&'static str> {
+    facts()["phases"]
+        .as_array()
+        .expect("facts: phases")
+        .iter()
+        .map(|p| p.as_str().expect("facts: a phase is a string"))
+        .collect()
+}
+
+/// `name`, checked to be one of the agent's phases: a phase misspelt (or renamed in the agent)
+/// fails here instead of making a wait time out or a `contains` never match.
+pub fn phase(name: &str) -> &str {
+    assert!(
+        known_phases().contains(&name),
+        "{name:?} is no phase of the agent's; its phases: {:?}",
+        known_phases()
+    );
+    name
+}
+
+/// The environment variable of a `run` flag (`--stop-timeout`: GITLAB_RUNNER_VM_STOP_TIMEOUT).
+pub fn flag_env(flag: &str) -> &'static str {
+    facts()["run_flags"][flag]["env"]
+        .as_str()
+        .unwrap_or_else(|| panic!("facts: no run flag --{flag}"))
+}
 
 pub struct Harness {
     pub dir: TempDir,
@@ -70,6 +118,15 @@ impl Harness {
         );
     }
 
+    /// Writes `text` as the executable `name` in the test's directory (a fake program for the
+    /// agent to run) and returns its path.
+    pub fn write_script(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
     pub fn keep_file(&self) -> PathBuf {
         self.path("etc/keep-runner")
     }
@@ -118,10 +175,7 @@ exit {code}
             secs = fake.job_seconds,
             code = fake.exit_code
         );
-        let path = self.path("gitlab-runner");
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        self.write_script("gitlab-runner", &script)
     }
 
     pub fn command(&self, runner: &Path, extra_args: &[&str]) -> Command {
@@ -153,19 +207,19 @@ exit {code}
         }
         // Run as root (CI), shell jobs need a job user other than root, as in the image.
         if nix::unistd::Uid::current().is_root() {
-            cmd.env("GITLAB_RUNNER_VM_JOB_USER", "nobody");
+            cmd.env(flag_env("job-user"), "nobody");
         }
         // Short timeouts for tests, through the environment variables the NixOS module uses;
         // a test's own flags override them.
-        for (key, value) in [
-            ("FAILURE_DELAY", "1"),
-            ("CONFIG_WAIT", "10"),
-            ("REGISTER_TIMEOUT", "20"),
-            ("DEREGISTER_TIMEOUT", "5"),
-            ("STOP_TIMEOUT", "5"),
-            ("HOLD_MAX", "3600"),
+        for (flag, value) in [
+            ("failure-delay", "1"),
+            ("config-wait", "10"),
+            ("register-timeout", "20"),
+            ("deregister-timeout", "5"),
+            ("stop-timeout", "5"),
+            ("hold-max", "3600"),
         ] {
-            cmd.env(format!("GITLAB_RUNNER_VM_{key}"), value);
+            cmd.env(flag_env(flag), value);
         }
         // Console lines go to a file of the test, never to the machine's console (nor, as the
         // fallback for a console that cannot be opened, to its kernel log).
@@ -174,9 +228,9 @@ exit {code}
             .append(true)
             .open(self.path("console"))
             .unwrap();
-        cmd.env("GITLAB_RUNNER_VM_CONSOLE", self.path("console"));
+        cmd.env(flag_env("console"), self.path("console"));
         let poweroff = format!("echo poweroff >> {}", self.path("poweroff").display());
-        cmd.env("GITLAB_RUNNER_VM_POWEROFF_COMMAND", poweroff);
+        cmd.env(flag_env("poweroff-command"), poweroff);
         cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(self.path("agent.stdout")).unwrap())
             .stderr(std::fs::File::create(self.path("agent.log")).unwrap())
@@ -252,6 +306,30 @@ exit {code}
         let text = std::fs::read_to_string(self.state_dir().join("status.json")).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
         v["phase"].as_str().map(str::to_owned)
+    }
+
+    /// Whether status.json shows the phase `name` (one of the agent's, or the test fails).
+    pub fn in_phase(&self, name: &str) -> bool {
+        self.phase().as_deref() == Some(phase(name))
+    }
+
+    /// The phases of status.json's timeline, in order; each one the agent lists in its facts.
+    pub fn phases(&self) -> Vec<String> {
+        let phases: Vec<String> = self.status()["timeline"]
+            .as_array()
+            .expect("status.json has a timeline")
+            .iter()
+            .map(|e| e["phase"].as_str().unwrap().to_owned())
+            .collect();
+        for p in &phases {
+            phase(p);
+        }
+        phases
+    }
+
+    /// Whether status.json's timeline has the phase `name` (one of the agent's).
+    pub fn went_through(&self, name: &str) -> bool {
+        self.phases().iter().any(|p| p == phase(name))
     }
 
     pub fn system_id_file(&self) -> String {
