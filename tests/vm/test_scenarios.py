@@ -4,12 +4,13 @@ judge the steps driven from outside while the VM ran (with their time bounds), t
 fake GitLab saw, how the VM ended, and the evidence from inside the guest."""
 
 import json
+import os
 import re
 
 import pytest
 
-from vmtest.config import (GUEST_AGENT, GUEST_UNIT, MSG_UNIT_STARTED, MSG_UNIT_STARTING, PHASES,
-                            SYSTEM_ID, UNIT)
+from vmtest.config import (FACTS, GUEST_AGENT, GUEST_UNIT, MSG_UNIT_STARTED, MSG_UNIT_STARTING,
+                            PHASES, STATE_DIR, SYSTEM_ID, UNIT)
 from vmtest.evidence import MULTI, Evidence, is_subsequence
 from vmtest.fake_gitlab import (is_deregistration, is_job_end, is_job_request, is_job_start,
                                 is_runner_deletion, is_verify, mask_in_text)
@@ -528,8 +529,8 @@ def test_systemd_never_had_to_kill_the_agent(ev, expect):
 # ---- the agent's state files: written before any GitLab call, root's (issue 17) ----------------
 
 def test_the_state_directory_is_0700_and_roots(ev, expect):
-    """the state directory /run/gitlab-runner-vm is 0700 and root's (RuntimeDirectoryMode=0700)"""
-    d = ev.state_files().get("gitlab-runner-vm")
+    """the agent's state directory is 0700 and root's (RuntimeDirectoryMode=0700)"""
+    d = ev.state_files().get(os.path.basename(STATE_DIR))
     expect(d and d[0] == "700" and d[1] == "root", " ".join(d or ["missing"]))
 
 
@@ -659,7 +660,7 @@ def test_logind_handled_the_power_button(ev, expect):
 
 # ---- the serial console: what an operator sees from outside the VM -----------------------------
 
-CONSOLE_PREFIX = "gitlab-runner-vm: "
+CONSOLE_PREFIX = FACTS["console_prefix"]
 
 
 def console_lines(run):

@@ -101,6 +101,17 @@ def installed_unit_text():
     return text.replace(UNIT_PLACEHOLDER, GUEST_AGENT)
 
 
+# Guest scripts that name the agent's state directory say @STATE_DIR@, filled in from
+# agent/facts.json as they are installed, so that none of them copies it.
+STATE_DIR_PLACEHOLDER = "@STATE_DIR@"
+
+
+def guest_script_text(name):
+    """tests/vm/guest/NAME as the guest gets it: the agent's state directory filled in."""
+    with open(os.path.join(GUEST_FILES, name)) as f:
+        return f.read().replace(STATE_DIR_PLACEHOLDER, STATE_DIR)
+
+
 POWEROFF_REAL = "/bin/systemctl poweroff"
 # The agent's flags that nixos-modules/gitlab-runner-vm.nix declares as typed settings with the
 # agent's own defaults (`flagOption`), which it therefore always puts in the unit's environment.
@@ -177,7 +188,7 @@ def build_root_image(base, scenario, workdir):
     # The fake gitlab-runner, and the evidence helpers.
     tree.put_file("/usr/local/bin/gitlab-runner", os.path.join(GUEST_FILES, "gitlab-runner"), 0o755)
     for helper in ("vmtest-status-watch", "vmtest-evidence"):
-        tree.put_file(f"/usr/local/libexec/vmtest/{helper}", os.path.join(GUEST_FILES, helper), 0o755)
+        tree.put(f"/usr/local/libexec/vmtest/{helper}", guest_script_text(helper), 0o755)
         tree.put_file(f"{sysd}/{helper}.service", os.path.join(GUEST_FILES, f"{helper}.service"), 0o644)
         tree.enable(f"{helper}.service", f"{sysd}/{helper}.service", "multi-user.target")
     if scenario.keep_file:
@@ -207,7 +218,7 @@ def add_hostile_job(tree, scenario):
     rule."""
     sysd = "/etc/systemd/system"
     for name in ("hostile-job", "vmtest-standin"):
-        tree.put_file(f"/usr/local/libexec/vmtest/{name}", os.path.join(GUEST_FILES, name), 0o755)
+        tree.put(f"/usr/local/libexec/vmtest/{name}", guest_script_text(name), 0o755)
     for unit in ("vmtest-metadata.service", "vmtest-docker.service", "vmtest-metadata-probe.service"):
         tree.put_file(f"{sysd}/{unit}", os.path.join(GUEST_FILES, unit), 0o644)
         tree.enable(unit, f"{sysd}/{unit}", "multi-user.target")

@@ -14,7 +14,8 @@ from . import image
 from .config import (AFTER_FAILURE_OBSERVE, BOOT_TO_JOB_MAX, CONFIG_DISK_LATE, FAILURE_DELAY,
                      GITLAB_ADDR, GRACE,
                      HOLD_OBSERVE, HOSTILE_JOB, HOSTILE_JOB_MAX, JOB_SECONDS, LONG_JOB_SECONDS,
-                     POWERDOWN_AFTER_JOB_START, POWEROFF_MAX, REGISTRY_MIRRORS, REPO, RUNS, log)
+                     PHASES, POWERDOWN_AFTER_JOB_START, POWEROFF_MAX, REGISTRY_MIRRORS, REPO, RUNS,
+                     log)
 from .evidence import Collector, Evidence
 from .fake_gitlab import (FakeGitLab, is_deregistration, is_job_end, is_job_start, is_verify,
                           mask_in_text)
@@ -53,6 +54,13 @@ class Scenario:
     # runner.json's `cache` (None: none). Scenario f: S3 with the instance's role, for which
     # the agent admits gitlab-runner's cgroup (never the job's) through the metadata firewall.
     cache: dict = None
+
+    def __post_init__(self):
+        # A misspelt (or renamed) phase fails here, not as a forbidden phase that is never seen.
+        unknown = [p for p in self.expect_phases + self.forbid_phases if p not in PHASES]
+        if unknown:
+            raise ValueError(f"scenario {self.key}: {unknown} are not phases of the agent "
+                             f"(agent/facts.json: {PHASES})")
 
     @property
     def accepted(self):
