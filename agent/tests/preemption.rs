@@ -535,7 +535,7 @@ async fn a_keep_file_holds_no_vm_that_the_platform_takes() {
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
     assert!(h.keep_file().exists(), "the keep file is the operator's");
-    let p = phases(&h);
-    assert!(!p.iter().any(|phase| phase == "holding"), "{p:?}");
+    let p = h.phases();
+    assert!(!h.went_through("holding"), "{p:?}");
     assert_eq!(p.last().map(String::as_str), Some("powering-off"), "{p:?}");
 }
