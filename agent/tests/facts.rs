@@ -56,3 +56,37 @@ fn every_phase_the_agent_writes_is_listed() {
     }
     assert_eq!(phases.first(), Some(&"waiting-for-config"));
 }
+
+/// The console prefix is the facts' alone: a test that writes it out again (instead of
+/// `common::console_line`) would go on passing against a copy that the agent no longer prints.
+#[test]
+fn the_tests_take_the_console_prefix_from_the_facts() {
+    let prefix = common::facts()["console_prefix"].as_str().unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut copies = Vec::new();
+    for dir in [
+        "agent/tests",
+        "agent/tests/common",
+        "tests/vm",
+        "tests/vm/vmtest",
+    ] {
+        for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+            let path = entry.unwrap().path();
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue; // a directory
+            };
+            for (n, line) in text.lines().enumerate() {
+                if line.contains(&format!("\"{prefix}")) {
+                    let name = path.file_name().unwrap().to_string_lossy();
+                    copies.push(format!("{dir}/{name}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        copies.is_empty(),
+        "the console prefix written out (use console_line(\"...\") in agent/tests, \
+         FACTS[\"console_prefix\"] in tests/vm):\n{}",
+        copies.join("\n")
+    );
+}

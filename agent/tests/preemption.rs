@@ -483,7 +483,7 @@ async fn a_notice_ends_a_hold_under_way() {
     let p = h.phases();
     assert_eq!(&p[p.len() - 2..], ["holding", "powering-off"], "{p:?}");
     assert!(
-        h.console().contains("gitlab-runner-vm: holding: "),
+        h.console().contains(&console_line("holding: ")),
         "the hold is said on the console: {}",
         h.console()
     );
