@@ -25,7 +25,7 @@ impl Agent {
             // A stop outranks everything else that may be ready at the same time.
             biased;
             _ = self.interrupts.reached(Interrupt::Stop) => {
-                return self.stopping(Some(job.child), job.teardown);
+                return self.stopping(Some(job.child));
             }
             exit = job.child.wait() => return self.jobs_ended(exit, job, false).await,
             _ = self.interrupts.reached(Interrupt::Drain) => {
@@ -83,7 +83,7 @@ impl Agent {
             tokio::select! {
                 biased;
                 _ = interrupts.reached(Interrupt::Stop) => {
-                    return self.stopping(Some(job.child), job.teardown);
+                    return self.stopping(Some(job.child));
                 }
                 exit = job.child.wait() => return self.jobs_ended(exit, job, true).await,
                 _ = sleep_until_opt(abort_at) => {
@@ -125,7 +125,7 @@ impl Agent {
         ));
         stop_child(&mut job.child, budget).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), job.forwarding).await;
-        self.teardown(job.teardown)
+        self.teardown()
     }
 
     async fn jobs_ended(
@@ -139,7 +139,7 @@ impl Agent {
         match exit {
             Ok(status) if status.success() => {
                 tracing::info!("gitlab-runner exited: its jobs are done");
-                self.teardown(job.teardown)
+                self.teardown()
             }
             Ok(status) if draining && killed_by(status, Signal::SIGQUIT) => {
                 // Our SIGQUIT arrived before gitlab-runner had installed its handlers: it had
@@ -147,13 +147,10 @@ impl Agent {
                 tracing::info!(
                     "gitlab-runner ended on SIGQUIT before it could take a job: drained"
                 );
-                self.teardown(job.teardown)
+                self.teardown()
             }
-            Ok(status) => failed(
-                AgentError::RunnerFailed(describe_exit(status)),
-                job.teardown,
-            ),
-            Err(e) => failed(AgentError::RunnerWait(e.to_string()), job.teardown),
+            Ok(status) => failed(AgentError::RunnerFailed(describe_exit(status))),
+            Err(e) => failed(AgentError::RunnerWait(e.to_string())),
         }
     }
 }

@@ -76,10 +76,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             State::Registering(setup) => agent.register(setup).instrument(span).await,
             State::Running(job) => agent.run_jobs(job).instrument(span).await,
             State::Draining(job) => agent.finish_jobs(job).instrument(span).await,
-            State::Deregistering(t) => agent.deregister(t).instrument(span).await,
+            State::Deregistering => agent.deregister().instrument(span).await,
             State::Holding(t) => agent.hold(t).instrument(span).await,
             State::PoweringOff(t) => agent.power_off(t).instrument(span).await,
-            State::Failed(error, t) => agent.after_failure(error, t),
+            State::Failed(error) => agent.after_failure(error),
             State::Stopping(stop) => agent.stop(stop).instrument(span).await,
             State::Exit(code) => return Ok(code),
         };
@@ -176,8 +176,8 @@ impl Agent {
                 if lifecycle::on_start(Some(previous_run), &self.rec.boot_id)
                     == StartDecision::TearDown
                 {
-                    let teardown = self.rec.span().in_scope(|| self.resume(*prev));
-                    let next = self.teardown(teardown);
+                    self.rec.span().in_scope(|| self.resume(*prev));
+                    let next = self.teardown();
                     return self.enter(next);
                 }
             }
@@ -190,15 +190,12 @@ impl Agent {
             }
             // Fail closed: this boot may have registered and run a job already.
             status::Found::Unreadable { error, whose } => {
-                let teardown = self.rec.span().in_scope(|| self.fail_closed());
-                let next = state::failed(
-                    error::AgentError::StatusUnreadable {
-                        path: status::path_in(&self.ctx.args.state_dir),
-                        detail: error,
-                        whose: whose.describe(),
-                    },
-                    teardown,
-                );
+                self.rec.span().in_scope(|| self.fail_closed());
+                let next = state::failed(error::AgentError::StatusUnreadable {
+                    path: status::path_in(&self.ctx.args.state_dir),
+                    detail: error,
+                    whose: whose.describe(),
+                });
                 return self.enter(next);
             }
         }
@@ -224,7 +221,7 @@ impl Agent {
         if phase == Phase::Registering {
             self.rec.mark(BootRecord::config_found);
         }
-        if let State::Failed(error, _) = &state {
+        if let State::Failed(error) = &state {
             let line = error.with_fix();
             // Entered, not given as `parent:`: journald takes the fields of the entered span.
             let _in_phase = self.rec.span().entered();

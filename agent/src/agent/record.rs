@@ -1,4 +1,5 @@
-//! The record of this boot: exactly what status.json shows, and the one place that tells the
+//! The record of this boot: exactly what status.json shows (with the means to delete this VM
+//! from GitLab, which it shows as two flags), and the one place that tells the
 //! outside world what happened (status.json, systemd's `STATUS=`, the journal in the phase's
 //! span, the console, the boot record's milestones). Steps change it; the context they read
 //! (`Context`) they never do.
@@ -11,7 +12,8 @@ use super::interrupt::Interrupts;
 use crate::boot_record::{self, BootRecord};
 use crate::config::CredentialKind;
 use crate::console::Console;
-use crate::lifecycle::{Lifecycle, Phase};
+use crate::lifecycle::{Lifecycle, Phase, Registration};
+use crate::registration::Registered;
 use crate::status::{self, Published, Status};
 use crate::{secret, systemd};
 
@@ -40,8 +42,56 @@ pub(super) enum Event {
     Trouble { text: String, ends_the_run: bool },
 }
 
+/// What GitLab knows of this VM, with what deleting it takes: the one account of this boot's
+/// registration, which teardown reads and status.json shows (as `registered` and
+/// `deregistered`: `lifecycle::Registration`).
+pub(super) enum GitLabKnows {
+    /// Nothing of this boot.
+    Nothing,
+    /// This VM, or may (a verify sent, a runner created or handed over by the broker):
+    /// teardown deletes it with this. None: the token or GitLab's url of this boot is lost
+    /// (config.toml missing or unreadable after a restart); it must be deleted by hand.
+    ThisVm(Option<Registered>),
+    /// Deleted from GitLab, or found gone.
+    NoMore,
+}
+
+impl GitLabKnows {
+    /// A restarted agent's account: what status.json said, and what config.toml still names.
+    pub(super) fn resumed(shown: Registration, means: Option<Registered>) -> Self {
+        match shown {
+            Registration::None => GitLabKnows::Nothing,
+            Registration::Registered => GitLabKnows::ThisVm(means),
+            Registration::Deregistered => GitLabKnows::NoMore,
+        }
+    }
+
+    /// Whether teardown starts with a deregistration.
+    pub(super) fn needs_deregistration(&self) -> bool {
+        matches!(self, GitLabKnows::ThisVm(_))
+    }
+
+    /// The means to delete this VM, when GitLab knows it and they are not lost.
+    pub(super) fn means(&self) -> Option<&Registered> {
+        match self {
+            GitLabKnows::ThisVm(means) => means.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// What status.json shows of it.
+    pub(super) fn shown(&self) -> Registration {
+        match self {
+            GitLabKnows::Nothing => Registration::None,
+            GitLabKnows::ThisVm(_) => Registration::Registered,
+            GitLabKnows::NoMore => Registration::Deregistered,
+        }
+    }
+}
+
 pub(super) struct Record {
     pub(super) lc: Lifecycle,
+    pub(super) gitlab: GitLabKnows,
     pub(super) boot_id: String,
     pub(super) shown: Shown,
     pub(super) system_id: Option<String>,
@@ -70,6 +120,7 @@ impl Record {
         boot.agent_started(boot_record::now_ms());
         Record {
             lc: Lifecycle::new(SystemTime::now()),
+            gitlab: GitLabKnows::Nothing,
             boot_id: boot_id(),
             shown: Shown::default(),
             system_id: None,
@@ -173,8 +224,8 @@ impl Record {
             system_id: self.system_id.clone(),
             credential: self.shown.credential,
             gitlab_url: self.shown.gitlab_url.clone(),
-            registered: self.lc.registration.ever_registered(),
-            deregistered: self.lc.registration.deregistered(),
+            registered: self.gitlab.shown().ever_registered(),
+            deregistered: self.gitlab.shown().deregistered(),
             runner_started: self.lc.runner_started,
             timeline: self.lc.timeline.clone(),
             timeline_dropped: self.lc.timeline_dropped,

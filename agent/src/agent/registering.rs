@@ -6,14 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
-use super::record::Event;
-use super::state::{Job, Next, Setup, State, Teardown, failed};
+use super::record::{Event, GitLabKnows};
+use super::state::{Job, Next, Setup, State, failed};
 use super::{Agent, deadline_after};
 use crate::boot_record::{self, BootRecord};
 use crate::config::RunnerConfig;
 use crate::console::Console;
 use crate::gitlab::RetryError;
-use crate::lifecycle::{Phase, Registration};
+use crate::lifecycle::Phase;
 use crate::registration::expiry::{self, Expiry};
 use crate::registration::{Registered, Target, possibly_created};
 use crate::runner::job_lines::{self, JobLine, Outcome};
@@ -22,39 +22,22 @@ use crate::secret::Secret;
 use crate::status::{self, Published};
 
 impl Agent {
-    pub(super) async fn register(&mut self, setup: Setup) -> Next {
-        let Setup {
-            config,
-            client,
-            shell_jobs,
-            runner_env,
-            system_id,
-            flow,
-        } = setup;
-        let target = flow.target();
-        let registered = |runner_token: Secret| Registered {
-            client: client.clone(),
-            runner_token,
-            system_id: system_id.clone(),
-            target,
-        };
-        // A manager may exist from the first verify on; a created runner only once its answer
-        // came.
-        let pending = Teardown {
-            registered: flow.known_runner_token().map(&registered),
-        };
+    pub(super) async fn register(&mut self, setup: Box<Setup>) -> Next {
+        let target = setup.flow.target();
         let deadline = deadline_after(Duration::from_secs(self.ctx.args.register_timeout));
         // A drain, a notice that the VM goes away or a stop ends the retries at once.
         let give_up = {
             let interrupts = self.interrupts.clone();
             Box::pin(async move { interrupts.reached(Interrupt::Drain).await })
         };
-        let call = flow.register(&client, &system_id, deadline, give_up);
+        let call = setup
+            .flow
+            .register(&setup.client, &setup.system_id, deadline, give_up);
         tokio::pin!(call);
         let result = match self.interrupts.unless(Interrupt::Drain, &mut call).await {
             Some(result) => result,
             None => {
-                let teardown = if target.only_the_answer_names_it() {
+                if target.only_the_answer_names_it() {
                     // Dropping a request in flight would leave a runner GitLab may be creating
                     // right now, with a token nobody knows: let it finish (within the notice's
                     // warning, if any), then the teardown deletes it. Between attempts nothing
@@ -67,71 +50,57 @@ impl Agent {
                     );
                     match tokio::time::timeout(bound, call).await {
                         Ok(Ok(accepted)) => {
-                            self.accept_created(&config, &shell_jobs, registered(accepted.token))
+                            self.accept_created(&setup, setup.registered(accepted.token))
                         }
                         Ok(Err(RetryError::Interrupted { .. })) => {
                             tracing::info!("no request was in flight: nothing was created");
-                            pending
                         }
                         Ok(Err(_)) | Err(_) => {
-                            tracing::warn!("{}", possibly_created(&config.name));
-                            pending
+                            tracing::warn!("{}", possibly_created(&setup.config.name));
                         }
                     }
-                } else {
-                    // A verify that may have reached GitLab: teardown deletes the manager.
-                    pending
-                };
+                }
+                // A verify that may have reached GitLab: teardown deletes the manager, which
+                // `GitLabKnows` has named since the registering began.
                 if self.interrupt() == Interrupt::Stop {
-                    return self.stopping(None, teardown);
+                    return self.stopping(None);
                 }
                 tracing::info!(
                     "{} while registering: gitlab-runner is not started; tearing down",
                     self.interruption()
                 );
-                return self.teardown(teardown);
+                return self.teardown();
             }
         };
-        let (teardown, token_expires_at) = match result {
-            Ok(accepted) if target == Target::Manager => (
-                Teardown {
-                    registered: Some(registered(accepted.token)),
-                },
-                accepted.token_expires_at,
-            ),
-            Ok(accepted) => (
-                self.accept_created(&config, &shell_jobs, registered(accepted.token)),
-                accepted.token_expires_at,
-            ),
+        let token_expires_at = match result {
+            Ok(accepted) if target == Target::Manager => {
+                self.rec.gitlab = GitLabKnows::ThisVm(Some(setup.registered(accepted.token)));
+                accepted.token_expires_at
+            }
+            Ok(accepted) => {
+                self.accept_created(&setup, setup.registered(accepted.token));
+                accepted.token_expires_at
+            }
             Err(error) => {
-                let nothing_created =
-                    matches!(error, RetryError::Permanent(_)) && target == Target::Manager;
-                if nothing_created {
+                if matches!(error, RetryError::Permanent(_)) && target == Target::Manager {
                     // GitLab refused the verify: it created no manager.
-                    self.rec.lc.registration = Registration::None;
+                    self.rec.gitlab = GitLabKnows::Nothing;
                 }
-                let teardown = if nothing_created {
-                    Teardown::default()
-                } else {
-                    pending
-                };
                 let timeout_seconds = self.ctx.args.register_timeout;
-                return failed(
-                    AgentError::Registration {
-                        error,
-                        timeout_seconds,
-                    },
-                    teardown,
-                );
+                return failed(AgentError::Registration {
+                    error,
+                    timeout_seconds,
+                });
             }
         };
+        let config = &setup.config;
         self.rec.mark(BootRecord::registered);
         self.rec.milestone(&format!(
-            "registered runner {} (system {system_id}) at {}",
-            config.name, config.url
+            "registered runner {} (system {}) at {}",
+            config.name, setup.system_id, config.url
         ));
-        if let Some(error) = self.check_token_expiry(token_expires_at.as_deref(), &config) {
-            return failed(error, teardown);
+        if let Some(error) = self.check_token_expiry(token_expires_at.as_deref(), config) {
+            return failed(error);
         }
         self.rec.write_status();
         if matches!(self.interrupt(), Interrupt::Drain | Interrupt::Preempted) {
@@ -141,9 +110,9 @@ impl Agent {
                 "{} before gitlab-runner started: not starting it, tearing down",
                 self.interruption()
             );
-            return self.teardown(teardown);
+            return self.teardown();
         }
-        self.start_runner(&config, &shell_jobs, &runner_env, teardown)
+        self.start_runner(config, &setup.shell_jobs, &setup.runner_env)
     }
 
     /// What cut a wait short (registration, a daemon reload), for the journal.
@@ -192,21 +161,15 @@ impl Agent {
 
     /// A runner GitLab created for this VM: from now on teardown deletes it, with the token
     /// that config.toml (which gitlab-runner reads) also keeps for a restarted agent.
-    fn accept_created(
-        &mut self,
-        config: &RunnerConfig,
-        shell_jobs: &ShellJobs,
-        registered: Registered,
-    ) -> Teardown {
-        self.rec.lc.registration = Registration::Registered;
-        let toml = runner::render_config_toml(config, &registered.runner_token, shell_jobs);
-        if let Err(e) = self.write_runner_files(&registered.system_id, &toml) {
+    fn accept_created(&mut self, setup: &Setup, registered: Registered) {
+        let toml =
+            runner::render_config_toml(&setup.config, &registered.runner_token, &setup.shell_jobs);
+        let system_id = registered.system_id.clone();
+        self.rec.gitlab = GitLabKnows::ThisVm(Some(registered));
+        if let Err(e) = self.write_runner_files(&system_id, &toml) {
             tracing::warn!("{}", e.with_fix());
         }
         self.rec.write_status();
-        Teardown {
-            registered: Some(registered),
-        }
     }
 
     /// Starts `gitlab-runner run-single`, once status.json records that it starts.
@@ -215,7 +178,6 @@ impl Agent {
         config: &RunnerConfig,
         shell_jobs: &ShellJobs,
         env: &[(String, String)],
-        teardown: Teardown,
     ) -> Next {
         let config_file = self.ctx.args.state_dir.join(runner::CONFIG_FILE);
         let args = runner::run_single_args(&config_file, config);
@@ -223,7 +185,7 @@ impl Agent {
         if let Err(e) = self.rec.try_write_status() {
             let path = status::path_in(&self.ctx.args.state_dir);
             let detail = e.to_string();
-            return failed(AgentError::StartNotRecorded { path, detail }, teardown);
+            return failed(AgentError::StartNotRecorded { path, detail });
         }
         let program = self.ctx.args.gitlab_runner.clone();
         let cwd = self.ctx.args.state_dir.clone();
@@ -231,17 +193,17 @@ impl Agent {
         let mut child = match runner::spawn(&program, &args, env, &cwd, cgroup) {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return failed(AgentError::RunnerMissing(program), teardown);
+                return failed(AgentError::RunnerMissing(program));
             }
             Err(e) => {
                 let detail = e.to_string();
-                return failed(AgentError::RunnerSpawn { program, detail }, teardown);
+                return failed(AgentError::RunnerSpawn { program, detail });
             }
         };
         let pid = child.id().unwrap_or(0);
         let secrets: Vec<Secret> = [
             Some(config.credential.secret().clone()),
-            teardown.registered.as_ref().map(|r| r.runner_token.clone()),
+            self.rec.gitlab.means().map(|r| r.runner_token.clone()),
         ]
         .into_iter()
         .flatten()
@@ -270,7 +232,6 @@ impl Agent {
             jobs_received,
             lifetime_end: config.max_lifetime.map(deadline_after),
             max_lifetime_seconds: config.max_lifetime.unwrap_or_default().as_secs(),
-            teardown,
         };
         let detail = format!(
             "gitlab-runner (pid {pid}) runs up to {} job(s) as {}, giving up after {} s without a job",

@@ -14,16 +14,18 @@ use crate::gitlab::Client;
 use crate::lifecycle::Phase;
 use crate::registration::{CredentialFlow, Registered};
 use crate::runner::ShellJobs;
+use crate::secret::Secret;
 
 pub enum State {
     WaitingForConfig,
-    Registering(Setup),
+    /// Boxed: the largest state by far, and entered once.
+    Registering(Box<Setup>),
     Running(Job),
     Draining(Job),
-    Deregistering(Teardown),
+    Deregistering,
     Holding(Hold),
     PoweringOff(PowerOff),
-    Failed(AgentError, Teardown),
+    Failed(AgentError),
     Stopping(Stop),
     /// The run is over: the process exits with this code.
     Exit(ExitCode),
@@ -36,10 +38,10 @@ impl State {
             State::Registering(_) => Phase::Registering,
             State::Running(_) => Phase::Running,
             State::Draining(_) => Phase::Draining,
-            State::Deregistering(_) => Phase::Deregistering,
+            State::Deregistering => Phase::Deregistering,
             State::Holding(_) => Phase::Holding,
             State::PoweringOff(_) => Phase::PoweringOff,
-            State::Failed(..) => Phase::Failed,
+            State::Failed(_) => Phase::Failed,
             State::Stopping(_) => Phase::Stopping,
             State::Exit(_) => return None,
         })
@@ -85,6 +87,28 @@ pub struct Setup {
     pub flow: Box<dyn CredentialFlow>,
 }
 
+impl Setup {
+    /// This VM as GitLab knows it once `runner_token` names it (the flow says whether that is
+    /// this VM's manager or a runner of its own).
+    pub fn registered(&self, runner_token: Secret) -> Registered {
+        Registered {
+            client: self.client.clone(),
+            runner_token,
+            system_id: self.system_id.clone(),
+            target: self.flow.target(),
+        }
+    }
+
+    /// What GitLab knows of this VM before the flow's first request: the manager a verify
+    /// creates (from the first one on, teardown deletes it: the request may reach GitLab
+    /// whatever becomes of its answer), or the runner the broker created for this boot.
+    pub fn known_before_registering(&self) -> Option<Registered> {
+        self.flow
+            .known_runner_token()
+            .map(|token| self.registered(token))
+    }
+}
+
 /// running and draining: gitlab-runner and the forwarding of its output.
 pub struct Job {
     pub child: Child,
@@ -95,20 +119,10 @@ pub struct Job {
     /// `max_lifetime`: the drain starts here.
     pub lifetime_end: Option<Instant>,
     pub max_lifetime_seconds: u64,
-    pub teardown: Teardown,
-}
-
-/// What teardown needs: nothing from runner.json, only what GitLab must be told.
-#[derive(Default)]
-pub struct Teardown {
-    /// This VM as GitLab knows it (or may know it); None when nothing was registered, or when
-    /// the token of a runner this boot created was lost.
-    pub registered: Option<Registered>,
 }
 
 /// holding: the VM kept for debugging while the keep file exists.
 pub struct Hold {
-    pub teardown: Teardown,
     /// When this boot's hold began: `--hold-max` counts from it, across restarts.
     pub started: SystemTime,
 }
@@ -116,18 +130,16 @@ pub struct Hold {
 /// powering-off: the power-off command (or the exit) is due at `at`, after the failure delay;
 /// None: at once.
 pub struct PowerOff {
-    pub teardown: Teardown,
     pub at: Option<SystemTime>,
 }
 
 /// stopping: SIGTERM from outside.
 pub struct Stop {
     pub child: Option<Child>,
-    pub teardown: Teardown,
 }
 
-/// A failure, and the teardown that follows it.
-pub fn failed(error: AgentError, teardown: Teardown) -> Next {
+/// A failure; the teardown follows it.
+pub fn failed(error: AgentError) -> Next {
     let detail = error.to_string();
-    Next::to(State::Failed(error, teardown), detail)
+    Next::to(State::Failed(error), detail)
 }

@@ -13,7 +13,8 @@ use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::jobs::stop_child;
 use super::record::Event;
-use super::state::{Hold, Next, PowerOff, State, Stop, Teardown};
+use super::record::GitLabKnows;
+use super::state::{Hold, Next, PowerOff, State, Stop};
 use super::{Agent, deadline_after};
 use crate::boot_record::BootRecord;
 use crate::config::CredentialKind;
@@ -29,24 +30,21 @@ use crate::{power, runner, systemd};
 impl Agent {
     /// Where teardown starts: deregistration if GitLab (may) know this VM, else the hold if the
     /// keep file exists, else the power-off.
-    pub(super) fn teardown(&mut self, teardown: Teardown) -> Next {
+    pub(super) fn teardown(&mut self) -> Next {
         self.end_running_jobs("gitlab-runner ended without reporting its end");
-        if self.rec.lc.needs_deregistration() {
-            return Next::to(
-                State::Deregistering(teardown),
-                "removing this VM from GitLab",
-            );
+        if self.rec.gitlab.needs_deregistration() {
+            return Next::to(State::Deregistering, "removing this VM from GitLab");
         }
-        self.after_deregistration(teardown)
+        self.after_deregistration()
     }
 
     /// Once GitLab was told (or there was nothing to tell): hold while the keep file exists,
     /// else power off.
-    fn after_deregistration(&mut self, teardown: Teardown) -> Next {
+    fn after_deregistration(&mut self) -> Next {
         let keep_file = hold::keep_file_exists(&self.ctx.args.keep_file);
         match lifecycle::after_deregistration(keep_file, self.interrupt()) {
-            Phase::Holding => self.holding(teardown),
-            _ => self.powering_off(teardown),
+            Phase::Holding => self.holding(),
+            _ => self.powering_off(),
         }
     }
 
@@ -57,7 +55,7 @@ impl Agent {
         }
     }
 
-    fn holding(&mut self, teardown: Teardown) -> Next {
+    fn holding(&mut self) -> Next {
         // The first hold of this boot sets the start that `--hold-max` counts from; a
         // restarted agent read it back (`resume`), so a restart never grants a new ceiling.
         let started = *self.rec.hold_started.get_or_insert_with(SystemTime::now);
@@ -74,10 +72,10 @@ impl Agent {
             .map(|at| format!(", {} at most", crate::timestamp::fmt_time(at)))
             .unwrap_or_default();
         let console = format!("holding: {detail}{until}");
-        Next::to(State::Holding(Hold { teardown, started }), detail).on_console(console)
+        Next::to(State::Holding(Hold { started }), detail).on_console(console)
     }
 
-    fn powering_off(&mut self, teardown: Teardown) -> Next {
+    fn powering_off(&mut self) -> Next {
         let now = SystemTime::now();
         let wait = lifecycle::poweroff_wait(
             self.rec.lc.failed_at,
@@ -102,35 +100,34 @@ impl Agent {
                 self.ctx.args.keep_file.display()
             )
         };
-        Next::to(State::PoweringOff(PowerOff { teardown, at }), detail)
+        Next::to(State::PoweringOff(PowerOff { at }), detail)
     }
 
-    pub(super) fn stopping(&self, child: Option<Child>, teardown: Teardown) -> Next {
+    pub(super) fn stopping(&self, child: Option<Child>) -> Next {
         let detail = "stop requested (SIGTERM): aborting, deregistering, exiting";
-        Next::to(State::Stopping(Stop { child, teardown }), detail)
-            .on_console(format!("stopping: {detail}"))
+        Next::to(State::Stopping(Stop { child }), detail).on_console(format!("stopping: {detail}"))
     }
 
     /// failed: the error is recorded (by `enter`); the teardown follows, unless the VM is being
     /// shut down from outside anyway.
-    pub(super) fn after_failure(&mut self, _error: AgentError, teardown: Teardown) -> Next {
+    pub(super) fn after_failure(&mut self, _error: AgentError) -> Next {
         if self.interrupt() == Interrupt::Stop {
-            return self.stopping(None, teardown);
+            return self.stopping(None);
         }
-        self.teardown(teardown)
+        self.teardown()
     }
 
     /// deregistering: runs to its (bounded) end even when a stop arrives meanwhile.
-    pub(super) async fn deregister(&mut self, mut teardown: Teardown) -> Next {
-        self.delete_from_gitlab(&teardown).await;
+    pub(super) async fn deregister(&mut self) -> Next {
+        self.delete_from_gitlab().await;
         if self.interrupt() == Interrupt::Stop {
-            return self.stopping(None, std::mem::take(&mut teardown));
+            return self.stopping(None);
         }
-        self.after_deregistration(teardown)
+        self.after_deregistration()
     }
 
-    async fn delete_from_gitlab(&mut self, teardown: &Teardown) {
-        let Some(registered) = &teardown.registered else {
+    async fn delete_from_gitlab(&mut self) {
+        let Some(registered) = self.rec.gitlab.means().cloned() else {
             let message = "cannot deregister: the runner token or GitLab's url of this boot is lost (config.toml is missing or unreadable); delete this VM's runner or manager in GitLab by hand (Settings > CI/CD > Runners)";
             tracing::warn!("{message}");
             self.rec.last_error = Some(message.into());
@@ -146,7 +143,7 @@ impl Agent {
         let deadline = deadline_after(budget);
         match registered.deregister(deadline).await {
             Ok(deletion) => {
-                self.rec.lc.registration = Registration::Deregistered;
+                self.rec.gitlab = GitLabKnows::NoMore;
                 let how = match deletion {
                     Deletion::Deleted => "deleted from GitLab",
                     Deletion::AlreadyGone => "was already gone from GitLab",
@@ -167,7 +164,7 @@ impl Agent {
 
     /// holding: until the keep file is removed, or `--hold-extend` after its last change (or the
     /// hold's start), and never past `--hold-max` after the hold's start.
-    pub(super) async fn hold(&mut self, Hold { teardown, started }: Hold) -> Next {
+    pub(super) async fn hold(&mut self, Hold { started }: Hold) -> Next {
         let keep_file = self.ctx.args.keep_file.clone();
         let limits = self.hold_limits();
         let held = hold::hold(&keep_file, limits, started, |deadline| {
@@ -182,7 +179,7 @@ impl Agent {
         let interrupts = self.interrupts.clone();
         let Some(end) = interrupts.unless(Interrupt::Preempted, held).await else {
             self.rec.hold_deadline = None;
-            return self.interrupted_hold(teardown);
+            return self.interrupted_hold();
         };
         self.rec.hold_deadline = None;
         match end {
@@ -192,12 +189,12 @@ impl Agent {
             }
             Err(e) => tracing::error!("cannot watch {}: {e}; ending the hold", keep_file.display()),
         }
-        self.powering_off(teardown)
+        self.powering_off()
     }
 
     /// powering-off: after the failure delay (a keep file created meanwhile holds the VM), the
     /// power-off command, or with --no-poweroff just the exit.
-    pub(super) async fn power_off(&mut self, PowerOff { teardown, at }: PowerOff) -> Next {
+    pub(super) async fn power_off(&mut self, PowerOff { at }: PowerOff) -> Next {
         let wait = at
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO);
@@ -211,10 +208,10 @@ impl Agent {
             }
         });
         match waited.await {
-            None if self.interrupt() == Interrupt::Stop => return self.stopping(None, teardown),
+            None if self.interrupt() == Interrupt::Stop => return self.stopping(None),
             Some(true) => {
                 self.rec.poweroff_at = None;
-                return self.holding(teardown);
+                return self.holding();
             }
             None | Some(false) => {}
         }
@@ -293,8 +290,8 @@ impl Agent {
             stop_child(&mut child, timeout).await;
             self.end_running_jobs("aborted by the stop");
         }
-        if self.rec.lc.needs_deregistration() {
-            self.delete_from_gitlab(&stop.teardown).await;
+        if self.rec.gitlab.needs_deregistration() {
+            self.delete_from_gitlab().await;
         }
         self.rec.note(Event::Done {
             text: "stopped".into(),
@@ -310,7 +307,7 @@ impl Agent {
     /// config.toml names and powers off. Which flow registered is unknown too, so the deletion
     /// is of this VM's manager: deleting "the runner" with a shared `glrt-` token would remove
     /// the whole fleet's runner from GitLab.
-    pub(super) fn fail_closed(&mut self) -> Teardown {
+    pub(super) fn fail_closed(&mut self) {
         let state_dir = self.ctx.args.state_dir.clone();
         self.rec.system_id = runner::read_system_id(&state_dir);
         // With the broker every runner is this boot's own: deleting it removes nobody else's.
@@ -335,12 +332,10 @@ impl Agent {
                 "config.toml names no runner: nothing to deregister; if this boot created a runner, delete it by hand (Settings > CI/CD > Runners)"
             ),
         }
-        self.rec.lc.registration = if registered.is_some() {
-            Registration::Registered
-        } else {
-            Registration::None
+        self.rec.gitlab = match registered {
+            Some(registered) => GitLabKnows::ThisVm(Some(registered)),
+            None => GitLabKnows::Nothing,
         };
-        Teardown { registered }
     }
 
     /// What a deregistration needs, from config.toml's runner entry (which a restarted agent
@@ -364,7 +359,7 @@ impl Agent {
     /// A restarted agent found that this boot already registered, started gitlab-runner, was
     /// registering or began its teardown: it never starts another gitlab-runner, and resumes the
     /// teardown from the state directory alone (runner.json may be what made it crash).
-    pub(super) fn resume(&mut self, prev: Status) -> Teardown {
+    pub(super) fn resume(&mut self, prev: Status) {
         let what = if prev.runner_started {
             "started gitlab-runner"
         } else if prev.registered {
@@ -388,35 +383,35 @@ impl Agent {
         };
         let registered = runner::read_runner_entry(&state_dir)
             .and_then(|entry| self.deregistration_from(entry, target));
-        self.rec.lc.registration = Registration::from_flags(prev.registered, prev.deregistered);
+        let mut shown = Registration::from_flags(prev.registered, prev.deregistered);
         if prev.phase == Phase::Registering && target.only_the_answer_names_it() {
             // A runner created just before the crash is in config.toml already; else its
             // token is lost.
             match registered {
-                Some(_) => self.rec.lc.registration = Registration::Registered,
+                Some(_) => shown = Registration::Registered,
                 None => tracing::warn!(
                     "{}",
                     possibly_created(prev.runner.as_deref().unwrap_or("?"))
                 ),
             }
         }
+        self.rec.gitlab = GitLabKnows::resumed(shown, registered);
         self.rec.resume(prev);
-        Teardown { registered }
     }
 }
 
 impl Agent {
     /// A hold cut short: by a stop, or by a notice that the VM goes away, after which nothing
     /// holds or delays the power-off (`Interrupt::allows_hold_and_delay`).
-    fn interrupted_hold(&mut self, teardown: Teardown) -> Next {
+    fn interrupted_hold(&mut self) -> Next {
         if self.interrupt() == Interrupt::Stop {
-            return self.stopping(None, teardown);
+            return self.stopping(None);
         }
         tracing::warn!(
             "hold ended: a preemption notice says the VM goes away ({})",
             self.interruption()
         );
-        self.powering_off(teardown)
+        self.powering_off()
     }
 
     fn end_watcher(&mut self) {

@@ -11,13 +11,13 @@ use tokio::time::Instant;
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
+use super::record::GitLabKnows;
 use super::record::Shown;
-use super::state::{Next, Setup, State, Teardown, failed};
+use super::state::{Next, Setup, State, failed};
 use super::{Agent, deadline_after};
 use crate::broker::{self, BrokerClient};
 use crate::config::RunnerConfig;
 use crate::gitlab::Client;
-use crate::lifecycle::Registration;
 use crate::metadata::{ConfigSource, MetadataClient, NotRunnerJson, Platform, fetch_runner_json};
 use crate::registration;
 use crate::runner::{self, Account, ShellJobs};
@@ -42,18 +42,18 @@ impl Agent {
             .await
         {
             Some(Ok(text)) => text,
-            Some(Err(error)) => return failed(error, Teardown::default()),
+            Some(Err(error)) => return failed(error),
             None if self.interrupt() == Interrupt::Stop => {
-                return self.stopping(None, Teardown::default());
+                return self.stopping(None);
             }
             None => {
                 tracing::info!("drain requested before runner.json was read: nothing to run");
-                return self.teardown(Teardown::default());
+                return self.teardown();
             }
         };
         let config = match self.validate(&text) {
             Ok(config) => config,
-            Err(error) => return failed(error, Teardown::default()),
+            Err(error) => return failed(error),
         };
         // Before any GitLab call (fleet_settings.rs): a VM whose daemons or firewall cannot
         // take the fleet's settings takes no job. A reload that hangs is waited for no longer
@@ -65,16 +65,16 @@ impl Agent {
             .await
         {
             Some(Ok(())) => {}
-            Some(Err(error)) => return failed(error, Teardown::default()),
+            Some(Err(error)) => return failed(error),
             None if self.interrupt() == Interrupt::Stop => {
-                return self.stopping(None, Teardown::default());
+                return self.stopping(None);
             }
             None => {
                 tracing::info!(
                     "{} while the daemons were being reloaded: not registering, tearing down",
                     self.interruption()
                 );
-                return self.teardown(Teardown::default());
+                return self.teardown();
             }
         }
         match self.set_up(config) {
@@ -83,13 +83,13 @@ impl Agent {
                 // whether its answer then arrives, times out or is interrupted: from the first
                 // one on, teardown deletes it. `enter` records this before the request goes.
                 // A runner the broker gave this boot exists already: teardown deletes it too.
-                if setup.flow.known_runner_token().is_some() {
-                    self.rec.lc.registration = Registration::Registered;
+                if let Some(registered) = setup.known_before_registering() {
+                    self.rec.gitlab = GitLabKnows::ThisVm(Some(registered));
                 }
                 let detail = setup.flow.describe(&setup.system_id);
-                Next::to(State::Registering(setup), detail)
+                Next::to(State::Registering(Box::new(setup)), detail)
             }
-            Err(error) => failed(error, Teardown::default()),
+            Err(error) => failed(error),
         }
     }
 

@@ -131,8 +131,7 @@ pub fn bounded_timeline(
     (timeline, dropped.saturating_add(excess as u64))
 }
 
-/// The current phase, and what has happened so far in this boot.
-/// Whether GitLab knows this VM. Only ever moves forward within a run (a refused verify is the
+/// Whether GitLab knows this VM, as status.json shows it. Only ever moves forward within a run (a refused verify is the
 /// one step back: GitLab created nothing), and a restarted agent takes it from status.json.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registration {
@@ -166,6 +165,7 @@ impl Registration {
     }
 }
 
+/// The current phase, and what has happened so far in this boot.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     phase: Phase,
@@ -173,9 +173,6 @@ pub struct Lifecycle {
     pub timeline: Vec<TimelineEntry>,
     /// Entries dropped from the middle of the timeline.
     pub timeline_dropped: u64,
-    /// Whether GitLab knows this VM: the one account of it (status.json shows it as its
-    /// `registered` and `deregistered` flags).
-    pub registration: Registration,
     /// gitlab-runner was started in this boot: a restarted agent must never start another.
     pub runner_started: bool,
     /// When the run failed, if it did; the power-off waits until `failure_delay` after it.
@@ -191,7 +188,6 @@ impl Lifecycle {
                 at: now,
             }],
             timeline_dropped: 0,
-            registration: Registration::None,
             runner_started: false,
             failed_at: None,
         }
@@ -238,12 +234,6 @@ impl Lifecycle {
             bounded_timeline(std::mem::take(&mut self.timeline), self.timeline_dropped);
         self.timeline = timeline;
         self.timeline_dropped = dropped;
-    }
-
-    /// Where teardown starts: deregistration if GitLab still knows this VM, else straight to
-    /// the hold check.
-    pub fn needs_deregistration(&self) -> bool {
-        self.registration == Registration::Registered
     }
 }
 

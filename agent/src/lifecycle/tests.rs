@@ -153,12 +153,6 @@ fn teardown_decisions() {
         after_deregistration(true, Interrupt::Preempted),
         PoweringOff
     );
-    let mut lc = Lifecycle::new(SystemTime::UNIX_EPOCH);
-    assert!(!lc.needs_deregistration());
-    lc.registration = Registration::Registered;
-    assert!(lc.needs_deregistration());
-    lc.registration = Registration::Deregistered;
-    assert!(!lc.needs_deregistration());
 }
 
 #[test]
