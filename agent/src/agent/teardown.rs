@@ -218,15 +218,17 @@ impl Agent {
         self.end_watcher();
         systemd::stopping();
         if self.ctx.args.no_poweroff {
-            tracing::info!(
-                "power-off is disabled (--no-poweroff); the VM stays up and the agent exits"
-            );
-            self.rec
-                .milestone("exiting without power-off (--no-poweroff); the VM stays up");
+            self.rec.note(Event::Done {
+                text: "exiting without power-off (--no-poweroff); the VM stays up".into(),
+                mark: None,
+            });
             self.end_of_boot("no-poweroff").await;
             return exit(ExitCode::SUCCESS);
         }
-        self.rec.milestone("powering off");
+        self.rec.note(Event::Done {
+            text: "powering off".into(),
+            mark: None,
+        });
         self.end_of_boot("poweroff").await;
         match power::power_off(&self.ctx.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
