@@ -36,7 +36,7 @@ use crate::boot_record::BootRecord;
 use crate::cli::RunArgs;
 use crate::console::{self, Console};
 use crate::lifecycle::{self, Phase, StartDecision};
-use crate::metadata::Platform;
+use crate::metadata::{self, Platform};
 use crate::status;
 use crate::{preemption, systemd};
 use interrupt::{Interrupt, Interrupts};
@@ -251,11 +251,11 @@ impl Agent {
 /// during registering means gitlab-runner never starts; during a hold, the hold ends).
 fn watch_preemption(args: &RunArgs, platform: Option<Platform>) -> Option<preemption::Watcher> {
     let (watched, warning) =
-        preemption::watched_platform(args.watch_preemption, args.config_source, platform);
+        metadata::watched_platform(args.watch_preemption, args.config_source, platform);
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
-    preemption::start(watched?, &args.metadata_url)
+    metadata::watch_notices(watched?, &args.metadata_url)
 }
 
 /// `now + wait`, or a deadline far beyond any VM's life when that overflows the clock.

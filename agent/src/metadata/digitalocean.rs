@@ -1,6 +1,7 @@
 //! DigitalOcean: what the agent knows of it. The droplet metadata service (no token, no
-//! header), the droplet's user-data, its SSH keys, and how DMI tells a droplet. DigitalOcean
-//! sends no preemption notices.
+//! header), the droplet's user-data, its SSH keys, and how DMI tells a droplet. No notices:
+//! DigitalOcean announces no preemption or maintenance to the droplet (it does not preempt
+//! droplets, and its maintenance live-migrates them), so nothing is watched here.
 
 use tokio::time::Instant;
 
@@ -12,6 +13,8 @@ pub const PROVIDER: Provider = Provider {
     user_data_path: "/metadata/v1/user-data",
     how_to_set_user_data: "doctl compute droplet create --user-data-file runner.json",
     recognised,
+    // DigitalOcean announces nothing before a droplet goes away (see above).
+    watch_notices: None,
 };
 
 /// One key per line.

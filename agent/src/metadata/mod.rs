@@ -4,8 +4,9 @@
 //! the VM may not be on.
 //!
 //! - `aws`, `gce`, `digitalocean`: what the agent knows of each platform (its `Provider`: where
-//!   user-data is and how an operator sets it, how DMI tells it; its request headers and
-//!   token; its SSH keys), one module each;
+//!   user-data is and how an operator sets it, how DMI tells it, its notices; its request
+//!   headers and token; its SSH keys), one module each;
+//! - `notices`: which platform's preemption notices are watched, and the start of its watch;
 //! - `client`: `MetadataClient`, one GET with the platform's headers (and AWS's IMDSv2 session
 //!   token), 404 as None, no redirects, capped bodies; `fetch` retries it within a deadline;
 //! - `error`: `MetadataError`, which failures are retried, the fix each names;
@@ -18,6 +19,7 @@ mod client;
 mod digitalocean;
 mod error;
 mod gce;
+mod notices;
 pub mod ssh_keys;
 mod user_data;
 
@@ -28,9 +30,11 @@ use std::path::Path;
 
 use tokio::time::Instant;
 
-// `Answer` (with its ETag) is for the preemption watcher's long poll.
-pub use client::{Answer, MetadataClient};
+// `Answer` (with its ETag) is for the notice watches' long poll (`gce`).
+use client::Answer;
+pub use client::MetadataClient;
 pub use error::MetadataError;
+pub use notices::{watch_notices, watched_platform};
 pub use user_data::{NotRunnerJson, fetch_runner_json};
 
 /// Where DMI/SMBIOS strings are read (`--dmi-dir` points tests at a fixture directory).
@@ -156,6 +160,8 @@ pub struct Provider {
     pub how_to_set_user_data: &'static str,
     /// Whether these DMI strings describe the platform.
     pub recognised: fn(&Dmi) -> bool,
+    /// The watch of the platform's preemption and maintenance notices; None: it gives none.
+    pub watch_notices: Option<notices::NoticeWatch>,
 }
 
 impl Platform {

@@ -1,12 +1,10 @@
 //! Preemption and maintenance notices: the warning a cloud gives before it takes the VM away,
 //! turned into a graceful stop instead of a job killed mid-flight.
 //!
-//! - AWS: the Spot `instance-action` (terminate, stop or hibernate at a given time, about two
-//!   minutes ahead) and the rebalance recommendation (an elevated risk, no deadline), polled
-//!   over IMDSv2 no more often than every 5 s, as AWS recommends.
-//! - GCE: `instance/preempted` (TRUE about 30 s before a Spot or preemptible VM is stopped) and
-//!   `instance/maintenance-event` (TERMINATE_ON_HOST_MAINTENANCE about 60 s ahead; a live
-//!   migration is logged, not acted on), each a long poll (`wait_for_change` with the last ETag).
+//! Each platform gives its own, read by its provider: AWS the Spot interruption (about two
+//! minutes ahead) and the rebalance recommendation (no deadline), `crate::metadata::aws`; GCE
+//! preemption (about 30 s ahead) and host maintenance (about 60 s), `crate::metadata::gce`;
+//! DigitalOcean none.
 //!
 //! On a notice the agent drains at once (no new job; a rebalance recommendation only once the
 //! VM received its first job: `drains_now`); when the deadline leaves no more time than
@@ -19,20 +17,24 @@
 //! and acting on it would abort the jobs of a whole fleet; the platform's own shutdown still
 //! reaches the agent as SIGTERM (stopping). Each kind of trouble is logged once per endpoint.
 //!
-//! This file holds the decisions (pure); `parse` reads answers (pure), `watch` runs the loops
-//! and is the only I/O, through the shared metadata client (`crate::metadata::MetadataClient`:
-//! the IMDSv2 token, `Metadata-Flavor`, no redirects, capped bodies).
+//! This file holds the notice and the decisions (pure); `reading` what one answer says (pure);
+//! `watch` the watcher's common loop (the channel, the task, what every platform's watch does
+//! alike). What is each platform's (its endpoints, how they are asked, how their answers read)
+//! is its provider's, in `crate::metadata::{aws, gce}`, which `crate::metadata::watch_notices`
+//! starts: a provider knows this module, this module knows no platform.
 
-mod parse;
+mod reading;
 mod watch;
 
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::metadata::{ConfigSource, Platform};
-
-pub use watch::{Watcher, restore, start};
+pub use reading::Reading;
+// The cap is the providers' tests' (`crate::metadata::notices`).
+#[cfg(test)]
+pub use watch::RETRY_CAP;
+pub use watch::{Complaints, NoticeSender, Watcher, next_wait, offer, restore, start, take};
 
 /// Time kept at the end of a notice's warning for the deregistration (one DELETE to GitLab).
 pub const DEREGISTER_RESERVE: Duration = Duration::from_secs(10);
@@ -52,40 +54,6 @@ pub enum WatchPreemption {
     On,
     /// Never watch
     Off,
-}
-
-/// The platform whose notices are watched, and a warning when `on` finds none to watch.
-pub fn watched_platform(
-    mode: WatchPreemption,
-    source: ConfigSource,
-    platform: Option<Platform>,
-) -> (Option<Platform>, Option<String>) {
-    let with_notices = platform.filter(|p| matches!(p, Platform::Aws | Platform::Gce));
-    match mode {
-        WatchPreemption::Off => (None, None),
-        WatchPreemption::Auto => (with_notices, None),
-        WatchPreemption::On => match (with_notices, platform) {
-            (Some(p), _) => (Some(p), None),
-            (None, Some(other)) => (
-                None,
-                Some(format!(
-                    "--watch-preemption on: {other} gives no preemption notice the agent knows; nothing is watched"
-                )),
-            ),
-            (None, None) => (
-                None,
-                Some(format!(
-                    "--watch-preemption on: no platform with notices (--config-source {}{}); nothing is watched: set --config-source aws or gce",
-                    source.name(),
-                    if source == ConfigSource::Auto {
-                        ", and DMI/SMBIOS names none"
-                    } else {
-                        ""
-                    }
-                )),
-            ),
-        },
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,7 +203,5 @@ pub fn deregister_budget(
     }
 }
 
-#[cfg(test)]
-mod mock_tests;
 #[cfg(test)]
 mod tests;

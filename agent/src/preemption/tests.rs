@@ -1,9 +1,8 @@
-//! The decisions and the readings, without sockets.
+//! The notice and the decisions, without sockets (each platform's readings are tested in its
+//! provider's module, `crate::metadata::{aws, gce}`).
 
 use std::time::{Duration, SystemTime};
 
-use super::parse::{self, Reading};
-use super::watch::{AWS_POLL, GCE_FLOOR, RETRY_CAP, gce_path, next_wait};
 use super::*;
 
 fn t0() -> SystemTime {
@@ -22,117 +21,6 @@ fn notice(kind: NoticeKind, deadline: Option<SystemTime>) -> Notice {
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-#[test]
-fn a_spot_notice_is_read_with_its_action_and_time() {
-    let body = br#"{"action": "terminate", "time": "2026-11-30T17:02:00Z"}"#;
-    let Reading::Notice(n) = parse::aws_instance_action(body, t0()) else {
-        panic!("not a notice");
-    };
-    assert_eq!(n.kind, NoticeKind::SpotInterruption);
-    assert_eq!(n.deadline, Some(t0() + secs(120)));
-    assert_eq!(n.detail, "terminate at 2026-11-30T17:02:00.000Z");
-    assert_eq!(n.platform, "aws");
-    // stop is a deadline as well; hibernation starts at once.
-    let stop = br#"{"action":"stop","time":"2026-11-30T17:02:00Z","extra":1}"#;
-    assert!(
-        matches!(parse::aws_instance_action(stop, t0()), Reading::Notice(n) if n.deadline == Some(t0() + secs(120)))
-    );
-    let hibernate = br#"{"action":"hibernate","time":"2026-11-30T17:02:00Z"}"#;
-    assert!(
-        matches!(parse::aws_instance_action(hibernate, t0()), Reading::Notice(n) if n.deadline == Some(t0()))
-    );
-}
-
-#[test]
-fn a_rebalance_recommendation_has_no_deadline() {
-    let body = br#"{"noticeTime": "2026-11-30T16:59:30Z"}"#;
-    let Reading::Notice(n) = parse::aws_rebalance(body, t0()) else {
-        panic!("not a notice");
-    };
-    assert_eq!(n.kind, NoticeKind::RebalanceRecommendation);
-    assert_eq!(n.deadline, None);
-    assert!(!n.vm_goes_away());
-    assert_eq!(plan(&n, t0(), secs(50)), Action::Drain);
-}
-
-#[test]
-fn gce_values_are_read_exactly() {
-    let Reading::Notice(n) = parse::gce_preempted(b"TRUE", t0()) else {
-        panic!("not a notice");
-    };
-    assert_eq!(
-        (n.kind, n.deadline),
-        (NoticeKind::Preemption, Some(t0() + secs(30)))
-    );
-    assert_eq!(parse::gce_preempted(b"FALSE\n", t0()), Reading::Quiet);
-    assert_eq!(parse::gce_maintenance_event(b"NONE", t0()), Reading::Quiet);
-    assert_eq!(
-        parse::gce_maintenance_event(b"\"NONE\"", t0()),
-        Reading::Quiet
-    );
-    assert!(matches!(
-        parse::gce_maintenance_event(b"MIGRATE_ON_HOST_MAINTENANCE", t0()),
-        Reading::Info(_)
-    ));
-    let Reading::Notice(n) = parse::gce_maintenance_event(b"TERMINATE_ON_HOST_MAINTENANCE", t0())
-    else {
-        panic!("not a notice");
-    };
-    assert_eq!(
-        (n.kind, n.deadline),
-        (NoticeKind::HostMaintenance, Some(t0() + secs(60)))
-    );
-}
-
-#[test]
-fn garbage_is_never_a_notice() {
-    let garbage: &[&[u8]] = &[
-        b"<html><body>Proxy Authentication Required</body></html>",
-        b"",
-        b"true",
-        b"TRUE TRUE",
-        b"\xff\xfe\x00TRUE",
-        br#"{"action": "terminate"}"#,
-        br#"{"action": "explode", "time": "2026-11-30T17:02:00Z"}"#,
-        br#"{"action": "terminate", "time": "soon"}"#,
-        br#"["terminate"]"#,
-        b"TERMINATE_ON_HOST_MAINTENANCE_AND_MORE",
-    ];
-    for body in garbage {
-        for read in [
-            parse::aws_instance_action,
-            parse::aws_rebalance,
-            parse::gce_preempted,
-            parse::gce_maintenance_event,
-        ] {
-            let reading = read(body, t0());
-            assert!(
-                matches!(reading, Reading::Unrecognised(_)),
-                "{:?} read as {reading:?}",
-                String::from_utf8_lossy(body)
-            );
-        }
-    }
-}
-
-#[test]
-fn an_unrecognised_body_is_logged_short_escaped_and_scrubbed() {
-    let Reading::Unrecognised(text) = parse::gce_preempted(b"\xff\xfe garbage", t0()) else {
-        panic!()
-    };
-    assert_eq!(text, "10 bytes, not UTF-8");
-    let body = format!(
-        "\u{1b}[31mglrt-fake.token.abcdefghijklmnop {}",
-        "x".repeat(5000)
-    );
-    let Reading::Unrecognised(text) = parse::gce_preempted(body.as_bytes(), t0()) else {
-        panic!()
-    };
-    assert!(text.starts_with("5038 bytes: \"\\u{1b}[31m"), "{text}");
-    assert!(!text.contains("abcdefghijklmnop"), "token shown: {text}");
-    assert!(text.len() < 120, "{text}");
 }
 
 #[test]
@@ -191,74 +79,6 @@ fn the_most_urgent_notice_wins_and_a_repeat_is_no_news() {
     assert!(!more_urgent(Some(&far), &rebalance));
     assert!(!more_urgent(Some(&far), &far.clone()));
     assert!(!more_urgent(Some(&rebalance), &rebalance.clone()));
-}
-
-#[test]
-fn auto_watches_aws_and_gce_only_and_on_warns_elsewhere() {
-    use crate::metadata::{ConfigSource, Platform};
-    let (watched, warning) = watched_platform(
-        WatchPreemption::Auto,
-        ConfigSource::Aws,
-        Some(Platform::Aws),
-    );
-    assert_eq!((watched, warning), (Some(Platform::Aws), None));
-    let (watched, warning) = watched_platform(
-        WatchPreemption::Auto,
-        ConfigSource::DigitalOcean,
-        Some(Platform::DigitalOcean),
-    );
-    assert_eq!((watched, warning), (None, None));
-    assert_eq!(
-        watched_platform(WatchPreemption::Off, ConfigSource::Gce, Some(Platform::Gce)),
-        (None, None)
-    );
-    let (watched, warning) = watched_platform(WatchPreemption::On, ConfigSource::File, None);
-    assert_eq!(watched, None);
-    assert!(
-        warning.unwrap().contains("set --config-source aws or gce"),
-        "the warning names the fix"
-    );
-    let (watched, warning) = watched_platform(
-        WatchPreemption::On,
-        ConfigSource::DigitalOcean,
-        Some(Platform::DigitalOcean),
-    );
-    assert_eq!(watched, None);
-    assert!(
-        warning
-            .unwrap()
-            .contains("digitalocean gives no preemption notice")
-    );
-}
-
-#[test]
-fn waits_have_a_floor_and_back_off_to_a_cap() {
-    assert_eq!(next_wait(AWS_POLL, 0), secs(5));
-    assert_eq!(next_wait(AWS_POLL, 1), secs(10));
-    assert_eq!(next_wait(AWS_POLL, 3), RETRY_CAP);
-    assert_eq!(next_wait(AWS_POLL, u32::MAX), RETRY_CAP);
-    assert_eq!(next_wait(GCE_FLOOR, 0), secs(1));
-    assert_eq!(next_wait(GCE_FLOOR, 2), secs(4));
-    for failures in 0..100 {
-        assert!(next_wait(AWS_POLL, failures) >= AWS_POLL);
-        assert!(next_wait(GCE_FLOOR, failures) >= GCE_FLOOR);
-    }
-}
-
-#[test]
-fn gce_paths_read_the_value_then_long_poll_with_the_etag_url_encoded() {
-    let key = "/computeMetadata/v1/instance/preempted";
-    assert_eq!(gce_path("preempted", None), key);
-    assert_eq!(
-        gce_path("preempted", Some(None)),
-        format!("{key}?wait_for_change=true&timeout_sec=300")
-    );
-    assert_eq!(
-        gce_path("preempted", Some(Some("Az09-._~ +&=#/%é"))),
-        format!(
-            "{key}?wait_for_change=true&timeout_sec=300&last_etag=Az09-._~%20%2B%26%3D%23%2F%25%C3%A9"
-        )
-    );
 }
 
 #[test]

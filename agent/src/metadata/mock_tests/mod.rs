@@ -1,6 +1,7 @@
 //! The metadata client against fake metadata services: a fresh wiremock server per test on
 //! loopback, real HTTP, real time (waits are a second or two at most). Here: each platform's
-//! protocol and SSH keys; in `hostile`: stalls, resets, retries, redirects, huge answers.
+//! protocol and SSH keys; in `hostile`: stalls, resets, retries, redirects, huge answers; in
+//! `notices`: the preemption notice watches.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use super::*;
 
 mod hostile;
+mod notices;
 
 pub(super) const RUNNER_JSON: &str =
     r#"{"url": "https://gitlab.example.com", "token": "glrt-fake.runner.token.0123456789"}"#;

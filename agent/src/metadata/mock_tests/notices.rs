@@ -1,5 +1,6 @@
-//! The watchers against a fake metadata service on loopback (a fresh wiremock server per test):
-//! what they send, how often, and that nothing but a real notice becomes one.
+//! The notice watches (`aws`, `gce`, started by `watch_notices`) against a fake metadata service
+//! on loopback (a fresh wiremock server per test): what they send, how often, and that nothing
+//! but a real notice becomes one.
 
 use std::time::Duration;
 
@@ -7,8 +8,8 @@ use tokio::sync::watch;
 use wiremock::matchers::{header, method, path, query_param, query_param_is_missing};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
-use super::*;
-use crate::metadata::Platform;
+use crate::metadata::{Platform, watch_notices as start};
+use crate::preemption::{Notice, NoticeKind};
 
 const PREEMPTED: &str = "/computeMetadata/v1/instance/preempted";
 const MAINTENANCE: &str = "/computeMetadata/v1/instance/maintenance-event";
