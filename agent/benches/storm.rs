@@ -16,7 +16,8 @@
 //! Reports, per run: registered, deregistered, managers left in GitLab, requests an agent sent
 //! before the reset it had been told ("early"), rejected requests per accepted one, the last
 //! registration, and the makespan (first request to last accepted one) against the ideal
-//! `2N / limit × period`, with whether each target is met.
+//! `2N / limit × period`, with whether each target is met; `--profile` adds each window's
+//! accepted and rejected requests, by the window's reset (the Unix second of `RateLimit-Reset`).
 //! Targets: all registered and deregistered, none left, none early, at most 1 rejected per
 //! accepted, makespan within 1.3× ideal (1.6× with `--hint-only`).
 //!
@@ -427,12 +428,17 @@ async fn main() {
                 o.load_average
             );
             if s.profile {
+                // Each window's reset as GitLab names it (RateLimit-Reset): a VM takes the period
+                // from the resets' divisors, so which resets a storm met explains its turns.
                 let line: Vec<String> = o
                     .windows
-                    .values()
-                    .map(|(a, r)| format!("{a}/{r}"))
+                    .iter()
+                    .map(|(window, (a, r))| format!("{}: {a}/{r}", (window + 1) * s.period_s))
                     .collect();
-                println!("accepted/rejected per window: {}", line.join(" "));
+                println!(
+                    "accepted/rejected per window, by its reset (Unix s): {}",
+                    line.join(", ")
+                );
             }
             outcomes.push((o, v));
         }

@@ -60,6 +60,28 @@ pub const LOSER_CARRY: f64 = 0.25;
 pub const BLIND_SPREAD_PERIODS: u32 = 4;
 pub const BLIND_SPREAD_CAP: Duration = Duration::from_secs(40);
 
+/// The rule's constants in one value: `plan` uses `TUNING`; the storm model (`storm_model.rs`)
+/// measures the alternatives, the trade-offs BENCHMARKS.md tabulates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tuning {
+    /// `LOSER_TURN_COST` and `LOSER_CARRY`: with the counts, how far a client whose turn was
+    /// rejected goes (further: fewer rejected requests, a longer storm).
+    pub loser_turn_cost: f64,
+    pub loser_carry: f64,
+    /// `BLIND_SPREAD_PERIODS` and `BLIND_SPREAD_CAP`: without the counts, one compromise between
+    /// short and long storms (a longer spread costs the short ones time, a shorter one costs the
+    /// long ones rejected requests).
+    pub blind_spread_periods: u32,
+    pub blind_spread_cap: Duration,
+}
+
+pub const TUNING: Tuning = Tuning {
+    loser_turn_cost: LOSER_TURN_COST,
+    loser_carry: LOSER_CARRY,
+    blind_spread_periods: BLIND_SPREAD_PERIODS,
+    blind_spread_cap: BLIND_SPREAD_CAP,
+};
+
 /// The ceiling of "full jitter" before retry number `attempt` (0 for the first retry):
 /// `min(CAP, BASE * 2^attempt)`.
 fn ceiling(attempt: u32) -> Duration {
@@ -308,6 +330,16 @@ pub struct Plan {
 /// The plan for retry number `attempt` (0 for the first retry) after an answer with `hint`;
 /// `memory` is the same call's, updated with this answer.
 pub fn plan(attempt: u32, hint: Option<&Hint>, memory: &mut Memory) -> Plan {
+    plan_with(attempt, hint, memory, &TUNING)
+}
+
+/// `plan` with other constants: the storm model measures the alternatives.
+pub(crate) fn plan_with(
+    attempt: u32,
+    hint: Option<&Hint>,
+    memory: &mut Memory,
+    tuning: &Tuning,
+) -> Plan {
     let Some(hint) = hint else {
         // No hint: "full jitter" on top of the floor, a uniformly random duration up to a
         // doubling ceiling, so a fleet of VMs that failed together does not retry together.
@@ -332,9 +364,9 @@ pub fn plan(attempt: u32, hint: Option<&Hint>, memory: &mut Memory) -> Plan {
                     memory.first_turn = Some(turn);
                     turn
                 }
-                Some(first) => seconds(LOSER_TURN_COST * before / rate)
+                Some(first) => seconds(tuning.loser_turn_cost * before / rate)
                     .min(MAX_HINT)
-                    .saturating_add(first.mul_f64(LOSER_CARRY)),
+                    .saturating_add(first.mul_f64(tuning.loser_carry)),
             };
             // One request's share of the rate: turns next to each other interleave.
             (reset.saturating_add(turn), seconds(1.0 / rate).min(CAP))
@@ -342,9 +374,9 @@ pub fn plan(attempt: u32, hint: Option<&Hint>, memory: &mut Memory) -> Plan {
         None => (
             reset,
             Duration::from_secs(period_s)
-                .saturating_mul(BLIND_SPREAD_PERIODS)
+                .saturating_mul(tuning.blind_spread_periods)
                 .saturating_mul(memory.throttled)
-                .min(BLIND_SPREAD_CAP),
+                .min(tuning.blind_spread_cap),
         ),
     };
     Plan {

@@ -7,7 +7,8 @@
 //! It checks the algorithm alone, in milliseconds and deterministically; `cargo bench --bench
 //! storm` measures the real agents. `grid` (ignored) prints the grid of BENCHMARKS.md:
 //! `cargo test -p gitlab-runner-vm --bin gitlab-runner-vm storm_model::grid -- --ignored
-//! --nocapture`.
+//! --nocapture`; `blind_spread_frontier` and `loser_turn_frontier` (ignored, `_frontier`) print
+//! the trade-off of each rule's constants (`Tuning`) over the grid.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -54,6 +55,11 @@ pub struct Outcome {
     pub early: u64,
     pub accepted: u64,
     pub rejected: u64,
+    /// Of those, each VM's first request (its first verify): a storm whose boots span k windows
+    /// has at least N - k × limit of them, whatever the rule.
+    pub rejected_first_tries: u64,
+    /// Of those, deletions (the rest are verifies after a first try).
+    pub rejected_deletions: u64,
     /// First request to last accepted one, over `2N / limit × period`.
     pub makespan_over_ideal: f64,
 }
@@ -106,6 +112,19 @@ pub fn storm_with(
     seed: u64,
     machine: Machine,
 ) -> Outcome {
+    storm_tuned(agents, limit, period_s, with_counts, seed, machine, &TUNING)
+}
+
+/// `storm_with`, with other constants for the rule.
+pub fn storm_tuned(
+    agents: usize,
+    limit: u64,
+    period_s: u64,
+    with_counts: bool,
+    seed: u64,
+    machine: Machine,
+    tuning: &Tuning,
+) -> Outcome {
     let behind_ms = machine.clock_behind_ms;
     let mut random = Random(seed | 1);
     let period_ms = period_s * 1000;
@@ -131,6 +150,7 @@ pub fn storm_with(
     }
     let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
     let (mut accepted, mut rejected, mut early) = (0, 0, 0);
+    let (mut rejected_first_tries, mut rejected_deletions) = (0, 0);
     let (mut registered, mut deregistered) = (0, 0);
     let (mut first, mut last) = (None, 0);
     while let Some(Reverse((now, i))) = queue.pop() {
@@ -159,6 +179,11 @@ pub fn storm_with(
             continue;
         }
         rejected += 1;
+        if vm.deleting {
+            rejected_deletions += 1;
+        } else if vm.attempt == 0 {
+            rejected_first_tries += 1;
+        }
         // GitLab's answer: Retry-After in whole seconds, the reset's Unix time and HTTP date.
         let reset_ms = (window + 1) * period_ms;
         let answered = now + 1;
@@ -182,7 +207,7 @@ pub fn storm_with(
             register_room_ms
         };
         let room = Duration::from_millis((vm.call_started_ms + room_ms).saturating_sub(answered));
-        let plan = plan(vm.attempt, Some(&hint), &mut vm.memory);
+        let plan = plan_with(vm.attempt, Some(&hint), &mut vm.memory, tuning);
         vm.attempt += 1;
         if let Some(wait) = plan.pick(random.next(), room) {
             queue.push(Reverse((answered + wait.as_millis() as u64, i)));
@@ -195,6 +220,8 @@ pub fn storm_with(
         early,
         accepted,
         rejected,
+        rejected_first_tries,
+        rejected_deletions,
         makespan_over_ideal: (last - first.unwrap_or(0)) as f64 / ideal_ms,
     }
 }
@@ -352,4 +379,100 @@ fn grid() {
             );
         }
     }
+}
+
+/// Prints, per machine, a table of the worst of five seeds per scenario for each tuning:
+/// makespan over the ideal / rejected per accepted (of which each VM's first try, and
+/// deletions), ✗ past the targets.
+fn frontier(with_counts: bool, scenarios: &[(usize, u64, u64)], tunings: &[(String, Tuning)]) {
+    let target = if with_counts { 1.3 } else { 1.6 };
+    for spawn_every_us in [12_700, 6_400] {
+        let machine = Machine {
+            spawn_every_us,
+            ..Machine::default()
+        };
+        println!("\ncounts {with_counts}, agents {spawn_every_us} us apart");
+        let names: Vec<String> = scenarios
+            .iter()
+            .map(|(n, l, p)| format!("{n} on {l} per {p} s"))
+            .collect();
+        println!("| Tuning | {} |", names.join(" | "));
+        println!("|---|{}", "---|".repeat(scenarios.len()));
+        for (label, tuning) in tunings {
+            let cells: Vec<String> = scenarios
+                .iter()
+                .map(|&(agents, limit, period_s)| {
+                    let outcomes: Vec<Outcome> = (1..=5)
+                        .map(|seed| {
+                            storm_tuned(agents, limit, period_s, with_counts, seed, machine, tuning)
+                        })
+                        .collect();
+                    // Registered and deregistered within the timeouts, none early.
+                    let sound = outcomes.iter().all(|o| {
+                        o.registered == agents && o.deregistered == agents && o.early == 0
+                    });
+                    let worst =
+                        |f: &dyn Fn(&Outcome) -> f64| outcomes.iter().map(f).fold(0.0, f64::max);
+                    let per_accepted = |n: u64, o: &Outcome| n as f64 / o.accepted as f64;
+                    let makespan = worst(&|o| o.makespan_over_ideal);
+                    let rejected = worst(&|o| per_accepted(o.rejected, o));
+                    format!(
+                        "{makespan:.2}{} / {rejected:.2}{} ({:.2}, {:.2}){}",
+                        if makespan > target { " ✗" } else { "" },
+                        if rejected > 1.0 { " ✗" } else { "" },
+                        worst(&|o| per_accepted(o.rejected_first_tries, o)),
+                        worst(&|o| per_accepted(o.rejected_deletions, o)),
+                        if sound { "" } else { " not all through ✗" },
+                    )
+                })
+                .collect();
+            println!("| {label} | {} |", cells.join(" | "));
+        }
+    }
+}
+
+/// Without the counts, the one trade-off measured: the spread's cap from 20 to 300 s, and its
+/// periods per throttled answer at 2 and 8. BENCHMARKS.md's frontier: `cargo test -p
+/// gitlab-runner-vm --bin gitlab-runner-vm _frontier -- --ignored --nocapture`.
+#[test]
+#[ignore = "a report, not a check"]
+fn blind_spread_frontier() {
+    let mut tunings: Vec<(String, Tuning)> = [20, 30, 40, 60, 90, 120, 180, 300]
+        .into_iter()
+        .map(|cap| {
+            let t = Tuning {
+                blind_spread_cap: Duration::from_secs(cap),
+                ..TUNING
+            };
+            (format!("4 periods per answer, at most {cap} s"), t)
+        })
+        .collect();
+    for periods in [2, 8] {
+        let t = Tuning {
+            blind_spread_periods: periods,
+            ..TUNING
+        };
+        tunings.push((format!("{periods} periods per answer, at most 40 s"), t));
+    }
+    frontier(false, &GRID, &tunings);
+}
+
+/// With the counts, on the misses of a loaded machine: how far a client whose turn was rejected
+/// goes (`LOSER_TURN_COST` requests per rejected one before it, plus `LOSER_CARRY` of its first
+/// turn), the trade-off between rejections and makespan.
+#[test]
+#[ignore = "a report, not a check"]
+fn loser_turn_frontier() {
+    let mut tunings = Vec::new();
+    for cost in [2.0, 4.0, 6.0] {
+        for carry in [0.0, 0.25, 0.5, 1.0] {
+            let t = Tuning {
+                loser_turn_cost: cost,
+                loser_carry: carry,
+                ..TUNING
+            };
+            tunings.push((format!("{cost} per rejected, {carry} of the first turn"), t));
+        }
+    }
+    frontier(true, &GRID, &tunings);
 }
