@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use super::Agent;
+use super::Context;
 use super::error::AgentError;
 use crate::config::RunnerConfig;
 use crate::daemon_config;
@@ -17,19 +18,22 @@ impl Agent {
         &self,
         config: &RunnerConfig,
     ) -> Result<(), AgentError> {
-        self.configure_daemons(config).await?;
-        self.admit_runner(config).await
+        self.ctx.configure_daemons(config).await?;
+        self.ctx.admit_runner(config).await
     }
+}
 
+/// What the daemons and the firewall are told: from runner.json and the flags alone.
+impl Context {
     /// runner.json's registry mirrors (and Nix substituters) into the daemons' configuration.
     async fn configure_daemons(&self, config: &RunnerConfig) -> Result<(), AgentError> {
         let paths = daemon_config::DaemonPaths {
-            docker_daemon_json: self.ctx.args.docker_daemon_config.clone(),
-            docker_reload_command: self.ctx.args.docker_reload_command.clone(),
-            registries_conf: self.ctx.args.registries_conf.clone(),
-            nix_conf: self.ctx.args.nix_conf.clone(),
-            nix_restart_command: self.ctx.args.nix_restart_command.clone(),
-            reload_timeout: Duration::from_secs(self.ctx.args.daemon_reload_timeout),
+            docker_daemon_json: self.args.docker_daemon_config.clone(),
+            docker_reload_command: self.args.docker_reload_command.clone(),
+            registries_conf: self.args.registries_conf.clone(),
+            nix_conf: self.args.nix_conf.clone(),
+            nix_restart_command: self.args.nix_restart_command.clone(),
+            reload_timeout: Duration::from_secs(self.args.daemon_reload_timeout),
         };
         let applied = daemon_config::apply(&paths, config)
             .await
@@ -44,8 +48,8 @@ impl Agent {
     async fn admit_runner(&self, config: &RunnerConfig) -> Result<(), AgentError> {
         let admission = firewall_admission::decide(
             config.cache.as_deref(),
-            self.ctx.args.metadata_firewall.as_deref(),
-            self.ctx.runner_cgroup.as_ref(),
+            self.args.metadata_firewall.as_deref(),
+            self.runner_cgroup.as_ref(),
         )
         .map_err(AgentError::FirewallAdmission)?;
         match admission {

@@ -60,6 +60,15 @@ impl Interrupts {
         }
     }
 
+    /// What cut a wait short (registration, a daemon reload, a hold), for the journal.
+    pub fn describe(&self) -> String {
+        match (self.current(), self.notice()) {
+            (Interrupt::Stop, _) => "stop requested (SIGTERM)".into(),
+            (Interrupt::Preempted, Some(notice)) => notice.describe(std::time::SystemTime::now()),
+            _ => "drain requested (SIGUSR1)".into(),
+        }
+    }
+
     /// The most urgent preemption notice so far.
     pub fn notice(&self) -> Option<Notice> {
         self.1.as_ref().and_then(|rx| rx.borrow().clone())

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use nix::sys::signal::Signal;
 
+use super::Context;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::state::{Job, Next, State, failed};
@@ -78,7 +79,9 @@ impl Agent {
         let quit_sent = Instant::now();
         loop {
             let notice = self.interrupts.notice();
-            let abort_at = notice.as_ref().and_then(|n| self.abort_time(n, quit_sent));
+            let abort_at = notice
+                .as_ref()
+                .and_then(|n| self.ctx.abort_time(n, quit_sent));
             let interrupts = self.interrupts.clone();
             tokio::select! {
                 biased;
@@ -91,19 +94,6 @@ impl Agent {
                     return self.abort_jobs(job, &notice).await;
                 }
                 _ = interrupts.notice_other_than(notice.as_ref()) => {}
-            }
-        }
-    }
-
-    /// When the notice wants gitlab-runner aborted: what `plan` says, but never sooner than
-    /// `QUIT_TERM_GAP` after the SIGQUIT.
-    fn abort_time(&self, notice: &Notice, quit_sent: Instant) -> Option<Instant> {
-        let reserve =
-            Duration::from_secs(self.ctx.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
-        match preemption::plan(notice, SystemTime::now(), reserve) {
-            Action::Drain => None,
-            Action::DrainThenAbort { after } => {
-                Some(deadline_after(after).max(quit_sent + preemption::QUIT_TERM_GAP))
             }
         }
     }
@@ -203,6 +193,21 @@ pub(super) async fn stop_child(child: &mut Child, timeout: Duration) {
                 timeout.as_secs()
             );
             let _ = child.kill().await;
+        }
+    }
+}
+
+/// The abort a notice plans, from the flags alone.
+impl Context {
+    /// When the notice wants gitlab-runner aborted: what `plan` says, but never sooner than
+    /// `QUIT_TERM_GAP` after the SIGQUIT.
+    fn abort_time(&self, notice: &Notice, quit_sent: Instant) -> Option<Instant> {
+        let reserve = Duration::from_secs(self.args.stop_timeout) + preemption::DEREGISTER_RESERVE;
+        match preemption::plan(notice, SystemTime::now(), reserve) {
+            Action::Drain => None,
+            Action::DrainThenAbort { after } => {
+                Some(deadline_after(after).max(quit_sent + preemption::QUIT_TERM_GAP))
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::error::AgentError;
 use super::interrupt::Interrupt;
+use super::record::Record;
 use super::record::{Event, GitLabKnows};
 use super::state::{Job, Next, Setup, State, failed};
 use super::{Agent, deadline_after};
@@ -45,7 +46,7 @@ impl Agent {
                     let bound = self.answer_budget();
                     tracing::warn!(
                         "{} while GitLab may be creating this VM's runner: no further attempt; waiting up to {} s for the answer of a request in flight, so that the runner can be deleted",
-                        self.interruption(),
+                        self.interrupts.describe(),
                         bound.as_secs()
                     );
                     match tokio::time::timeout(bound, call).await {
@@ -67,7 +68,7 @@ impl Agent {
                 }
                 tracing::info!(
                     "{} while registering: gitlab-runner is not started; tearing down",
-                    self.interruption()
+                    self.interrupts.describe()
                 );
                 return self.teardown();
             }
@@ -99,7 +100,10 @@ impl Agent {
             "registered runner {} (system {}) at {}",
             config.name, setup.system_id, config.url
         ));
-        if let Some(error) = self.check_token_expiry(token_expires_at.as_deref(), config) {
+        if let Some(error) = self
+            .rec
+            .check_token_expiry(token_expires_at.as_deref(), config)
+        {
             return failed(error);
         }
         self.rec.write_status();
@@ -108,20 +112,11 @@ impl Agent {
             // would count as a failed run; a drain asked for before the start means no start.
             tracing::info!(
                 "{} before gitlab-runner started: not starting it, tearing down",
-                self.interruption()
+                self.interrupts.describe()
             );
             return self.teardown();
         }
         self.start_runner(config, &setup.shell_jobs, &setup.runner_env)
-    }
-
-    /// What cut a wait short (registration, a daemon reload), for the journal.
-    pub(super) fn interruption(&self) -> String {
-        match (self.interrupt(), self.interrupts.notice()) {
-            (Interrupt::Stop, _) => "stop requested (SIGTERM)".into(),
-            (Interrupt::Preempted, Some(notice)) => notice.describe(SystemTime::now()),
-            _ => "drain requested (SIGUSR1)".into(),
-        }
     }
 
     /// How long a create request in flight may take to answer once registration is cut short:
@@ -136,29 +131,6 @@ impl Agent {
         }
     }
 
-    /// Warns when the token expires within a day or this VM's max_lifetime; a token already
-    /// expired (by this VM's clock) is a failure before any job.
-    fn check_token_expiry(
-        &mut self,
-        token_expires_at: Option<&str>,
-        config: &RunnerConfig,
-    ) -> Option<AgentError> {
-        let now = SystemTime::now();
-        let expiry = expiry::judge(token_expires_at, now, config.max_lifetime);
-        self.rec.token_expires_at = expiry.at();
-        if let Some(warning) = expiry.warning(now) {
-            self.rec.token_warning = Some(warning.clone());
-            self.rec.note(Event::Warning(warning));
-        }
-        match expiry {
-            Expiry::Expired(at) => Some(AgentError::TokenExpired {
-                expired_at: crate::timestamp::fmt_time(at),
-                now: crate::timestamp::fmt_time(now),
-            }),
-            _ => None,
-        }
-    }
-
     /// A runner GitLab created for this VM: from now on teardown deletes it, with the token
     /// that config.toml (which gitlab-runner reads) also keeps for a restarted agent.
     fn accept_created(&mut self, setup: &Setup, registered: Registered) {
@@ -166,7 +138,7 @@ impl Agent {
             runner::render_config_toml(&setup.config, &registered.runner_token, &setup.shell_jobs);
         let system_id = registered.system_id.clone();
         self.rec.gitlab = GitLabKnows::ThisVm(Some(registered));
-        if let Err(e) = self.write_runner_files(&system_id, &toml) {
+        if let Err(e) = self.ctx.write_runner_files(&system_id, &toml) {
             tracing::warn!("{}", e.with_fix());
         }
         self.rec.write_status();
@@ -287,5 +259,31 @@ fn job_milestone(
     });
     if let Err(e) = amended {
         tracing::warn!("cannot write status.json: {e}");
+    }
+}
+
+/// What the registration's answer says of the token, recorded.
+impl Record {
+    /// Warns when the token expires within a day or this VM's max_lifetime; a token already
+    /// expired (by this VM's clock) is a failure before any job.
+    fn check_token_expiry(
+        &mut self,
+        token_expires_at: Option<&str>,
+        config: &RunnerConfig,
+    ) -> Option<AgentError> {
+        let now = SystemTime::now();
+        let expiry = expiry::judge(token_expires_at, now, config.max_lifetime);
+        self.token_expires_at = expiry.at();
+        if let Some(warning) = expiry.warning(now) {
+            self.token_warning = Some(warning.clone());
+            self.note(Event::Warning(warning));
+        }
+        match expiry {
+            Expiry::Expired(at) => Some(AgentError::TokenExpired {
+                expired_at: crate::timestamp::fmt_time(at),
+                now: crate::timestamp::fmt_time(now),
+            }),
+            _ => None,
+        }
     }
 }

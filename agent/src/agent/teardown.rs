@@ -9,11 +9,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::process::Child;
 
+use super::Context;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::jobs::stop_child;
 use super::record::Event;
 use super::record::GitLabKnows;
+use super::record::Record;
 use super::state::{Hold, Next, PowerOff, State, Stop};
 use super::{Agent, deadline_after};
 use crate::boot_record::BootRecord;
@@ -31,7 +33,8 @@ impl Agent {
     /// Where teardown starts: deregistration if GitLab (may) know this VM, else the hold if the
     /// keep file exists, else the power-off.
     pub(super) fn teardown(&mut self) -> Next {
-        self.end_running_jobs("gitlab-runner ended without reporting its end");
+        self.rec
+            .end_running_jobs("gitlab-runner ended without reporting its end");
         if self.rec.gitlab.needs_deregistration() {
             return Next::to(State::Deregistering, "removing this VM from GitLab");
         }
@@ -48,20 +51,13 @@ impl Agent {
         }
     }
 
-    fn hold_limits(&self) -> hold::HoldLimits {
-        hold::HoldLimits {
-            max: Duration::from_secs(self.ctx.args.hold_max),
-            extend: Duration::from_secs(self.ctx.args.hold_extend),
-        }
-    }
-
     fn holding(&mut self) -> Next {
         // The first hold of this boot sets the start that `--hold-max` counts from; a
         // restarted agent read it back (`resume`), so a restart never grants a new ceiling.
         let started = *self.rec.hold_started.get_or_insert_with(SystemTime::now);
         // Shown from the hold's first status.json on, not only once its step has begun.
         self.rec.hold_deadline =
-            hold::deadline(&self.ctx.args.keep_file, self.hold_limits(), started);
+            hold::deadline(&self.ctx.args.keep_file, self.ctx.hold_limits(), started);
         let detail = format!(
             "{} exists: keeping the VM for debugging until it is removed (gitlab-runner-vm release)",
             self.ctx.args.keep_file.display()
@@ -166,7 +162,7 @@ impl Agent {
     /// hold's start), and never past `--hold-max` after the hold's start.
     pub(super) async fn hold(&mut self, Hold { started }: Hold) -> Next {
         let keep_file = self.ctx.args.keep_file.clone();
-        let limits = self.hold_limits();
+        let limits = self.ctx.hold_limits();
         let held = hold::hold(&keep_file, limits, started, |deadline| {
             self.rec.hold_deadline = Some(deadline);
             tracing::info!(
@@ -222,14 +218,14 @@ impl Agent {
                 text: "exiting without power-off (--no-poweroff); the VM stays up".into(),
                 mark: None,
             });
-            self.end_of_boot("no-poweroff").await;
+            self.rec.end_of_boot("no-poweroff").await;
             return exit(ExitCode::SUCCESS);
         }
         self.rec.note(Event::Done {
             text: "powering off".into(),
             mark: None,
         });
-        self.end_of_boot("poweroff").await;
+        self.rec.end_of_boot("poweroff").await;
         match power::power_off(&self.ctx.args.poweroff_command, power::TIMEOUT).await {
             Ok(()) => {
                 tracing::info!("power-off requested");
@@ -246,39 +242,6 @@ impl Agent {
         }
     }
 
-    /// Jobs gitlab-runner started and never reported the end of: in the record they end now.
-    fn end_running_jobs(&mut self, why: &str) {
-        let now = crate::boot_record::now_ms();
-        let ended = self
-            .rec
-            .boot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .abandon_running(now);
-        for (job, ms) in ended {
-            let text = format!("job {job} {why}, after {}", crate::boot_record::seconds(ms));
-            tracing::warn!("{text}");
-            self.rec.milestone(&text);
-        }
-    }
-
-    /// The end of this boot's run: the boot record to the journal (one structured entry),
-    /// status.json and the console, whose lines are out before the power-off cuts them.
-    async fn end_of_boot(&mut self, ended_by: &str) {
-        self.rec.mark(|record, at| record.ended(at, ended_by));
-        let record = self
-            .rec
-            .boot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        record.log();
-        self.rec
-            .milestone(&format!("boot record: {}", record.summary()));
-        self.rec.write_status();
-        self.rec.console.flush(CONSOLE_FLUSH).await;
-    }
-
     /// stopping: the VM is shut down from outside. Abort the job, deregister, exit 0 without
     /// powering off (the platform is already doing that).
     pub(super) async fn stop(&mut self, stop: Stop) -> Next {
@@ -290,7 +253,7 @@ impl Agent {
                 timeout = preemption::abort_budget(&notice, SystemTime::now(), timeout);
             }
             stop_child(&mut child, timeout).await;
-            self.end_running_jobs("aborted by the stop");
+            self.rec.end_running_jobs("aborted by the stop");
         }
         if self.rec.gitlab.needs_deregistration() {
             self.delete_from_gitlab().await;
@@ -299,7 +262,7 @@ impl Agent {
             text: "stopped".into(),
             mark: None,
         });
-        self.end_of_boot("stop").await;
+        self.rec.end_of_boot("stop").await;
         exit(ExitCode::SUCCESS)
     }
 
@@ -322,7 +285,7 @@ impl Agent {
         if let Some(entry) = &entry {
             self.rec.shown.gitlab_url = Some(entry.url.clone());
         }
-        let registered = entry.and_then(|entry| self.deregistration_from(entry, target));
+        let registered = entry.and_then(|entry| self.rec.deregistration_from(entry, target));
         match &registered {
             Some(_) if target == Target::Runner => tracing::warn!(
                 "tearing down with what config.toml names: this boot's own runner (from the broker) is deleted from GitLab"
@@ -338,24 +301,6 @@ impl Agent {
             Some(registered) => GitLabKnows::ThisVm(Some(registered)),
             None => GitLabKnows::Nothing,
         };
-    }
-
-    /// What a deregistration needs, from config.toml's runner entry (which a restarted agent
-    /// finds in the state directory); None without a token or a usable URL.
-    fn deregistration_from(
-        &self,
-        entry: runner::RunnerEntry,
-        target: Target,
-    ) -> Option<Registered> {
-        let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
-            .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
-            .ok()?;
-        Some(Registered {
-            client,
-            runner_token: entry.token?,
-            system_id: self.rec.system_id.clone().unwrap_or_default(),
-            target,
-        })
     }
 
     /// A restarted agent found that this boot already registered, started gitlab-runner, was
@@ -384,7 +329,7 @@ impl Agent {
             Target::Runner
         };
         let registered = runner::read_runner_entry(&state_dir)
-            .and_then(|entry| self.deregistration_from(entry, target));
+            .and_then(|entry| self.rec.deregistration_from(entry, target));
         let mut shown = Registration::from_flags(prev.registered, prev.deregistered);
         if prev.phase == Phase::Registering && target.only_the_answer_names_it() {
             // A runner created just before the crash is in config.toml already; else its
@@ -400,9 +345,7 @@ impl Agent {
         self.rec.gitlab = GitLabKnows::resumed(shown, registered);
         self.rec.resume(prev);
     }
-}
 
-impl Agent {
     /// A hold cut short: by a stop, or by a notice that the VM goes away, after which nothing
     /// holds or delays the power-off (`Interrupt::allows_hold_and_delay`).
     fn interrupted_hold(&mut self) -> Next {
@@ -411,7 +354,7 @@ impl Agent {
         }
         tracing::warn!(
             "hold ended: a preemption notice says the VM goes away ({})",
-            self.interruption()
+            self.interrupts.describe()
         );
         self.powering_off()
     }
@@ -428,4 +371,66 @@ const CONSOLE_FLUSH: Duration = Duration::from_secs(2);
 
 fn exit(code: ExitCode) -> Next {
     Next::to(State::Exit(code), "")
+}
+
+/// The hold's limits, from the flags.
+impl Context {
+    fn hold_limits(&self) -> hold::HoldLimits {
+        hold::HoldLimits {
+            max: Duration::from_secs(self.args.hold_max),
+            extend: Duration::from_secs(self.args.hold_extend),
+        }
+    }
+}
+
+/// The end of jobs and of the boot in the record, and what a restarted agent finds in
+/// config.toml.
+impl Record {
+    /// Jobs gitlab-runner started and never reported the end of: in the record they end now.
+    fn end_running_jobs(&mut self, why: &str) {
+        let now = crate::boot_record::now_ms();
+        let ended = self
+            .boot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .abandon_running(now);
+        for (job, ms) in ended {
+            let text = format!("job {job} {why}, after {}", crate::boot_record::seconds(ms));
+            tracing::warn!("{text}");
+            self.milestone(&text);
+        }
+    }
+
+    /// The end of this boot's run: the boot record to the journal (one structured entry),
+    /// status.json and the console, whose lines are out before the power-off cuts them.
+    async fn end_of_boot(&mut self, ended_by: &str) {
+        self.mark(|record, at| record.ended(at, ended_by));
+        let record = self
+            .boot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        record.log();
+        self.milestone(&format!("boot record: {}", record.summary()));
+        self.write_status();
+        self.console.flush(CONSOLE_FLUSH).await;
+    }
+
+    /// What a deregistration needs, from config.toml's runner entry (which a restarted agent
+    /// finds in the state directory); None without a token or a usable URL.
+    fn deregistration_from(
+        &self,
+        entry: runner::RunnerEntry,
+        target: Target,
+    ) -> Option<Registered> {
+        let client = Client::new(&entry.url, entry.tls_ca_file.as_deref())
+            .map_err(|e| tracing::warn!("cannot set up the client for deregistration: {e:#}"))
+            .ok()?;
+        Some(Registered {
+            client,
+            runner_token: entry.token?,
+            system_id: self.system_id.clone().unwrap_or_default(),
+            target,
+        })
+    }
 }

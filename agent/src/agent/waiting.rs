@@ -9,6 +9,7 @@ use std::time::Duration;
 use nix::sys::inotify::AddWatchFlags;
 use tokio::time::Instant;
 
+use super::Context;
 use super::error::AgentError;
 use super::interrupt::Interrupt;
 use super::record::GitLabKnows;
@@ -29,7 +30,7 @@ const CONFIG_SETTLE: Duration = Duration::from_secs(10);
 impl Agent {
     pub(super) async fn wait_for_config(&mut self) -> Next {
         let deadline = deadline_after(Duration::from_secs(self.ctx.args.config_wait));
-        let platform = self.config_platform();
+        let platform = self.ctx.config_platform();
         if let Some(platform) = platform {
             self.rec.publish(&format!(
                 "fetching runner.json from the {platform} instance's user-data"
@@ -38,7 +39,7 @@ impl Agent {
         // A drain asked for before runner.json was read means nothing is left to run.
         let text = match self
             .interrupts
-            .unless(Interrupt::Drain, self.obtain_config(platform, deadline))
+            .unless(Interrupt::Drain, self.ctx.obtain_config(platform, deadline))
             .await
         {
             Some(Ok(text)) => text,
@@ -72,7 +73,7 @@ impl Agent {
             None => {
                 tracing::info!(
                     "{} while the daemons were being reloaded: not registering, tearing down",
-                    self.interruption()
+                    self.interrupts.describe()
                 );
                 return self.teardown();
             }
@@ -91,178 +92,6 @@ impl Agent {
             }
             Err(error) => failed(error),
         }
-    }
-
-    /// The platform whose user-data is runner.json (None: the file), said in the journal.
-    fn config_platform(&self) -> Option<Platform> {
-        let (source, platform) = (self.ctx.args.config_source, self.ctx.platform);
-        match (source, platform) {
-            (ConfigSource::Auto, None) => tracing::info!(
-                "--config-source auto: no cloud platform recognised from DMI/SMBIOS ({}); runner.json is the file {}",
-                self.ctx.args.dmi_dir.display(),
-                self.ctx.args.config.display()
-            ),
-            (ConfigSource::Auto, Some(platform)) => tracing::info!(
-                "--config-source auto: DMI/SMBIOS ({}) says {platform}",
-                self.ctx.args.dmi_dir.display()
-            ),
-            _ => {}
-        }
-        platform
-    }
-
-    /// runner.json's text: fetched from the platform's user-data into the file first when
-    /// there is a platform, then read as a file is.
-    async fn obtain_config(
-        &self,
-        platform: Option<Platform>,
-        deadline: Instant,
-    ) -> Result<String, AgentError> {
-        if let Some(platform) = platform {
-            self.fetch_user_data(platform, deadline).await?;
-        } else if self.ctx.args.config_source == ConfigSource::Broker {
-            self.fetch_from_broker(deadline).await?;
-        }
-        self.read_config(deadline).await
-    }
-
-    /// Asks the broker for this boot's runner and writes runner.json from its answer to
-    /// `--config` (0600, its directory 0700 if new), unless a file is already there: this
-    /// boot's earlier run (a restarted agent asks the broker nothing twice; the broker would
-    /// refuse a second request for this pod anyway).
-    async fn fetch_from_broker(&self, deadline: Instant) -> Result<(), AgentError> {
-        let path = &self.ctx.args.config;
-        if std::fs::symlink_metadata(path).is_ok() {
-            tracing::info!(
-                "{} already exists (an earlier run in this boot): using it; the broker is not asked",
-                path.display()
-            );
-            return Ok(());
-        }
-        let client = BrokerClient::new(&self.ctx.args.broker_url).map_err(AgentError::Broker)?;
-        tracing::info!(
-            "runner.json from the broker: POST {} with the pod's token from {} (--config-source broker)",
-            client.url(),
-            self.ctx.args.broker_token_file.display()
-        );
-        let granted = broker::fetch_runner(
-            &client,
-            &self.ctx.args.broker_token_file,
-            deadline,
-            self.ctx.args.config_wait,
-        )
-        .await
-        .map_err(AgentError::Broker)?;
-        let text = granted.runner_json();
-        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
-            AgentError::ConfigWrite {
-                path: path.clone(),
-                detail: e.to_string(),
-            }
-        })?;
-        tracing::info!(
-            "the broker granted runner {} (token {}) at {}; wrote runner.json to {} (0600)",
-            granted
-                .runner_id
-                .map(|id| id.to_string())
-                .unwrap_or_else(|| "?".into()),
-            granted.token,
-            granted.url,
-            path.display()
-        );
-        Ok(())
-    }
-
-    /// Writes the instance's user-data to `--config` (0600, its directory 0700 if new), unless
-    /// a file is already there: a config disk, the image, or this boot's earlier run (a
-    /// restarted agent fetches nothing twice). User-data is never logged, only its size.
-    async fn fetch_user_data(
-        &self,
-        platform: Platform,
-        deadline: Instant,
-    ) -> Result<(), AgentError> {
-        let path = &self.ctx.args.config;
-        if let Some(target) = files::dangling_link(path) {
-            // Writing the user-data would replace the link someone put there on purpose.
-            tracing::warn!(
-                "{} is a symbolic link to {}, which does not exist: the {platform} user-data is not fetched (it would replace the link); waiting for {} (remove the link to have the user-data fetched)",
-                path.display(),
-                target.display(),
-                target.display()
-            );
-            return Ok(());
-        }
-        if std::fs::symlink_metadata(path).is_ok() {
-            tracing::info!(
-                "{} already exists (a config disk, the image, or an earlier run in this boot): using it; the {platform} user-data is not fetched",
-                path.display()
-            );
-            return Ok(());
-        }
-        let client = MetadataClient::new(platform, &self.ctx.args.metadata_url)
-            .map_err(AgentError::Metadata)?;
-        tracing::info!(
-            "runner.json from the {platform} metadata service: {} (--config-source {})",
-            client.url(platform.user_data_path()),
-            self.ctx.args.config_source
-        );
-        let text = match fetch_runner_json(&client, deadline)
-            .await
-            .map_err(AgentError::Metadata)?
-        {
-            Ok(text) => text,
-            Err(NotRunnerJson::Missing) => return Err(AgentError::UserDataMissing { platform }),
-            Err(NotRunnerJson::Other(what)) => {
-                return Err(AgentError::UserDataNotRunnerJson { platform, what });
-            }
-        };
-        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
-            AgentError::ConfigWrite {
-                path: path.clone(),
-                detail: e.to_string(),
-            }
-        })?;
-        tracing::info!(
-            "wrote the {platform} user-data ({} bytes) to {} (0600)",
-            text.len(),
-            path.display()
-        );
-        Ok(())
-    }
-
-    async fn read_config(&self, deadline: Instant) -> Result<String, AgentError> {
-        let path = &self.ctx.args.config;
-        if let Some(target) = files::dangling_link(path) {
-            tracing::info!(
-                "{} is a symbolic link to {}, which does not exist yet: waiting for it",
-                path.display(),
-                target.display()
-            );
-        }
-        match tokio::time::timeout_at(deadline, fswatch::wait_for_file(path)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(AgentError::ConfigWatch {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                });
-            }
-            Err(_) => {
-                if let Some(target) = files::dangling_link(path) {
-                    return Err(AgentError::ConfigLinkDangling {
-                        path: path.clone(),
-                        target,
-                        seconds: self.ctx.args.config_wait,
-                        user_data: self.ctx.platform,
-                    });
-                }
-                return Err(AgentError::ConfigMissing {
-                    path: path.clone(),
-                    seconds: self.ctx.args.config_wait,
-                });
-            }
-        }
-        read_complete(path, deadline).await
     }
 
     fn validate(&mut self, text: &str) -> Result<RunnerConfig, AgentError> {
@@ -319,7 +148,7 @@ impl Agent {
             .known_runner_token()
             .map(|token| runner::render_config_toml(&config, &token, &shell_jobs))
             .unwrap_or_default();
-        self.write_runner_files(&system_id, &toml)?;
+        self.ctx.write_runner_files(&system_id, &toml)?;
         Ok(Setup {
             config,
             client,
@@ -327,19 +156,6 @@ impl Agent {
             runner_env,
             system_id,
             flow,
-        })
-    }
-
-    pub(super) fn write_runner_files(
-        &self,
-        system_id: &str,
-        config_toml: &str,
-    ) -> Result<(), AgentError> {
-        runner::write_state_files(&self.ctx.args.state_dir, system_id, config_toml).map_err(|e| {
-            AgentError::StateDir {
-                dir: self.ctx.args.state_dir.clone(),
-                detail: format!("{e:#}"),
-            }
         })
     }
 }
@@ -392,5 +208,194 @@ async fn read_complete(path: &Path, deadline: Instant) -> Result<String, AgentEr
             // No change in time (or the watch broke): validation reports what is there.
             Ok(Err(_)) | Err(_) => return Ok(text),
         }
+    }
+}
+
+/// Where runner.json comes from (the file, the platform's user-data, the broker) and where
+/// the runner's files go: the flags and the platform alone decide.
+impl Context {
+    /// The platform whose user-data is runner.json (None: the file), said in the journal.
+    fn config_platform(&self) -> Option<Platform> {
+        let (source, platform) = (self.args.config_source, self.platform);
+        match (source, platform) {
+            (ConfigSource::Auto, None) => tracing::info!(
+                "--config-source auto: no cloud platform recognised from DMI/SMBIOS ({}); runner.json is the file {}",
+                self.args.dmi_dir.display(),
+                self.args.config.display()
+            ),
+            (ConfigSource::Auto, Some(platform)) => tracing::info!(
+                "--config-source auto: DMI/SMBIOS ({}) says {platform}",
+                self.args.dmi_dir.display()
+            ),
+            _ => {}
+        }
+        platform
+    }
+
+    /// runner.json's text: fetched from the platform's user-data into the file first when
+    /// there is a platform, then read as a file is.
+    async fn obtain_config(
+        &self,
+        platform: Option<Platform>,
+        deadline: Instant,
+    ) -> Result<String, AgentError> {
+        if let Some(platform) = platform {
+            self.fetch_user_data(platform, deadline).await?;
+        } else if self.args.config_source == ConfigSource::Broker {
+            self.fetch_from_broker(deadline).await?;
+        }
+        self.read_config(deadline).await
+    }
+
+    /// Asks the broker for this boot's runner and writes runner.json from its answer to
+    /// `--config` (0600, its directory 0700 if new), unless a file is already there: this
+    /// boot's earlier run (a restarted agent asks the broker nothing twice; the broker would
+    /// refuse a second request for this pod anyway).
+    async fn fetch_from_broker(&self, deadline: Instant) -> Result<(), AgentError> {
+        let path = &self.args.config;
+        if std::fs::symlink_metadata(path).is_ok() {
+            tracing::info!(
+                "{} already exists (an earlier run in this boot): using it; the broker is not asked",
+                path.display()
+            );
+            return Ok(());
+        }
+        let client = BrokerClient::new(&self.args.broker_url).map_err(AgentError::Broker)?;
+        tracing::info!(
+            "runner.json from the broker: POST {} with the pod's token from {} (--config-source broker)",
+            client.url(),
+            self.args.broker_token_file.display()
+        );
+        let granted = broker::fetch_runner(
+            &client,
+            &self.args.broker_token_file,
+            deadline,
+            self.args.config_wait,
+        )
+        .await
+        .map_err(AgentError::Broker)?;
+        let text = granted.runner_json();
+        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
+            AgentError::ConfigWrite {
+                path: path.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        tracing::info!(
+            "the broker granted runner {} (token {}) at {}; wrote runner.json to {} (0600)",
+            granted
+                .runner_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "?".into()),
+            granted.token,
+            granted.url,
+            path.display()
+        );
+        Ok(())
+    }
+
+    /// Writes the instance's user-data to `--config` (0600, its directory 0700 if new), unless
+    /// a file is already there: a config disk, the image, or this boot's earlier run (a
+    /// restarted agent fetches nothing twice). User-data is never logged, only its size.
+    async fn fetch_user_data(
+        &self,
+        platform: Platform,
+        deadline: Instant,
+    ) -> Result<(), AgentError> {
+        let path = &self.args.config;
+        if let Some(target) = files::dangling_link(path) {
+            // Writing the user-data would replace the link someone put there on purpose.
+            tracing::warn!(
+                "{} is a symbolic link to {}, which does not exist: the {platform} user-data is not fetched (it would replace the link); waiting for {} (remove the link to have the user-data fetched)",
+                path.display(),
+                target.display(),
+                target.display()
+            );
+            return Ok(());
+        }
+        if std::fs::symlink_metadata(path).is_ok() {
+            tracing::info!(
+                "{} already exists (a config disk, the image, or an earlier run in this boot): using it; the {platform} user-data is not fetched",
+                path.display()
+            );
+            return Ok(());
+        }
+        let client =
+            MetadataClient::new(platform, &self.args.metadata_url).map_err(AgentError::Metadata)?;
+        tracing::info!(
+            "runner.json from the {platform} metadata service: {} (--config-source {})",
+            client.url(platform.user_data_path()),
+            self.args.config_source
+        );
+        let text = match fetch_runner_json(&client, deadline)
+            .await
+            .map_err(AgentError::Metadata)?
+        {
+            Ok(text) => text,
+            Err(NotRunnerJson::Missing) => return Err(AgentError::UserDataMissing { platform }),
+            Err(NotRunnerJson::Other(what)) => {
+                return Err(AgentError::UserDataNotRunnerJson { platform, what });
+            }
+        };
+        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
+            AgentError::ConfigWrite {
+                path: path.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        tracing::info!(
+            "wrote the {platform} user-data ({} bytes) to {} (0600)",
+            text.len(),
+            path.display()
+        );
+        Ok(())
+    }
+
+    async fn read_config(&self, deadline: Instant) -> Result<String, AgentError> {
+        let path = &self.args.config;
+        if let Some(target) = files::dangling_link(path) {
+            tracing::info!(
+                "{} is a symbolic link to {}, which does not exist yet: waiting for it",
+                path.display(),
+                target.display()
+            );
+        }
+        match tokio::time::timeout_at(deadline, fswatch::wait_for_file(path)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(AgentError::ConfigWatch {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                });
+            }
+            Err(_) => {
+                if let Some(target) = files::dangling_link(path) {
+                    return Err(AgentError::ConfigLinkDangling {
+                        path: path.clone(),
+                        target,
+                        seconds: self.args.config_wait,
+                        user_data: self.platform,
+                    });
+                }
+                return Err(AgentError::ConfigMissing {
+                    path: path.clone(),
+                    seconds: self.args.config_wait,
+                });
+            }
+        }
+        read_complete(path, deadline).await
+    }
+
+    pub(super) fn write_runner_files(
+        &self,
+        system_id: &str,
+        config_toml: &str,
+    ) -> Result<(), AgentError> {
+        runner::write_state_files(&self.args.state_dir, system_id, config_toml).map_err(|e| {
+            AgentError::StateDir {
+                dir: self.args.state_dir.clone(),
+                detail: format!("{e:#}"),
+            }
+        })
     }
 }
