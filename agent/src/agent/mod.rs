@@ -8,10 +8,13 @@
 //! any failure: -> failed -> the same teardown;   SIGTERM anywhere: -> stopping
 //! ```
 //!
-//! The steps live beside this file: `waiting` (runner.json; then `fleet_settings`, the daemons
-//! and the firewall as runner.json asks), `registering` (and the start of
-//! gitlab-runner), `jobs` (running, draining), `teardown` (deregistering, holding,
-//! powering-off, failed, stopping, and the resumption of a restarted agent).
+//! The steps live beside this file: `waiting` (runner.json from `sources`; then
+//! `fleet_settings`, the daemons and the firewall as runner.json asks), `registering` (and the
+//! start of gitlab-runner), `jobs` (running, draining), `teardown` (deregistering, holding,
+//! powering-off, failed, stopping) and `resume` (what a restarted agent takes up). A
+//! preemption notice is `Interrupt::Preempted`, one rule of the lifecycle's decisions. Steps
+//! read the `Context`, write the `Record` (whose `GitLabKnows` is the one account of the VM's
+//! registration) and return a `Next`.
 
 mod error;
 mod fleet_settings;
@@ -19,6 +22,8 @@ mod interrupt;
 mod jobs;
 mod record;
 mod registering;
+mod resume;
+mod sources;
 mod state;
 mod teardown;
 mod waiting;
