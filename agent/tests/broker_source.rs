@@ -54,25 +54,13 @@ async fn mount_gitlab(h: &Harness) {
     mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         ResponseTemplate::new(200)
             .set_body_json(json!({"id": 42, "token": GRANTED, "token_expires_at": null})),
     )
     .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners",
-        ResponseTemplate::new(204),
-    )
-    .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners/managers",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    h.mount_runner_deletion().await;
+    mount(&h.server, "DELETE", MANAGERS, ResponseTemplate::new(204)).await;
 }
 
 fn start_with_broker(h: &mut Harness, broker: &MockServer, extra: &[&str]) {
@@ -132,7 +120,7 @@ async fn the_broker_s_runner_runs_the_job_and_is_deleted_whole_at_the_end() {
 
     assert_eq!(broker_requests(&broker).await, 1, "one request per boot");
     assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
-    let verify = h.requests("POST", "/api/v4/runners/verify").await;
+    let verify = h.requests("POST", VERIFY).await;
     assert_eq!(
         body(&verify[0])["token"],
         GRANTED,
@@ -149,9 +137,7 @@ async fn the_broker_s_runner_runs_the_job_and_is_deleted_whole_at_the_end() {
     );
     assert_eq!(body(&deleted[0])["token"], GRANTED);
     assert!(
-        h.requests("DELETE", "/api/v4/runners/managers")
-            .await
-            .is_empty(),
+        h.requests("DELETE", MANAGERS).await.is_empty(),
         "not only its manager"
     );
     assert!(h.powered_off());
@@ -206,11 +192,7 @@ async fn refusals_are_final_no_runner_starts_and_the_vm_powers_off() {
         );
         assert_eq!(broker_requests(&broker).await, 1, "{status}: asked once");
         assert!(h.runner_invocations().is_empty(), "{status}");
-        assert!(
-            h.requests("POST", "/api/v4/runners/verify")
-                .await
-                .is_empty()
-        );
+        assert!(h.requests("POST", VERIFY).await.is_empty());
         assert!(h.powered_off(), "{status}");
         let st = h.status();
         assert_eq!(st["phase"], "powering-off", "{status}");
@@ -251,7 +233,7 @@ async fn a_broker_that_fails_for_a_while_is_asked_again() {
     assert_eq!(broker_requests(&broker).await, 3);
     assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
     assert!(h.log().contains("GitLab failed; try again"), "{}", h.log());
-    assert_eq!(h.requests("DELETE", "/api/v4/runners").await.len(), 1);
+    assert_eq!(h.count("DELETE", "/api/v4/runners").await, 1);
     assert_no_secret(&h);
 }
 
@@ -426,7 +408,7 @@ async fn a_restarted_agent_in_the_same_boot_asks_the_broker_nothing_again() {
     assert!(status.success(), "{}", h.log());
     assert_eq!(broker_requests(&broker).await, 0);
     assert_eq!(h.runner_invocations().len(), 1);
-    assert_eq!(h.requests("DELETE", "/api/v4/runners").await.len(), 1);
+    assert_eq!(h.count("DELETE", "/api/v4/runners").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -464,13 +446,9 @@ async fn an_agent_killed_during_the_job_deletes_the_broker_s_runner_when_restart
     write_pod_token(&h, POD_TOKEN.as_bytes());
     let broker = broker_answering(grant(&h)).await;
     // A short job: the orphaned fake gitlab-runner ends by itself after the crash.
-    let fake = FakeRunner {
-        job_seconds: 2,
-        exit_code: 0,
-    };
+    let fake = FakeRunner::job(2);
     start_with_broker_running(&mut h, &broker, fake, &[]);
-    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
-        .await;
+    h.wait_for_job().await;
     send_signal(h.agent_pid(), 9);
     h.wait_exit().await;
     assert!(h.requests("DELETE", "/api/v4/runners").await.is_empty());
@@ -489,11 +467,7 @@ async fn an_agent_killed_during_the_job_deletes_the_broker_s_runner_when_restart
     let deleted = h.requests("DELETE", "/api/v4/runners").await;
     assert_eq!(deleted.len(), 1, "{}", h.log());
     assert_eq!(body(&deleted[0])["token"], GRANTED);
-    assert!(
-        h.requests("DELETE", "/api/v4/runners/managers")
-            .await
-            .is_empty()
-    );
+    assert!(h.requests("DELETE", MANAGERS).await.is_empty());
     assert!(h.powered_off());
     assert_no_secret(&h);
 }

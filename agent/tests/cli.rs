@@ -125,8 +125,7 @@ fn release_without_a_hold_is_not_an_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_shows_the_phase_for_a_person() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     std::fs::write(h.keep_file(), "").unwrap();
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &[]);
@@ -173,8 +172,7 @@ async fn notifications_of_a_run(h: &mut Harness, runner: &std::path::Path) -> Ve
 #[tokio::test(flavor = "multi_thread")]
 async fn notifies_systemd_of_readiness_phases_and_stopping() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = h.write_fake_runner(FakeRunner::default());
     let messages = notifications_of_a_run(&mut h, &runner).await;
     let position = |prefix: &str| {
@@ -205,7 +203,7 @@ async fn a_failed_run_still_notifies_ready_before_exiting() {
     common::mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         wiremock::ResponseTemplate::new(403),
     )
     .await;

@@ -68,7 +68,7 @@ async fn aws_user_data_is_written_0600_and_the_agent_runs_as_with_a_file() {
     assert!(status.success(), "{status:?}\n{}", h.log());
 
     assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
-    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
+    assert_eq!(h.count("POST", VERIFY).await, 1);
     assert!(h.powered_off());
     let config = h.config_path();
     assert_eq!(
@@ -381,7 +381,7 @@ async fn a_restarted_agent_in_the_same_boot_fetches_nothing_again() {
         .count();
     assert_eq!(fetched, 1, "{}", h.log());
     assert_eq!(h.runner_invocations().len(), 1);
-    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
+    assert_eq!(h.count("POST", VERIFY).await, 1);
 }
 
 /// Whether the metadata service has been asked (wiremock's call is async; poll it here).

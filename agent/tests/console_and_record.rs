@@ -50,8 +50,7 @@ fn assert_in_order(lines: &[String], expected: &[String]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_good_run_shows_each_milestone_on_the_console_and_records_the_boot() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = write_job_printing_runner(&h, 1, SUCCEEDED);
     h.start(&runner, &[]);
 
@@ -158,8 +157,7 @@ async fn a_failed_job_and_a_system_failure_are_told_apart() {
         ),
     ] {
         let mut h = Harness::new().await;
-        h.mount_glrt_happy_path().await;
-        h.write_config(json!({"token": TOKEN}));
+        h.prepare_glrt(json!({})).await;
         let runner = write_job_printing_runner(&h, 0, line);
         h.start(&runner, &[]);
         assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -174,7 +172,7 @@ async fn a_rejected_token_is_one_failure_line_with_its_fix_and_no_token() {
     mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         ResponseTemplate::new(403).set_body_json(json!({
             "message": format!("403 Forbidden\n\x1b[31mtoken {TOKEN} is invalid\r\n")
         })),
@@ -225,8 +223,7 @@ async fn a_console_nobody_reads_does_not_hold_the_agent_up() {
     let writer = open(&fifo, OFlag::O_WRONLY | OFlag::O_NONBLOCK, Mode::empty()).unwrap();
     while nix::unistd::write(&writer, &[b'x'; 4096]).is_ok() {}
 
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = write_job_printing_runner(&h, 0, SUCCEEDED);
     let mut cmd = h.command(&runner, &[]);
     cmd.env(flag_env("console"), &fifo);
@@ -251,8 +248,7 @@ async fn a_console_nobody_reads_does_not_hold_the_agent_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn console_off_writes_nothing() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = h.write_fake_runner(FakeRunner::default());
     let mut cmd = h.command(&runner, &["--console", "off"]);
     cmd.env(flag_env("console"), h.path("console"));
@@ -268,18 +264,12 @@ async fn run_with_expiry(expires: Value, config: Value) -> Harness {
     mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         ResponseTemplate::new(200)
             .set_body_json(json!({"id": 7, "token": TOKEN, "token_expires_at": expires})),
     )
     .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners/managers",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    mount(&h.server, "DELETE", MANAGERS, ResponseTemplate::new(204)).await;
     let mut config = config;
     config["token"] = Value::from(TOKEN);
     h.write_config(config);
@@ -365,10 +355,7 @@ async fn an_expired_token_fails_before_any_job_with_the_fix() {
         h.console()
     );
     // The manager verify created is removed.
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert_eq!(status["registered"], true);
     assert_eq!(status["deregistered"], true);
 }
@@ -399,13 +386,7 @@ async fn a_created_runners_expired_token_fails_and_the_runner_is_deleted() {
             .set_body_json(json!({"id": 9171, "token": created, "token_expires_at": past})),
     )
     .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    h.mount_runner_deletion().await;
     h.write_config(
         json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "instance_type"}),
     );
@@ -416,14 +397,7 @@ async fn a_created_runners_expired_token_fails_and_the_runner_is_deleted() {
     let deleted = h.requests("DELETE", "/api/v4/runners").await;
     assert_eq!(deleted.len(), 1);
     assert_eq!(body(&deleted[0])["token"], created);
-    assert!(
-        h.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("expired at"),
-        "{}",
-        h.status()
-    );
+    assert!(h.last_error().contains("expired at"), "{}", h.status());
     assert!(!h.all_output().contains("created.by.access"));
 }
 
@@ -432,8 +406,7 @@ async fn a_created_runners_expired_token_fails_and_the_runner_is_deleted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_agent_keeps_the_boots_record() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = write_job_printing_runner(&h, 60, SUCCEEDED);
     h.start(&runner, &[]);
     h.wait_until("the job's start in status.json", |h| {
@@ -479,8 +452,7 @@ async fn a_restarted_agent_keeps_the_boots_record() {
 async fn a_job_without_an_end_line_ends_in_the_record() {
     // Stopped (SIGTERM) mid-job.
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = write_job_printing_runner(&h, 60, SUCCEEDED);
     h.start(&runner, &[]);
     h.wait_until("the job", |h| h.read("job-started").is_some())
@@ -507,8 +479,7 @@ async fn a_job_without_an_end_line_ends_in_the_record() {
 
     // gitlab-runner exits after a job it never reported the end of.
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = write_job_printing_runner(&h, 0, "gitlab-runner: something else");
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -527,10 +498,12 @@ async fn a_job_without_an_end_line_ends_in_the_record() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_power_off_is_said_on_the_console_and_in_status_json() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
-    let runner = h.write_fake_runner(FakeRunner::default());
-    h.start(&runner, &["--poweroff-command", "exit 3"]);
+    h.start_glrt(
+        json!({}),
+        FakeRunner::default(),
+        &["--poweroff-command", "exit 3"],
+    )
+    .await;
     let status = h.wait_exit().await;
     assert!(!status.success(), "{status:?}\n{}", h.log());
     let failure = h.status()["last_error"]

@@ -27,8 +27,7 @@ fn write_printing_runner(h: &Harness) -> std::path::PathBuf {
 /// Runs the agent once with `cache` and returns config.toml's `[runners.cache]`.
 async fn rendered(cache: Value) -> (Harness, toml::Table) {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN, "cache": cache}));
+    h.prepare_glrt(json!({"cache": cache})).await;
     let runner = write_printing_runner(&h);
     h.start(&runner, &[]);
     let status = h.wait_exit().await;
@@ -223,16 +222,11 @@ async fn toml_syntax_in_a_value_stays_inside_its_string() {
         ),
     ] {
         let mut h = Harness::new().await;
-        h.mount_glrt_happy_path().await;
-        h.write_config(json!({"token": TOKEN, "cache": cache}));
+        h.prepare_glrt(json!({"cache": cache})).await;
         let runner = write_printing_runner(&h);
         h.start(&runner, &[]);
         let _ = h.wait_exit().await;
-        assert!(
-            h.requests("POST", "/api/v4/runners/verify")
-                .await
-                .is_empty()
-        );
+        assert!(h.requests("POST", VERIFY).await.is_empty());
         assert!(h.runner_invocations().is_empty());
         assert!(h.log().contains(at), "{at}: {}", h.log());
         assert!(!h.state_dir().join("config.toml").exists());
@@ -252,8 +246,7 @@ fn write_firewall(h: &Harness) -> std::path::PathBuf {
 
 /// Runs the agent with `cache` and `args`; whether it exited 0.
 async fn run_with(h: &mut Harness, cache: Value, args: &[&str]) {
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN, "cache": cache}));
+    h.prepare_glrt(json!({"cache": cache})).await;
     let runner = write_printing_runner(h);
     h.start(&runner, args);
     let status = h.wait_exit().await;
@@ -275,11 +268,7 @@ async fn an_identity_cache_without_a_cgroup_for_gitlab_runner_admits_nothing_and
         run_with(&mut h, cache.clone(), &["--metadata-firewall", &fw]).await;
         assert_eq!(h.read("firewall-calls"), None, "{cache}");
         assert!(h.runner_invocations().is_empty(), "{cache}");
-        assert!(
-            h.requests("POST", "/api/v4/runners/verify")
-                .await
-                .is_empty()
-        );
+        assert!(h.requests("POST", VERIFY).await.is_empty());
         let last_error = h.status()["last_error"].as_str().unwrap_or("").to_string();
         assert!(
             last_error.contains("cannot admit gitlab-runner to the metadata service")

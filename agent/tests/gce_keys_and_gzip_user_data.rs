@@ -374,8 +374,7 @@ async fn an_aws_spot_time_with_an_offset_is_read_at_its_instant() {
     };
     for form in ["+05:30", "-0800", "no zone"] {
         let mut h = Harness::new().await;
-        h.mount_glrt_happy_path().await;
-        h.write_config(json!({"token": TOKEN}));
+        h.prepare_glrt(json!({})).await;
         let meta = MockServer::start().await;
         Mock::given(method("PUT"))
             .and(path("/latest/api/token"))

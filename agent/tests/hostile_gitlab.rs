@@ -16,7 +16,7 @@ fn last_error(h: &Harness) -> String {
 }
 
 async fn start_with_verify(h: &mut Harness, verify: ResponseTemplate) {
-    mount(&h.server, "POST", "/api/v4/runners/verify", verify).await;
+    mount(&h.server, "POST", VERIFY, verify).await;
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &[]);
@@ -51,7 +51,7 @@ async fn a_redirect_is_not_followed_and_the_token_stays_home() {
         "{error}"
     );
     assert_eq!(
-        h.requests("POST", "/api/v4/runners/verify").await.len(),
+        h.count("POST", VERIFY).await,
         1,
         "a redirect is permanent: no retry"
     );
@@ -78,9 +78,7 @@ async fn an_html_login_page_is_not_an_accepted_token() {
         "{error}"
     );
     assert!(
-        h.requests("DELETE", "/api/v4/runners/managers")
-            .await
-            .is_empty(),
+        h.requests("DELETE", MANAGERS).await.is_empty(),
         "nothing was registered"
     );
     assert!(h.powered_off());
@@ -114,7 +112,7 @@ async fn a_reset_time_in_the_past_is_no_tight_loop() {
     mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         ResponseTemplate::new(429)
             .insert_header("RateLimit-ResetTime", "Sat, 01 Jan 2000 00:00:00 GMT")
             .insert_header("Retry-After", "0"),
@@ -124,7 +122,7 @@ async fn a_reset_time_in_the_past_is_no_tight_loop() {
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &["--register-timeout", "3"]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    let sent = h.requests("POST", "/api/v4/runners/verify").await.len();
+    let sent = h.count("POST", VERIFY).await;
     assert!((1..=4).contains(&sent), "{sent} verify requests in 3 s");
     assert!(last_error(&h).contains("429"), "{}", last_error(&h));
 }
@@ -162,7 +160,7 @@ async fn tokens_in_other_fields_and_error_bodies_never_reach_the_log() {
     mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         ResponseTemplate::new(403).set_body_raw(echo, "text/plain"),
     )
     .await;
@@ -184,7 +182,7 @@ async fn tokens_in_other_fields_and_error_bodies_never_reach_the_log() {
 async fn a_throttled_deregistration_outlasts_the_deregister_timeout() {
     let mut h = Harness::new().await;
     Mock::given(method("DELETE"))
-        .and(path("/api/v4/runners/managers"))
+        .and(path(MANAGERS))
         .respond_with(
             ResponseTemplate::new(429)
                 .insert_header("Retry-After", "1")
@@ -203,12 +201,7 @@ async fn a_throttled_deregistration_outlasts_the_deregister_timeout() {
     )
     .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        5,
-        "{}",
-        h.log()
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 5, "{}", h.log());
     let st = h.status();
     assert_eq!(st["deregistered"], true, "{}", h.log());
     assert!(h.log().contains("past the deadline"), "{}", h.log());

@@ -32,12 +32,12 @@ async fn glrt_token_verify_run_single_deregister_power_off() {
     let system_id = h.system_id_file();
     assert!(system_id_is_valid(&system_id), "{system_id:?}");
     assert_eq!(h.read("runner-system-id").unwrap(), system_id);
-    let verify = h.requests("POST", "/api/v4/runners/verify").await;
+    let verify = h.requests("POST", VERIFY).await;
     assert_eq!(verify.len(), 1);
     assert_eq!(body(&verify[0])["token"], TOKEN);
     assert_eq!(body(&verify[0])["system_id"], system_id.as_str());
     assert_eq!(body(&verify[0])["info"]["executor"], "shell");
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(deleted.len(), 1);
     assert_eq!(
         body(&deleted[0]),
@@ -102,12 +102,7 @@ async fn glrt_token_verify_run_single_deregister_power_off() {
     assert_eq!(st["phase"], "powering-off");
     assert_eq!(st["registered"], true);
     assert_eq!(st["deregistered"], true);
-    let phases: Vec<_> = st["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect();
+    let phases = h.phases();
     assert_eq!(
         phases,
         [
@@ -180,13 +175,7 @@ async fn legacy_registration_token_creates_and_deletes_its_runner() {
             .set_body_json(json!({"id": 12345, "token": created, "token_expires_at": null})),
     )
     .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    h.mount_runner_deletion().await;
     h.write_config(json!({"registration_token": "GR1348941LeGaCyReGiStRaTiOn", "tags": ["nix", "vm"], "run_untagged": false, "maximum_timeout": 3600}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &[]);
@@ -228,7 +217,7 @@ async fn legacy_registration_disabled_410_fails_with_the_fix() {
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.runner_invocations().is_empty());
     assert_eq!(
-        h.requests("POST", "/api/v4/runners").await.len(),
+        h.count("POST", "/api/v4/runners").await,
         1,
         "410 is permanent: no retry"
     );
@@ -250,13 +239,7 @@ async fn access_token_creates_a_project_runner_and_deletes_it() {
         )
         .mount(&h.server)
         .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    h.mount_runner_deletion().await;
     h.write_config(json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "project_type", "project_id": 42, "tags": ["vm"]}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &[]);
@@ -291,10 +274,7 @@ async fn keep_file_holds_after_deregistration_until_released() {
 
     h.wait_until("the hold", |h| h.in_phase("holding")).await;
     // Deregistered before the hold: no ghost runner while a person debugs.
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.status()["hold_deadline"].is_string());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!h.powered_off(), "powered off during the hold");
@@ -399,13 +379,7 @@ async fn a_touch_loop_does_not_hold_past_hold_max() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rejected_token_403_starts_no_runner_and_powers_off_after_the_failure_delay() {
     let mut h = Harness::new().await;
-    mount(
-        &h.server,
-        "POST",
-        "/api/v4/runners/verify",
-        ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})),
-    )
-    .await;
+    h.mount_rejected_token().await;
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &["--failure-delay", "2"]);
@@ -420,24 +394,17 @@ async fn rejected_token_403_starts_no_runner_and_powers_off_after_the_failure_de
         "gitlab-runner was started"
     );
     assert_eq!(
-        h.requests("POST", "/api/v4/runners/verify").await.len(),
+        h.count("POST", VERIFY).await,
         1,
         "403 is permanent: no retry"
     );
     assert!(
-        h.requests("DELETE", "/api/v4/runners/managers")
-            .await
-            .is_empty(),
+        h.requests("DELETE", MANAGERS).await.is_empty(),
         "nothing was registered"
     );
     assert!(h.powered_off());
     let st = h.status();
-    let phases: Vec<_> = st["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect();
+    let phases = h.phases();
     assert_eq!(
         phases,
         [
@@ -477,7 +444,7 @@ async fn server_errors_and_429_are_retried_no_sooner_than_the_floor_and_retry_af
     // two waits tell the floor from Retry-After), then success.
     let arrivals = Arc::new(Mutex::new(Vec::new()));
     wiremock::Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
+        .and(path(VERIFY))
         .respond_with(Timed {
             answers: vec![
                 ResponseTemplate::new(503),
@@ -521,7 +488,7 @@ async fn unreachable_gitlab_at_deregistration_delays_power_off_by_at_most_the_ti
     mount(
         &h.server,
         "POST",
-        "/api/v4/runners/verify",
+        VERIFY,
         ResponseTemplate::new(200).set_body_json(json!({"id": 7, "token": TOKEN})),
     )
     .await;
@@ -529,7 +496,7 @@ async fn unreachable_gitlab_at_deregistration_delays_power_off_by_at_most_the_ti
     mount(
         &h.server,
         "DELETE",
-        "/api/v4/runners/managers",
+        MANAGERS,
         ResponseTemplate::new(204).set_delay(Duration::from_secs(120)),
     )
     .await;
@@ -578,24 +545,16 @@ async fn gitlab_refusing_connections_at_deregistration_is_retried_then_given_up(
     h.mount_glrt_happy_path().await;
     let (url, forwarder) = start_forwarder(h.server.address().to_string()).await;
     h.write_config(json!({"token": TOKEN, "url": url}));
-    let runner = h.write_fake_runner(FakeRunner {
-        job_seconds: 2,
-        exit_code: 0,
-    });
+    let runner = h.write_fake_runner(FakeRunner::job(2));
     h.start(&runner, &["--deregister-timeout", "3"]);
-    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
-        .await;
+    h.wait_for_job().await;
     // GitLab goes away while the job runs: every connection is refused from now on.
     forwarder.abort();
     let _ = forwarder.await;
     assert!(std::net::TcpStream::connect(url.trim_start_matches("http://")).is_err());
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
-    assert!(
-        h.requests("DELETE", "/api/v4/runners/managers")
-            .await
-            .is_empty()
-    );
+    assert!(h.requests("DELETE", MANAGERS).await.is_empty());
     let log = h.log();
     assert!(
         log.contains("cannot reach GitLab") && log.contains("retry 1"),
@@ -607,27 +566,13 @@ async fn gitlab_refusing_connections_at_deregistration_is_retried_then_given_up(
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_job_aborts_the_job_deregisters_and_exits_without_power_off() {
     let mut h = Harness::new().await;
-    h.start_glrt(
-        json!({}),
-        FakeRunner {
-            job_seconds: 60,
-            exit_code: 0,
-        },
-        &[],
-    )
-    .await;
-    h.wait_until("the job", |h| {
-        h.in_phase("running") && h.read("runner-system-id").is_some()
-    })
-    .await;
+    h.start_glrt(json!({}), FakeRunner::job(60), &[]).await;
+    h.wait_for_job().await;
     send_signal(h.agent_pid(), 15);
     let status = h.wait_exit().await;
     assert!(status.success(), "{status:?}\n{}", h.log());
     assert_eq!(h.runner_signals().trim(), "TERM");
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(
         !h.powered_off(),
         "the platform powers the VM off, not the agent"
@@ -638,19 +583,9 @@ async fn sigterm_mid_job_aborts_the_job_deregisters_and_exits_without_power_off(
 #[tokio::test(flavor = "multi_thread")]
 async fn drain_lets_the_job_finish_then_tears_down() {
     let mut h = Harness::new().await;
-    h.start_glrt(
-        json!({"max_jobs": 5}),
-        FakeRunner {
-            job_seconds: 2,
-            exit_code: 0,
-        },
-        &[],
-    )
-    .await;
-    h.wait_until("the job", |h| {
-        h.in_phase("running") && h.read("runner-system-id").is_some()
-    })
-    .await;
+    h.start_glrt(json!({"max_jobs": 5}), FakeRunner::job(2), &[])
+        .await;
+    h.wait_for_job().await;
     h.drain();
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals().trim(), "QUIT");
@@ -659,17 +594,9 @@ async fn drain_lets_the_job_finish_then_tears_down() {
         "{}",
         h.log()
     );
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
-    let phases: Vec<_> = h.status()["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["phase"].as_str().unwrap().to_owned())
-        .collect();
+    let phases = h.phases();
     assert_eq!(
         phases,
         [
@@ -691,12 +618,8 @@ async fn drain_lets_the_job_finish_then_tears_down() {
 async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_runner() {
     for (how, expected) in [("drain", "QUIT"), ("sigterm", "TERM")] {
         let mut h = Harness::new().await;
-        h.mount_glrt_happy_path().await;
-        h.write_config(json!({"token": TOKEN}));
-        let runner = h.write_fake_runner(FakeRunner {
-            job_seconds: 3,
-            exit_code: 0,
-        });
+        h.prepare_glrt(json!({})).await;
+        let runner = h.write_fake_runner(FakeRunner::job(3));
         let mut cmd = h.command(&runner, &[]);
         // SAFETY: only signal dispositions change between fork and exec.
         unsafe {
@@ -714,10 +637,7 @@ async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_ru
             });
         }
         h.agent = Some(cmd.spawn().unwrap());
-        h.wait_until("the job", |h| {
-            h.in_phase("running") && h.read("runner-system-id").is_some()
-        })
-        .await;
+        h.wait_for_job().await;
         if how == "drain" {
             h.drain();
         } else {
@@ -725,26 +645,15 @@ async fn stop_signals_ignored_by_whoever_started_the_agent_still_reach_gitlab_ru
         }
         assert!(h.wait_exit().await.success(), "{how}: {}", h.log());
         assert_eq!(h.runner_signals().trim(), expected, "{how}: {}", h.log());
-        assert_eq!(
-            h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-            1,
-            "{how}"
-        );
+        assert_eq!(h.count("DELETE", MANAGERS).await, 1, "{how}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn max_lifetime_drains_at_its_deadline() {
     let mut h = Harness::new().await;
-    h.start_glrt(
-        json!({"max_lifetime": 1}),
-        FakeRunner {
-            job_seconds: 3,
-            exit_code: 0,
-        },
-        &[],
-    )
-    .await;
+    h.start_glrt(json!({"max_lifetime": 1}), FakeRunner::job(3), &[])
+        .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals().trim(), "QUIT");
     assert!(
@@ -758,25 +667,11 @@ async fn max_lifetime_drains_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_agent_never_starts_a_second_gitlab_runner() {
     let mut h = Harness::new().await;
-    let runner = h
-        .start_glrt(
-            json!({}),
-            FakeRunner {
-                job_seconds: 60,
-                exit_code: 0,
-            },
-            &[],
-        )
-        .await;
-    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
-        .await;
+    let runner = h.start_glrt(json!({}), FakeRunner::job(60), &[]).await;
+    h.wait_for_job().await;
     let system_id = h.system_id_file();
     // The agent crashes (SIGKILL: no teardown at all), and systemd kills the rest of the unit.
-    send_signal(h.agent_pid(), 9);
-    h.wait_exit().await;
-    let _ = std::process::Command::new("pkill")
-        .args(["-f", &runner.display().to_string()])
-        .status();
+    h.crash(&runner).await;
 
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -785,8 +680,8 @@ async fn a_restarted_agent_never_starts_a_second_gitlab_runner() {
         1,
         "a second gitlab-runner was started"
     );
-    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    assert_eq!(h.count("POST", VERIFY).await, 1);
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(deleted.len(), 1);
     assert_eq!(
         body(&deleted[0])["system_id"],
@@ -805,8 +700,7 @@ async fn a_restarted_agent_never_starts_a_second_gitlab_runner() {
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_gitlab_runner_fails_deregisters_and_powers_off() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let missing = h.path("no-such-gitlab-runner");
     h.start(&missing, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -819,10 +713,7 @@ async fn missing_gitlab_runner_fails_deregisters_and_powers_off() {
         "{st}"
     );
     // It had registered, so it deregisters before powering off.
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
 }
 
@@ -844,10 +735,7 @@ async fn gitlab_runner_failing_at_once_is_a_failure() {
         st["last_error"].as_str().unwrap().contains("exit code 1"),
         "{st}"
     );
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
 }
 
@@ -860,11 +748,7 @@ async fn config_arriving_late_is_waited_for() {
     h.wait_until("waiting-for-config", |h| h.in_phase("waiting-for-config"))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        h.requests("POST", "/api/v4/runners/verify")
-            .await
-            .is_empty()
-    );
+    assert!(h.requests("POST", VERIFY).await.is_empty());
     // The config disk appears: its directory and then the file.
     h.write_config(json!({"token": TOKEN}));
     assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -879,12 +763,7 @@ async fn config_never_arriving_fails_after_config_wait() {
     h.start(&runner, &["--config-wait", "1"]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.runner_invocations().is_empty());
-    assert!(
-        h.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("did not appear within 1 s")
-    );
+    assert!(h.last_error().contains("did not appear within 1 s"));
     assert!(h.powered_off());
 }
 
@@ -909,31 +788,20 @@ async fn invalid_config_fails_with_every_problem_named() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_power_off_is_resumed_by_the_restarted_agent_without_registering_again() {
     let mut h = Harness::new().await;
-    mount(
-        &h.server,
-        "POST",
-        "/api/v4/runners/verify",
-        ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})),
-    )
-    .await;
+    h.mount_rejected_token().await;
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
     // The power-off command fails: the agent exits 1, so systemd restarts it.
     h.start(&runner, &["--poweroff-command", "exit 3"]);
     let status = h.wait_exit().await;
     assert_eq!(status.code(), Some(1), "{}", h.log());
-    assert!(
-        h.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("power-off command")
-    );
+    assert!(h.last_error().contains("power-off command"));
 
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
     assert_eq!(
-        h.requests("POST", "/api/v4/runners/verify").await.len(),
+        h.count("POST", VERIFY).await,
         1,
         "registered again after a restart"
     );
@@ -947,10 +815,7 @@ async fn no_poweroff_tears_down_and_exits_without_the_power_off_command() {
         .await;
     let status = h.wait_exit().await;
     assert!(status.success(), "exit {status:?}\n{}", h.log());
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(!h.powered_off(), "the power-off command ran:\n{}", h.log());
     assert!(h.log().contains("--no-poweroff"), "{}", h.log());
     assert_eq!(h.status()["phase"], "powering-off");

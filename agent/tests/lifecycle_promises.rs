@@ -5,20 +5,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::metadata::*;
 use common::*;
 use serde_json::{Value, json};
-use wiremock::matchers::{method, path, query_param_is_missing};
+use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const PREEMPTED: &str = "/computeMetadata/v1/instance/preempted";
-const MAINTENANCE: &str = "/computeMetadata/v1/instance/maintenance-event";
-const INSTANCE_ACTION: &str = "/latest/meta-data/spot/instance-action";
-const REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance";
-const VERIFY: &str = "/api/v4/runners/verify";
-const MANAGERS: &str = "/api/v4/runners/managers";
 const USER_RUNNERS: &str = "/api/v4/user/runners";
 
 /// A gitlab-runner that waits `idle_seconds` for a job, says it received one (as run-single
@@ -51,87 +46,20 @@ exit 0
     h.write_script("gitlab-runner", &script)
 }
 
-fn ok(p: &str) -> ResponseTemplate {
-    let answer = ResponseTemplate::new(200);
-    if p.starts_with("/computeMetadata/") {
-        answer.insert_header("Metadata-Flavor", "Google")
-    } else {
-        answer
-    }
-}
-
 /// The metadata service's token and quiet notice endpoints, for both platforms.
 async fn quiet_metadata(meta: &MockServer) {
-    mount(
-        meta,
-        "PUT",
-        "/latest/api/token",
-        ResponseTemplate::new(200).set_body_string("imds-token-1"),
-    )
-    .await;
-    mount(meta, "GET", INSTANCE_ACTION, ResponseTemplate::new(404)).await;
-    mount(meta, "GET", REBALANCE, ResponseTemplate::new(404)).await;
-    for (p, value) in [(PREEMPTED, "FALSE"), (MAINTENANCE, "NONE")] {
-        Mock::given(method("GET"))
-            .and(path(p))
-            .and(query_param_is_missing("wait_for_change"))
-            .respond_with(ok(p).insert_header("ETag", "e1").set_body_string(value))
-            .mount(meta)
-            .await;
-        mount(
-            meta,
-            "GET",
-            p,
-            ok(p)
-                .insert_header("ETag", "e1")
-                .set_body_string(value)
-                .set_delay(Duration::from_secs(2)),
-        )
-        .await;
-    }
-}
-
-/// From now on `p` answers `body`.
-async fn announce(meta: &MockServer, p: &str, body: String) {
-    Mock::given(method("GET"))
-        .and(path(p))
-        .respond_with(ok(p).insert_header("ETag", "e2").set_body_string(body))
-        .with_priority(1)
-        .mount(meta)
-        .await;
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    imds_token(meta).await;
+    quiet_aws(meta).await;
+    quiet_gce(meta).await;
 }
 
 fn parse_time(v: &Value) -> SystemTime {
     humantime::parse_rfc3339(v.as_str().unwrap_or_else(|| panic!("{v}"))).unwrap()
 }
 
-fn start_on(h: &mut Harness, runner: &Path, source: &str, meta: &MockServer, extra: &[&str]) {
-    let url = meta.uri();
-    let mut args = vec!["--config-source", source, "--metadata-url", &url];
-    args.extend_from_slice(extra);
-    h.start(runner, &args);
-}
-
-/// Kills the agent outright (no teardown) and, as systemd would, its gitlab-runner.
-async fn crash(h: &mut Harness, runner: &Path) {
-    send_signal(h.agent_pid(), 9);
-    h.wait_exit().await;
-    let _ = std::process::Command::new("pkill")
-        .args(["-f", &runner.display().to_string()])
-        .status();
-}
-
-async fn count(h: &Harness, m: &str, p: &str) -> usize {
-    h.requests(m, p).await.len()
-}
-
 async fn wait_for_requests(h: &Harness, m: &str, p: &str, n: usize) {
     let deadline = Instant::now() + PATIENCE;
-    while count(h, m, p).await < n {
+    while h.count(m, p).await < n {
         assert!(Instant::now() < deadline, "no {m} {p}:\n{}", h.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -163,13 +91,7 @@ async fn a_notice_while_verify_is_retried_stops_the_retries_and_deletes_the_mana
         h.write_config(json!({"token": TOKEN}));
         let runner = write_runner(&h, 0, 0);
         // Without the fix the retries would go on for two minutes, past every deadline.
-        start_on(
-            &mut h,
-            &runner,
-            platform,
-            &meta,
-            &["--register-timeout", "120"],
-        );
+        h.start_on(&runner, platform, &meta, &["--register-timeout", "120"]);
         wait_for_requests(&h, "POST", VERIFY, 2).await;
         let deadline = SystemTime::now() + Duration::from_secs(warning);
         announce(&meta, endpoint, body).await;
@@ -225,7 +147,7 @@ async fn a_drain_while_verify_is_retried_stops_the_retries_without_a_failure() {
         send_signal(h.agent_pid(), 10);
         assert!(h.wait_exit().await.success(), "{}", h.log());
         assert!(h.runner_invocations().is_empty());
-        assert_eq!(count(&h, "DELETE", MANAGERS).await, 1, "{}", h.log());
+        assert_eq!(h.count("DELETE", MANAGERS).await, 1, "{}", h.log());
         assert!(h.powered_off());
         let st = h.status();
         assert!(st["last_error"].is_null(), "a drain is no failure: {st}");
@@ -281,25 +203,19 @@ async fn a_notice_while_gitlab_creates_the_runner_waits_for_it_and_deletes_it_in
             ResponseTemplate::new(201).set_body_json(later),
         )
         .await;
-        mount(
-            &h.server,
-            "DELETE",
-            "/api/v4/runners",
-            ResponseTemplate::new(204),
-        )
-        .await;
+        h.mount_runner_deletion().await;
         h.write_config(
             json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "instance_type"}),
         );
         let runner = write_runner(&h, 0, 0);
         let args = ["--stop-timeout", "20", "--register-timeout", "120"];
-        start_on(&mut h, &runner, "gce", &meta, &args);
+        h.start_on(&runner, "gce", &meta, &args);
         wait_for_requests(&h, "POST", USER_RUNNERS, 2).await;
         let deadline = SystemTime::now() + Duration::from_secs(30);
         announce(&meta, PREEMPTED, "TRUE".into()).await;
         assert!(h.wait_exit().await.success(), "{}", h.log());
         assert!(SystemTime::now() < deadline, "{}", h.log());
-        assert_eq!(count(&h, "POST", USER_RUNNERS).await, 2, "{}", h.log());
+        assert_eq!(h.count("POST", USER_RUNNERS).await, 2, "{}", h.log());
         let deleted = h.requests("DELETE", "/api/v4/runners").await;
         match created {
             Some(token) => {
@@ -325,13 +241,7 @@ async fn a_drain_between_create_attempts_creates_nothing_more_and_deletes_nothin
         ResponseTemplate::new(429).insert_header("Retry-After", "2"),
     )
     .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    h.mount_runner_deletion().await;
     h.write_config(
         json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "instance_type"}),
     );
@@ -340,9 +250,9 @@ async fn a_drain_between_create_attempts_creates_nothing_more_and_deletes_nothin
     wait_for_requests(&h, "POST", USER_RUNNERS, 1).await;
     send_signal(h.agent_pid(), 10);
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    let creates = count(&h, "POST", USER_RUNNERS).await;
+    let creates = h.count("POST", USER_RUNNERS).await;
     assert!(creates <= 2, "{creates}\n{}", h.log());
-    assert_eq!(count(&h, "DELETE", "/api/v4/runners").await, 0);
+    assert_eq!(h.count("DELETE", "/api/v4/runners").await, 0);
     assert!(h.runner_invocations().is_empty());
     assert!(h.powered_off());
     assert!(h.status()["last_error"].is_null());
@@ -374,7 +284,7 @@ async fn a_restart_keeps_the_holds_start_and_its_ceiling() {
         );
         for _ in 0..2 {
             tokio::time::sleep(Duration::from_millis(1200)).await;
-            crash(&mut h, &runner).await;
+            h.crash(&runner).await;
             // The keep file touched meanwhile: still no later than the first ceiling.
             std::fs::write(h.keep_file(), "again").unwrap();
             h.start(&runner, &["--hold-max", hold_max]);
@@ -394,7 +304,7 @@ async fn a_restart_keeps_the_holds_start_and_its_ceiling() {
             "{}",
             h.log()
         );
-        assert_eq!(count(&h, "POST", VERIFY).await, 1);
+        assert_eq!(h.count("POST", VERIFY).await, 1);
         assert_eq!(h.runner_invocations().len(), 1);
     }
 }
@@ -420,19 +330,18 @@ async fn a_restart_keeps_a_notice_already_received() {
         let mut h = Harness::new().await;
         let meta = MockServer::start().await;
         quiet_metadata(&meta).await;
-        h.mount_glrt_happy_path().await;
-        h.write_config(json!({"token": TOKEN}));
+        h.prepare_glrt(json!({})).await;
         // A hold asked for: the VM is going away, so there must be none, restart or not.
         std::fs::write(h.keep_file(), "").unwrap();
         let runner = write_runner(&h, 0, 120);
-        start_on(&mut h, &runner, platform, &meta, &extra);
+        h.start_on(&runner, platform, &meta, &extra);
         h.wait_until("the job", |h| h.read("runner-job").is_some())
             .await;
         announce(&meta, endpoint, body).await;
         h.wait_until("the drain", |h| h.in_phase("draining")).await;
         let notice = h.status()["preemption"].clone();
         assert_eq!(notice["kind"], kind, "{}", h.log());
-        crash(&mut h, &runner).await;
+        h.crash(&runner).await;
         // The metadata service says nothing more (or not yet): only status.json remembers.
         meta.reset().await;
         mount(&meta, "GET", "/", ResponseTemplate::new(500)).await;
@@ -445,7 +354,7 @@ async fn a_restart_keeps_a_notice_already_received() {
         let st = h.status();
         assert_eq!(st["preemption"], notice, "{platform}: {st}");
         assert!(!h.went_through("holding"), "{platform}: {:?}", h.phases());
-        assert_eq!(count(&h, "DELETE", MANAGERS).await, 1, "{platform}");
+        assert_eq!(h.count("DELETE", MANAGERS).await, 1, "{platform}");
         assert_eq!(h.runner_invocations().len(), 1, "{platform}");
         assert!(
             h.log().contains("before the agent was restarted"),
@@ -476,11 +385,10 @@ async fn a_rebalance_recommendation_at_boot_still_runs_the_first_job_then_drains
             .with_priority(1)
             .mount(&h.server)
             .await;
-        h.mount_glrt_happy_path().await;
-        h.write_config(json!({"token": TOKEN, "max_jobs": max_jobs}));
+        h.prepare_glrt(json!({"max_jobs": max_jobs})).await;
         let runner = write_runner(&h, idle, job);
         // A failure would delay the power-off by ten minutes.
-        start_on(&mut h, &runner, "aws", &meta, &["--failure-delay", "600"]);
+        h.start_on(&runner, "aws", &meta, &["--failure-delay", "600"]);
         assert!(h.wait_exit().await.success(), "{}", h.log());
         assert_eq!(h.runner_invocations().len(), 1, "{}", h.log());
         assert!(

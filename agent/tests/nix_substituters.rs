@@ -109,11 +109,7 @@ async fn a_value_that_would_add_a_nix_setting_is_refused_before_registering() {
         let restart = format!("echo restart >> {}", h.path("restarts").display());
         run(&mut h, config, &restart).await;
         assert!(h.log().contains(at), "{at}: {}", h.log());
-        assert!(
-            h.requests("POST", "/api/v4/runners/verify")
-                .await
-                .is_empty()
-        );
+        assert!(h.requests("POST", VERIFY).await.is_empty());
         assert!(h.runner_invocations().is_empty());
         assert!(!h.path("etc/nix/gitlab-runner-vm.conf").exists());
         assert!(!h.path("restarts").exists());
@@ -134,11 +130,7 @@ async fn a_restart_that_fails_fails_the_run_before_registering() {
         last_error.contains("failed (exit status: 1)"),
         "{last_error}"
     );
-    assert!(
-        h.requests("POST", "/api/v4/runners/verify")
-            .await
-            .is_empty()
-    );
+    assert!(h.requests("POST", VERIFY).await.is_empty());
     assert!(h.runner_invocations().is_empty());
     assert!(h.powered_off());
 }

@@ -25,8 +25,7 @@ fn runs_of(text: &str, c: char, min: usize) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread")]
 async fn gitlab_runner_output_that_is_not_text_is_forwarded_and_the_run_succeeds() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     // Invalid UTF-8, then (once the agent had time to stop reading, as it used to) a NUL, a
     // 200 000-byte line without a newline, the token, and output on both streams.
     let runner = write_script_runner(
@@ -74,8 +73,7 @@ exit 0
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_settings_reach_gitlab_runner() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner = h.write_fake_runner(FakeRunner::default());
     // The fake GitLab on loopback stays direct through NO_PROXY, for the agent too.
     let proxies = [

@@ -7,15 +7,11 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use common::metadata::*;
 use common::*;
 use serde_json::{Value, json};
-use wiremock::matchers::{method, path, query_param_is_missing};
+use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-const PREEMPTED: &str = "/computeMetadata/v1/instance/preempted";
-const MAINTENANCE: &str = "/computeMetadata/v1/instance/maintenance-event";
-const INSTANCE_ACTION: &str = "/latest/meta-data/spot/instance-action";
-const REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance";
 
 /// A gitlab-runner whose job takes `job_seconds`: SIGQUIT is recorded and the job goes on (as
 /// run-single finishes its job), SIGTERM is recorded and aborts it (exit 1, as a job reported
@@ -40,30 +36,12 @@ exit 0
     h.write_script("gitlab-runner", &script)
 }
 
-/// A 200 from the fake metadata service; GCE's says `Metadata-Flavor: Google`, as the real one
-/// does (the agent takes an answer without it for something else's).
-fn ok(p: &str) -> ResponseTemplate {
-    let answer = ResponseTemplate::new(200);
-    if p.starts_with("/computeMetadata/") {
-        answer.insert_header("Metadata-Flavor", "Google")
-    } else {
-        answer
-    }
-}
-
 /// runner.json as the config disk and as the platform's user-data (a metadata source fetches
 /// the latter), and the glrt- happy path in GitLab.
 async fn set_up(h: &Harness, meta: &MockServer) {
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     let runner_json = std::fs::read_to_string(h.config_path()).unwrap();
-    mount(
-        meta,
-        "PUT",
-        "/latest/api/token",
-        ResponseTemplate::new(200).set_body_string("imds-token-1"),
-    )
-    .await;
+    imds_token(meta).await;
     for p in [
         "/latest/user-data",
         "/computeMetadata/v1/instance/attributes/user-data",
@@ -72,45 +50,29 @@ async fn set_up(h: &Harness, meta: &MockServer) {
     }
 }
 
-/// GCE keys that announce nothing: the current value, then long polls that run out.
-async fn quiet_gce(meta: &MockServer) {
-    for (p, value) in [(PREEMPTED, "FALSE"), (MAINTENANCE, "NONE")] {
-        Mock::given(method("GET"))
-            .and(path(p))
-            .and(query_param_is_missing("wait_for_change"))
-            .respond_with(ok(p).insert_header("ETag", "e1").set_body_string(value))
-            .mount(meta)
-            .await;
-        mount(
-            meta,
-            "GET",
-            p,
-            ok(p)
-                .insert_header("ETag", "e1")
-                .set_body_string(value)
-                .set_delay(Duration::from_secs(2)),
-        )
-        .await;
+/// The agent on `platform` (`--config-source`), started with `extra`, in a job of
+/// `job_seconds`: set up as `set_up`, the platform's notices quiet. The metadata service, for
+/// the test to announce on.
+async fn agent_in_a_job(
+    h: &mut Harness,
+    platform: &str,
+    job_seconds: u32,
+    extra: &[&str],
+) -> MockServer {
+    let meta = MockServer::start().await;
+    set_up(h, &meta).await;
+    match platform {
+        "gce" => quiet_gce(&meta).await,
+        _ => quiet_aws(&meta).await,
     }
-}
-
-async fn quiet_aws(meta: &MockServer) {
-    mount(meta, "GET", INSTANCE_ACTION, ResponseTemplate::new(404)).await;
-    mount(meta, "GET", REBALANCE, ResponseTemplate::new(404)).await;
-}
-
-/// From now on `p` answers `body`.
-async fn announce(meta: &MockServer, p: &str, body: String) {
-    Mock::given(method("GET"))
-        .and(path(p))
-        .respond_with(ok(p).insert_header("ETag", "e2").set_body_string(body))
-        .with_priority(1)
-        .mount(meta)
-        .await;
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    let runner = write_runner(h, job_seconds);
+    h.start_on(&runner, platform, &meta, extra);
+    // The agent records `running` once the spawn returned, which may be after the script began.
+    h.wait_until("the job", |h| {
+        h.read("runner-started").is_some() && h.in_phase("running")
+    })
+    .await;
+    meta
 }
 
 fn status_text(h: &Harness) -> String {
@@ -123,40 +85,14 @@ fn status_text(h: &Harness) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn start(h: &mut Harness, runner: &std::path::Path, source: &str, meta: &MockServer) {
-    start_with(h, runner, source, meta, &[]);
-}
-
-fn start_with(
-    h: &mut Harness,
-    runner: &std::path::Path,
-    source: &str,
-    meta: &MockServer,
-    extra: &[&str],
-) {
-    let url = meta.uri();
-    let mut args = vec!["--config-source", source, "--metadata-url", &url];
-    args.extend_from_slice(extra);
-    h.start(runner, &args);
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_the_deadline() {
     let mut h = Harness::new().await;
-    let meta = MockServer::start().await;
-    set_up(&h, &meta).await;
-    quiet_gce(&meta).await;
     // A hold asked for: the VM is going away, so there is none.
     std::fs::write(h.keep_file(), "").unwrap();
-    let runner = write_runner(&h, 60);
     // --stop-timeout 20 plus the deregistration's 10 s fill GCE's 30 s: the abort is at once
     // (as with the longer default).
-    start_with(&mut h, &runner, "gce", &meta, &["--stop-timeout", "20"]);
-    // The agent records `running` once the spawn returned, which may be after the script began.
-    h.wait_until("the job", |h| {
-        h.read("runner-started").is_some() && h.in_phase("running")
-    })
-    .await;
+    let meta = agent_in_a_job(&mut h, "gce", 60, &["--stop-timeout", "20"]).await;
 
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     let status = h.wait_exit().await;
@@ -165,7 +101,7 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
 
     // SIGQUIT (no new job), then SIGTERM (abort and report): nothing else.
     assert_eq!(h.runner_signals(), "QUIT\nTERM\n", "{}", h.log());
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(deleted.len(), 1, "{}", h.log());
     assert_eq!(body(&deleted[0])["system_id"], h.system_id_file().as_str());
     assert!(h.powered_off());
@@ -228,13 +164,7 @@ async fn a_gce_preemption_mid_job_aborts_it_deregisters_and_powers_off_before_th
 #[tokio::test(flavor = "multi_thread")]
 async fn an_aws_spot_notice_near_its_time_aborts_the_job_over_imdsv2() {
     let mut h = Harness::new().await;
-    let meta = MockServer::start().await;
-    set_up(&h, &meta).await;
-    quiet_aws(&meta).await;
-    let runner = write_runner(&h, 60);
-    start(&mut h, &runner, "aws", &meta);
-    h.wait_until("the job", |h| h.read("runner-started").is_some())
-        .await;
+    let meta = agent_in_a_job(&mut h, "aws", 60, &[]).await;
     // 10 s ahead: less than --stop-timeout (5 s here) plus the deregistration's 10 s.
     let time = rfc3339(SystemTime::now() + Duration::from_secs(10));
     announce(
@@ -245,10 +175,7 @@ async fn an_aws_spot_notice_near_its_time_aborts_the_job_over_imdsv2() {
     .await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals(), "QUIT\nTERM\n", "{}", h.log());
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
     let st = h.status();
     assert_eq!(st["preemption"]["kind"], "spot-interruption");
@@ -270,14 +197,8 @@ async fn an_aws_spot_notice_near_its_time_aborts_the_job_over_imdsv2() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_notice_far_ahead_drains_and_lets_the_job_finish() {
     let mut h = Harness::new().await;
-    let meta = MockServer::start().await;
-    set_up(&h, &meta).await;
-    quiet_aws(&meta).await;
     std::fs::write(h.keep_file(), "").unwrap();
-    let runner = write_runner(&h, 10);
-    start(&mut h, &runner, "aws", &meta);
-    h.wait_until("the job", |h| h.read("runner-started").is_some())
-        .await;
+    let meta = agent_in_a_job(&mut h, "aws", 10, &[]).await;
     let time = rfc3339(SystemTime::now() + Duration::from_secs(600));
     announce(
         &meta,
@@ -289,10 +210,7 @@ async fn a_notice_far_ahead_drains_and_lets_the_job_finish() {
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals(), "QUIT\n", "{}", h.log());
     assert!(h.log().contains("fake gitlab-runner: job done"));
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     // The VM goes away at the notice's time: no hold despite the keep file.
     assert!(h.powered_off());
     assert!(!h.went_through("holding"));
@@ -301,13 +219,7 @@ async fn a_notice_far_ahead_drains_and_lets_the_job_finish() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rebalance_recommendation_only_drains() {
     let mut h = Harness::new().await;
-    let meta = MockServer::start().await;
-    set_up(&h, &meta).await;
-    quiet_aws(&meta).await;
-    let runner = write_runner(&h, 10);
-    start(&mut h, &runner, "aws", &meta);
-    h.wait_until("the job", |h| h.read("runner-started").is_some())
-        .await;
+    let meta = agent_in_a_job(&mut h, "aws", 10, &[]).await;
     let now = rfc3339(SystemTime::now());
     announce(&meta, REBALANCE, format!(r#"{{"noticeTime": "{now}"}}"#)).await;
     h.wait_until("the drain", |h| h.in_phase("draining")).await;
@@ -343,7 +255,7 @@ async fn garbage_from_the_metadata_service_changes_nothing_and_is_logged_once() 
     )
     .await;
     let runner = write_runner(&h, 7);
-    start(&mut h, &runner, "gce", &meta);
+    h.start_on(&runner, "gce", &meta, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals(), "", "{}", h.log());
     assert!(h.log().contains("fake gitlab-runner: job done"));
@@ -377,7 +289,7 @@ async fn a_notice_before_gitlab_runner_starts_means_it_never_starts() {
     let meta = MockServer::start().await;
     // The verify takes a while: the notice comes while registering.
     Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
+        .and(path(VERIFY))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"id": 7, "token": TOKEN}))
@@ -396,14 +308,14 @@ async fn a_notice_before_gitlab_runner_starts_means_it_never_starts() {
     )
     .await;
     let runner = write_runner(&h, 60);
-    start(&mut h, &runner, "gce", &meta);
+    h.start_on(&runner, "gce", &meta, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.runner_invocations().is_empty(), "{}", h.log());
     assert!(h.powered_off());
     // Whatever was registered is deleted.
     assert_eq!(
-        h.requests("POST", "/api/v4/runners/verify").await.len(),
-        h.requests("DELETE", "/api/v4/runners/managers").await.len()
+        h.count("POST", VERIFY).await,
+        h.count("DELETE", MANAGERS).await
     );
     assert_eq!(h.status()["preemption"]["kind"], "preemption");
 }
@@ -443,13 +355,7 @@ async fn on_without_a_platform_warns_and_off_watches_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_notice_during_a_drain_still_aborts_the_job_in_time() {
     let mut h = Harness::new().await;
-    let meta = MockServer::start().await;
-    set_up(&h, &meta).await;
-    quiet_gce(&meta).await;
-    let runner = write_runner(&h, 60);
-    start_with(&mut h, &runner, "gce", &meta, &["--stop-timeout", "20"]);
-    h.wait_until("the job", |h| h.read("runner-started").is_some())
-        .await;
+    let meta = agent_in_a_job(&mut h, "gce", 60, &["--stop-timeout", "20"]).await;
     // An operator's drain first: the job may finish...
     send_signal(h.agent_pid(), 10);
     h.wait_until("the drain", |h| h.runner_signals() == "QUIT\n")
@@ -458,10 +364,7 @@ async fn a_notice_during_a_drain_still_aborts_the_job_in_time() {
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert_eq!(h.runner_signals(), "QUIT\nTERM\n", "{}", h.log());
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
     assert_eq!(h.status()["preemption"]["kind"], "preemption");
 }
@@ -474,7 +377,7 @@ async fn a_notice_ends_a_hold_under_way() {
     quiet_gce(&meta).await;
     std::fs::write(h.keep_file(), "").unwrap();
     let runner = write_runner(&h, 0);
-    start(&mut h, &runner, "gce", &meta);
+    h.start_on(&runner, "gce", &meta, &[]);
     h.wait_until("the hold", |h| h.in_phase("holding")).await;
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
@@ -499,7 +402,7 @@ async fn a_notice_ends_the_failure_delay() {
     let mut h = Harness::new().await;
     let meta = MockServer::start().await;
     Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
+        .and(path(VERIFY))
         .respond_with(ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})))
         .with_priority(1)
         .mount(&h.server)
@@ -508,14 +411,14 @@ async fn a_notice_ends_the_failure_delay() {
     quiet_gce(&meta).await;
     let runner = write_runner(&h, 0);
     // Without the notice the power-off would wait 10 minutes.
-    start_with(&mut h, &runner, "gce", &meta, &["--failure-delay", "600"]);
+    h.start_on(&runner, "gce", &meta, &["--failure-delay", "600"]);
     h.wait_until("the failure delay", |h| h.in_phase("powering-off"))
         .await;
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());
     assert!(h.runner_invocations().is_empty());
-    assert!(h.status()["last_error"].as_str().unwrap().contains("403"));
+    assert!(h.last_error().contains("403"));
 }
 
 /// The rule of `Interrupt::Preempted`, applied where the next phase is chosen: the operator's
@@ -523,14 +426,8 @@ async fn a_notice_ends_the_failure_delay() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keep_file_holds_no_vm_that_the_platform_takes() {
     let mut h = Harness::new().await;
-    let meta = MockServer::start().await;
-    set_up(&h, &meta).await;
-    quiet_gce(&meta).await;
     std::fs::write(h.keep_file(), "").unwrap();
-    let runner = write_runner(&h, 60);
-    start(&mut h, &runner, "gce", &meta);
-    h.wait_until("the job", |h| h.read("runner-started").is_some())
-        .await;
+    let meta = agent_in_a_job(&mut h, "gce", 60, &[]).await;
     announce(&meta, PREEMPTED, "TRUE".into()).await;
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.powered_off());

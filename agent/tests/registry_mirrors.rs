@@ -176,11 +176,7 @@ async fn a_failure_to_apply_fails_the_run_before_registering() {
         let last_error = h.status()["last_error"].as_str().unwrap_or("").to_string();
         assert!(last_error.contains(expected), "{last_error}");
         assert!(h.powered_off());
-        assert!(
-            h.requests("POST", "/api/v4/runners/verify")
-                .await
-                .is_empty()
-        );
+        assert!(h.requests("POST", VERIFY).await.is_empty());
         assert!(h.runner_invocations().is_empty());
         assert!(h.log().contains(expected), "{}", h.log());
         assert!(
@@ -208,8 +204,8 @@ fn hung_reload(h: &Harness) -> String {
 async fn start_hung(h: &mut Harness, timeout: &str, extra: &[&str]) {
     let failure_delay = if timeout == "300" { "300" } else { "1" };
     let d = daemons(h, Some("{}"));
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN, "registry_mirrors": ["https://mirror.gcr.io"]}));
+    h.prepare_glrt(json!({"registry_mirrors": ["https://mirror.gcr.io"]}))
+        .await;
     let runner = write_runner(h, &d);
     let reload = hung_reload(h);
     let mut args = args(&d, &reload);
@@ -247,13 +243,7 @@ async fn assert_nothing_after_the_reload(h: &Harness) {
     })
     .await;
     assert!(h.read("reload-finished").is_none());
-    assert!(
-        h.requests("POST", "/api/v4/runners/verify")
-            .await
-            .is_empty(),
-        "{}",
-        h.log()
-    );
+    assert!(h.requests("POST", VERIFY).await.is_empty(), "{}", h.log());
     assert!(h.runner_invocations().is_empty());
 }
 

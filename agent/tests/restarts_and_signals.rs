@@ -12,41 +12,21 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-/// Kills the agent with SIGKILL (no teardown at all) and, as systemd would, the rest of the
-/// unit: the fake gitlab-runner.
-async fn crash(h: &mut Harness, runner: &std::path::Path) {
-    send_signal(h.agent_pid(), 9);
-    h.wait_exit().await;
-    let _ = std::process::Command::new("pkill")
-        .args(["-f", &runner.display().to_string()])
-        .status();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn crashes_during_teardown_without_runner_json_never_register_twice() {
     let mut h = Harness::new().await;
     // The first deletion hangs, so that the second run is killed in the middle of it.
     Mock::given(method("DELETE"))
-        .and(path("/api/v4/runners/managers"))
+        .and(path(MANAGERS))
         .respond_with(ResponseTemplate::new(204).set_delay(Duration::from_secs(60)))
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&h.server)
         .await;
-    let runner = h
-        .start_glrt(
-            json!({}),
-            FakeRunner {
-                job_seconds: 60,
-                exit_code: 0,
-            },
-            &[],
-        )
-        .await;
-    h.wait_until("the job", |h| h.read("runner-system-id").is_some())
-        .await;
+    let runner = h.start_glrt(json!({}), FakeRunner::job(60), &[]).await;
+    h.wait_for_job().await;
     let system_id = h.system_id_file();
-    crash(&mut h, &runner).await;
+    h.crash(&runner).await;
 
     // runner.json is gone (the config disk was detached, or it is what made the agent crash):
     // the restarted agent must not wait for it, nor register again.
@@ -56,21 +36,17 @@ async fn crashes_during_teardown_without_runner_json_never_register_twice() {
         h.in_phase("deregistering")
     })
     .await;
-    while h
-        .requests("DELETE", "/api/v4/runners/managers")
-        .await
-        .is_empty()
-    {
+    while h.requests("DELETE", MANAGERS).await.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    crash(&mut h, &runner).await;
+    h.crash(&runner).await;
 
     // The third start still knows, from the state directory alone, that this boot registered.
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
+    assert_eq!(h.count("POST", VERIFY).await, 1);
     assert_eq!(h.runner_invocations().len(), 1, "a second gitlab-runner");
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(deleted.len(), 2, "{}", h.log());
     for d in &deleted {
         assert_eq!(body(d), json!({"token": TOKEN, "system_id": system_id}));
@@ -91,7 +67,7 @@ async fn crashes_during_teardown_without_runner_json_never_register_twice() {
 async fn sigterm_while_verify_is_in_flight_still_deletes_the_manager() {
     let mut h = Harness::new().await;
     Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
+        .and(path(VERIFY))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"id": 7, "token": TOKEN}))
@@ -102,16 +78,12 @@ async fn sigterm_while_verify_is_in_flight_still_deletes_the_manager() {
         .await;
     let runner = h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
     let _ = runner;
-    while h
-        .requests("POST", "/api/v4/runners/verify")
-        .await
-        .is_empty()
-    {
+    while h.requests("POST", VERIFY).await.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     send_signal(h.agent_pid(), 15);
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(
         deleted.len(),
         1,
@@ -127,25 +99,21 @@ async fn sigterm_while_verify_is_in_flight_still_deletes_the_manager() {
 async fn a_crash_while_verify_is_in_flight_is_deregistered_by_the_restart() {
     let mut h = Harness::new().await;
     Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
+        .and(path(VERIFY))
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(60)))
         .with_priority(1)
         .mount(&h.server)
         .await;
     let runner = h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
-    while h
-        .requests("POST", "/api/v4/runners/verify")
-        .await
-        .is_empty()
-    {
+    while h.requests("POST", VERIFY).await.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let system_id = h.system_id_file();
-    crash(&mut h, &runner).await;
+    h.crash(&runner).await;
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    assert_eq!(h.count("POST", VERIFY).await, 1);
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(deleted.len(), 1, "{}", h.log());
     assert_eq!(body(&deleted[0])["system_id"], system_id.as_str());
     assert!(h.runner_invocations().is_empty());
@@ -165,13 +133,7 @@ async fn sigterm_while_gitlab_creates_the_runner_waits_for_it_and_deletes_it() {
         )
         .mount(&h.server)
         .await;
-    mount(
-        &h.server,
-        "DELETE",
-        "/api/v4/runners",
-        ResponseTemplate::new(204),
-    )
-    .await;
+    h.mount_runner_deletion().await;
     h.write_config(
         json!({"access_token": "glpat-AcCeSsToKeNvAlUe12345", "runner_type": "instance_type"}),
     );
@@ -182,7 +144,7 @@ async fn sigterm_while_gitlab_creates_the_runner_waits_for_it_and_deletes_it() {
     }
     send_signal(h.agent_pid(), 15);
     assert!(h.wait_exit().await.success(), "{}", h.log());
-    assert_eq!(h.requests("POST", "/api/v4/user/runners").await.len(), 1);
+    assert_eq!(h.count("POST", "/api/v4/user/runners").await, 1);
     let deleted = h.requests("DELETE", "/api/v4/runners").await;
     assert_eq!(deleted.len(), 1, "the created runner is left:\n{}", h.log());
     assert_eq!(body(&deleted[0]), json!({"token": created}));
@@ -195,7 +157,7 @@ async fn sigterm_while_gitlab_creates_the_runner_waits_for_it_and_deletes_it() {
 async fn a_drain_before_gitlab_runner_starts_starts_none_and_tears_down() {
     let mut h = Harness::new().await;
     Mock::given(method("POST"))
-        .and(path("/api/v4/runners/verify"))
+        .and(path(VERIFY))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"id": 7, "token": TOKEN}))
@@ -205,11 +167,7 @@ async fn a_drain_before_gitlab_runner_starts_starts_none_and_tears_down() {
         .mount(&h.server)
         .await;
     h.start_glrt(json!({}), FakeRunner::default(), &[]).await;
-    while h
-        .requests("POST", "/api/v4/runners/verify")
-        .await
-        .is_empty()
-    {
+    while h.requests("POST", VERIFY).await.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     h.drain();
@@ -218,10 +176,7 @@ async fn a_drain_before_gitlab_runner_starts_starts_none_and_tears_down() {
         h.runner_invocations().is_empty(),
         "gitlab-runner was started"
     );
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
     let st = h.status();
     assert!(st["last_error"].is_null(), "a drain is not a failure: {st}");
@@ -254,13 +209,7 @@ async fn a_drain_while_waiting_for_runner_json_powers_off_without_registering() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keep_file_created_during_the_failure_delay_holds_the_vm() {
     let mut h = Harness::new().await;
-    mount(
-        &h.server,
-        "POST",
-        "/api/v4/runners/verify",
-        ResponseTemplate::new(403).set_body_json(json!({"message": "403 Forbidden"})),
-    )
-    .await;
+    h.mount_rejected_token().await;
     h.write_config(json!({"token": TOKEN}));
     let runner = h.write_fake_runner(FakeRunner::default());
     h.start(&runner, &["--failure-delay", "3"]);
@@ -351,18 +300,14 @@ async fn a_status_json_that_cannot_be_written_starts_no_gitlab_runner() {
     assert!(h.wait_exit().await.success(), "{}", h.log());
     assert!(h.runner_invocations().is_empty(), "{}", h.log());
     assert!(h.log().contains("that gitlab-runner starts"), "{}", h.log());
-    assert_eq!(
-        h.requests("DELETE", "/api/v4/runners/managers").await.len(),
-        1
-    );
+    assert_eq!(h.count("DELETE", MANAGERS).await, 1);
     assert!(h.powered_off());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn relative_paths_mean_the_same_files_to_gitlab_runner() {
     let mut h = Harness::new().await;
-    h.mount_glrt_happy_path().await;
-    h.write_config(json!({"token": TOKEN}));
+    h.prepare_glrt(json!({})).await;
     h.write_fake_runner(FakeRunner::default());
     let mut cmd = h.command_without_paths();
     cmd.current_dir(h.dir.path()).args([

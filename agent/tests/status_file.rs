@@ -42,17 +42,13 @@ async fn restart_over(damage: impl FnOnce(&Path)) -> Harness {
     h.start(&runner, &[]);
     assert!(h.wait_exit().await.success(), "{}", h.log());
     let log = h.log();
-    assert_eq!(
-        h.requests("POST", "/api/v4/runners/verify").await.len(),
-        1,
-        "registered again:\n{log}"
-    );
+    assert_eq!(h.count("POST", VERIFY).await, 1, "registered again:\n{log}");
     assert_eq!(
         h.runner_invocations().len(),
         1,
         "a second gitlab-runner:\n{log}"
     );
-    let deleted = h.requests("DELETE", "/api/v4/runners/managers").await;
+    let deleted = h.requests("DELETE", MANAGERS).await;
     assert_eq!(deleted.len(), 2, "{log}");
     assert_eq!(
         body(&deleted[1]),
@@ -91,10 +87,7 @@ async fn a_status_json_of_this_boot_over_the_read_cap_fails_closed() {
     assert_eq!(h.status()["phase"], "powering-off");
     assert!(std::fs::metadata(status_path(&h)).unwrap().len() < 16 * 1024);
     assert!(
-        h.status()["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("is larger than 1024 KiB"),
+        h.last_error().contains("is larger than 1024 KiB"),
         "{}",
         h.log()
     );
@@ -246,7 +239,7 @@ async fn restarts_over_a_failing_power_off_keep_status_json_bounded() {
     assert!(st["timeline"].as_array().unwrap().contains(&json!(runs[1])));
     assert_eq!(st["phase"], "powering-off");
     // Never a second registration nor a second gitlab-runner.
-    assert_eq!(h.requests("POST", "/api/v4/runners/verify").await.len(), 1);
+    assert_eq!(h.count("POST", VERIFY).await, 1);
     assert_eq!(h.runner_invocations().len(), 1);
     // `status` says what was dropped.
     let out = std::process::Command::new(BIN)

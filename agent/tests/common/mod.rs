@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod metadata;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -20,6 +22,9 @@ pub const TOKEN: &str = "glrt-fake.runner.token.0123456789";
 pub const BIN: &str = env!("CARGO_BIN_EXE_gitlab-runner-vm");
 /// Generous: these tests check behaviour, never speed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+/// GitLab's endpoints the agent registers and deregisters a glrt- runner with.
+pub const VERIFY: &str = "/api/v4/runners/verify";
+pub const MANAGERS: &str = "/api/v4/runners/managers";
 
 /// The agent's facts as checked in (`agent/facts.json`, which tests/facts.rs keeps equal to
 /// `gitlab-runner-vm facts`): where these tests take the console prefix, the phases and the
@@ -81,6 +86,16 @@ pub struct FakeRunner {
     /// Seconds the "job" takes.
     pub job_seconds: u32,
     pub exit_code: i32,
+}
+
+impl FakeRunner {
+    /// A job of `seconds` that succeeds.
+    pub fn job(seconds: u32) -> Self {
+        FakeRunner {
+            job_seconds: seconds,
+            exit_code: 0,
+        }
+    }
 }
 
 impl Harness {
@@ -332,6 +347,34 @@ exit {code}
         self.phases().iter().any(|p| p == phase(name))
     }
 
+    /// status.json's last error ("" when there is none).
+    pub fn last_error(&self) -> String {
+        self.status()["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits until the job runs: status.json says `running` (the agent writes it once the
+    /// spawn returned) and the fake gitlab-runner is past its traps (it wrote the system id).
+    pub async fn wait_for_job(&self) {
+        self.wait_until("the job", |h| {
+            h.in_phase("running") && h.read("runner-system-id").is_some()
+        })
+        .await;
+    }
+
+    /// Kills the agent with SIGKILL (no teardown at all) and, as systemd would, the rest of
+    /// the unit: the fake gitlab-runner at `runner` (matched by its path in this test's
+    /// directory).
+    pub async fn crash(&mut self, runner: &Path) {
+        send_signal(self.agent_pid(), 9);
+        self.wait_exit().await;
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", &runner.display().to_string()])
+            .status();
+    }
+
     pub fn system_id_file(&self) -> String {
         std::fs::read_to_string(self.state_dir().join(".runner_system_id")).unwrap()
     }
@@ -346,33 +389,61 @@ exit {code}
             .collect()
     }
 
-    /// Mounts the glrt- happy path: verify 200, manager deletion 204.
-    pub async fn mount_glrt_happy_path(&self) {
-        mount(
-            &self.server,
-            "POST",
-            "/api/v4/runners/verify",
-            ResponseTemplate::new(200).set_body_json(
-                serde_json::json!({"id": 7, "token": TOKEN, "token_expires_at": null}),
-            ),
-        )
-        .await;
+    /// How many `http_method url_path` requests the fake GitLab got.
+    pub async fn count(&self, http_method: &str, url_path: &str) -> usize {
+        self.requests(http_method, url_path).await.len()
+    }
+
+    /// Mounts GitLab's deletion of a runner this VM created (DELETE /api/v4/runners: 204).
+    pub async fn mount_runner_deletion(&self) {
         mount(
             &self.server,
             "DELETE",
-            "/api/v4/runners/managers",
+            "/api/v4/runners",
             ResponseTemplate::new(204),
         )
         .await;
     }
 
-    /// The common start: the glrt- happy path in GitLab, runner.json with the shared token
-    /// and `config`, the fake gitlab-runner, and the agent started with `args`.
-    pub async fn start_glrt(&mut self, config: Value, fake: FakeRunner, args: &[&str]) -> PathBuf {
+    /// Mounts GitLab's refusal of the runner token: verify answers 403.
+    pub async fn mount_rejected_token(&self) {
+        mount(
+            &self.server,
+            "POST",
+            VERIFY,
+            ResponseTemplate::new(403)
+                .set_body_json(serde_json::json!({"message": "403 Forbidden"})),
+        )
+        .await;
+    }
+
+    /// Mounts the glrt- happy path: verify 200, manager deletion 204.
+    pub async fn mount_glrt_happy_path(&self) {
+        mount(
+            &self.server,
+            "POST",
+            VERIFY,
+            ResponseTemplate::new(200).set_body_json(
+                serde_json::json!({"id": 7, "token": TOKEN, "token_expires_at": null}),
+            ),
+        )
+        .await;
+        mount(&self.server, "DELETE", MANAGERS, ResponseTemplate::new(204)).await;
+    }
+
+    /// The common setup: the glrt- happy path in GitLab, and runner.json with the shared
+    /// token and `config`.
+    pub async fn prepare_glrt(&self, config: Value) {
         self.mount_glrt_happy_path().await;
         let mut config = config;
         config["token"] = Value::from(TOKEN);
         self.write_config(config);
+    }
+
+    /// The common start: `prepare_glrt(config)`, the fake gitlab-runner, and the agent
+    /// started with `args`.
+    pub async fn start_glrt(&mut self, config: Value, fake: FakeRunner, args: &[&str]) -> PathBuf {
+        self.prepare_glrt(config).await;
         let runner = self.write_fake_runner(fake);
         self.start(&runner, args);
         runner
