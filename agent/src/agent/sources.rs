@@ -132,12 +132,7 @@ impl Context {
         .await
         .map_err(AgentError::Broker)?;
         let text = granted.runner_json();
-        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
-            AgentError::ConfigWrite {
-                path: path.clone(),
-                detail: e.to_string(),
-            }
-        })?;
+        write_runner_json(path, text.as_bytes())?;
         tracing::info!(
             "the broker granted runner {} (token {}) at {}; wrote runner.json to {} (0600)",
             granted
@@ -194,12 +189,7 @@ impl Context {
                 return Err(AgentError::UserDataNotRunnerJson { platform, what });
             }
         };
-        files::write_atomically(path, text.as_bytes(), 0o600, 0o700).map_err(|e| {
-            AgentError::ConfigWrite {
-                path: path.clone(),
-                detail: e.to_string(),
-            }
-        })?;
+        write_runner_json(path, text.as_bytes())?;
         tracing::info!(
             "wrote the {platform} user-data ({} bytes) to {} (0600)",
             text.len(),
@@ -242,4 +232,13 @@ impl Context {
         }
         read_complete(path, deadline).await
     }
+}
+
+/// runner.json as the agent obtained it, for gitlab-runner-vm and the operator to read: only
+/// root may (it holds a token).
+fn write_runner_json(path: &std::path::Path, text: &[u8]) -> Result<(), AgentError> {
+    files::write_atomically(path, text, 0o600, 0o700).map_err(|e| AgentError::ConfigWrite {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
 }

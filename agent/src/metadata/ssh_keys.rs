@@ -66,12 +66,13 @@ pub fn check_key(line: &str) -> Result<&str, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
 
-    const ED: &str =
+    /// Keys of each kind the providers' tests hand out.
+    pub const ED: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyDataForTestsOnly0123456789abcdef alice@laptop";
-    const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQFakeKeyData0123456789 bob";
+    pub const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQFakeKeyData0123456789 bob";
 
     #[test]
     fn known_key_types_pass_and_anything_else_is_skipped_with_a_reason() {

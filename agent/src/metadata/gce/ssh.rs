@@ -174,10 +174,7 @@ fn gce_expiry(key: &str, now: SystemTime) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const ED: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyDataForTestsOnly0123456789abcdef alice@laptop";
-    const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQFakeKeyData0123456789 bob";
+    use crate::metadata::ssh_keys::tests::{ED, RSA};
 
     #[test]
     fn gce_keeps_only_the_users_keys_that_have_not_expired() {
