@@ -29,6 +29,17 @@ async fn answer(server: &MockServer, m: &str, p: &str, r: ResponseTemplate) {
         .await;
 }
 
+/// IMDSv2's session token, handed out on every `PUT /latest/api/token`.
+async fn imdsv2_token(server: &MockServer, token: &str) {
+    answer(
+        server,
+        "PUT",
+        "/latest/api/token",
+        ResponseTemplate::new(200).set_body_string(token),
+    )
+    .await;
+}
+
 async fn requests(server: &MockServer, p: &str) -> Vec<Request> {
     server
         .received_requests()
@@ -239,13 +250,7 @@ async fn garbage_redirects_and_huge_answers_are_no_notice_and_do_not_stop_the_wa
     w.task.abort();
 
     let server = MockServer::start().await;
-    answer(
-        &server,
-        "PUT",
-        "/latest/api/token",
-        ResponseTemplate::new(200).set_body_string("tok-1"),
-    )
-    .await;
+    imdsv2_token(&server, "tok-1").await;
     answer(
         &server,
         "GET",
@@ -289,13 +294,7 @@ async fn an_unreachable_service_is_no_notice() {
 #[tokio::test]
 async fn a_stalled_endpoint_times_out_and_the_watch_goes_on() {
     let server = MockServer::start().await;
-    answer(
-        &server,
-        "PUT",
-        "/latest/api/token",
-        ResponseTemplate::new(200).set_body_string("tok-1"),
-    )
-    .await;
+    imdsv2_token(&server, "tok-1").await;
     answer(
         &server,
         "GET",
