@@ -6,6 +6,8 @@
 { config, lib, pkgs, ... }:
 let
   agentConsole = config.services.gitlab-runner-vm.settings.console or null;
+  # The agent's console prefix, from the facts the agent prints (`gitlab-runner-vm facts`).
+  consolePrefix = (lib.importJSON ../agent/facts.json).console_prefix;
   keyDir = dirOf (lib.head config.services.openssh.hostKeys).path;
   console = if builtins.isString agentConsole && agentConsole != "off" then agentConsole else "/dev/console";
 in
@@ -17,7 +19,7 @@ in
     serviceConfig = {
       Type = "oneshot";
       RemainAfterExit = true;
-      ExecStart = "${pkgs.runtimeShell} ${./host-key-fingerprints.sh} ${config.programs.ssh.package}/bin/ssh-keygen ${keyDir}";
+      ExecStart = "${pkgs.runtimeShell} ${./host-key-fingerprints.sh} ${lib.escapeShellArg consolePrefix} ${config.programs.ssh.package}/bin/ssh-keygen ${keyDir}";
       StandardOutput = "file:${console}";
       # A serial port stopped by flow control must not hold multi-user.target up for long.
       TimeoutStartSec = 15;

@@ -1,15 +1,16 @@
 #!/bin/sh
 # Prints the SSH host keys' fingerprints, one line per key in the agent's console format
-# ("gitlab-runner-vm: ssh host key 256 SHA256:... (ED25519)"), for people who check a first
-# login against them: on GCE (serial port output) and DigitalOcean, where no cloud-init prints
-# them any more. Only what ssh-keygen computed is printed, checked against its shapes: a key
+# (PREFIX, the agent's console prefix, then "ssh host key 256 SHA256:... (ED25519)"), for
+# people who check a first login against them: on GCE (serial port output) and DigitalOcean,
+# where no cloud-init prints them any more. Only what ssh-keygen computed is printed, checked against its shapes: a key
 # file's comment (user@host when it was made) is left out, so nothing but the fingerprint
 # reaches the console.
 #
-# Usage: host-key-fingerprints.sh SSH-KEYGEN [KEY-DIR]   (KEY-DIR: /etc/ssh)
+# Usage: host-key-fingerprints.sh PREFIX SSH-KEYGEN [KEY-DIR]   (KEY-DIR: /etc/ssh)
 set -u
-keygen=$1
-dir=${2:-/etc/ssh}
+prefix=$1
+keygen=$2
+dir=${3:-/etc/ssh}
 printed=0
 for pub in "$dir"/ssh_host_*_key.pub; do
   [ -f "$pub" ] || continue
@@ -26,10 +27,10 @@ for pub in "$dir"/ssh_host_*_key.pub; do
   name=${type#(}
   name=${name%)}
   case $name in '' | *[!A-Z0-9-]*) continue ;; esac
-  printf 'gitlab-runner-vm: ssh host key %s %s %s\n' "$bits" "$fingerprint" "$type"
+  printf '%sssh host key %s %s %s\n' "$prefix" "$bits" "$fingerprint" "$type"
   printed=$((printed + 1))
 done
 if [ "$printed" = 0 ]; then
-  echo "gitlab-runner-vm: no SSH host keys in $dir to print"
+  printf '%sno SSH host keys in %s to print\n' "$prefix" "$dir"
 fi
 exit 0

@@ -557,9 +557,12 @@ def check_host_key_fingerprints_reach_the_console(facts):
                 problems.append(f"{system} {name}: a GCE/DigitalOcean image without print-host-key-fingerprints")
                 continue
             exec_start = " ".join(unit["ExecStart"]) if isinstance(unit["ExecStart"], list) else unit["ExecStart"]
+            # The agent's console prefix, handed over from the agent's facts, not written again.
+            prefix = json.loads((ROOT / "agent" / "facts.json").read_text())["console_prefix"]
             if ("sshd-keygen.service" not in unit["after"] or "multi-user.target" not in unit["wantedBy"]
                     or unit["StandardOutput"] != "file:/dev/console" or unit["Type"] != "oneshot"
-                    or "host-key-fingerprints.sh" not in exec_start or "/bin/ssh-keygen /etc/ssh" not in exec_start):
+                    or f"host-key-fingerprints.sh '{prefix}' " not in exec_start
+                    or "/bin/ssh-keygen /etc/ssh" not in exec_start):
                 problems.append(f"{system} {name}: print-host-key-fingerprints is not what it should be: {unit}")
         for name, image in images.items():
             if image["amazonInit"] is not None and not image["ec2PrintHostKey"]:

@@ -9,6 +9,7 @@ Then shellcheck. Prints "ok"/"FAIL" lines; exits 1 if any failed.
 
 import base64
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -18,11 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "images" / "host-key-fingerprints.sh"
-LINE = re.compile(r"gitlab-runner-vm: ssh host key [0-9]+ SHA256:[A-Za-z0-9+/]+ \([A-Z0-9-]+\)")
+# The agent's console prefix, as the image's unit hands it to the script (from the agent's facts).
+PREFIX = json.loads((ROOT / "agent" / "facts.json").read_text())["console_prefix"]
+LINE = re.compile(re.escape(PREFIX) + r"ssh host key [0-9]+ SHA256:[A-Za-z0-9+/]+ \([A-Z0-9-]+\)")
 
 
 def run(keygen, directory):
-    out = subprocess.run(["sh", str(SCRIPT), keygen, str(directory)], capture_output=True, check=True, timeout=60)
+    out = subprocess.run(["sh", str(SCRIPT), PREFIX, keygen, str(directory)], capture_output=True, check=True, timeout=60)
     return out.stdout.decode()
 
 
@@ -44,7 +47,7 @@ def check_keys(tmp):
     (keys / "unrelated.pub").write_text((keys / "ssh_host_rsa_key.pub").read_text())
     out = run("ssh-keygen", keys)
     lines = out.splitlines()
-    expected = sorted(f"gitlab-runner-vm: ssh host key {bits} {fingerprint(keys / f'ssh_host_{kind}_key.pub')} ({name})"
+    expected = sorted(f"{PREFIX}ssh host key {bits} {fingerprint(keys / f'ssh_host_{kind}_key.pub')} ({name})"
                       for kind, (name, bits) in made.items())
     assert sorted(lines) == expected, f"got:\n{out}\nexpected:\n" + "\n".join(expected)
     assert all(LINE.fullmatch(line) for line in lines), out
@@ -56,7 +59,7 @@ def check_no_keys(tmp):
     empty.mkdir()
     for directory in (empty, tmp / "missing"):
         out = run("ssh-keygen", directory)
-        assert out == f"gitlab-runner-vm: no SSH host keys in {directory} to print\n", repr(out)
+        assert out == f"{PREFIX}no SSH host keys in {directory} to print\n", repr(out)
 
 
 def check_hostile_keygen(tmp):
@@ -77,7 +80,7 @@ def check_hostile_keygen(tmp):
         fake.write_text("#!/bin/sh\nprintf '%s\\n' " + shlex_quote(output) + "\n")
         fake.chmod(0o755)
         out = run(str(fake), keys)
-        assert out == f"gitlab-runner-vm: no SSH host keys in {keys} to print\n", f"{output!r} gave {out!r}"
+        assert out == f"{PREFIX}no SSH host keys in {keys} to print\n", f"{output!r} gave {out!r}"
     # A keygen that fails: the key is skipped, the script still succeeds.
     fake.write_text("#!/bin/sh\necho broken >&2\nexit 255\n")
     out = run(str(fake), keys)

@@ -6,6 +6,8 @@
 { pkgs, modules }:
 let
   inherit (pkgs) lib;
+  # Where the agent keeps status.json, from the facts it prints (`gitlab-runner-vm facts`).
+  stateDir = (lib.importJSON ../../agent/facts.json).state_dir;
 
   runnerJson = pkgs.writeText "runner.json" (builtins.toJSON {
     url = "http://gitlab";
@@ -149,7 +151,7 @@ in
           gitlab.wait_until_succeeds("${seen "DELETE" "/api/v4/runners/managers"}", timeout=120)
 
       with subtest("the VM is held while /etc/keep-runner exists"):
-          runner.wait_until_succeeds("grep -q holding /run/gitlab-runner-vm/status.json", timeout=60)
+          runner.wait_until_succeeds("grep -q holding ${stateDir}/status.json", timeout=60)
           time.sleep(5)
           runner.succeed("systemctl is-active gitlab-runner-vm.service")
           runner.succeed("test -e /etc/keep-runner")
