@@ -3,6 +3,7 @@
 //! wait before trying again. Each client adds only what its service needs (its headers, its
 //! errors, its proxy rule).
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -69,20 +70,173 @@ pub fn wait_before_retry(
     backoff::plan(attempt.saturating_sub(1), hint, memory).pick(backoff::random_u64(), room)
 }
 
-/// What the one retry loop needs to know of a client's errors.
-pub trait RetryError: std::fmt::Display + Sized {
+/// What the retry loop needs to know of a client's errors.
+pub trait Retryable: std::fmt::Display {
     /// Whether another attempt may succeed (a network error, 408, 429, 5xx).
     fn is_retryable(&self) -> bool;
     /// The server's word on when to come back (`Retry-After`, GitLab's RateLimit headers).
     fn retry_hint(&self) -> Option<&backoff::Hint>;
+}
+
+/// An error that can also say that `retry_until` gave up: the metadata service's and the
+/// broker's, whose callers see one error type.
+pub trait RetryError: Retryable + Sized {
     /// Giving up after `attempts` tries and `seconds`, with the last error.
     fn gave_up(attempts: u32, seconds: u64, last: Self) -> Self;
 }
 
-/// `attempt_once` until it succeeds, fails for good, has been tried `max_attempts` times, or
-/// no wait leaves the next try room before `deadline`; an attempt cut by the deadline is
-/// `no_answer`. The waits follow `backoff::plan` (at least
-/// a second, never before a server's hint, randomised); each is said in the journal.
+/// Why a call that `retry` made ended without an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped<E> {
+    /// An error another attempt would not mend.
+    #[error("{0}")]
+    Permanent(E),
+    /// The attempts ran out, the next one had no room before the limit, or one was cut at it
+    /// (`last` is then the caller's no-answer error).
+    #[error("gave up after {attempts} attempts in {elapsed_s} s: {last}")]
+    DeadlineExceeded {
+        attempts: u32,
+        elapsed_s: u64,
+        last: E,
+    },
+    /// Asked to make no more attempts (a drain, a preemption notice, a stop) while no attempt
+    /// that must not be cut was in flight.
+    #[error("interrupted after {attempts} attempt(s): no more are made")]
+    Interrupted { attempts: u32 },
+}
+
+/// Leave to keep retrying past the deadline.
+pub struct Overtime {
+    /// Up to this long after the call started (never less than to the deadline).
+    pub up_to: Duration,
+    /// Who keeps trying, for the log line of a retry past the deadline.
+    pub who: &'static str,
+}
+
+/// What a caller adds to the retry loop for attempts of kind `K` (GitLab's: the endpoint)
+/// that fail with `E`. The defaults are `Plain`'s: every attempt may be cut at the deadline,
+/// none goes past it, and the error alone is the log line.
+pub trait Policy<K, E> {
+    /// Named at the start of each retry's log line.
+    fn what(&self) -> Option<&str> {
+        None
+    }
+    /// Whether the deadline or an interrupt may drop an attempt of `kind` in flight: not when
+    /// its answer is the only way to learn what it created.
+    fn may_cut(&self, _kind: K) -> bool {
+        true
+    }
+    /// Whether the next wait and attempt may go past the deadline, after an attempt of `kind`
+    /// failed with `error`.
+    fn overtime(&self, _kind: K, _error: &E) -> Option<Overtime> {
+        None
+    }
+}
+
+/// Every attempt cut at the deadline, nothing past it.
+pub struct Plain;
+
+impl<K, E> Policy<K, E> for Plain {}
+
+/// The one retry loop: `attempt_once` (an attempt's kind and its request) until it succeeds,
+/// fails for good, has been tried `max_attempts` times, or no wait leaves the next try room
+/// before the limit (the deadline, or the `policy`'s overtime); an attempt cut at the limit is
+/// `no_answer`. Once `give_up` resolves no attempt is made, a wait ends at once, and an
+/// attempt in flight is dropped unless the policy says it may not be cut (then its answer
+/// ends the call, or the wait after it is interrupted). The waits follow `backoff::plan` (at
+/// least a second, never before a server's hint, randomised, its memory kept across the
+/// call's attempts); each is said in the journal.
+pub async fn retry<K, T, E, Fut>(
+    deadline: Instant,
+    max_attempts: u32,
+    policy: &impl Policy<K, E>,
+    give_up: impl Future<Output = ()>,
+    mut attempt_once: impl FnMut() -> (K, Fut),
+    no_answer: impl Fn() -> E,
+) -> Result<T, Stopped<E>>
+where
+    K: Copy,
+    E: Retryable,
+    Fut: Future<Output = Result<T, E>>,
+{
+    tokio::pin!(give_up);
+    let started = Instant::now();
+    // Where the current attempt and the next wait must end.
+    let mut limit = deadline;
+    let mut attempt: u32 = 0;
+    // What the server's throttle said in this call's earlier answers.
+    let mut memory = backoff::Memory::default();
+    loop {
+        // `give_up` is polled only until it resolves: every select below returns when it does.
+        tokio::select! {
+            biased;
+            _ = &mut give_up => return Err(Stopped::Interrupted { attempts: attempt }),
+            _ = std::future::ready(()) => {}
+        }
+        let (kind, request) = attempt_once();
+        attempt += 1;
+        let gave_up = |last| Stopped::DeadlineExceeded {
+            attempts: attempt,
+            elapsed_s: started.elapsed().as_secs(),
+            last,
+        };
+        let outcome = if policy.may_cut(kind) {
+            let remaining = limit.saturating_duration_since(Instant::now());
+            tokio::select! {
+                biased;
+                _ = &mut give_up => return Err(Stopped::Interrupted { attempts: attempt }),
+                answer = tokio::time::timeout(remaining, request) => match answer {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Err(gave_up(no_answer())),
+                },
+            }
+        } else {
+            request.await
+        };
+        let error = match outcome {
+            Ok(value) => return Ok(value),
+            Err(e) if !e.is_retryable() => return Err(Stopped::Permanent(e)),
+            Err(e) => e,
+        };
+        if attempt >= max_attempts {
+            return Err(gave_up(error));
+        }
+        let overtime = policy.overtime(kind, &error);
+        limit = match &overtime {
+            Some(o) => started
+                .checked_add(o.up_to)
+                .map_or(deadline, |l| l.max(deadline)),
+            None => deadline,
+        };
+        let now = Instant::now();
+        let Some(wait) = wait_before_retry(attempt, error.retry_hint(), &mut memory, limit) else {
+            return Err(gave_up(error));
+        };
+        let past_deadline = overtime
+            .filter(|_| now.checked_add(wait).is_none_or(|at| at > deadline))
+            .map(|o| {
+                let up_to = o.up_to.as_secs();
+                format!(
+                    " (past the deadline: {} keeps trying for up to {up_to} s)",
+                    o.who
+                )
+            });
+        let what = policy.what().map(|w| format!("{w}: ")).unwrap_or_default();
+        tracing::warn!(
+            "{what}{error}; retry {attempt} in {:.1} s{}",
+            wait.as_secs_f64(),
+            past_deadline.unwrap_or_default()
+        );
+        tokio::select! {
+            biased;
+            _ = &mut give_up => return Err(Stopped::Interrupted { attempts: attempt }),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// `retry` with the `Plain` policy and no interrupt, for a caller whose one error type also
+/// says that it gave up.
 pub async fn retry_until<T, E, F, Fut>(
     deadline: Instant,
     max_attempts: u32,
@@ -92,30 +246,19 @@ pub async fn retry_until<T, E, F, Fut>(
 where
     E: RetryError,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
+    Fut: Future<Output = Result<T, E>>,
 {
-    let started = Instant::now();
-    let mut memory = backoff::Memory::default();
-    let mut attempt: u32 = 0;
-    loop {
-        attempt += 1;
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let error = match tokio::time::timeout(remaining, attempt_once()).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) if !e.is_retryable() => return Err(e),
-            Ok(Err(e)) => e,
-            Err(_) => no_answer(),
-        };
-        let gave_up = |last| E::gave_up(attempt, started.elapsed().as_secs(), last);
-        if attempt >= max_attempts {
-            return Err(gave_up(error));
-        }
-        let Some(wait) = wait_before_retry(attempt, error.retry_hint(), &mut memory, deadline)
-        else {
-            return Err(gave_up(error));
-        };
-        tracing::warn!("{error}; retry {attempt} in {:.1} s", wait.as_secs_f64());
-        tokio::time::sleep(wait).await;
+    let attempts = || ((), attempt_once());
+    let never = std::future::pending();
+    match retry(deadline, max_attempts, &Plain, never, attempts, no_answer).await {
+        Ok(value) => Ok(value),
+        Err(Stopped::Permanent(e)) => Err(e),
+        Err(Stopped::DeadlineExceeded {
+            attempts,
+            elapsed_s,
+            last,
+        }) => Err(E::gave_up(attempts, elapsed_s, last)),
+        Err(Stopped::Interrupted { .. }) => unreachable!("nothing interrupts retry_until"),
     }
 }
 
@@ -133,8 +276,11 @@ pub fn header(response: &reqwest::Response, name: &str) -> Option<String> {
 pub fn redirect_location(response: &reqwest::Response) -> String {
     header(response, "location")
         .map(|l| crate::secret::scrub(&l).chars().take(200).collect())
-        .unwrap_or_else(|| "nowhere (no Location header)".into())
+        .unwrap_or_else(|| NO_LOCATION.into())
 }
+
+/// Where a 3xx without a `Location` header points, in its error.
+pub const NO_LOCATION: &str = "nowhere (no Location header)";
 
 #[cfg(test)]
 mod tests {
@@ -189,13 +335,16 @@ mod tests {
         }
     }
 
-    impl RetryError for Fake {
+    impl Retryable for Fake {
         fn is_retryable(&self) -> bool {
             matches!(self, Fake::Busy | Fake::NoAnswer)
         }
         fn retry_hint(&self) -> Option<&backoff::Hint> {
             None
         }
+    }
+
+    impl RetryError for Fake {
         fn gave_up(attempts: u32, _seconds: u64, last: Self) -> Self {
             Fake::GaveUp(attempts, Box::new(last))
         }

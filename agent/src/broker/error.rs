@@ -95,7 +95,7 @@ impl BrokerError {
     }
 }
 
-impl crate::http::RetryError for BrokerError {
+impl crate::http::Retryable for BrokerError {
     fn is_retryable(&self) -> bool {
         BrokerError::is_retryable(self)
     }
@@ -103,7 +103,9 @@ impl crate::http::RetryError for BrokerError {
     fn retry_hint(&self) -> Option<&Hint> {
         BrokerError::retry_hint(self)
     }
+}
 
+impl crate::http::RetryError for BrokerError {
     fn gave_up(attempts: u32, seconds: u64, last: Self) -> Self {
         BrokerError::GaveUp {
             attempts,

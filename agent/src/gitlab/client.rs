@@ -110,20 +110,9 @@ impl Client {
             .await
             .map_err(|e| r.no_answer(&e, !e.is_connect()))?;
         let status = response.status().as_u16();
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| http::header(&response, name);
         if (300..400).contains(&status) {
-            return Err(redirect(
-                r,
-                status,
-                response.url(),
-                header("location").as_deref(),
-            ));
+            return Err(redirect(r, &response));
         }
         let (retry_after, reset, reset_time, observed, limit) = (
             header("retry-after"),
@@ -199,14 +188,18 @@ impl Client {
 
 /// A 3xx: where it points (absolute, without user info, query or fragment), and the base URL
 /// it suggests.
-fn redirect(r: &Request<'_>, status: u16, from: &reqwest::Url, location: Option<&str>) -> ApiError {
-    let target = location.and_then(|l| from.join(l).ok()).map(|mut url| {
-        url.set_query(None);
-        url.set_fragment(None);
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        url
-    });
+fn redirect(r: &Request<'_>, response: &reqwest::Response) -> ApiError {
+    let location = http::header(response, "location");
+    let location = location.as_deref();
+    let target = location
+        .and_then(|l| response.url().join(l).ok())
+        .map(|mut url| {
+            url.set_query(None);
+            url.set_fragment(None);
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url
+        });
     let suggestion = target.as_ref().and_then(|url| {
         let host = url.host_str()?;
         let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
@@ -217,11 +210,11 @@ fn redirect(r: &Request<'_>, status: u16, from: &reqwest::Url, location: Option<
     let location = match (&target, location) {
         (Some(url), _) => r.clean(url.as_str(), 200),
         (None, Some(raw)) => r.clean(raw, 200),
-        (None, None) => "nowhere (no Location header)".into(),
+        (None, None) => http::NO_LOCATION.into(),
     };
     ApiError::Redirect {
         endpoint: r.endpoint,
-        status,
+        status: response.status().as_u16(),
         location,
         suggestion,
     }

@@ -136,7 +136,7 @@ impl MetadataError {
     }
 }
 
-impl crate::http::RetryError for MetadataError {
+impl crate::http::Retryable for MetadataError {
     fn is_retryable(&self) -> bool {
         MetadataError::is_retryable(self)
     }
@@ -144,7 +144,9 @@ impl crate::http::RetryError for MetadataError {
     fn retry_hint(&self) -> Option<&Hint> {
         MetadataError::retry_hint(self)
     }
+}
 
+impl crate::http::RetryError for MetadataError {
     fn gave_up(attempts: u32, seconds: u64, last: Self) -> Self {
         MetadataError::GaveUp {
             attempts,
