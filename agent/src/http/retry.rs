@@ -1,7 +1,7 @@
-//! The one HTTP layer under every client of the agent (GitLab, the metadata services, the
-//! broker): how a client is built, how an answer is read, how a failure reads, and how long to
-//! wait before trying again. Each client adds only what its service needs (its headers, its
-//! errors, its proxy rule).
+//! The one retry loop of the agent's clients: `retry` tries a call until it succeeds, fails for
+//! good, runs out of attempts or of time, or is interrupted; a caller's `Policy` says which
+//! attempts may be cut and when a retry may go past the deadline. `retry_until` is the plain
+//! call of the clients that need no policy.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,54 +11,12 @@ use tokio::time::Instant;
 use crate::backoff;
 
 /// A retry is not started unless this much of the deadline is left for the request itself.
-pub const RETRY_SLACK: Duration = Duration::from_millis(500);
-
-/// A client that names the agent and follows no redirect: a redirect would carry a token (in
-/// a header, or the body of a 307/308) to wherever `Location` points, so a 3xx is an answer
-/// each client turns into an error naming it.
-pub fn client_builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .user_agent(concat!("gitlab-runner-vm/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(connect_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-}
-
-/// The body, or None when it is larger than `cap` (then at most `cap` bytes were read: a
-/// declared length above it reads nothing).
-pub async fn read_capped(
-    response: &mut reqwest::Response,
-    cap: usize,
-) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    if response.content_length().is_some_and(|n| n > cap as u64) {
-        return Ok(None);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > cap {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Some(body))
-}
-
-/// An error with its causes, one line: reqwest's own message says only "error sending
-/// request"; the cause (connection refused, a TLS failure, a timeout) is in its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+const RETRY_SLACK: Duration = Duration::from_millis(500);
 
 /// The wait before the next try after failed attempt `attempt` (1 for the first), picked by
 /// the project's back-off from the server's hint; None when no wait leaves a request its
 /// `RETRY_SLACK` before `limit`.
-pub fn wait_before_retry(
+fn wait_before_retry(
     attempt: u32,
     hint: Option<&backoff::Hint>,
     memory: &mut backoff::Memory,
@@ -212,27 +170,41 @@ where
         let Some(wait) = wait_before_retry(attempt, error.retry_hint(), &mut memory, limit) else {
             return Err(gave_up(error));
         };
-        let past_deadline = overtime
-            .filter(|_| now.checked_add(wait).is_none_or(|at| at > deadline))
-            .map(|o| {
-                let up_to = o.up_to.as_secs();
-                format!(
-                    " (past the deadline: {} keeps trying for up to {up_to} s)",
-                    o.who
-                )
-            });
-        let what = policy.what().map(|w| format!("{w}: ")).unwrap_or_default();
-        tracing::warn!(
-            "{what}{error}; retry {attempt} in {:.1} s{}",
-            wait.as_secs_f64(),
-            past_deadline.unwrap_or_default()
-        );
+        let past_deadline =
+            overtime.filter(|_| now.checked_add(wait).is_none_or(|at| at > deadline));
+        let line = retry_line(policy.what(), &error, attempt, wait, past_deadline.as_ref());
+        tracing::warn!("{line}");
         tokio::select! {
             biased;
             _ = &mut give_up => return Err(Stopped::Interrupted { attempts: attempt }),
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The journal's line for retry number `attempt` after `error`, in `wait`; `past_deadline`
+/// when the wait ends past the deadline.
+fn retry_line(
+    what: Option<&str>,
+    error: &dyn std::fmt::Display,
+    attempt: u32,
+    wait: Duration,
+    past_deadline: Option<&Overtime>,
+) -> String {
+    let what = what.map(|w| format!("{w}: ")).unwrap_or_default();
+    let past_deadline = past_deadline
+        .map(|o| {
+            let up_to = o.up_to.as_secs();
+            format!(
+                " (past the deadline: {} keeps trying for up to {up_to} s)",
+                o.who
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "{what}{error}; retry {attempt} in {:.1} s{past_deadline}",
+        wait.as_secs_f64()
+    )
 }
 
 /// `retry` with the `Plain` policy and no interrupt, for a caller whose one error type also
@@ -262,141 +234,5 @@ where
     }
 }
 
-/// A header of an answer as text (absent or not text: None).
-pub fn header(response: &reqwest::Response, name: &str) -> Option<String> {
-    response
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
-/// Where a 3xx points, for an error that names it: scrubbed of token-shaped text, at most 200
-/// characters.
-pub fn redirect_location(response: &reqwest::Response) -> String {
-    header(response, "location")
-        .map(|l| crate::secret::scrub(&l).chars().take(200).collect())
-        .unwrap_or_else(|| NO_LOCATION.into())
-}
-
-/// Where a 3xx without a `Location` header points, in its error.
-pub const NO_LOCATION: &str = "nowhere (no Location header)";
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug)]
-    struct Layer(&'static str, Option<Box<Layer>>);
-
-    impl std::fmt::Display for Layer {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-
-    impl std::error::Error for Layer {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.1.as_deref().map(|l| l as _)
-        }
-    }
-
-    #[test]
-    fn the_chain_names_every_cause() {
-        let e = Layer(
-            "error sending request",
-            Some(Box::new(Layer("connection refused", None))),
-        );
-        assert_eq!(error_chain(&e), "error sending request: connection refused");
-    }
-
-    #[tokio::test]
-    async fn no_wait_when_the_deadline_leaves_no_room() {
-        let mut memory = backoff::Memory::default();
-        let soon = Instant::now() + RETRY_SLACK / 2;
-        assert_eq!(wait_before_retry(1, None, &mut memory, soon), None);
-        let later = Instant::now() + Duration::from_secs(600);
-        let wait = wait_before_retry(1, None, &mut memory, later).expect("room for a wait");
-        assert!(wait < Duration::from_secs(600));
-    }
-
-    /// An error of a made-up client: retryable or not, and what the loop made of it.
-    #[derive(Debug, PartialEq)]
-    enum Fake {
-        Busy,
-        Refused,
-        NoAnswer,
-        GaveUp(u32, Box<Fake>),
-    }
-
-    impl std::fmt::Display for Fake {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "{self:?}")
-        }
-    }
-
-    impl Retryable for Fake {
-        fn is_retryable(&self) -> bool {
-            matches!(self, Fake::Busy | Fake::NoAnswer)
-        }
-        fn retry_hint(&self) -> Option<&backoff::Hint> {
-            None
-        }
-    }
-
-    impl RetryError for Fake {
-        fn gave_up(attempts: u32, _seconds: u64, last: Self) -> Self {
-            Fake::GaveUp(attempts, Box::new(last))
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retries_until_an_answer_and_stops_at_a_refusal() {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let mut tries = 0;
-        let answer: Result<u32, Fake> = retry_until(
-            deadline,
-            50,
-            || {
-                tries += 1;
-                let now = tries;
-                async move { if now < 3 { Err(Fake::Busy) } else { Ok(now) } }
-            },
-            || Fake::NoAnswer,
-        )
-        .await;
-        assert_eq!(answer, Ok(3));
-
-        let mut tries = 0;
-        let refused: Result<(), Fake> = retry_until(
-            deadline,
-            50,
-            || {
-                tries += 1;
-                async { Err(Fake::Refused) }
-            },
-            || Fake::NoAnswer,
-        )
-        .await;
-        assert_eq!(refused, Err(Fake::Refused));
-        assert_eq!(tries, 1, "a refusal is not tried again");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn gives_up_at_the_attempt_limit_or_the_deadline() {
-        let deadline = Instant::now() + Duration::from_secs(3600);
-        let limited: Result<(), Fake> =
-            retry_until(deadline, 4, || async { Err(Fake::Busy) }, || Fake::NoAnswer).await;
-        assert_eq!(limited, Err(Fake::GaveUp(4, Box::new(Fake::Busy))));
-
-        // An attempt that never answers is cut at the deadline, and nothing is tried after it.
-        let soon = Instant::now() + Duration::from_secs(5);
-        let stalled: Result<(), Fake> =
-            retry_until(soon, 50, std::future::pending::<Result<(), Fake>>, || {
-                Fake::NoAnswer
-            })
-            .await;
-        assert_eq!(stalled, Err(Fake::GaveUp(1, Box::new(Fake::NoAnswer))));
-        assert!(Instant::now() <= soon + Duration::from_millis(1));
-    }
-}
+mod tests;
