@@ -2,6 +2,8 @@
 //! refusal, the attempt limit, the deadline, an interrupt), which attempts it cuts, and how far
 //! a policy's overtime takes it.
 
+use std::future::Future;
+
 use super::*;
 
 #[tokio::test]
@@ -15,7 +17,7 @@ async fn no_wait_when_the_deadline_leaves_no_room() {
 }
 
 /// An error of a made-up client: retryable or not, and what the loop made of it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 enum Fake {
     Busy,
     Refused,
@@ -125,6 +127,30 @@ impl Policy<Kind, Fake> for Rules {
 
 const NO_OVERTIME: Rules = Rules { overtime: None };
 
+/// `retry` of a made-up call: at most 1,000 attempts, `Fake::NoAnswer` when one is cut.
+async fn fake_call<T, Fut>(
+    deadline: Instant,
+    rules: &Rules,
+    give_up: impl Future<Output = ()>,
+    attempt_once: impl FnMut() -> (Kind, Fut),
+) -> Result<T, Stopped<Fake>>
+where
+    Fut: Future<Output = Result<T, Fake>>,
+{
+    retry(deadline, 1000, rules, give_up, attempt_once, || {
+        Fake::NoAnswer
+    })
+    .await
+}
+
+/// The last error and the number of attempts of a call that gave up.
+fn gave_up<T: std::fmt::Debug>(result: Result<T, Stopped<Fake>>) -> (Fake, u32) {
+    match result {
+        Err(Stopped::DeadlineExceeded { last, attempts, .. }) => (last, attempts),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn after(seconds: u64) -> tokio::time::Sleep {
     tokio::time::sleep(Duration::from_secs(seconds))
 }
@@ -132,56 +158,29 @@ fn after(seconds: u64) -> tokio::time::Sleep {
 #[tokio::test(start_paused = true)]
 async fn an_interrupt_ends_the_call_before_an_attempt_in_a_wait_and_in_a_cuttable_attempt() {
     let far = Instant::now() + Duration::from_secs(3600);
-    let busy = || (Kind::Cuttable, async { Err::<(), _>(Fake::Busy) });
+    let mut tries = 0;
+    let mut busy = || {
+        tries += 1;
+        (Kind::Cuttable, async { Err::<(), _>(Fake::Busy) })
+    };
 
     // Already asked to stop: no attempt at all.
-    let mut tries = 0;
-    let before: Result<(), _> = retry(
-        far,
-        50,
-        &NO_OVERTIME,
-        std::future::ready(()),
-        || {
-            tries += 1;
-            busy()
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
+    let before = fake_call(far, &NO_OVERTIME, std::future::ready(()), &mut busy).await;
     assert!(matches!(before, Err(Stopped::Interrupted { attempts: 0 })));
-    assert_eq!(tries, 0);
 
     // Asked during the wait after a failed attempt (every wait is at least a second): the wait
     // ends at once and no attempt follows.
     let started = Instant::now();
-    let mut tries = 0;
-    let waiting = retry(
-        far,
-        50,
-        &NO_OVERTIME,
-        tokio::time::sleep(Duration::from_millis(500)),
-        || {
-            tries += 1;
-            busy()
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
+    let half_a_second = tokio::time::sleep(Duration::from_millis(500));
+    let waiting = fake_call(far, &NO_OVERTIME, half_a_second, &mut busy).await;
     assert!(matches!(waiting, Err(Stopped::Interrupted { attempts: 1 })));
     assert_eq!(tries, 1);
     assert_eq!(started.elapsed(), Duration::from_millis(500));
 
     // Asked while a cuttable attempt hangs: it is dropped then.
     let started = Instant::now();
-    let hanging: Result<(), _> = retry(
-        far,
-        50,
-        &NO_OVERTIME,
-        after(5),
-        || (Kind::Cuttable, std::future::pending()),
-        || Fake::NoAnswer,
-    )
-    .await;
+    let hangs = || (Kind::Cuttable, std::future::pending::<Result<(), _>>());
+    let hanging = fake_call(far, &NO_OVERTIME, after(5), hangs).await;
     assert!(matches!(hanging, Err(Stopped::Interrupted { attempts: 1 })));
     assert_eq!(started.elapsed(), Duration::from_secs(5));
 }
@@ -191,137 +190,72 @@ async fn an_interrupt_ends_the_call_before_an_attempt_in_a_wait_and_in_a_cuttabl
 async fn an_attempt_that_must_not_be_cut_outlasts_the_deadline_and_the_interrupt() {
     // Deadline at 10 s, interrupt at 5 s, answer at 25 s: the answer ends the call.
     let started = Instant::now();
-    let answered = retry(
-        started + Duration::from_secs(10),
-        50,
-        &NO_OVERTIME,
-        after(5),
-        || {
-            (Kind::MustNotBeCut, async {
+    let slow = |answer: fn() -> Result<u32, Fake>| {
+        move || {
+            (Kind::MustNotBeCut, async move {
                 after(25).await;
-                Ok::<_, Fake>(7)
+                answer()
             })
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
+        }
+    };
+    let deadline = started + Duration::from_secs(10);
+    let answered = fake_call(deadline, &NO_OVERTIME, after(5), slow(|| Ok(7))).await;
     assert!(matches!(answered, Ok(7)), "{answered:?}");
     assert_eq!(started.elapsed(), Duration::from_secs(25));
 
     // A failure that may be retried: the interrupt ends the call after it, with no attempt more.
     let started = Instant::now();
-    let mut tries = 0;
-    let failed: Result<(), _> = retry(
-        started + Duration::from_secs(3600),
-        50,
-        &NO_OVERTIME,
-        after(5),
-        || {
-            tries += 1;
-            (Kind::MustNotBeCut, async {
-                after(25).await;
-                Err(Fake::Busy)
-            })
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
+    let far = started + Duration::from_secs(3600);
+    let failed = fake_call(far, &NO_OVERTIME, after(5), slow(|| Err(Fake::Busy))).await;
     assert!(matches!(failed, Err(Stopped::Interrupted { attempts: 1 })));
-    assert_eq!(tries, 1);
     assert_eq!(started.elapsed(), Duration::from_secs(25));
 }
 
-/// GitLab's throttled deletion: `Busy` rides past the deadline up to the overtime, an attempt
-/// in that time is cut at the overtime's end, and any other error past the deadline ends it.
+/// Attempts that answer `Busy` until `busy_for` seconds have passed, then `later` (None: no
+/// answer at all).
+fn busy_then(busy_for: u64, later: Option<Fake>) -> impl FnMut() -> (Kind, Answer) {
+    let until = Instant::now() + Duration::from_secs(busy_for);
+    move || {
+        let answer: Answer = match &later {
+            _ if Instant::now() < until => Box::pin(std::future::ready(Err(Fake::Busy))),
+            Some(error) => Box::pin(std::future::ready(Err(error.clone()))),
+            None => Box::pin(std::future::pending()),
+        };
+        (Kind::Cuttable, answer)
+    }
+}
+
+type Answer = std::pin::Pin<Box<dyn Future<Output = Result<(), Fake>>>>;
+
+/// GitLab's throttled deletion: `Busy` rides past the deadline (10 s) up to the overtime
+/// (120 s), an attempt in that time is cut at the overtime's end, and any other error past the
+/// deadline ends the call.
 #[tokio::test(start_paused = true)]
 async fn overtime_goes_past_the_deadline_for_its_errors_only_and_up_to_its_limit() {
     let rules = Rules {
         overtime: Some(Duration::from_secs(120)),
     };
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(10);
+    let never = std::future::pending::<()>;
+    let deadline = || Instant::now() + Duration::from_secs(10);
 
-    let mut tries = 0;
-    let busy: Result<(), _> = retry(
-        deadline,
-        1000,
-        &rules,
-        std::future::pending(),
-        || {
-            tries += 1;
-            (Kind::Cuttable, async { Err(Fake::Busy) })
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
-    let Err(Stopped::DeadlineExceeded { last, attempts, .. }) = busy else {
-        panic!("{busy:?}")
-    };
-    assert_eq!((last, attempts), (Fake::Busy, tries));
+    let started = Instant::now();
+    let busy = fake_call(deadline(), &rules, never(), busy_then(3600, None)).await;
+    assert_eq!(gave_up(busy).0, Fake::Busy);
     let elapsed = started.elapsed();
     assert!(
         elapsed > Duration::from_secs(100) && elapsed <= Duration::from_secs(120),
         "{elapsed:?}"
     );
 
-    // Past the deadline an attempt that hangs is cut at the overtime's end, not at once.
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(10);
-    let hangs_later: Result<(), _> = retry(
-        deadline,
-        1000,
-        &rules,
-        std::future::pending(),
-        || {
-            let late = Instant::now() >= deadline;
-            let answer = async move {
-                if late {
-                    std::future::pending::<()>().await;
-                }
-                Err(Fake::Busy)
-            };
-            (Kind::Cuttable, answer)
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
-    assert!(
-        matches!(
-            hangs_later,
-            Err(Stopped::DeadlineExceeded {
-                last: Fake::NoAnswer,
-                ..
-            })
-        ),
-        "{hangs_later:?}"
-    );
+    let hangs_later = fake_call(deadline(), &rules, never(), busy_then(15, None)).await;
+    assert_eq!(gave_up(hangs_later).0, Fake::NoAnswer);
     assert_eq!(started.elapsed(), Duration::from_secs(120));
 
-    // Another error past the deadline: no more attempts.
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(10);
-    let mut tries = 0;
-    let other: Result<(), _> = retry(
-        deadline,
-        1000,
-        &rules,
-        std::future::pending(),
-        || {
-            tries += 1;
-            let answer = if Instant::now() < deadline + Duration::from_secs(5) {
-                Fake::Busy
-            } else {
-                Fake::NoAnswer
-            };
-            (Kind::Cuttable, async { Err(answer) })
-        },
-        || Fake::NoAnswer,
-    )
-    .await;
-    let Err(Stopped::DeadlineExceeded { last, attempts, .. }) = other else {
-        panic!("{other:?}")
-    };
-    assert_eq!((last, attempts), (Fake::NoAnswer, tries));
+    let other_later = busy_then(15, Some(Fake::NoAnswer));
+    let other = fake_call(deadline(), &rules, never(), other_later).await;
+    assert_eq!(gave_up(other).0, Fake::NoAnswer);
     let elapsed = started.elapsed();
     assert!(
         elapsed >= Duration::from_secs(15) && elapsed < Duration::from_secs(30),
