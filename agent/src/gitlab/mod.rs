@@ -5,7 +5,8 @@
 //! - `client`: `Client`, how a request is sent and its answer read (no redirects, JSON-only
 //!   successes, body caps, redaction of everything put in an error);
 //! - `api`: the calls themselves (request bodies, what an answer must hold, `Call`);
-//! - `retry`: `with_retries`, the deadline and attempt bounds, waits from `crate::backoff`.
+//! - `retry`: `with_retries`, the rules of each endpoint for the one retry loop (`http::retry`):
+//!   which calls are never cut, which ride out a throttle past the deadline, the attempt bound.
 //!
 //! The client is tested in-process against a fresh wiremock server per test (`mock_tests`), and
 //! the retry policy in paused time (`retry/tests.rs`, `retry/wait_tests.rs`).
