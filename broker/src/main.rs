@@ -92,6 +92,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         spec: gitlab::RunnerSpec::from_settings(&settings),
         mint_deadline: settings.mint_deadline,
     });
+    // Before the broker says it listens: a SIGTERM from then on stops it cleanly (installed
+    // later, one that came between would kill it by the signal's default action).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", settings.listen))?;
@@ -101,11 +106,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.namespace
     );
     tokio::spawn(reaper::run(broker.clone(), settings.reap_interval));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         served = server::serve(listener, broker) => served?,
         _ = term.recv() => info!("SIGTERM: stopping (the reaper of any replica cleans what a request in flight leaves)"),
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
     Ok(())
 }
