@@ -147,7 +147,10 @@ impl Broker {
                 Ok(created) => return Ok(created),
                 Err(CreateError::Refused(m)) => return Err(m),
                 // GitLab said when; its own pacing is not ours to double.
-                Err(CreateError::Throttled(after, m)) => (m, after.unwrap_or(backoff)),
+                Err(CreateError::Throttled(after, m)) => (
+                    m,
+                    throttled_wait(after.unwrap_or(backoff), grant::random_claim()),
+                ),
                 Err(CreateError::Unknown(m)) => {
                     may_exist = true;
                     let wait = backoff;
@@ -273,5 +276,39 @@ impl Broker {
             self.gitlab.delete(r.id).await.map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// The wait after a 429: what GitLab said (or the back-off), but at least `MIN_THROTTLED_WAIT`
+/// (a `Retry-After: 0`, or a proxy's, must not make a tight loop of a storm of VMs' requests),
+/// and spread by up to `THROTTLED_SPREAD` so that the requests GitLab throttled together do not
+/// come back together. `random` is any 64 random bits.
+fn throttled_wait(said: Duration, random: u64) -> Duration {
+    let spread = THROTTLED_SPREAD.mul_f64((random % 1_000) as f64 / 1_000.0);
+    said.max(MIN_THROTTLED_WAIT) + spread
+}
+
+const MIN_THROTTLED_WAIT: Duration = Duration::from_secs(1);
+const THROTTLED_SPREAD: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::throttled_wait;
+    use std::time::Duration;
+
+    #[test]
+    fn a_throttled_create_waits_at_least_a_second_and_spreads() {
+        // Retry-After: 0 is no tight loop.
+        assert!(throttled_wait(Duration::ZERO, 0) >= Duration::from_secs(1));
+        assert_eq!(
+            throttled_wait(Duration::from_secs(7), 0),
+            Duration::from_secs(7)
+        );
+        let spread: Vec<Duration> = [1, 250, 999]
+            .iter()
+            .map(|r| throttled_wait(Duration::from_secs(2), *r))
+            .collect();
+        assert!(spread.windows(2).all(|w| w[0] < w[1]), "{spread:?}");
+        assert!(spread[2] < Duration::from_millis(2_500), "{spread:?}");
     }
 }

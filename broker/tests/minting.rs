@@ -237,6 +237,26 @@ async fn throttling_and_lost_answers_cost_time_never_a_second_runner() {
     h.assert_no_secrets_logged();
 }
 
+/// `Retry-After: 0` (a proxy's, or GitLab's at a window's edge) is no tight loop: the broker
+/// waits at least a second between throttled creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_that_says_retry_now_is_not_a_tight_loop() {
+    let mut h = Harness::new().await;
+    h.start(&[]).await;
+    h.gitlab
+        .script(&[Create::ThrottledNoWait, Create::ThrottledNoWait, Create::Ok]);
+    let (token, _pod) = h.vm("runner-3");
+    let (status, body) = h.ask(&token).await;
+    assert_eq!(status, 201, "{body}\n{}", h.logs());
+    let times = h.gitlab.0.lock().unwrap().create_times.clone();
+    assert_eq!(times.len(), 3, "{}", h.logs());
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_millis(990), "creates {gap:?} apart");
+    }
+    assert_eq!(h.gitlab.runner_count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_gitlab_keeps_failing_nothing_is_left_and_the_vm_may_ask_again() {
     let mut h = Harness::new().await;

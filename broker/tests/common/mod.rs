@@ -342,6 +342,8 @@ pub enum Create {
     Ok,
     /// 429 with `Retry-After: 1`; nothing created.
     Throttled,
+    /// 429 with `Retry-After: 0` (as a proxy may say); nothing created.
+    ThrottledNoWait,
     /// 500; nothing created.
     Fails,
     /// The runner is created, but the answer is a 502 (lost at a proxy).
@@ -358,6 +360,8 @@ pub struct GitLabState {
     pub script: VecDeque<Create>,
     pub bodies: Vec<Value>,
     pub creates: usize,
+    /// When each create arrived.
+    pub create_times: Vec<std::time::Instant>,
     pub deletes: Vec<u64>,
     /// Every runner token ever minted, deleted or not.
     pub minted: Vec<String>,
@@ -478,6 +482,7 @@ impl Respond for Creates {
         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
         let mut s = self.0.0.lock().unwrap();
         s.creates += 1;
+        s.create_times.push(std::time::Instant::now());
         s.bodies.push(body.clone());
         let step = s.script.pop_front().unwrap_or(Create::Ok);
         let create = |s: &mut GitLabState| {
@@ -499,6 +504,9 @@ impl Respond for Creates {
             Create::Ok => create(&mut s),
             Create::Throttled => ResponseTemplate::new(429)
                 .insert_header("Retry-After", "1")
+                .set_body_string("Retry later\n"),
+            Create::ThrottledNoWait => ResponseTemplate::new(429)
+                .insert_header("Retry-After", "0")
                 .set_body_string("Retry later\n"),
             Create::Fails => ResponseTemplate::new(500)
                 .set_body_json(json!({"message": "500 Internal Server Error"})),
