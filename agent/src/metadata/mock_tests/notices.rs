@@ -9,7 +9,7 @@ use wiremock::matchers::{header, method, path, query_param, query_param_is_missi
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use crate::metadata::{Platform, watch_notices as start};
-use crate::preemption::{Notice, NoticeKind};
+use crate::preemption::{Notice, NoticeKind, Watcher};
 
 const PREEMPTED: &str = "/computeMetadata/v1/instance/preempted";
 const MAINTENANCE: &str = "/computeMetadata/v1/instance/maintenance-event";
@@ -67,6 +67,13 @@ async fn notice_within(
         .ok()
         .and_then(|r| r.ok().map(|n| n.clone()))
         .flatten()
+}
+
+/// No notice within `within`, and the watch still going (trouble is never the end of it).
+async fn assert_no_notice_and_still_watching(mut w: Watcher, within: Duration) {
+    assert_eq!(notice_within(&mut w.notices, within).await, None);
+    assert!(!w.task.is_finished());
+    w.task.abort();
 }
 
 /// A maintenance-event key that never changes (its long poll runs out after a while).
@@ -267,13 +274,8 @@ async fn garbage_redirects_and_huge_answers_are_no_notice_and_do_not_stop_the_wa
         ResponseTemplate::new(200).set_body_bytes(b"\xff\xfe{\"noticeTime\"".to_vec()),
     )
     .await;
-    let mut w = start(Platform::Aws, &server.uri()).unwrap();
-    assert_eq!(
-        notice_within(&mut w.notices, Duration::from_secs(2)).await,
-        None
-    );
-    assert!(!w.task.is_finished());
-    w.task.abort();
+    let w = start(Platform::Aws, &server.uri()).unwrap();
+    assert_no_notice_and_still_watching(w, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -282,13 +284,8 @@ async fn an_unreachable_service_is_no_notice() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let mut w = start(Platform::Aws, &url).unwrap();
-    assert_eq!(
-        notice_within(&mut w.notices, Duration::from_secs(1)).await,
-        None
-    );
-    assert!(!w.task.is_finished());
-    w.task.abort();
+    let w = start(Platform::Aws, &url).unwrap();
+    assert_no_notice_and_still_watching(w, Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
